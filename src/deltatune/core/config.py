@@ -1,0 +1,149 @@
+"""Configs shared by every method: the DeltaConfig base dataclass, TaskType, and the method registry.
+
+A method registers its config class under its `peft_type` (the on-disk name, e.g. "LORA"). The config
+knows how to build one adapter for one base module (`make_adapter`); everything multi-adapter lives in
+core/layer.py, so a method never sees adapter names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+
+class DeltaConfigError(ValueError):
+    """A config field, file or target is wrong; the message names the one at fault."""
+
+
+class TaskType(str, enum.Enum):
+    """The task a wrapped model solves; the values match Hugging Face PEFT's."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+# Heads that a classification task trains and saves in full (PEFT's names, so files interchange).
+TASK_HEADS = {TaskType.SEQ_CLS: ["classifier", "score"], TaskType.TOKEN_CLS: ["classifier", "score"],
+              TaskType.QUESTION_ANS: ["qa_outputs"]}
+
+# Keys a config file may carry that are bookkeeping, not settings.
+METADATA_KEYS = {"peft_type", "peft_version", "auto_mapping", "revision"}
+
+
+@dataclass
+class DeltaConfig:
+    """Fields every method shares. Subclasses add their own and set `peft_type`."""
+
+    peft_type: ClassVar[str] = ""
+    task_type: TaskType | str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None:
+            try:
+                self.task_type = TaskType(str(getattr(self.task_type, "value", self.task_type)))
+            except ValueError:
+                raise DeltaConfigError(f"task_type={self.task_type!r} is not one of "
+                                       f"{[t.value for t in TaskType]}") from None
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                if not all(isinstance(v, str) for v in value):
+                    raise DeltaConfigError(f"{name} must be a string or a list of strings, got {value!r}")
+                setattr(self, name, list(value))
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise DeltaConfigError("layers_pattern is set but layers_to_transform is not; set both or neither")
+
+    # -- what a method provides ------------------------------------------------------------------
+    def make_adapter(self, base: nn.Module, module_name: str) -> nn.Module:
+        """Build one adapter for `base` (the module at `module_name`)."""
+        raise NotImplementedError
+
+    def supports(self, base: nn.Module) -> bool:
+        """Whether this method can adapt a module of this kind."""
+        return False
+
+    # -- (de)serialisation with PEFT's field names --------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(out["task_type"], TaskType):
+            out["task_type"] = out["task_type"].value
+        out["peft_type"] = self.peft_type
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "DeltaConfig":
+        """Build a config from a dict (a parsed adapter_config.json); unknown keys warn and are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs, ignored = {}, {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key not in METADATA_KEYS and value not in (None, False, {}, [], ""):
+                ignored[key] = value
+        if ignored:
+            warnings.warn(f"{source}: ignoring keys deltatune does not use for {cls.peft_type}: "
+                          + ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items())), stacklevel=2)
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise DeltaConfigError(f"{source}: {err}") from None
+
+
+_REGISTRY: dict[str, type[DeltaConfig]] = {}
+
+
+def register_method(config_cls: type[DeltaConfig]) -> type[DeltaConfig]:
+    """Class decorator: make a method's config known by its `peft_type`."""
+    _REGISTRY[config_cls.peft_type] = config_cls
+    return config_cls
+
+
+def registered_methods() -> dict[str, type[DeltaConfig]]:
+    return dict(_REGISTRY)
+
+
+def config_class(peft_type: str, source: str = "config") -> type[DeltaConfig]:
+    """The config class registered for `peft_type`, or an error that names the nearest known type."""
+    key = str(peft_type).upper()
+    if key not in _REGISTRY:
+        near = difflib.get_close_matches(key, list(_REGISTRY), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise DeltaConfigError(f"{source}: unknown peft_type {peft_type!r}{hint}; "
+                               f"known: {sorted(_REGISTRY)}")
+    return _REGISTRY[key]
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> DeltaConfig:
+    """Build the right config class from a dict that carries `peft_type`."""
+    if "peft_type" not in data:
+        raise DeltaConfigError(f"{source}: missing required key 'peft_type'")
+    return config_class(data["peft_type"], source).from_dict(data, source)
+
+
+def require(condition: bool, field_name: str, value: Any, why: str) -> None:
+    """Raise a DeltaConfigError naming the field and value when `condition` is false."""
+    if not condition:
+        raise DeltaConfigError(f"{field_name}={value!r}: {why}")
+
+
+def default_list(*values: str):
+    return field(default_factory=lambda: list(values))

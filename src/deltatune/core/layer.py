@@ -1,0 +1,200 @@
+"""DeltaLayer: one wrapped base module holding any number of named adapters.
+
+All multi-adapter bookkeeping lives here, once: which adapters are active, which are merged into the
+base weight, mixed-adapter batches (one adapter per sample), and the merge/unmerge arithmetic. A method
+only provides a single-adapter module that follows `DeltaAdapter`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+BASE_ADAPTER = "__base__"  # the name that selects the plain model for a sample in a mixed batch
+
+
+class MergeError(RuntimeError):
+    """A merge would write NaN/inf into the base weights; nothing was written."""
+
+
+@runtime_checkable
+class DeltaAdapter(Protocol):
+    """What a method's single-adapter module provides.
+
+    forward(x, base_out, base) -> the layer output with this adapter applied on top of `base_out`.
+    delta_weight(base) -> additive update in the base weight's layout (mergeable, additive methods);
+    non-additive methods (DoRA, IA3, OFT) provide merged_weight(base, w) / unmerged_weight(base, w).
+    """
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor: ...
+
+
+class Routing:
+    """Per-call routing shared by every layer of one model: which adapter each sample uses."""
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None  # (batch,) slot into `names`; -1 = base model
+        self.names: list[str] = []
+
+    def index_for(self, batch: int) -> torch.Tensor:
+        """The per-sample slots, expanded when generate() repeats samples (beams, num_return_sequences)."""
+        index = self.index
+        if index.shape[0] != batch:
+            if batch % index.shape[0]:
+                raise ValueError(f"adapter_names has {index.shape[0]} entries but a layer saw batch {batch}")
+            index = index.repeat_interleave(batch // index.shape[0])
+        return index
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    return base.weight
+
+
+def _finite_or_raise(weight: torch.Tensor, adapter: str, module: str) -> None:
+    if not torch.isfinite(weight).all():
+        raise MergeError(f"merging adapter {adapter!r} into {module} gives NaN/inf weights; "
+                         "the base weights were left unchanged")
+
+
+class DeltaLayer(nn.Module):
+    """Wraps one base module (`base_layer`) and routes its forward through active adapters."""
+
+    def __init__(self, base_layer: nn.Module, routing: Routing, module_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.module_name = module_name
+        self.routing = routing
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out
+        if self.routing.index is not None:
+            return self._mixed_forward(x, out)
+        for name in self.active:
+            if name not in self.merged and name in self.adapters:
+                out = self.adapters[name](x, out, self.base_layer)
+        return out
+
+    def _mixed_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """One adapter per sample. Methods with a batched kernel (`mixed_forward`) get every sample in one
+        call; others run once per distinct adapter on its rows. Never a loop over samples."""
+        if self.merged:
+            raise RuntimeError(f"{self.module_name}: mixed-adapter batches need unmerged adapters; "
+                               f"call unmerge_adapter() first (merged: {self.merged})")
+        index = self.routing.index_for(x.shape[0])
+        adapters = [self.adapters[n] if n in self.adapters else None for n in self.routing.names]
+        present = [a for a in adapters if a is not None]
+        if not present:
+            return base_out
+        batched = getattr(type(present[0]), "mixed_forward", None)
+        if batched is not None and all(type(a) is type(present[0]) for a in present):
+            out = batched(adapters, x, base_out, self.base_layer, index)
+            if out is not None:
+                return out
+        out = base_out.clone()
+        for slot, adapter in enumerate(adapters):
+            if adapter is None:
+                continue
+            rows = (index == slot).nonzero().flatten()
+            if rows.numel():
+                out[rows] = adapter(x[rows], base_out[rows], self.base_layer)
+        return out
+
+    # ---------------------------------------------------------------- merge
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        """Fold adapters into the base weight. Already merged adapters are skipped (merging twice is a
+        no-op). The update is computed in float32 and cast back once, so bf16/fp16 bases lose no more
+        precision than one rounding."""
+        for name in names:
+            if name in self.merged or name not in self.adapters:
+                continue
+            adapter = self.adapters[name]
+            weight = base_weight(self.base_layer)
+            new = self._merged_weight(adapter, weight.detach().float())
+            if safe_merge:
+                _finite_or_raise(new, name, self.module_name)
+            weight.data.copy_(new.to(weight.dtype))
+            self.merged.append(name)
+
+    def unmerge(self, keep: int = 0) -> None:
+        """Undo merges newest first, leaving the first `keep` merged."""
+        while len(self.merged) > keep:
+            name = self.merged.pop()
+            adapter = self.adapters[name]
+            weight = base_weight(self.base_layer)
+            w = weight.detach().float()
+            if hasattr(adapter, "unmerged_weight"):
+                restored = adapter.unmerged_weight(self.base_layer, w)
+            else:
+                restored = w - adapter.delta_weight(self.base_layer).float()
+            weight.data.copy_(restored.to(weight.dtype))
+
+    def _merged_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        if hasattr(adapter, "merged_weight"):
+            return adapter.merged_weight(self.base_layer, weight)
+        delta = adapter.delta_weight(self.base_layer)
+        if delta is None:
+            raise MergeError(f"{self.module_name}: adapter {type(adapter).__name__} cannot be merged")
+        return weight + delta.float()
+
+    # ---------------------------------------------------------------- bookkeeping
+    def add(self, name: str, adapter: nn.Module) -> None:
+        self.adapters[name] = adapter
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            raise RuntimeError(f"{self.module_name}: unmerge adapter {name!r} before deleting it")
+        if name in self.adapters:
+            del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}"
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full (a classifier head, say): one trainable copy per adapter; the original
+    stays untouched and serves the base model and disabled adapters."""
+
+    def __init__(self, original_module: nn.Module, routing: Routing, module_name: str) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.copies = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+        self.module_name = module_name
+        self.routing = routing
+
+    def add(self, name: str, copy: nn.Module) -> None:
+        self.copies[name] = copy
+
+    def remove(self, name: str) -> None:
+        if name in self.copies:
+            del self.copies[name]
+        self.active = [n for n in self.active if n != name]
+
+    def current(self) -> nn.Module:
+        if not self.disabled:
+            for name in self.active:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.original_module
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.disabled or self.routing.index is None:
+            return self.current()(x, *args, **kwargs)
+        index = self.routing.index_for(x.shape[0])
+        out = self.original_module(x, *args, **kwargs).clone()
+        for slot, name in enumerate(self.routing.names):
+            rows = (index == slot).nonzero().flatten()
+            if name in self.copies and rows.numel():
+                out[rows] = self.copies[name](x[rows], *args, **kwargs)
+        return out

@@ -1,0 +1,303 @@
+"""DeltaModel: the user's model with named adapters injected; a plain torch.nn.Module.
+
+Adding an adapter wraps each targeted module in a DeltaLayer (core/layer.py) once; later adapters join
+the same wrapper. Attributes the wrapper lacks (config, generation_config, ...) come from the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
+from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing
+from .targeting import candidate_modules, name_matches, select_targets
+
+WRAPPER_TYPES = (DeltaLayer, ModulesToSave)
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or name in (".", "..") or re.search(r"[/\\]|\.\.", name) \
+            or name == BASE_ADAPTER or "." in name:
+        raise DeltaConfigError(f"adapter name {name!r} is not allowed: use a non-empty name without '.', "
+                               f"path separators or '..', other than {BASE_ADAPTER!r}")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    base = module.base_layer if isinstance(module, DeltaLayer) else module
+    return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
+
+
+class DeltaModel(nn.Module):
+    """A model with PEFT adapters. Create with `get_peft_model` or `DeltaModel.from_pretrained`."""
+
+    def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, DeltaConfig] = {}
+        self.active_adapters: list[str] = []
+        self._routing = Routing()
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ------------------------------------------------------------------ structure
+    def delta_layers(self) -> Iterator[tuple[str, DeltaLayer | ModulesToSave]]:
+        """(name in the user's model, wrapper) for every DeltaLayer and ModulesToSave."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, WRAPPER_TYPES):
+                yield name, module
+
+    def _candidates(self) -> list[tuple[str, nn.Module]]:
+        prefixes = tuple(name + "." for name, _ in self.delta_layers())
+        return list(candidate_modules(self.model, lambda n, m: bool(prefixes) and n.startswith(prefixes)))
+
+    def _replace(self, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, new)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
+        """Inject a new (inactive unless it is the first) adapter named `adapter_name`."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise DeltaConfigError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+        config = copy.copy(config)
+        heads = TASK_HEADS.get(config.task_type, [])
+        if heads:
+            config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + heads))
+        candidates = self._candidates()
+        targets = select_targets(self.model, config, candidates, _is_linear)
+        modules = dict(candidates)
+        for name in targets:  # check every target before touching the model
+            base = modules[name].base_layer if isinstance(modules[name], DeltaLayer) else modules[name]
+            if not config.supports(base):
+                raise DeltaConfigError(f"target module {name!r} is a {type(base).__name__}, which "
+                                       f"{config.peft_type} does not support")
+        adapters = {name: config.make_adapter(modules[name].base_layer if isinstance(modules[name], DeltaLayer)
+                                              else modules[name], name) for name in targets}
+        for name, adapter in adapters.items():
+            layer = modules[name]
+            if not isinstance(layer, DeltaLayer):
+                layer = DeltaLayer(layer, self._routing, name)
+                self._replace(name, layer)
+            layer.add(adapter_name, adapter)
+        self._add_modules_to_save(adapter_name, config.modules_to_save or [], candidates)
+        self.peft_config[adapter_name] = config
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+        self.set_adapter(self.active_adapters)
+
+    def _add_modules_to_save(self, adapter_name: str, patterns: list[str], candidates) -> None:
+        for name, module in candidates:
+            if not patterns or not name_matches(patterns, name) or isinstance(module, DeltaLayer):
+                continue
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module, self._routing, name)
+                self._replace(name, module)
+            module.add(adapter_name, copy.deepcopy(module.original_module))
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make one adapter, or several (their updates sum in the given order), active and trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"unknown adapter {name!r}; adapters: {list(self.peft_config)}")
+        self.active_adapters = names
+        for _, layer in self.delta_layers():
+            layer.active = list(names)
+        self._refresh_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
+        for name, layer in list(self.delta_layers()):
+            layer.remove(adapter_name)
+            if isinstance(layer, DeltaLayer) and not layer.adapters:
+                self._replace(name, layer.base_layer)
+            elif isinstance(layer, ModulesToSave) and not layer.copies:
+                self._replace(name, layer.original_module)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self.active_adapters if n != adapter_name] or list(self.peft_config)[:1]
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self.active_adapters = []
+
+    def _refresh_trainable(self) -> None:
+        """Only the active adapters' parameters (and the biases their config asks for) train."""
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        trainable = [n for n in self.active_adapters if not self.peft_config[n].inference_mode]
+        for _, layer in self.delta_layers():
+            owned = layer.adapters if isinstance(layer, DeltaLayer) else layer.copies
+            for name in trainable:
+                if name in owned:
+                    owned[name].requires_grad_(True)
+        for name in trainable:
+            for param in self.bias_parameters(name).values():
+                param.requires_grad_(True)
+
+    def bias_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The base biases adapter `adapter_name` trains (its config's `bias`), by name in the model."""
+        mode = getattr(self.peft_config[adapter_name], "bias", "none")
+        if mode == "none":
+            return {}
+        if mode == "lora_only":
+            return {f"{n}.base_layer.bias": layer.base_layer.bias for n, layer in self.delta_layers()
+                    if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters
+                    and getattr(layer.base_layer, "bias", None) is not None}
+        skip = (".adapters.", ".copies.", ".original_module.")
+        return {n: p for n, p in self.model.named_parameters() if n.endswith("bias") and not any(s in n for s in skip)}
+
+    # ------------------------------------------------------------------ disable / merge / unload
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside, the model gives exactly the base model's output (merged adapters are unmerged)."""
+        merged = {name: list(layer.merged) for name, layer in self.delta_layers() if isinstance(layer, DeltaLayer)}
+        self.unmerge_adapter()
+        for _, layer in self.delta_layers():
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for name, layer in self.delta_layers():
+                layer.disabled = False
+                if merged.get(name):
+                    layer.merge(merged[name])
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights. With safe_merge, a NaN/inf
+        result raises MergeError and leaves every base weight as it was."""
+        names = list(adapter_names or self.active_adapters)
+        layers = [layer for _, layer in self.delta_layers() if isinstance(layer, DeltaLayer)]
+        before = [len(layer.merged) for layer in layers]
+        try:
+            for layer in layers:
+                layer.merge(names, safe_merge=safe_merge)
+        except MergeError:
+            for layer, count in zip(layers, before):
+                layer.unmerge(keep=count)
+            raise
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.delta_layers():
+            if isinstance(layer, DeltaLayer):
+                layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the adapters into the base and return the plain model (trained heads kept)."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unload(keep_trained_heads=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain model (original heads)."""
+        self.unmerge_adapter()
+        return self._unload(keep_trained_heads=False)
+
+    def _unload(self, keep_trained_heads: bool) -> nn.Module:
+        for name, layer in list(self.delta_layers()):
+            if isinstance(layer, DeltaLayer):
+                self._replace(name, layer.base_layer)
+            else:
+                self._replace(name, layer.current() if keep_trained_heads else layer.original_module)
+        for param in self.model.parameters():
+            param.requires_grad_(True)
+        return self.model
+
+    # ------------------------------------------------------------------ forward / generate
+    @contextlib.contextmanager
+    def _route(self, adapter_names: list[str] | None):
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; adapters: {list(self.peft_config)}")
+        names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
+        slots = [names.index(n) if n != BASE_ADAPTER else -1 for n in adapter_names]
+        device = next(self.model.parameters()).device
+        self._routing.names, self._routing.index = names, torch.tensor(slots, device=device)
+        try:
+            yield
+        finally:
+            self._routing.names, self._routing.index = [], None
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's forward; `adapter_names` gives one adapter (or "__base__") per sample."""
+        with self._route(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with self._route(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ reports
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ files (io/ owns the format)
+    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **kwargs) -> None:
+        """Write each adapter in the Hugging Face PEFT layout ("default" at the top, others in subfolders)."""
+        from ..io.adapter_files import save_adapters
+
+        save_adapters(self, save_directory, selected_adapters, **kwargs)
+
+    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
+                     allow_pickle: bool = False, **kwargs) -> None:
+        """Add the adapter saved in directory `model_id` under `adapter_name`."""
+        from ..io.adapter_files import load_adapter
+
+        load_adapter(self, model_id, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, allow_pickle: bool = False, **kwargs) -> "DeltaModel":
+        """Wrap `model` with the adapter saved in directory `model_id` (ours or one written by `peft`)."""
+        from ..io.adapter_files import assign_weights, read_adapter
+
+        config, weights = read_adapter(model_id, allow_pickle=allow_pickle, **kwargs)
+        config.inference_mode = not is_trainable
+        wrapped = cls(model, config, adapter_name)
+        try:
+            assign_weights(wrapped, adapter_name, weights, source=model_id)
+        except Exception:
+            wrapped.unload()  # give the caller their model back unchanged
+            raise
+        return wrapped
+
+
+def get_peft_model(model: nn.Module, peft_config: DeltaConfig, adapter_name: str = "default",
+                   **_: object) -> DeltaModel:
+    """Wrap `model` with a new trainable adapter built from `peft_config`."""
+    if isinstance(model, DeltaModel):
+        raise ValueError("model is already a DeltaModel; use add_adapter() to add another adapter")
+    return DeltaModel(model, peft_config, adapter_name)
+
+
+__all__ = ["DeltaModel", "get_peft_model", "TaskType"]

@@ -1,0 +1,1 @@
+"""Files: the Hugging Face PEFT on-disk layout, safetensors, atomic writes."""

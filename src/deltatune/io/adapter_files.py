@@ -1,0 +1,145 @@
+"""Saving and loading adapters in the Hugging Face PEFT layout (DESIGN section 4).
+
+<dir>/adapter_config.json + <dir>/adapter_model.safetensors for the "default" adapter, <dir>/<name>/
+for the others. Only safetensors is read unless the caller passes allow_pickle=True. Files are read
+and checked before the model is touched; a failed load leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
+from ..core.model import check_adapter_name
+from .atomic import write_json, write_safetensors
+from .keymap import adapter_slots, base_weight_slots
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+
+class AdapterFileError(ValueError):
+    """An adapter file is missing, unreadable, or does not fit the model; the message names it."""
+
+
+def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
+    root = Path(save_directory)
+    return root if adapter_name == "default" else root / adapter_name
+
+
+def save_adapters(model, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                  is_main_process: bool = True, **_: object) -> None:
+    """Write adapter_config.json and adapter_model.safetensors per adapter; other files are left alone."""
+    names = list(selected_adapters or model.peft_config)
+    for name in names:
+        check_adapter_name(name)
+        if name not in model.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; adapters: {list(model.peft_config)}")
+    if not is_main_process:
+        return
+    for name in names:
+        target = adapter_dir(save_directory, name)
+        if target.exists() and not target.is_dir():
+            raise AdapterFileError(f"{target} exists and is not a directory")
+        tensors = adapter_slots(model, name)
+        if not tensors:
+            raise AdapterFileError(f"adapter {name!r} has no tensors to save")
+        write_safetensors(target / WEIGHTS_NAME, tensors)
+        write_json(target / CONFIG_NAME, config_to_json(model, model.peft_config[name]))
+
+
+def config_to_json(model, config: DeltaConfig) -> dict:
+    data = config.to_dict()
+    if data.get("base_model_name_or_path") is None:
+        data["base_model_name_or_path"] = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
+    data["inference_mode"] = True
+    if isinstance(data.get("target_modules"), (set, tuple)):
+        data["target_modules"] = sorted(data["target_modules"])
+    return data
+
+
+def read_config(path: Path) -> DeltaConfig:
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise AdapterFileError(f"{file}: no adapter config found (expected {CONFIG_NAME} in {path})")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return config_from_dict(data, source=str(file))
+
+
+def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    safe, pickled = path / WEIGHTS_NAME, path / PICKLE_NAME
+    if safe.is_file():
+        try:
+            return load_file(str(safe))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterFileError(f"{safe}: unreadable or corrupted safetensors file ({err})") from None
+    if pickled.is_file():
+        if not allow_pickle:
+            raise AdapterFileError(f"{pickled}: pickled weights can run arbitrary code when loaded and are "
+                                   "refused; convert to safetensors or pass allow_pickle=True if you trust it")
+        try:
+            return torch.load(str(pickled), map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several kinds for a bad pickle
+            raise AdapterFileError(f"{pickled}: could not be loaded ({err})") from None
+    raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} found")
+
+
+def read_adapter(model_id: str | os.PathLike, allow_pickle: bool = False, subfolder: str | None = None,
+                 **_: object) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    """Config and weights of the adapter in directory `model_id` (read and parsed, not yet applied)."""
+    path = Path(model_id) / subfolder if subfolder else Path(model_id)
+    if not path.is_dir():
+        raise AdapterFileError(f"{path}: adapter directory not found (deltatune loads local directories)")
+    return read_config(path), read_weights(path, allow_pickle)
+
+
+def assign_weights(model, adapter_name: str, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy file tensors into adapter `adapter_name`; every key must have a slot of the same shape and
+    every slot a key. Checked in full before anything is copied."""
+    slots = adapter_slots(model, adapter_name)
+    extras = base_weight_slots(model, adapter_name)
+    unknown = [k for k in weights if k not in slots and k not in extras]
+    if unknown:
+        raise AdapterFileError(f"{source}: {len(unknown)} tensor(s) match no module of the model, e.g. "
+                               f"{unknown[:3]}; expected keys like {list(slots)[:2]}")
+    missing = [k for k in slots if k not in weights]
+    if missing:
+        raise AdapterFileError(f"{source}: missing {len(missing)} tensor(s) the config implies, e.g. {missing[:3]}")
+    for key, tensor in weights.items():
+        slot = slots.get(key, extras.get(key))
+        if tuple(slot.shape) != tuple(tensor.shape):
+            module = key.removeprefix("base_model.model.")
+            raise AdapterFileError(f"{source}: shape mismatch for {module}: file has {tuple(tensor.shape)}, "
+                                   f"model expects {tuple(slot.shape)} (an adapter for a different base model?)")
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            slot = slots.get(key, extras.get(key))
+            slot.copy_(tensor.to(device=slot.device, dtype=slot.dtype))
+
+
+def load_adapter(model, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                 allow_pickle: bool = False, **kwargs) -> None:
+    """Add the adapter in directory `model_id` to a DeltaModel under `adapter_name`."""
+    check_adapter_name(adapter_name)
+    config, weights = read_adapter(model_id, allow_pickle=allow_pickle, **kwargs)
+    config.inference_mode = not is_trainable
+    if adapter_name in model.peft_config:
+        raise DeltaConfigError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+    model.add_adapter(adapter_name, config)
+    try:
+        assign_weights(model, adapter_name, weights, source=str(model_id))
+    except Exception:
+        model.delete_adapter(adapter_name)
+        raise

@@ -1,0 +1,41 @@
+"""The one table between runtime parameter names and Hugging Face PEFT's on-disk keys.
+
+Runtime (inside DeltaModel.model)             On disk
+<path>.adapters.<adapter>.<local>       <->   base_model.model.<path>.<local>      (lora_A.weight, ...)
+<path>.copies.<adapter>.<param>         <->   base_model.model.<path>.<param>      (modules_to_save)
+<path>.base_layer.bias / <path>.bias    <->   base_model.model.<same>              (bias="all"/"lora_only")
+
+`adapter_slots` builds the table for one adapter from the live model; saving reads the tensors it
+names and loading copies into them, so both directions come from the same place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.layer import DeltaLayer
+
+DISK_PREFIX = "base_model.model."
+
+
+def adapter_slots(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """{disk key: live parameter or buffer} for every tensor adapter `adapter_name` saves."""
+    slots: dict[str, torch.Tensor] = {}
+    for path, layer in model.delta_layers():
+        owned = layer.adapters if isinstance(layer, DeltaLayer) else layer.copies
+        if adapter_name not in owned:
+            continue
+        for local, tensor in owned[adapter_name].state_dict(keep_vars=True).items():
+            slots[f"{DISK_PREFIX}{path}.{local}"] = tensor
+    for name, param in model.bias_parameters(adapter_name).items():
+        slots[f"{DISK_PREFIX}{name}"] = param
+    return slots
+
+
+def base_weight_slots(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Full base weights of adapted embeddings, which `peft` saves beside embedding adapters; accepted on
+    load (copied into the base), never required."""
+    return {f"{DISK_PREFIX}{path}.base_layer.weight": layer.base_layer.weight
+            for path, layer in model.delta_layers()
+            if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters
+            and isinstance(layer.base_layer, torch.nn.Embedding)}

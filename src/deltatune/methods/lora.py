@@ -1,0 +1,263 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al. 2021, arXiv:2106.09685).
+
+        x ──► W (frozen) ──────────────┐
+        │                              (+) ──► out = W x + s * B A dropout(x)
+        └─► dropout ─► A (r x in) ─► B (out x r) ─► * s
+
+Update rule: delta W = s * B @ A, s = lora_alpha / r (rsLoRA, arXiv:2312.03732: lora_alpha / sqrt(r)).
+Init rule: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so the adapted model starts equal to the base
+("gaussian": A ~ N(0, 1/r); embeddings: A = 0, B ~ N(0, 1)). PiSSA (arXiv:2404.02948) starts A, B at
+the top-r singular triplets of W and OLoRA (arXiv:2406.01775) at its QR factors; both move s*B@A out of
+W so the output is unchanged. DoRA (use_dora) lives in dora.py.
+
+One adapter module serves every base kind; its factors are stored "out-first" (HF PEFT's key names):
+  Linear / Conv1D:  lora_A.weight (r, in)            lora_B.weight (out, r)
+  ConvNd:           lora_A.weight (r, in, *kernel)   lora_B.weight (out, r, 1, ...)
+  Embedding:        lora_embedding_A (r, num_emb)    lora_embedding_B (dim, r)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import DeltaConfig, register_method, require
+from ..core.targeting import pattern_value
+from . import dora
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = (True, False, "gaussian", "pissa", "olora")
+CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def base_kind(base: nn.Module) -> str | None:
+    """'linear' (nn.Linear, Transformers Conv1D), 'embedding', 'conv', or None (unsupported)."""
+    if isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D":
+        return "linear"
+    if isinstance(base, nn.Embedding):
+        return "embedding"
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    return None
+
+
+@register_method
+@dataclass
+class LoraConfig(DeltaConfig):
+    """LoRA and its variants (rsLoRA, DoRA, PiSSA, OLoRA); field names as in Hugging Face PEFT."""
+
+    peft_type = "LORA"
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(isinstance(self.r, int) and self.r > 0, "r", self.r, "must be a positive integer")
+        require(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha >= 0, "lora_alpha",
+                self.lora_alpha, "must be a number >= 0")
+        require(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1, "lora_dropout",
+                self.lora_dropout, "must be in [0, 1)")
+        require(self.bias in BIAS_MODES, "bias", self.bias, f"must be one of {BIAS_MODES}")
+        init = self.init_lora_weights
+        ok = init in INIT_MODES or (isinstance(init, str) and init.startswith("pissa_niter_")
+                                    and init.removeprefix("pissa_niter_").isdigit())
+        require(ok, "init_lora_weights", init, f"must be one of {INIT_MODES} or 'pissa_niter_N'")
+        for name in ("rank_pattern", "alpha_pattern"):
+            require(isinstance(getattr(self, name), dict), name, getattr(self, name), "must be a dict")
+        for key, value in self.rank_pattern.items():
+            require(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}]", value, "must be > 0")
+
+    def supports(self, base: nn.Module) -> bool:
+        return base_kind(base) is not None
+
+    def make_adapter(self, base: nn.Module, module_name: str) -> "LoraAdapter":
+        r = pattern_value(self.rank_pattern, module_name, self.r)
+        alpha = pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return LoraAdapter(base, r, scaling, self.lora_dropout, self.use_dora, self.init_lora_weights,
+                           self.fan_in_fan_out, module_name)
+
+
+class LoraAdapter(nn.Module):
+    """One LoRA (optionally DoRA) adapter for one base module."""
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, use_dora: bool,
+                 init: bool | str, fan_in_fan_out: bool, module_name: str) -> None:
+        super().__init__()
+        self.kind = base_kind(base)
+        self.r, self.scaling, self.use_dora = r, scaling, use_dora
+        # Transformers' Conv1D stores its weight as (in, out).
+        self.fan_in_fan_out = fan_in_fan_out or type(base).__name__ == "Conv1D"
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base.weight
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+        if self.kind == "linear":
+            out_f, in_f = self._out_first(weight).shape
+            self.lora_A = nn.Linear(in_f, r, bias=False, **factory)
+            self.lora_B = nn.Linear(r, out_f, bias=False, **factory)
+        elif self.kind == "embedding":
+            self.lora_embedding_A = nn.Parameter(torch.empty(r, base.num_embeddings, **factory))
+            self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r, **factory))
+        else:
+            if base.groups != 1:
+                raise ValueError(f"{module_name}: LoRA on grouped convolutions (groups={base.groups}) "
+                                 "is not supported")
+            conv = type(base)
+            self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                               base.dilation, bias=False, **factory)
+            self.lora_B = conv(r, base.out_channels, 1, 1, bias=False, **factory)
+        self._init(base, init, module_name)
+        if use_dora:
+            norm = dora.channel_norm(self._out_first(weight.detach().float()) + self._delta_out_first().float())
+            # PEFT stores conv magnitudes as (1, out, 1, ...); keep its shape so files interchange.
+            shape = (1, -1) + (1,) * (weight.dim() - 2) if self.kind == "conv" else (-1,)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(factory["dtype"]).reshape(shape))
+        self._merge_norm: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- factors
+    @property
+    def A(self) -> torch.Tensor:
+        return self.lora_embedding_A if self.kind == "embedding" else self.lora_A.weight
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.lora_embedding_B if self.kind == "embedding" else self.lora_B.weight
+
+    def _out_first(self, weight: torch.Tensor) -> torch.Tensor:
+        """Base weight -> (out, ...) layout; an embedding's "out" is its embedding dimension."""
+        return weight.T if self.fan_in_fan_out or self.kind == "embedding" else weight
+
+    _from_out_first = _out_first  # a transpose is its own inverse
+
+    def _delta_out_first(self) -> torch.Tensor:
+        a, b = self.A, self.B
+        delta = b.reshape(b.shape[0], self.r) @ a.reshape(self.r, -1)
+        return (delta * self.scaling).reshape(b.shape[0], *a.shape[1:])
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """s * B @ A in the base weight's layout."""
+        return self._from_out_first(self._delta_out_first())
+
+    # ---------------------------------------------------------------- init
+    def _init(self, base: nn.Module, init: bool | str, module_name: str) -> None:
+        if init is False:  # random A and B, as nn.Linear / nn.Conv initialise them
+            if self.kind == "embedding":
+                nn.init.normal_(self.lora_embedding_A)
+                nn.init.normal_(self.lora_embedding_B)
+            return
+        if self.kind == "embedding":
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+            return
+        if init is True:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            self._init_from_weight(base, init, module_name)
+            return
+        nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def _init_from_weight(self, base: nn.Module, init: str, module_name: str) -> None:
+        """PiSSA / OLoRA: factors from W itself; W keeps the residual W - s*B@A."""
+        if self.kind != "linear":
+            raise ValueError(f"{module_name}: init_lora_weights={init!r} supports linear layers only")
+        weight = base.weight
+        w = self._out_first(weight.float())  # (out, in)
+        if init == "olora":
+            q, upper = torch.linalg.qr(w)
+            b, a = q[:, : self.r], upper[: self.r]
+        else:
+            if init == "pissa":
+                u, s, vh = torch.linalg.svd(w, full_matrices=False)
+                u, s, vh = u[:, : self.r], s[: self.r], vh[: self.r]
+            else:
+                u, s, v = torch.svd_lowrank(w, self.r, niter=int(init.removeprefix("pissa_niter_")))
+                vh = v.T
+            root = torch.sqrt(s / self.scaling)
+            b, a = u * root, root[:, None] * vh
+        self.lora_A.weight.copy_(a.contiguous())
+        self.lora_B.weight.copy_(b.contiguous())
+        residual = w - self.scaling * b @ a
+        weight.copy_(self._from_out_first(residual).to(weight.dtype))
+
+    # ---------------------------------------------------------------- forward
+    def _lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.kind == "embedding":
+            hidden = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, base.max_norm,
+                                 base.norm_type, base.scale_grad_by_freq, base.sparse)
+            return (hidden @ self.lora_embedding_B.T) * self.scaling
+        return self.lora_B(self.lora_A(x)) * self.scaling
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        dropped = x if self.kind == "embedding" else self.dropout(x)
+        lora_out = self._lora_out(dropped, base).to(base_out.dtype)
+        if not self.use_dora:
+            return base_out + lora_out
+        weight = self._out_first(base.weight)
+        scale = dora.magnitude_scale(self.lora_magnitude_vector, weight, self._delta_out_first())
+        channel_dim = 1 if self.kind == "conv" else -1
+        if dropped is x:  # the base output minus its bias is W x already
+            bias = getattr(base, "bias", None)
+            base_result = base_out if bias is None else base_out - dora.broadcast_channels(bias, base_out, channel_dim)
+        elif self.kind == "conv":
+            base_result = CONV_FNS[weight.dim() - 2](dropped, weight, None, base.stride, base.padding, base.dilation)
+        else:
+            base_result = F.linear(dropped, weight)
+        return dora.dora_output(base_out, base_result, lora_out, scale, channel_dim)
+
+    @staticmethod
+    def mixed_forward(adapters: list, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module,
+                      index: torch.Tensor) -> torch.Tensor | None:
+        """Every sample through its own adapter in two batched matmuls: factors are stacked (ranks
+        zero-padded, scaling folded into B) and gathered per sample. Linear, non-DoRA only."""
+        present = [a for a in adapters if a is not None]
+        if any(a.kind != "linear" or a.use_dora for a in present) or x.dim() < 2:
+            return None
+        if any(a.training and not isinstance(a.dropout, nn.Identity) for a in present):
+            return None
+        ref = present[0].A
+        r_max = max(a.r for a in present)
+        in_f, out_f = ref.shape[1], present[0].B.shape[0]
+        a_stack = ref.new_zeros(len(adapters) + 1, r_max, in_f)  # last slot: base model (zeros)
+        b_stack = ref.new_zeros(len(adapters) + 1, out_f, r_max)
+        for slot, adapter in enumerate(adapters):
+            if adapter is not None:
+                a_stack[slot, : adapter.r] = adapter.A
+                b_stack[slot, :, : adapter.r] = adapter.B * adapter.scaling
+        slots = torch.where(index < 0, len(adapters), index)
+        flat = x.reshape(x.shape[0], -1, in_f).to(ref.dtype)  # (batch, tokens, in)
+        hidden = torch.bmm(flat, a_stack[slots].transpose(1, 2))  # (batch, tokens, r_max)
+        delta = torch.bmm(hidden, b_stack[slots].transpose(1, 2))  # (batch, tokens, out)
+        return base_out + delta.reshape(base_out.shape).to(base_out.dtype)
+
+    # ---------------------------------------------------------------- merge (DoRA is not additive)
+    def merged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        delta = self._delta_out_first().float()
+        if not self.use_dora:
+            return weight + self._from_out_first(delta)
+        new, self._merge_norm = dora.merged(self._out_first(weight), delta, self.lora_magnitude_vector)
+        return self._from_out_first(new)
+
+    def unmerged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        delta = self._delta_out_first().float()
+        if not self.use_dora:
+            return weight - self._from_out_first(delta)
+        restored = dora.unmerged(self._out_first(weight), delta, self.lora_magnitude_vector, self._merge_norm)
+        return self._from_out_first(restored)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"

@@ -156,3 +156,11 @@ def test_trainable_parameter_report_matches_peft():
     ours = dt.get_peft_model(tiny_llama(), dt.LoraConfig(**config)).get_nb_trainable_parameters()
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config)).get_nb_trainable_parameters()
     assert ours == theirs
+
+
+@torch.no_grad()
+def test_adapters_follow_the_wrapped_models_train_mode():
+    model = dt.get_peft_model(tiny_llama().eval(), dt.LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.5))
+    ids = token_batch(2, 4)
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)

@@ -70,6 +70,7 @@ class DeltaLayer(nn.Module):
         self.disabled = False
         self.module_name = module_name
         self.routing = routing
+        self.train(base_layer.training)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -147,7 +148,7 @@ class DeltaLayer(nn.Module):
 
     # ---------------------------------------------------------------- bookkeeping
     def add(self, name: str, adapter: nn.Module) -> None:
-        self.adapters[name] = adapter
+        self.adapters[name] = adapter.train(self.base_layer.training)  # an eval model stays in eval
 
     def remove(self, name: str) -> None:
         if name in self.merged:
@@ -172,6 +173,8 @@ class ModulesToSave(nn.Module):
         self.disabled = False
         self.module_name = module_name
         self.routing = routing
+        self.copies.train(original_module.training)
+        self.training = original_module.training
 
     def add(self, name: str, copy: nn.Module) -> None:
         self.copies[name] = copy

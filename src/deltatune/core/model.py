@@ -39,6 +39,7 @@ class DeltaModel(nn.Module):
     def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.model = model
+        self.training = model.training
         self.peft_config: dict[str, DeltaConfig] = {}
         self.active_adapters: list[str] = []
         self._routing = Routing()
@@ -289,7 +290,7 @@ class DeltaModel(nn.Module):
         except Exception:
             wrapped.unload()  # give the caller their model back unchanged
             raise
-        return wrapped
+        return wrapped if is_trainable else wrapped.eval()
 
 
 def get_peft_model(model: nn.Module, peft_config: DeltaConfig, adapter_name: str = "default",

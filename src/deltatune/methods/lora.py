@@ -28,6 +28,7 @@ from torch import nn
 from ..core.config import DeltaConfig, register_method, require
 from ..core.targeting import pattern_value
 from . import dora
+from .lora_ops import lora_linear
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "pissa", "olora")
@@ -203,6 +204,9 @@ class LoraAdapter(nn.Module):
         return self.lora_B(self.lora_A(x)) * self.scaling
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.kind == "linear" and not self.use_dora:
+            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+            return lora_linear(x, base_out, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
         dropped = x if self.kind == "embedding" else self.dropout(x)
         lora_out = self._lora_out(dropped, base).to(base_out.dtype)
         if not self.use_dora:

@@ -1,0 +1,50 @@
+"""The LoRA linear branch as one autograd function: out = base_out + s * dropout(x) @ A^T @ B^T.
+
+Why not plain modules: nn.Dropout keeps a float copy of the dropped input (4 bytes an element) for A's
+gradient in every adapted layer. This keeps the input x itself (already alive for the other layers
+that read it) plus a 1-byte keep-mask, and only rank-sized intermediates; the scaled up-projection is
+folded into one addmm on the base output.
+
+Shapes: x (..., in), base_out (..., out), A (r, in), B (out, r); N = prod(...) tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, base_out, lora_a, lora_b, scaling: float, dropout: float):
+        flat = x.reshape(-1, x.shape[-1])  # (N, in)
+        keep = torch.rand_like(flat) >= dropout if dropout > 0 else None  # (N, in) bool
+        dropped = flat * keep / (1 - dropout) if keep is not None else flat
+        hidden = dropped @ lora_a.t()  # (N, r)
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, keep, hidden, lora_a, lora_b)
+        ctx.scaling, ctx.dropout = scaling, dropout
+        return out.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, keep, hidden, lora_a, lora_b = ctx.saved_tensors
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        grad_b = (grad_flat.t() @ hidden).mul_(ctx.scaling)  # (out, r)
+        grad_hidden = (grad_flat @ lora_b).mul_(ctx.scaling)  # (N, r)
+        flat = x.reshape(-1, x.shape[-1])
+        dropped = flat * keep / (1 - ctx.dropout) if keep is not None else flat
+        grad_a = grad_hidden.t() @ dropped  # (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_hidden @ lora_a  # (N, in)
+            if keep is not None:
+                grad_x = grad_x * keep / (1 - ctx.dropout)
+            grad_x = grad_x.view(x.shape)
+        return grad_x, grad_out, grad_a, grad_b, None, None
+
+
+def lora_linear(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float, dropout: float) -> torch.Tensor:
+    """base_out + scaling * dropout(x) @ lora_a.T @ lora_b.T, in the activation dtype."""
+    lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    return LoraLinearFunction.apply(x, base_out.to(x.dtype), lora_a, lora_b, scaling, dropout).to(base_out.dtype)

@@ -17,12 +17,14 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, lora_a, lora_b, scaling: float, dropout: float):
         flat = x.reshape(-1, x.shape[-1])  # (N, in)
-        keep = torch.rand_like(flat) >= dropout if dropout > 0 else None  # (N, in) bool
-        dropped = flat * keep / (1 - dropout) if keep is not None else flat
-        hidden = dropped @ lora_a.t()  # (N, r)
+        keep = torch.empty_like(flat, dtype=torch.bool).bernoulli_(1 - dropout) if dropout > 0 else None
+        rescale = 1 / (1 - dropout)  # inverted dropout's factor, applied in rank space (N, r), not (N, in)
+        hidden = (torch.where(keep, flat, 0) if keep is not None else flat) @ lora_a.t()  # (N, r)
+        if keep is not None:
+            hidden.mul_(rescale)
         out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, keep, hidden, lora_a, lora_b)
-        ctx.scaling, ctx.dropout = scaling, dropout
+        ctx.scaling, ctx.rescale = scaling, rescale
         return out.view(base_out.shape)
 
     @staticmethod
@@ -30,15 +32,15 @@ class LoraLinearFunction(torch.autograd.Function):
         x, keep, hidden, lora_a, lora_b = ctx.saved_tensors
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         grad_b = (grad_flat.t() @ hidden).mul_(ctx.scaling)  # (out, r)
-        grad_hidden = (grad_flat @ lora_b).mul_(ctx.scaling)  # (N, r)
+        # gradient w.r.t. the dropped, un-rescaled input's projection: s * (1/(1-p)) * g @ B, (N, r)
+        grad_hidden = (grad_flat @ lora_b).mul_(ctx.scaling * (ctx.rescale if keep is not None else 1.0))
         flat = x.reshape(-1, x.shape[-1])
-        dropped = flat * keep / (1 - ctx.dropout) if keep is not None else flat
-        grad_a = grad_hidden.t() @ dropped  # (r, in)
+        grad_a = grad_hidden.t() @ (torch.where(keep, flat, 0) if keep is not None else flat)  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_hidden @ lora_a  # (N, in)
             if keep is not None:
-                grad_x = grad_x * keep / (1 - ctx.dropout)
+                grad_x = torch.where(keep, grad_x, 0)
             grad_x = grad_x.view(x.shape)
         return grad_x, grad_out, grad_a, grad_b, None, None
 

@@ -1,0 +1,47 @@
+"""Shared pieces of the benchmark scripts: each set-up runs in its own process (clean peak RSS), the
+parent prints ratios measured in the same run. Absolute times on shared machines drift by 20% or more
+between runs; only the ratios are meant to be compared."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # Linux reports KiB
+
+
+def timed(step, steps: int, warmup: int = 1) -> float:
+    """Mean seconds per call of `step` after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def run_worker(script: str, args: list[str]) -> dict:
+    """Run `script --worker ...` in a fresh process and parse the JSON line it prints last."""
+    done = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"worker {args} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_smollm2():
+    from deltatune.models import load_default
+
+    torch.set_num_threads(2)
+    model, _ = load_default()
+    return model
+
+
+def token_batch(batch: int, length: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))

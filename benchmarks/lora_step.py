@@ -1,0 +1,83 @@
+"""Training-step time and peak memory of LoRA against the frozen-model floor, deltatune vs peft.
+
+Run: .venv/bin/python benchmarks/lora_step.py [--steps 3] [--batch 4] [--seq 256]
+
+Set-up (DESIGN section 8): SmolLM2-135M, float32, LoRA r=16 on all linear layers, 2 threads. The
+floor is the same model with every weight frozen, back-propagating only to the input embeddings.
+Each set-up runs in its own process; the table shows step time / floor, peak RSS / floor, and
+deltatune / peft, for dropout 0.05, dropout 0, and DoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from common import load_smollm2, peak_rss_gb, run_worker, timed, token_batch
+
+
+def build(setup: str, dropout: float, dora: bool):
+    model = load_smollm2()
+    if setup == "floor":
+        model.requires_grad_(False)
+        return model
+    kwargs = dict(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear", use_dora=dora)
+    if setup == "peft":
+        import peft
+
+        return peft.get_peft_model(model, peft.LoraConfig(**kwargs))
+    import deltatune
+
+    return deltatune.get_peft_model(model, deltatune.LoraConfig(**kwargs))
+
+
+def worker(setup: str, dropout: float, dora: bool, batch: int, seq: int, steps: int) -> dict:
+    model = build(setup, dropout, dora).train()
+    ids = token_batch(batch, seq, 49152)
+    embed = model.get_input_embeddings()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step() -> None:
+        embeds = embed(ids).detach().requires_grad_(setup == "floor")
+        loss = model(inputs_embeds=embeds, labels=ids).loss
+        loss.backward()
+        if optimizer:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(step, steps)
+    return {"setup": setup, "seconds": seconds, "rss_gb": peak_rss_gb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", nargs="*")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+    if args.worker:
+        setup, dropout, dora = args.worker[0], float(args.worker[1]), args.worker[2] == "1"
+        print(json.dumps(worker(setup, dropout, dora, args.batch, args.seq, args.steps)))
+        return
+    shape = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    floor = run_worker(__file__, ["floor", "0", "0", *shape])
+    print(f"floor: {floor['seconds']:.2f} s/step, peak RSS {floor['rss_gb']:.2f} GB "
+          f"(batch {args.batch} x {args.seq}, {args.steps} steps)")
+    print(f"{'variant':<16}{'library':<11}{'time/floor':>11}{'RSS/floor':>11}{'s/step':>9}{'RSS GB':>8}")
+    for label, dropout, dora in (("lora p=0.05", 0.05, False), ("lora p=0", 0.0, False), ("dora p=0.05", 0.05, True)):
+        results = {lib: run_worker(__file__, [lib, str(dropout), "1" if dora else "0", *shape])
+                   for lib in ("peft", "deltatune")}
+        for lib, res in results.items():
+            print(f"{label:<16}{lib:<11}{res['seconds'] / floor['seconds']:>11.2f}"
+                  f"{res['rss_gb'] / floor['rss_gb']:>11.2f}{res['seconds']:>9.2f}{res['rss_gb']:>8.2f}")
+        ours, theirs = results["deltatune"], results["peft"]
+        print(f"{label:<16}{'ours/peft':<11}{ours['seconds'] / theirs['seconds']:>11.2f}"
+              f"{ours['rss_gb'] / theirs['rss_gb']:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()

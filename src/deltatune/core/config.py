@@ -38,6 +38,8 @@ TASK_HEADS = {TaskType.SEQ_CLS: ["classifier", "score"], TaskType.TOKEN_CLS: ["c
 
 # Keys a config file may carry that are bookkeeping, not settings.
 METADATA_KEYS = {"peft_type", "peft_version", "auto_mapping", "revision"}
+# Settings `peft` writes into every file with these default values; they change nothing here.
+PEFT_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16, "lora_ga_config": None}
 
 
 @dataclass
@@ -45,6 +47,7 @@ class DeltaConfig:
     """Fields every method shares. Subclasses add their own and set `peft_type`."""
 
     peft_type: ClassVar[str] = ""
+    targets_layers: ClassVar[bool] = True  # False for methods that only act at model level (soft prompts)
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
@@ -73,13 +76,43 @@ class DeltaConfig:
             raise DeltaConfigError("layers_pattern is set but layers_to_transform is not; set both or neither")
 
     # -- what a method provides ------------------------------------------------------------------
-    def make_adapter(self, base: nn.Module, module_name: str) -> nn.Module:
-        """Build one adapter for `base` (the module at `module_name`)."""
+    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> nn.Module:
+        """Build one adapter for `base` (the module at `module_name`); `shared` is this adapter's
+        model-level module when `make_model_adapter` made one."""
         raise NotImplementedError
 
     def supports(self, base: nn.Module) -> bool:
         """Whether this method can adapt a module of this kind."""
         return False
+
+    def validate_target(self, base: nn.Module, module_name: str) -> None:
+        """Raise DeltaConfigError naming the module if this method cannot adapt it. Runs on every
+        target before the model is touched."""
+        if not self.supports(base):
+            raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}, which "
+                                   f"{self.peft_type} does not support")
+
+    @property
+    def changes_base_weights(self) -> bool:
+        """Whether building an adapter rewrites the base weight (PiSSA): then a failed load restores it."""
+        return False
+
+    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> nn.Module | None:
+        """A model-level module for this adapter (soft prompt, shared projections), or None. It is saved
+        under `disk_prefix` + its state-dict names, and if it has `forward_model(model, *a, **kw)` /
+        `generate_model(...)` it takes over the wrapped model's forward and generate."""
+        return None
+
+    # -- training-time hooks, called by DeltaModel for the active adapters ---------------------------
+    def before_optimizer_step(self, model: nn.Module, adapter_name: str, step: int) -> None:
+        """After backward, before optimizer.step(): e.g. mask gradients."""
+
+    def after_optimizer_step(self, model: nn.Module, adapter_name: str, step: int, optimizer) -> None:
+        """After optimizer.step(): e.g. update a rank budget, merge and reset."""
+
+    def extra_loss(self, model: nn.Module, adapter_name: str):
+        """A regulariser to add to the training loss, or None."""
+        return None
 
     # -- (de)serialisation with PEFT's field names --------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -97,14 +130,15 @@ class DeltaConfig:
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value
-            elif key not in METADATA_KEYS and value not in (None, False, {}, [], ""):
+            elif key not in METADATA_KEYS and value not in (None, False, {}, [], "") \
+                    and (key not in PEFT_DEFAULTS or PEFT_DEFAULTS[key] != value):
                 ignored[key] = value
         if ignored:
             warnings.warn(f"{source}: ignoring keys deltatune does not use for {cls.peft_type}: "
                           + ", ".join(f"{k}={v!r}" for k, v in sorted(ignored.items())), stacklevel=2)
         try:
             return cls(**kwargs)
-        except TypeError as err:
+        except (TypeError, DeltaConfigError) as err:
             raise DeltaConfigError(f"{source}: {err}") from None
 
 

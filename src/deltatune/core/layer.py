@@ -23,9 +23,11 @@ class MergeError(RuntimeError):
 class DeltaAdapter(Protocol):
     """What a method's single-adapter module provides.
 
-    forward(x, base_out, base) -> the layer output with this adapter applied on top of `base_out`.
+    forward(x, base_out, base) -> the layer output with this adapter applied on top of `base_out`
+    (x is the module's first input; for a block that returns a tuple, base_out is its first element).
     delta_weight(base) -> additive update in the base weight's layout (mergeable, additive methods);
     non-additive methods (DoRA, IA3, OFT) provide merged_weight(base, w) / unmerged_weight(base, w).
+    An adapter with `uses_routing = True` also gets `routing=` (per-call data such as task ids).
     """
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor: ...
@@ -37,6 +39,7 @@ class Routing:
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None  # (batch,) slot into `names`; -1 = base model
         self.names: list[str] = []
+        self.task_ids: torch.Tensor | None = None  # (batch,) for task-conditioned methods
 
     def index_for(self, batch: int) -> torch.Tensor:
         """The per-sample slots, expanded when generate() repeats samples (beams, num_return_sequences)."""
@@ -48,14 +51,14 @@ class Routing:
         return index
 
 
-def base_weight(base: nn.Module) -> torch.Tensor:
-    return base.weight
+def read_weight(base: nn.Module) -> torch.Tensor:
+    """A float32 copy of the base weight, in the base's own layout (the one place merges read it)."""
+    return base.weight.detach().float().clone()
 
 
-def _finite_or_raise(weight: torch.Tensor, adapter: str, module: str) -> None:
-    if not torch.isfinite(weight).all():
-        raise MergeError(f"merging adapter {adapter!r} into {module} gives NaN/inf weights; "
-                         "the base weights were left unchanged")
+def write_weight(base: nn.Module, weight: torch.Tensor) -> None:
+    """Store a float32 weight back into the base, rounded once to its dtype."""
+    base.weight.data.copy_(weight.to(base.weight.dtype))
 
 
 class DeltaLayer(nn.Module):
@@ -73,16 +76,27 @@ class DeltaLayer(nn.Module):
         self.train(base_layer.training)
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
+    def forward(self, *args, **kwargs):
+        out = self.base_layer(*args, **kwargs)
+        if self.disabled or not self.adapters:
             return out
+        x = args[0] if args else next(iter(kwargs.values()))  # blocks are often called with keywords
+        if isinstance(out, tuple):  # e.g. an attention block's (hidden, weights)
+            return (self._run_adapters(x, out[0]), *out[1:])
+        return self._run_adapters(x, out)
+
+    def _run_adapters(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.routing.index is not None:
             return self._mixed_forward(x, out)
         for name in self.active:
             if name not in self.merged and name in self.adapters:
-                out = self.adapters[name](x, out, self.base_layer)
+                out = self._call(self.adapters[name], x, out)
         return out
+
+    def _call(self, adapter: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if getattr(adapter, "uses_routing", False):
+            return adapter(x, out, self.base_layer, routing=self.routing)
+        return adapter(x, out, self.base_layer)
 
     def _mixed_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """One adapter per sample. Methods with a batched kernel (`mixed_forward`) get every sample in one
@@ -106,37 +120,44 @@ class DeltaLayer(nn.Module):
                 continue
             rows = (index == slot).nonzero().flatten()
             if rows.numel():
-                out[rows] = adapter(x[rows], base_out[rows], self.base_layer)
+                out[rows] = self._call(adapter, x[rows], base_out[rows])
         return out
 
     # ---------------------------------------------------------------- merge
+    def plan_merge(self, names: list[str]) -> tuple[list[str], torch.Tensor | None]:
+        """The adapters still to merge and the float32 base weight with them merged; writes nothing.
+        Already merged adapters are skipped, so merging twice is a no-op."""
+        todo = [n for n in dict.fromkeys(names) if n not in self.merged and n in self.adapters]
+        if not todo:
+            return todo, None
+        weight = read_weight(self.base_layer)
+        for name in todo:
+            weight = self._merged_weight(self.adapters[name], weight)
+        return todo, weight
+
+    def apply_merge(self, todo: list[str], weight: torch.Tensor, safe_merge: bool = False) -> None:
+        """Write a planned merge. The update was computed in float32 and is rounded to the base dtype once."""
+        if safe_merge and not torch.isfinite(weight).all():
+            raise MergeError(f"merging adapter(s) {todo} into {self.module_name} gives NaN/inf weights; "
+                             "the base weights were left unchanged")
+        write_weight(self.base_layer, weight)
+        self.merged.extend(todo)
+
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
-        """Fold adapters into the base weight. Already merged adapters are skipped (merging twice is a
-        no-op). The update is computed in float32 and cast back once, so bf16/fp16 bases lose no more
-        precision than one rounding."""
-        for name in names:
-            if name in self.merged or name not in self.adapters:
-                continue
-            adapter = self.adapters[name]
-            weight = base_weight(self.base_layer)
-            new = self._merged_weight(adapter, weight.detach().float())
-            if safe_merge:
-                _finite_or_raise(new, name, self.module_name)
-            weight.data.copy_(new.to(weight.dtype))
-            self.merged.append(name)
+        todo, weight = self.plan_merge(names)
+        if todo:
+            self.apply_merge(todo, weight, safe_merge)
 
     def unmerge(self, keep: int = 0) -> None:
         """Undo merges newest first, leaving the first `keep` merged."""
         while len(self.merged) > keep:
-            name = self.merged.pop()
-            adapter = self.adapters[name]
-            weight = base_weight(self.base_layer)
-            w = weight.detach().float()
+            adapter = self.adapters[self.merged.pop()]
+            weight = read_weight(self.base_layer)
             if hasattr(adapter, "unmerged_weight"):
-                restored = adapter.unmerged_weight(self.base_layer, w)
+                weight = adapter.unmerged_weight(self.base_layer, weight)
             else:
-                restored = w - adapter.delta_weight(self.base_layer).float()
-            weight.data.copy_(restored.to(weight.dtype))
+                weight = weight - adapter.delta_weight(self.base_layer).float()
+            write_weight(self.base_layer, weight)
 
     def _merged_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         if hasattr(adapter, "merged_weight"):

@@ -36,14 +36,18 @@ def _is_linear(module: nn.Module) -> bool:
 class DeltaModel(nn.Module):
     """A model with PEFT adapters. Create with `get_peft_model` or `DeltaModel.from_pretrained`."""
 
-    def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default",
+                 weights: dict[str, torch.Tensor] | None = None, source: str = "weights") -> None:
+        """Wrap `model` with adapter `adapter_name`; `weights` (disk keys, read from `source`) fill it."""
         super().__init__()
         self.model = model
         self.training = model.training
+        self.model_adapters = nn.ModuleDict().train(model.training)  # model-level: soft prompts, shared projections
         self.peft_config: dict[str, DeltaConfig] = {}
         self.active_adapters: list[str] = []
         self._routing = Routing()
-        self.add_adapter(adapter_name, config)
+        self._disabled = False
+        self.inject(adapter_name, config, weights, source)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str):
@@ -79,6 +83,12 @@ class DeltaModel(nn.Module):
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
         """Inject a new (inactive unless it is the first) adapter named `adapter_name`."""
+        self.inject(adapter_name, config)
+
+    def inject(self, adapter_name: str, config: DeltaConfig, weights: dict[str, torch.Tensor] | None = None,
+               source: str = "weights") -> None:
+        """Add an adapter and, if given, load `weights` (disk keys) into it. All or nothing: on any error
+        the model, base weights included, is left as it was."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise DeltaConfigError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
@@ -87,23 +97,38 @@ class DeltaModel(nn.Module):
         if heads:
             config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + heads))
         candidates = self._candidates()
-        targets = select_targets(self.model, config, candidates, _is_linear)
         modules = dict(candidates)
-        for name in targets:  # check every target before touching the model
-            base = modules[name].base_layer if isinstance(modules[name], DeltaLayer) else modules[name]
-            if not config.supports(base):
-                raise DeltaConfigError(f"target module {name!r} is a {type(base).__name__}, which "
-                                       f"{config.peft_type} does not support")
-        adapters = {name: config.make_adapter(modules[name].base_layer if isinstance(modules[name], DeltaLayer)
-                                              else modules[name], name) for name in targets}
-        for name, adapter in adapters.items():
-            layer = modules[name]
-            if not isinstance(layer, DeltaLayer):
-                layer = DeltaLayer(layer, self._routing, name)
-                self._replace(name, layer)
-            layer.add(adapter_name, adapter)
-        self._add_modules_to_save(adapter_name, config.modules_to_save or [], candidates)
-        self.peft_config[adapter_name] = config
+        targets = select_targets(self.model, config, candidates, _is_linear) if config.targets_layers else []
+        bases = {name: modules[name].base_layer if isinstance(modules[name], DeltaLayer) else modules[name]
+                 for name in targets}
+        for name, base in bases.items():  # every target checked before the model is touched
+            config.validate_target(base, name)
+        snapshot = {name: base.weight.detach().clone() for name, base in bases.items()} \
+            if config.changes_base_weights else {}
+        try:
+            shared = config.make_model_adapter(self.model, adapter_name)
+            extra = {"shared": shared} if shared is not None else {}
+            adapters = {name: config.make_adapter(base, name, **extra) for name, base in bases.items()}
+            if shared is not None:
+                self.model_adapters[adapter_name] = shared.train(self.model.training)
+            for name, adapter in adapters.items():
+                layer = modules[name]
+                if not isinstance(layer, DeltaLayer):
+                    layer = DeltaLayer(layer, self._routing, name)
+                    self._replace(name, layer)
+                layer.add(adapter_name, adapter)
+            self._add_modules_to_save(adapter_name, config.modules_to_save or [], candidates)
+            self.peft_config[adapter_name] = config
+            if weights is not None:
+                from ..io.adapter_files import assign_weights
+
+                assign_weights(self, adapter_name, weights, source=source)
+        except BaseException:
+            self._remove(adapter_name)
+            with torch.no_grad():
+                for name, weight in snapshot.items():
+                    bases[name].weight.copy_(weight)
+            raise
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
         self.set_adapter(self.active_adapters)
@@ -131,22 +156,28 @@ class DeltaModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
-        for name, layer in list(self.delta_layers()):
-            layer.remove(adapter_name)
-            if isinstance(layer, DeltaLayer) and not layer.adapters:
-                self._replace(name, layer.base_layer)
-            elif isinstance(layer, ModulesToSave) and not layer.copies:
-                self._replace(name, layer.original_module)
-        del self.peft_config[adapter_name]
+        self._remove(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name] or list(self.peft_config)[:1]
         if remaining:
             self.set_adapter(remaining)
         else:
             self.active_adapters = []
 
+    def _remove(self, adapter_name: str) -> None:
+        """Take an adapter out of every wrapper (unwrapping emptied ones) and forget its config."""
+        for name, layer in list(self.delta_layers()):
+            layer.remove(adapter_name)
+            if isinstance(layer, DeltaLayer) and not layer.adapters:
+                self._replace(name, layer.base_layer)
+            elif isinstance(layer, ModulesToSave) and not layer.copies:
+                self._replace(name, layer.original_module)
+        if adapter_name in self.model_adapters:
+            del self.model_adapters[adapter_name]
+        self.peft_config.pop(adapter_name, None)
+
     def _refresh_trainable(self) -> None:
         """Only the active adapters' parameters (and the biases their config asks for) train."""
-        for param in self.model.parameters():
+        for param in self.parameters():
             param.requires_grad_(False)
         trainable = [n for n in self.active_adapters if not self.peft_config[n].inference_mode]
         for _, layer in self.delta_layers():
@@ -155,6 +186,8 @@ class DeltaModel(nn.Module):
                 if name in owned:
                     owned[name].requires_grad_(True)
         for name in trainable:
+            if name in self.model_adapters:
+                self.model_adapters[name].requires_grad_(True)
             for param in self.bias_parameters(name).values():
                 param.requires_grad_(True)
 
@@ -178,27 +211,39 @@ class DeltaModel(nn.Module):
         self.unmerge_adapter()
         for _, layer in self.delta_layers():
             layer.disabled = True
+        self._disabled = True
         try:
             yield
         finally:
+            self._disabled = False
             for name, layer in self.delta_layers():
                 layer.disabled = False
                 if merged.get(name):
                     layer.merge(merged[name])
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters (default: the active ones) into the base weights. With safe_merge, a NaN/inf
-        result raises MergeError and leaves every base weight as it was."""
+        """Fold adapters (default: the active ones) into the base weights. With safe_merge every merged
+        weight is computed and checked for NaN/inf before any is written, so a bad adapter raises
+        MergeError and leaves the base bit-for-bit as it was."""
         names = list(adapter_names or self.active_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"unknown adapter {name!r}; adapters: {list(self.peft_config)}")
+            if not getattr(self.model_adapters[name], "mergeable", True) if name in self.model_adapters else False:
+                raise MergeError(f"adapter {name!r} ({self.peft_config[name].peft_type}) cannot be merged")
         layers = [layer for _, layer in self.delta_layers() if isinstance(layer, DeltaLayer)]
-        before = [len(layer.merged) for layer in layers]
-        try:
+        if not safe_merge:
             for layer in layers:
-                layer.merge(names, safe_merge=safe_merge)
-        except MergeError:
-            for layer, count in zip(layers, before):
-                layer.unmerge(keep=count)
-            raise
+                layer.merge(names)
+            return
+        plans = [(layer, *layer.plan_merge(names)) for layer in layers]
+        for layer, todo, weight in plans:
+            if todo and not torch.isfinite(weight).all():
+                raise MergeError(f"merging adapter(s) {todo} into {layer.module_name} gives NaN/inf weights; "
+                                 "no base weight was changed")
+        for layer, todo, weight in plans:
+            if todo:
+                layer.apply_merge(todo, weight)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.delta_layers():
@@ -227,9 +272,14 @@ class DeltaModel(nn.Module):
 
     # ------------------------------------------------------------------ forward / generate
     @contextlib.contextmanager
-    def _route(self, adapter_names: list[str] | None):
+    def _route(self, adapter_names: list[str] | None, task_ids: torch.Tensor | None = None):
+        if task_ids is not None:
+            self._routing.task_ids = torch.as_tensor(task_ids, device=next(self.model.parameters()).device)
         if adapter_names is None:
-            yield
+            try:
+                yield
+            finally:
+                self._routing.task_ids = None
             return
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
@@ -241,16 +291,49 @@ class DeltaModel(nn.Module):
         try:
             yield
         finally:
-            self._routing.names, self._routing.index = [], None
+            self._routing.names, self._routing.index, self._routing.task_ids = [], None, None
 
-    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """The wrapped model's forward; `adapter_names` gives one adapter (or "__base__") per sample."""
-        with self._route(adapter_names):
-            return self.model(*args, **kwargs)
+    def _model_level(self):
+        """The active model-level adapter that takes over forward/generate (soft prompts), if any."""
+        if self._disabled:
+            return None
+        found = [self.model_adapters[n] for n in self.active_adapters
+                 if n in self.model_adapters and hasattr(self.model_adapters[n], "forward_model")]
+        if len(found) > 1:
+            raise RuntimeError(f"only one prompt-style adapter can be active at a time; active: {self.active_adapters}")
+        return found[0] if found else None
 
-    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        with self._route(adapter_names):
+    def forward(self, *args, adapter_names: list[str] | None = None, task_ids: torch.Tensor | None = None,
+                **kwargs):
+        """The wrapped model's forward; `adapter_names` gives one adapter (or "__base__") per sample and
+        `task_ids` one task per sample for task-conditioned methods."""
+        with self._route(adapter_names, task_ids):
+            hook = self._model_level()
+            return hook.forward_model(self.model, *args, **kwargs) if hook else self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, task_ids: torch.Tensor | None = None,
+                 **kwargs):
+        with self._route(adapter_names, task_ids):
+            hook = self._model_level()
+            if hook:
+                return hook.generate_model(self.model, *args, **kwargs)
             return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ training-time methods
+    def before_optimizer_step(self, step: int) -> None:
+        """Called by training loops after backward, before optimizer.step() (gradient masks)."""
+        for name in self.active_adapters:
+            self.peft_config[name].before_optimizer_step(self, name, step)
+
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Called by training loops after optimizer.step() (rank budgets, periodic merges)."""
+        for name in self.active_adapters:
+            self.peft_config[name].after_optimizer_step(self, name, step, optimizer)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """Regularisers the active methods add to the training loss (None when there are none)."""
+        terms = [t for t in (self.peft_config[n].extra_loss(self, n) for n in self.active_adapters) if t is not None]
+        return sum(terms) if terms else None
 
     # ------------------------------------------------------------------ reports
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -280,16 +363,11 @@ class DeltaModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, allow_pickle: bool = False, **kwargs) -> "DeltaModel":
         """Wrap `model` with the adapter saved in directory `model_id` (ours or one written by `peft`)."""
-        from ..io.adapter_files import assign_weights, read_adapter
+        from ..io.adapter_files import read_adapter
 
         config, weights = read_adapter(model_id, allow_pickle=allow_pickle, **kwargs)
         config.inference_mode = not is_trainable
-        wrapped = cls(model, config, adapter_name)
-        try:
-            assign_weights(wrapped, adapter_name, weights, source=model_id)
-        except Exception:
-            wrapped.unload()  # give the caller their model back unchanged
-            raise
+        wrapped = cls(model, config, adapter_name, weights=weights, source=str(model_id))
         return wrapped if is_trainable else wrapped.eval()
 
 

@@ -135,11 +135,4 @@ def load_adapter(model, model_id: str | os.PathLike, adapter_name: str, is_train
     check_adapter_name(adapter_name)
     config, weights = read_adapter(model_id, allow_pickle=allow_pickle, **kwargs)
     config.inference_mode = not is_trainable
-    if adapter_name in model.peft_config:
-        raise DeltaConfigError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
-    model.add_adapter(adapter_name, config)
-    try:
-        assign_weights(model, adapter_name, weights, source=str(model_id))
-    except Exception:
-        model.delete_adapter(adapter_name)
-        raise
+    model.inject(adapter_name, config, weights, source=str(model_id))

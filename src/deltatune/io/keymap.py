@@ -4,6 +4,7 @@ Runtime (inside DeltaModel.model)             On disk
 <path>.adapters.<adapter>.<local>       <->   base_model.model.<path>.<local>      (lora_A.weight, ...)
 <path>.copies.<adapter>.<param>         <->   base_model.model.<path>.<param>      (modules_to_save)
 <path>.base_layer.bias / <path>.bias    <->   base_model.model.<same>              (bias="all"/"lora_only")
+model_adapters.<adapter>.<local>        <->   <its disk_prefix><local>             (prompt_embeddings, ...)
 
 `adapter_slots` builds the table for one adapter from the live model; saving reads the tensors it
 names and loading copies into them, so both directions come from the same place.
@@ -29,6 +30,11 @@ def adapter_slots(model, adapter_name: str) -> dict[str, torch.Tensor]:
             slots[f"{DISK_PREFIX}{path}.{local}"] = tensor
     for name, param in model.bias_parameters(adapter_name).items():
         slots[f"{DISK_PREFIX}{name}"] = param
+    if adapter_name in model.model_adapters:
+        module = model.model_adapters[adapter_name]
+        prefix = getattr(module, "disk_prefix", "")
+        for local, tensor in module.state_dict(keep_vars=True).items():
+            slots[f"{prefix}{local}"] = tensor
     return slots
 
 

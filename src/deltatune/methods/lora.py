@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import DeltaConfig, register_method, require
+from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
 from ..core.targeting import pattern_value
 from . import dora
 from .lora_ops import lora_linear
@@ -65,8 +65,9 @@ class LoraConfig(DeltaConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(isinstance(self.r, int) and self.r > 0, "r", self.r, "must be a positive integer")
-        require(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha >= 0, "lora_alpha",
+        require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r, "must be a positive integer")
+        require(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool)
+                and self.lora_alpha >= 0, "lora_alpha",
                 self.lora_alpha, "must be a number >= 0")
         require(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1, "lora_dropout",
                 self.lora_dropout, "must be in [0, 1)")
@@ -83,7 +84,21 @@ class LoraConfig(DeltaConfig):
     def supports(self, base: nn.Module) -> bool:
         return base_kind(base) is not None
 
-    def make_adapter(self, base: nn.Module, module_name: str) -> "LoraAdapter":
+    def validate_target(self, base: nn.Module, module_name: str) -> None:
+        super().validate_target(base, module_name)
+        kind = base_kind(base)
+        if kind == "conv" and base.groups != 1:
+            raise DeltaConfigError(f"target module {module_name!r}: LoRA on grouped convolutions "
+                                   f"(groups={base.groups}) is not supported")
+        if self.changes_base_weights and kind != "linear":
+            raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}: "
+                                   f"init_lora_weights={self.init_lora_weights!r} supports linear layers only")
+
+    @property
+    def changes_base_weights(self) -> bool:
+        return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(("pissa", "olora"))
+
+    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> "LoraAdapter":
         r = pattern_value(self.rank_pattern, module_name, self.r)
         alpha = pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
         scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
@@ -112,9 +127,6 @@ class LoraAdapter(nn.Module):
             self.lora_embedding_A = nn.Parameter(torch.empty(r, base.num_embeddings, **factory))
             self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r, **factory))
         else:
-            if base.groups != 1:
-                raise ValueError(f"{module_name}: LoRA on grouped convolutions (groups={base.groups}) "
-                                 "is not supported")
             conv = type(base)
             self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
                                base.dilation, bias=False, **factory)
@@ -174,8 +186,6 @@ class LoraAdapter(nn.Module):
     @torch.no_grad()
     def _init_from_weight(self, base: nn.Module, init: str, module_name: str) -> None:
         """PiSSA / OLoRA: factors from W itself; W keeps the residual W - s*B@A."""
-        if self.kind != "linear":
-            raise ValueError(f"{module_name}: init_lora_weights={init!r} supports linear layers only")
         weight = base.weight
         w = self._out_first(weight.float())  # (out, in)
         if init == "olora":

@@ -4,6 +4,7 @@ from .core.config import DeltaConfig, DeltaConfigError, TaskType, registered_met
 from .core.layer import MergeError
 from .core.model import DeltaModel, get_peft_model
 from .io.adapter_files import AdapterFileError
+from . import methods  # noqa: F401  (registers every method)
 from .methods.lora import LoraConfig
 
 PeftModel = DeltaModel  # so `PeftModel.from_pretrained(base, dir)` snippets run unchanged

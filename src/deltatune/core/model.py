@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import re
+import threading
 from typing import Iterator
 
 import torch
@@ -33,6 +35,41 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
 
 
+class ModelLock:
+    """Calls on one DeltaModel from different threads run one at a time, so switching, loading or
+    deleting adapters never lands in the middle of another thread's forward or generate (which would
+    mix two adapters). Re-entrant; a deep copy or unpickled model gets a lock of its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> "ModelLock":
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def __deepcopy__(self, memo) -> "ModelLock":
+        return ModelLock()
+
+    def __reduce__(self):
+        return ModelLock, ()
+
+
+def exclusive(method):
+    """Run a DeltaModel method under the model's lock (not while torch.compile traces it)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return method(self, *args, **kwargs)
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class DeltaModel(nn.Module):
     """A model with PEFT adapters. Create with `get_peft_model` or `DeltaModel.from_pretrained`."""
 
@@ -40,6 +77,7 @@ class DeltaModel(nn.Module):
                  weights: dict[str, torch.Tensor] | None = None, source: str = "weights") -> None:
         """Wrap `model` with adapter `adapter_name`; `weights` (disk keys, read from `source`) fill it."""
         super().__init__()
+        self._lock = ModelLock()
         self.model = model
         self.training = model.training
         self.model_adapters = nn.ModuleDict().train(model.training)  # model-level: soft prompts, shared projections
@@ -85,6 +123,7 @@ class DeltaModel(nn.Module):
         """Inject a new (inactive unless it is the first) adapter named `adapter_name`."""
         self.inject(adapter_name, config)
 
+    @exclusive
     def inject(self, adapter_name: str, config: DeltaConfig, weights: dict[str, torch.Tensor] | None = None,
                source: str = "weights") -> None:
         """Add an adapter and, if given, load `weights` (disk keys) into it. All or nothing: on any error
@@ -142,6 +181,7 @@ class DeltaModel(nn.Module):
                 self._replace(name, module)
             module.add(adapter_name, copy.deepcopy(module.original_module))
 
+    @exclusive
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make one adapter, or several (their updates sum in the given order), active and trainable."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -153,6 +193,7 @@ class DeltaModel(nn.Module):
             layer.active = list(names)
         self._refresh_trainable()
 
+    @exclusive
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
@@ -206,7 +247,12 @@ class DeltaModel(nn.Module):
     # ------------------------------------------------------------------ disable / merge / unload
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Inside, the model gives exactly the base model's output (merged adapters are unmerged)."""
+        """Inside, the model gives exactly the base model's output (merged adapters are unmerged).
+        Holds the model's lock: other threads wait until the block ends."""
+        with self._lock:
+            yield from self._disabled_block()
+
+    def _disabled_block(self):
         merged = {name: list(layer.merged) for name, layer in self.delta_layers() if isinstance(layer, DeltaLayer)}
         self.unmerge_adapter()
         for _, layer in self.delta_layers():
@@ -221,6 +267,7 @@ class DeltaModel(nn.Module):
                 if merged.get(name):
                     layer.merge(merged[name])
 
+    @exclusive
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights. With safe_merge every merged
         weight is computed and checked for NaN/inf before any is written, so a bad adapter raises
@@ -245,6 +292,7 @@ class DeltaModel(nn.Module):
             if todo:
                 layer.apply_merge(todo, weight)
 
+    @exclusive
     def unmerge_adapter(self) -> None:
         for _, layer in self.delta_layers():
             if isinstance(layer, DeltaLayer):
@@ -260,6 +308,7 @@ class DeltaModel(nn.Module):
         self.unmerge_adapter()
         return self._unload(keep_trained_heads=False)
 
+    @exclusive
     def _unload(self, keep_trained_heads: bool) -> nn.Module:
         for name, layer in list(self.delta_layers()):
             if isinstance(layer, DeltaLayer):
@@ -303,6 +352,7 @@ class DeltaModel(nn.Module):
             raise RuntimeError(f"only one prompt-style adapter can be active at a time; active: {self.active_adapters}")
         return found[0] if found else None
 
+    @exclusive
     def forward(self, *args, adapter_names: list[str] | None = None, task_ids: torch.Tensor | None = None,
                 **kwargs):
         """The wrapped model's forward; `adapter_names` gives one adapter (or "__base__") per sample and
@@ -311,6 +361,7 @@ class DeltaModel(nn.Module):
             hook = self._model_level()
             return hook.forward_model(self.model, *args, **kwargs) if hook else self.model(*args, **kwargs)
 
+    @exclusive
     def generate(self, *args, adapter_names: list[str] | None = None, task_ids: torch.Tensor | None = None,
                  **kwargs):
         with self._route(adapter_names, task_ids):
@@ -346,6 +397,7 @@ class DeltaModel(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     # ------------------------------------------------------------------ files (io/ owns the format)
+    @exclusive
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **kwargs) -> None:
         """Write each adapter in the Hugging Face PEFT layout ("default" at the top, others in subfolders)."""
         from ..io.adapter_files import save_adapters

@@ -41,24 +41,66 @@ class Routing:
         self.names: list[str] = []
         self.task_ids: torch.Tensor | None = None  # (batch,) for task-conditioned methods
 
+    def rows(self, rows: torch.Tensor, batch: int) -> "Routing":
+        """The per-sample data of some rows of a batch of `batch` (for adapters run on their own rows)."""
+        sub = Routing()
+        if self.task_ids is not None:
+            sub.task_ids = expand_per_sample(self.task_ids, batch)[rows]
+        return sub
+
     def index_for(self, batch: int) -> torch.Tensor:
         """The per-sample slots, expanded when generate() repeats samples (beams, num_return_sequences)."""
-        index = self.index
-        if index.shape[0] != batch:
-            if batch % index.shape[0]:
-                raise ValueError(f"adapter_names has {index.shape[0]} entries but a layer saw batch {batch}")
-            index = index.repeat_interleave(batch // index.shape[0])
-        return index
+        return expand_per_sample(self.index, batch)
 
 
-def read_weight(base: nn.Module) -> torch.Tensor:
-    """A float32 copy of the base weight, in the base's own layout (the one place merges read it)."""
-    return base.weight.detach().float().clone()
+def expand_per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-sample values for a batch that generate() may have repeated each sample in."""
+    if values.shape[0] == batch:
+        return values
+    if batch % values.shape[0]:
+        raise ValueError(f"{values.shape[0]} per-sample entries (adapter_names / task_ids) but a layer saw "
+                         f"batch {batch}")
+    return values.repeat_interleave(batch // values.shape[0])
+
+
+def _quant_backend(base: nn.Module):
+    """The quant/ backend storing `base`'s weight, or None. A plain tensor never imports quant/, so
+    float models do not load it (and core stays free of quantization libraries)."""
+    weight = base.weight
+    if type(weight) in (nn.Parameter, torch.Tensor):
+        return None
+    from ..quant import backend_for
+
+    return backend_for(base)
+
+
+def read_weight(base: nn.Module, copy: bool = True) -> torch.Tensor:
+    """The base weight in float, in the base's own layout (the one place merges and weight-reading
+    adapters read it). A quantized base is dequantized to a new float32 tensor. copy=True: a float32 copy
+    the caller may modify; copy=False: read-only use (a forward), a float weight comes back as it is."""
+    backend = _quant_backend(base)
+    if backend is not None:
+        return backend.dequantize(base)
+    weight = base.weight.detach()
+    return weight.float().clone() if copy else weight
 
 
 def write_weight(base: nn.Module, weight: torch.Tensor) -> None:
-    """Store a float32 weight back into the base, rounded once to its dtype."""
+    """Store a float32 weight back into the base, rounded once to its dtype; a quantized base is
+    requantized (quant/ warns with the rounding error it measured)."""
+    if _quant_backend(base) is not None:
+        from ..quant import requantize_weight
+
+        requantize_weight(base, weight)
+        return
     base.weight.data.copy_(weight.to(base.weight.dtype))
+
+
+def loftq_factors(weight: torch.Tensor, rank: int, scaling: float, loftq_config: dict | None):
+    """LoftQ init of an out-first float weight: (lora_A, lora_B, dequantized Q); see quant/loftq.py."""
+    from ..quant.loftq import loftq_factors as factors
+
+    return factors(weight, rank, scaling, loftq_config)
 
 
 class DeltaLayer(nn.Module):
@@ -74,6 +116,15 @@ class DeltaLayer(nn.Module):
         self.module_name = module_name
         self.routing = routing
         self.train(base_layer.training)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base module's weight: model code that reads `module.weight` (dtype checks) keeps working."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
 
     # ---------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
@@ -93,9 +144,10 @@ class DeltaLayer(nn.Module):
                 out = self._call(self.adapters[name], x, out)
         return out
 
-    def _call(self, adapter: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _call(self, adapter: nn.Module, x: torch.Tensor, out: torch.Tensor,
+              routing: Routing | None = None) -> torch.Tensor:
         if getattr(adapter, "uses_routing", False):
-            return adapter(x, out, self.base_layer, routing=self.routing)
+            return adapter(x, out, self.base_layer, routing=routing or self.routing)
         return adapter(x, out, self.base_layer)
 
     def _mixed_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -120,7 +172,7 @@ class DeltaLayer(nn.Module):
                 continue
             rows = (index == slot).nonzero().flatten()
             if rows.numel():
-                out[rows] = self._call(adapter, x[rows], base_out[rows])
+                out[rows] = self._call(adapter, x[rows], base_out[rows], self.routing.rows(rows, x.shape[0]))
         return out
 
     # ---------------------------------------------------------------- merge

@@ -237,7 +237,7 @@ class DeltaModel(nn.Module):
         mode = getattr(self.peft_config[adapter_name], "bias", "none")
         if mode == "none":
             return {}
-        if mode == "lora_only":
+        if mode.endswith("_only"):  # "lora_only", "vera_only": biases of the layers this adapter wraps
             return {f"{n}.base_layer.bias": layer.base_layer.bias for n, layer in self.delta_layers()
                     if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters
                     and getattr(layer.base_layer, "bias", None) is not None}

@@ -8,7 +8,10 @@ Update rule: delta W = s * B @ A, s = lora_alpha / r (rsLoRA, arXiv:2312.03732: 
 Init rule: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so the adapted model starts equal to the base
 ("gaussian": A ~ N(0, 1/r); embeddings: A = 0, B ~ N(0, 1)). PiSSA (arXiv:2404.02948) starts A, B at
 the top-r singular triplets of W and OLoRA (arXiv:2406.01775) at its QR factors; both move s*B@A out of
-W so the output is unchanged. DoRA (use_dora) lives in dora.py.
+W so the output is unchanged. LoftQ (arXiv:2310.08659, loftq_config={"loftq_bits", "loftq_iter"})
+picks the quantized W and A, B together (quant/loftq.py); W then holds dequant(Q). DoRA (use_dora) lives
+in dora.py. On a quantized base the forward adds to the quantized layer's own output and merges go
+through core's read_weight / write_weight (dequantize, requantize).
 
 One adapter module serves every base kind; its factors are stored "out-first" (HF PEFT's key names):
   Linear / Conv1D:  lora_A.weight (r, in)            lora_B.weight (out, r)
@@ -26,12 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
+from ..core.layer import loftq_factors, read_weight, write_weight
 from ..core.targeting import pattern_value
 from . import dora
 from .lora_ops import lora_linear
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian", "pissa", "olora")
+INIT_MODES = (True, False, "gaussian", "pissa", "olora", "loftq")
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -62,6 +66,7 @@ class LoraConfig(DeltaConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    loftq_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +83,12 @@ class LoraConfig(DeltaConfig):
         require(ok, "init_lora_weights", init, f"must be one of {INIT_MODES} or 'pissa_niter_N'")
         for name in ("rank_pattern", "alpha_pattern"):
             require(isinstance(getattr(self, name), dict), name, getattr(self, name), "must be a dict")
+        if not isinstance(self.loftq_config, dict):  # peft's LoftQConfig dataclass
+            self.loftq_config = dict(vars(self.loftq_config))
+        if init == "loftq":
+            bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
+            require(bits in (4, 8), "loftq_config['loftq_bits']", bits, "must be 4 or 8")
+            require(isinstance(iters, int) and iters >= 1, "loftq_config['loftq_iter']", iters, "must be >= 1")
         for key, value in self.rank_pattern.items():
             require(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}]", value, "must be > 0")
 
@@ -93,34 +104,41 @@ class LoraConfig(DeltaConfig):
         if self.changes_base_weights and kind != "linear":
             raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}: "
                                    f"init_lora_weights={self.init_lora_weights!r} supports linear layers only")
+        if self.changes_base_weights and not base.weight.is_floating_point():
+            raise DeltaConfigError(f"target module {module_name!r} is quantized: init_lora_weights="
+                                   f"{self.init_lora_weights!r} needs the float weights; initialize on the "
+                                   "float model, then quantize it")
 
     @property
     def changes_base_weights(self) -> bool:
-        return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(("pissa", "olora"))
+        return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(("pissa", "olora", "loftq"))
 
     def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> "LoraAdapter":
         r = pattern_value(self.rank_pattern, module_name, self.r)
         alpha = pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
         scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
         return LoraAdapter(base, r, scaling, self.lora_dropout, self.use_dora, self.init_lora_weights,
-                           self.fan_in_fan_out, module_name)
+                           self.fan_in_fan_out, module_name, self.loftq_config)
 
 
 class LoraAdapter(nn.Module):
     """One LoRA (optionally DoRA) adapter for one base module."""
 
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, use_dora: bool,
-                 init: bool | str, fan_in_fan_out: bool, module_name: str) -> None:
+                 init: bool | str, fan_in_fan_out: bool, module_name: str, loftq_config: dict | None = None) -> None:
         super().__init__()
         self.kind = base_kind(base)
         self.r, self.scaling, self.use_dora = r, scaling, use_dora
         # Transformers' Conv1D stores its weight as (in, out).
         self.fan_in_fan_out = fan_in_fan_out or type(base).__name__ == "Conv1D"
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = base.weight
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
+        self.loftq_config = loftq_config
+        weight = base.weight  # packed, not (out, in), when the base is quantized: shapes come from the module
+        compute = weight.dtype if weight.is_floating_point() else getattr(base, "compute_dtype", None)
+        factory = {"device": weight.device, "dtype": compute if isinstance(compute, torch.dtype) else torch.float32}
         if self.kind == "linear":
-            out_f, in_f = self._out_first(weight).shape
+            out_f, in_f = (base.out_features, base.in_features) if hasattr(base, "in_features") \
+                else self._out_first(weight).shape
             self.lora_A = nn.Linear(in_f, r, bias=False, **factory)
             self.lora_B = nn.Linear(r, out_f, bias=False, **factory)
         elif self.kind == "embedding":
@@ -133,7 +151,7 @@ class LoraAdapter(nn.Module):
             self.lora_B = conv(r, base.out_channels, 1, 1, bias=False, **factory)
         self._init(base, init, module_name)
         if use_dora:
-            norm = dora.channel_norm(self._out_first(weight.detach().float()) + self._delta_out_first().float())
+            norm = dora.channel_norm(self._out_first(read_weight(base)) + self._delta_out_first().float())
             # PEFT stores conv magnitudes as (1, out, 1, ...); keep its shape so files interchange.
             shape = (1, -1) + (1,) * (weight.dim() - 2) if self.kind == "conv" else (-1,)
             self.lora_magnitude_vector = nn.Parameter(norm.to(factory["dtype"]).reshape(shape))
@@ -178,6 +196,14 @@ class LoraAdapter(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        elif init == "loftq":
+            with torch.no_grad():
+                w = self._out_first(read_weight(base))  # (out, in)
+                a, b, quantized = loftq_factors(w, self.r, self.scaling, self.loftq_config)
+                self.lora_A.weight.copy_(a)
+                self.lora_B.weight.copy_(b)
+                write_weight(base, self._from_out_first(quantized))
+            return
         else:
             self._init_from_weight(base, init, module_name)
             return
@@ -186,8 +212,7 @@ class LoraAdapter(nn.Module):
     @torch.no_grad()
     def _init_from_weight(self, base: nn.Module, init: str, module_name: str) -> None:
         """PiSSA / OLoRA: factors from W itself; W keeps the residual W - s*B@A."""
-        weight = base.weight
-        w = self._out_first(weight.float())  # (out, in)
+        w = self._out_first(read_weight(base))  # (out, in)
         if init == "olora":
             q, upper = torch.linalg.qr(w)
             b, a = q[:, : self.r], upper[: self.r]
@@ -203,7 +228,7 @@ class LoraAdapter(nn.Module):
         self.lora_A.weight.copy_(a.contiguous())
         self.lora_B.weight.copy_(b.contiguous())
         residual = w - self.scaling * b @ a
-        weight.copy_(self._from_out_first(residual).to(weight.dtype))
+        write_weight(base, self._from_out_first(residual))
 
     # ---------------------------------------------------------------- forward
     def _lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -221,7 +246,7 @@ class LoraAdapter(nn.Module):
         lora_out = self._lora_out(dropped, base).to(base_out.dtype)
         if not self.use_dora:
             return base_out + lora_out
-        weight = self._out_first(base.weight)
+        weight = self._out_first(read_weight(base, copy=False))
         scale = dora.magnitude_scale(self.lora_magnitude_vector, weight, self._delta_out_first())
         channel_dim = 1 if self.kind == "conv" else -1
         if dropped is x:  # the base output minus its bias is W x already

@@ -5,20 +5,40 @@ from .core.layer import MergeError
 from .core.model import DeltaModel, get_peft_model
 from .io.adapter_files import AdapterFileError
 from . import methods  # noqa: F401  (registers every method)
+from .methods.adalora import AdaLoraConfig
+from .methods.boft import BOFTConfig
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
+from .methods.oft import OFTConfig
+from .methods.relora import ReLoraConfig, relora_lr_multiplier, to_cumulative_lora
+from .methods.ulora import ULoraConfig
+from .methods.vera import VeraConfig
+from .methods.xlora import XLoraConfig
 
 PeftModel = DeltaModel  # so `PeftModel.from_pretrained(base, dir)` snippets run unchanged
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterFileError",
+    "BOFTConfig",
     "DeltaConfig",
     "DeltaConfigError",
     "DeltaModel",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "MergeError",
+    "OFTConfig",
     "PeftModel",
+    "ReLoraConfig",
     "TaskType",
+    "ULoraConfig",
+    "VeraConfig",
+    "XLoraConfig",
     "get_peft_model",
     "registered_methods",
+    "relora_lr_multiplier",
+    "to_cumulative_lora",
 ]
 __version__ = "0.1.0"

@@ -5,7 +5,13 @@ from .core.layer import MergeError
 from .core.model import DeltaModel, get_peft_model
 from .io.adapter_files import AdapterFileError
 from . import methods  # noqa: F401  (registers every method)
+from .compose.fusion import AdapterFusionConfig, add_fusion, stack_adapters
 from .methods.adalora import AdaLoraConfig
+from .methods.bitfit import BitFitConfig
+from .methods.bottleneck import BottleneckConfig
+from .methods.child_tuning import ChildTuningConfig, estimate_fisher_mask
+from .methods.ia3 import IA3Config
+from .methods.ln_tuning import LNTuningConfig
 from .methods.boft import BOFTConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
@@ -21,10 +27,16 @@ PeftModel = DeltaModel  # so `PeftModel.from_pretrained(base, dir)` snippets run
 __all__ = [
     "AdaLoraConfig",
     "AdapterFileError",
+    "AdapterFusionConfig",
     "BOFTConfig",
+    "BitFitConfig",
+    "BottleneckConfig",
+    "ChildTuningConfig",
     "DeltaConfig",
     "DeltaConfigError",
     "DeltaModel",
+    "IA3Config",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
@@ -36,9 +48,12 @@ __all__ = [
     "ULoraConfig",
     "VeraConfig",
     "XLoraConfig",
+    "add_fusion",
+    "estimate_fisher_mask",
     "get_peft_model",
     "registered_methods",
     "relora_lr_multiplier",
+    "stack_adapters",
     "to_cumulative_lora",
 ]
 __version__ = "0.1.0"

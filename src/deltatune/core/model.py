@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing
-from .targeting import candidate_modules, name_matches, select_targets
+from .targeting import adaptable_modules, canonical_name, canonical_param_name, name_matches, select_targets
 
 WRAPPER_TYPES = (DeltaLayer, ModulesToSave)
 
@@ -104,12 +104,16 @@ class DeltaModel(nn.Module):
                 yield name, module
 
     def _candidates(self) -> list[tuple[str, nn.Module]]:
-        prefixes = tuple(name + "." for name, _ in self.delta_layers())
-        return list(candidate_modules(self.model, lambda n, m: bool(prefixes) and n.startswith(prefixes)))
+        return adaptable_modules(self.model, WRAPPER_TYPES)
 
     def _replace(self, name: str, new: nn.Module) -> None:
+        """Put `new` at the real (wrapper-aware) path `name`."""
         parent_name, _, child = name.rpartition(".")
         setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, new)
+
+    def _swap(self, old: nn.Module, new: nn.Module) -> None:
+        """Put `new` where `old` sits, wherever wrapping has moved it."""
+        self._replace(next(n for n, m in self.model.named_modules() if m is old), new)
 
     @property
     def active_adapter(self) -> str:
@@ -154,7 +158,7 @@ class DeltaModel(nn.Module):
                 layer = modules[name]
                 if not isinstance(layer, DeltaLayer):
                     layer = DeltaLayer(layer, self._routing, name)
-                    self._replace(name, layer)
+                    self._swap(layer.base_layer, layer)
                 layer.add(adapter_name, adapter)
             self._add_modules_to_save(adapter_name, config.modules_to_save or [], candidates)
             self.peft_config[adapter_name] = config
@@ -178,7 +182,7 @@ class DeltaModel(nn.Module):
                 continue
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(module, self._routing, name)
-                self._replace(name, module)
+                self._swap(module.original_module, module)
             module.add(adapter_name, copy.deepcopy(module.original_module))
 
     @exclusive
@@ -233,16 +237,17 @@ class DeltaModel(nn.Module):
                 param.requires_grad_(True)
 
     def bias_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
-        """The base biases adapter `adapter_name` trains (its config's `bias`), by name in the model."""
+        """The base biases adapter `adapter_name` trains (its config's `bias`), by canonical name."""
         mode = getattr(self.peft_config[adapter_name], "bias", "none")
         if mode == "none":
             return {}
         if mode.endswith("_only"):  # "lora_only", "vera_only": biases of the layers this adapter wraps
-            return {f"{n}.base_layer.bias": layer.base_layer.bias for n, layer in self.delta_layers()
+            return {f"{canonical_name(n)}.base_layer.bias": layer.base_layer.bias for n, layer in self.delta_layers()
                     if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters
                     and getattr(layer.base_layer, "bias", None) is not None}
         skip = (".adapters.", ".copies.", ".original_module.")
-        return {n: p for n, p in self.model.named_parameters() if n.endswith("bias") and not any(s in n for s in skip)}
+        return {canonical_param_name(n): p for n, p in self.model.named_parameters()
+                if n.endswith("bias") and not any(s in n for s in skip)}
 
     # ------------------------------------------------------------------ disable / merge / unload
     @contextlib.contextmanager

@@ -55,11 +55,42 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def candidate_modules(model: nn.Module, skip: Callable[[str, nn.Module], bool]) -> Iterable[tuple[str, nn.Module]]:
-    """Named modules that could be adapted; `skip` prunes wrappers' internals."""
+def canonical_name(path: str) -> str:
+    """A module's name as the user's model and the file format know it: the path without the
+    `.base_layer` hops that wrapping an enclosing block (a bottleneck on `mlp`) put into it."""
+    return path.replace(".base_layer.", ".")
+
+
+def canonical_param_name(name: str) -> str:
+    """As canonical_name for a parameter; a wrapped layer's own `base_layer.bias` keeps its hop (PEFT's key)."""
+    owner, _, leaf = name.rpartition(".")
+    if owner.endswith(".base_layer"):
+        return f"{canonical_name(owner.removesuffix('.base_layer'))}.base_layer.{leaf}"
+    return f"{canonical_name(owner)}.{leaf}"
+
+
+WRAPPER_INTERNALS = ("adapters", "copies", "original_module", "base_layer")
+
+
+def adaptable_modules(model: nn.Module, wrapper_types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+    """(canonical name, module) for every module a config may target. A wrapper stands for the module it
+    wraps; its adapters and copies are skipped; modules inside a wrapped block stay reachable."""
+    found, wrappers, hidden = [], set(), set()
     for name, module in model.named_modules():
-        if name and not skip(name, module):
-            yield name, module
+        if not name:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        if parent in hidden:
+            hidden.add(name)
+            continue
+        if parent in wrappers and leaf in WRAPPER_INTERNALS:
+            if leaf != "base_layer":  # the wrapped module's children stay visible
+                hidden.add(name)
+            continue
+        if isinstance(module, wrapper_types):
+            wrappers.add(name)
+        found.append((canonical_name(name), module))
+    return found
 
 
 def select_targets(model: nn.Module, config: DeltaConfig, modules: list[tuple[str, nn.Module]],

@@ -2,6 +2,7 @@
 
 Runtime (inside DeltaModel.model)             On disk
 <path>.adapters.<adapter>.<local>       <->   base_model.model.<path>.<local>      (lora_A.weight, ...)
+(<path> without the `.base_layer` hops of an enclosing wrapped block: targeting.canonical_name)
 <path>.copies.<adapter>.<param>         <->   base_model.model.<path>.<param>      (modules_to_save)
 <path>.base_layer.bias / <path>.bias    <->   base_model.model.<same>              (bias="all"/"lora_only")
 model_adapters.<adapter>.<local>        <->   <its disk_prefix><local>             (prompt_embeddings, ...)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..core.layer import DeltaLayer
+from ..core.targeting import canonical_name
 
 DISK_PREFIX = "base_model.model."
 
@@ -27,7 +29,7 @@ def adapter_slots(model, adapter_name: str) -> dict[str, torch.Tensor]:
         if adapter_name not in owned:
             continue
         for local, tensor in owned[adapter_name].state_dict(keep_vars=True).items():
-            slots[f"{DISK_PREFIX}{path}.{local}"] = tensor
+            slots[f"{DISK_PREFIX}{canonical_name(path)}.{local}"] = tensor
     for name, param in model.bias_parameters(adapter_name).items():
         slots[f"{DISK_PREFIX}{name}"] = param
     if adapter_name in model.model_adapters:
@@ -41,7 +43,7 @@ def adapter_slots(model, adapter_name: str) -> dict[str, torch.Tensor]:
 def base_weight_slots(model, adapter_name: str) -> dict[str, torch.Tensor]:
     """Full base weights of adapted embeddings, which `peft` saves beside embedding adapters; accepted on
     load (copied into the base), never required."""
-    return {f"{DISK_PREFIX}{path}.base_layer.weight": layer.base_layer.weight
+    return {f"{DISK_PREFIX}{canonical_name(path)}.base_layer.weight": layer.base_layer.weight
             for path, layer in model.delta_layers()
             if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters
             and isinstance(layer.base_layer, torch.nn.Embedding)}

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import DeltaConfig, register_method, require
-from ..core.layer import DeltaLayer
-from ..core.targeting import candidate_modules, select_targets
+from ..core.layer import DeltaLayer, ModulesToSave
+from ..core.targeting import adaptable_modules, select_targets
+
+WRAPPER_TYPES = (DeltaLayer, ModulesToSave)
 
 
 def is_linear(base: nn.Module) -> bool:
@@ -44,10 +46,8 @@ def out_in_features(base: nn.Module) -> tuple[int, int]:
 
 
 def target_bases(model: nn.Module, config: DeltaConfig) -> dict[str, nn.Module]:
-    """{name: base module} of the modules `config` will adapt, computed as DeltaModel does (already
-    wrapped modules count as their base layer; wrappers' internals are skipped)."""
-    wrapped = tuple(n + "." for n, m in model.named_modules() if isinstance(m, DeltaLayer))
-    candidates = list(candidate_modules(model, lambda n, m: bool(wrapped) and n.startswith(wrapped)))
+    """{name: base module} of the modules `config` will adapt, found as DeltaModel finds them."""
+    candidates = adaptable_modules(model, WRAPPER_TYPES)
     modules = dict(candidates)
     names = select_targets(model, config, candidates,
                            lambda m: is_linear(m.base_layer if isinstance(m, DeltaLayer) else m))

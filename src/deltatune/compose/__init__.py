@@ -1,0 +1,1 @@
+"""Combining adapters: weighted merges, fusion and stacking, proxy-tuning (one module per technique)."""

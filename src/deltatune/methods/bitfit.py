@@ -1,0 +1,132 @@
+"""BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked Language-models
+(Ben Zaken et al. 2021, arXiv:2106.10199).
+
+Update rule: only bias terms train. Each adapted layer gets its own delta bias d (one per output
+channel) added to the layer's output:  out = base(x) + d  =  W x + (b + d).
+Init rule: d = 0, so the adapted model starts equal to the base.
+
+Keeping the trained part as a delta (rather than training b in place) lets several BitFit adapters live
+on one model, switch, mix per sample and be disabled like any other adapter. Merging adds d into the
+base layer's bias; a layer without one (Llama's linear layers, `add_missing_bias=True`) gets a new bias
+parameter at merge time, removed again on unmerge. A plain model saved after `merge_and_unload` then
+carries `*.bias` tensors its Transformers config does not expect (`attention_bias=False`, ...).
+
+Shapes: Linear / Transformers Conv1D: d (out_features,); LayerNorm: d (normalized_shape); Conv{1,2,3}d:
+d (out_channels,), added along the channel axis. The task head trains in full through `modules_to_save`
+(or `task_type="SEQ_CLS"`, which adds the classifier head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
+from ..core.layer import MergeError
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def out_shape(base: nn.Module) -> tuple[int, ...] | None:
+    """The shape of `base`'s bias, or None when BitFit cannot adapt this kind of layer."""
+    if isinstance(base, nn.Linear):
+        return (base.out_features,)
+    if type(base).__name__ == "Conv1D":  # Transformers' GPT-2 layer, weight (in, out)
+        return (base.weight.shape[1],)
+    if isinstance(base, nn.LayerNorm) and base.weight is not None:
+        return tuple(base.normalized_shape)
+    if isinstance(base, CONV_TYPES):
+        return (base.out_channels,)
+    return None
+
+
+def float_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype of `base`'s bias: its weight's, or a quantized layer's compute dtype."""
+    weight = base.weight
+    compute = weight.dtype if weight.is_floating_point() else getattr(base, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) else torch.float32
+
+
+@register_method
+@dataclass
+class BitFitConfig(DeltaConfig):
+    """BitFit with per-adapter delta biases.
+
+    Args:
+        target_modules: layers whose bias trains. Default "all-linear" (every linear layer but the
+            output head); list names to include norm layers too, e.g. BERT's
+            ["query", "key", "value", "dense", "LayerNorm"].
+        add_missing_bias: give layers without a bias a zero-initialised trainable one; when False such a
+            target is an error that names it.
+    """
+
+    peft_type = "BITFIT"
+    add_missing_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.target_modules is None:
+            self.target_modules = "all-linear"
+        super().__post_init__()
+        require(isinstance(self.add_missing_bias, bool), "add_missing_bias", self.add_missing_bias, "must be a bool")
+
+    def supports(self, base: nn.Module) -> bool:
+        return out_shape(base) is not None
+
+    def validate_target(self, base: nn.Module, module_name: str) -> None:
+        if not self.supports(base):
+            raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}; BitFit adapts "
+                                   "Linear, Transformers Conv1D, LayerNorm and Conv1d/2d/3d layers")
+        if getattr(base, "bias", None) is None and not self.add_missing_bias:
+            raise DeltaConfigError(f"target module {module_name!r} has no bias; set add_missing_bias=True to give "
+                                   "it a zero-initialised trainable one, or leave it out of target_modules")
+
+    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> "BitFitAdapter":
+        return BitFitAdapter(base)
+
+
+class BitFitAdapter(nn.Module):
+    """One delta bias for one layer."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.channel_dim = 1 if isinstance(base, CONV_TYPES) else -1
+        factory = {"dtype": float_dtype(base), "device": base.weight.device}
+        self.bitfit_bias = nn.Parameter(torch.zeros(out_shape(base), **factory))
+        self._created_bias = False  # whether a merge gave the base its bias (removed again on unmerge)
+
+    def _broadcast(self, out: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim == -1:
+            return self.bitfit_bias
+        shape = [1] * out.dim()
+        shape[1] = -1  # (out_channels, 1, ...) for a conv's (batch, channels, *spatial) output
+        return self.bitfit_bias.view(shape)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        return base_out + self._broadcast(base_out).to(base_out.dtype)
+
+    # ------------------------------------------------------------ merge: into the base bias
+    # The core plans and writes `weight` only: the weight is returned unchanged and the bias is written
+    # here, after a finiteness check.
+    def merged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.bitfit_bias.detach()
+        if not torch.isfinite(delta).all():
+            raise MergeError("BitFit merge would write a NaN/inf bias; nothing was written")
+        if base.bias is None:
+            base.bias = nn.Parameter(torch.zeros_like(delta, dtype=float_dtype(base)), requires_grad=False)
+            self._created_bias = True
+        base.bias.data.copy_((base.bias.detach().float() + delta.float()).to(base.bias.dtype))
+        return weight
+
+    def unmerged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        if self._created_bias:
+            base.bias = None
+            self._created_bias = False
+        else:
+            restored = base.bias.detach().float() - self.bitfit_bias.detach().float()
+            base.bias.data.copy_(restored.to(base.bias.dtype))
+        return weight
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.bitfit_bias.shape)}"

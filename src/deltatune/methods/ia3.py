@@ -1,0 +1,165 @@
+"""IA3: Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning
+(Liu et al. 2022, arXiv:2205.05638), "(IA)^3: Infused Adapter by Inhibiting and Amplifying Inner Activations".
+
+Update rule: a learned vector l rescales activations elementwise.
+    attention keys / values (and any other target):  out = l * (W x + b)      l: (out, 1)
+    feed-forward modules (`feedforward_modules`):    out = W (l * x) + b      l: (1, in)
+Init rule: l = 1, so the adapted model starts equal to the base (`init_ia3_weights=False`: l ~ N(0, 1)).
+
+Merge is multiplicative, not additive: W' = W * l on the output rows (and b' = b * l) or on the input
+columns for feed-forward modules; unmerge divides. Files interchange with Hugging Face PEFT: one tensor
+`ia3_l` per module, shaped as above; Transformers' Conv1D (weight stored (in, out)) is recognised by its
+type, as PEFT does (`fan_in_fan_out` is kept for its files). Layers: nn.Linear (quantized ones too) and
+Conv1D. Feed-forward modules are matched with PEFT's rule (a list entry matches a name that ends with it,
+no dot needed), so both libraries give each tensor the same shape.
+
+Several IA3 adapters active on one layer: output scalings multiply (as merged); input scalings of
+feed-forward modules add their first-order terms, W((l1 + l2 - 1) x), since each adapter only sees the
+output of the one before it (the merged weight uses the product l1 * l2; both agree to first order).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
+from ..core.layer import MergeError
+
+# Hugging Face PEFT's default IA3 targets for Llama, GPT-2, BERT and T5 in one list: a name only
+# matches in the architecture that has it, so the union works on each of them unchanged.
+DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj", "c_attn", "mlp.c_proj", "key", "value", "output.dense",
+                   "k", "v", "wo"]
+DEFAULT_FEEDFORWARD = ["down_proj", "mlp.c_proj", "output.dense", "wo"]
+
+
+def is_conv1d(base: nn.Module) -> bool:
+    return type(base).__name__ == "Conv1D"  # Transformers' GPT-2 layer, weight (in, out)
+
+
+def float_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype adapters for `base` use: its weight's, or a quantized layer's compute dtype."""
+    weight = base.weight
+    compute = weight.dtype if weight.is_floating_point() else getattr(base, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) else torch.float32
+
+
+def is_feedforward(patterns: list[str] | str | None, module_name: str) -> bool:
+    """PEFT's rule, kept so that files agree on each tensor's shape: a regex must match the whole name;
+    a list entry matches when the name ends with it."""
+    import re
+
+    if not patterns:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, module_name) is not None
+    return any(module_name.endswith(p) for p in patterns)
+
+
+@register_method
+@dataclass
+class IA3Config(DeltaConfig):
+    """IA3 learned scaling vectors; field names as in Hugging Face PEFT's IA3Config."""
+
+    peft_type = "IA3"
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.target_modules is None:
+            self.target_modules = list(DEFAULT_TARGETS)
+            if self.feedforward_modules is None:
+                self.feedforward_modules = list(DEFAULT_FEEDFORWARD)
+        super().__post_init__()
+        ff = self.feedforward_modules
+        require(ff is None or isinstance(ff, str) or all(isinstance(p, str) for p in ff),
+                "feedforward_modules", ff, "must be a string (regex) or a list of strings")
+        if ff is not None and not isinstance(ff, str):
+            self.feedforward_modules = list(ff)
+        # PEFT's rule: with both given as lists, every feed-forward module must also be a target
+        if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            require(not extra, "feedforward_modules", self.feedforward_modules,
+                    f"must be a subset of target_modules; not targeted: {extra}")
+        require(isinstance(self.init_ia3_weights, bool), "init_ia3_weights", self.init_ia3_weights, "must be a bool")
+
+    def to_dict(self) -> dict:
+        # PEFT's config for this method has no layer selection; leave the unset fields out of the file
+        data = super().to_dict()
+        for key in ("layers_to_transform", "layers_pattern"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+    def supports(self, base: nn.Module) -> bool:
+        return isinstance(base, nn.Linear) or is_conv1d(base)
+
+    def validate_target(self, base: nn.Module, module_name: str) -> None:
+        if not self.supports(base):
+            raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}; IA3 adapts "
+                                   "nn.Linear and Transformers Conv1D layers")
+
+    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> "IA3Adapter":
+        return IA3Adapter(base, is_feedforward(self.feedforward_modules, module_name), self.init_ia3_weights)
+
+
+class IA3Adapter(nn.Module):
+    """One IA3 scaling vector for one Linear / Conv1D layer."""
+
+    def __init__(self, base: nn.Module, feedforward: bool, init_ones: bool) -> None:
+        super().__init__()
+        self.feedforward = feedforward
+        self.transposed = is_conv1d(base)  # Conv1D stores (in, out)
+        # a quantized base's weight is packed: shapes come from the module, the dtype from its compute dtype
+        out_f, in_f = (base.out_features, base.in_features) if isinstance(base, nn.Linear) \
+            else self._out_first(base.weight).shape
+        factory = {"dtype": float_dtype(base), "device": base.weight.device}
+        shape = (1, in_f) if feedforward else (out_f, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, **factory) if init_ones else torch.randn(shape, **factory))
+
+    def _out_first(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.transposed else weight
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        scale = self.ia3_l.flatten()
+        if not self.feedforward:
+            return (base_out * scale).to(base_out.dtype)
+        # W (l * x) + b = base_out + W ((l - 1) * x): the base layer's own forward (so a quantized base
+        # works as it is), minus the bias it adds a second time.
+        extra = base(((scale - 1) * x.to(scale.dtype)).to(x.dtype))
+        if getattr(base, "bias", None) is not None:
+            extra = extra - base.bias
+        return base_out + extra.to(base_out.dtype)
+
+    # ------------------------------------------------------------ merge: multiply in, divide out
+    def _weight_scale(self) -> torch.Tensor:
+        """l shaped to multiply the out-first (out, in) weight."""
+        return self.ia3_l.detach().float().reshape(1, -1) if self.feedforward else \
+            self.ia3_l.detach().float().reshape(-1, 1)
+
+    def _scale_bias(self, base: nn.Module, factor: torch.Tensor) -> None:
+        # The core plans and writes `weight` only, so the bias is scaled here, once the merged weight
+        # is known to be finite; it is checked before it is written.
+        if self.feedforward or getattr(base, "bias", None) is None:
+            return
+        bias = base.bias.detach().float() * factor.reshape(-1)
+        if not torch.isfinite(bias).all():
+            raise MergeError("IA3 merge gives a NaN/inf bias; nothing was written")
+        base.bias.data.copy_(bias.to(base.bias.dtype))
+
+    def merged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        merged = self._out_first(self._out_first(weight) * self._weight_scale())
+        if torch.isfinite(merged).all():
+            self._scale_bias(base, self._weight_scale())
+        return merged
+
+    def unmerged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        self._scale_bias(base, 1 / self._weight_scale())
+        return self._out_first(self._out_first(weight) / self._weight_scale())
+
+    def extra_repr(self) -> str:
+        return f"feedforward={self.feedforward}, shape={tuple(self.ia3_l.shape)}"

@@ -11,7 +11,11 @@ from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.child_tuning import ChildTuningConfig, estimate_fisher_mask
 from .methods.ia3 import IA3Config
+from .methods.llama_adapter import AdaptionPromptConfig
 from .methods.ln_tuning import LNTuningConfig
+from .methods.prefix import PrefixTuningConfig
+from .methods.prompt import PromptTuningConfig
+from .methods.ptuning import PromptEncoderConfig
 from .methods.boft import BOFTConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
@@ -28,6 +32,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterFileError",
     "AdapterFusionConfig",
+    "AdaptionPromptConfig",
     "BOFTConfig",
     "BitFitConfig",
     "BottleneckConfig",
@@ -43,6 +48,9 @@ __all__ = [
     "MergeError",
     "OFTConfig",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "ReLoraConfig",
     "TaskType",
     "ULoraConfig",

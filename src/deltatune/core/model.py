@@ -339,6 +339,11 @@ class DeltaModel(nn.Module):
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; adapters: {list(self.peft_config)}")
         names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
+        prompts = [n for n in set(names) | set(self.active_adapters)
+                   if n in self.model_adapters and hasattr(self.model_adapters[n], "forward_model")]
+        if prompts:
+            raise ValueError(f"adapters {sorted(prompts)} act on the whole model (prompts) and cannot be mixed "
+                             "per sample with adapter_names; run them in their own batch")
         slots = [names.index(n) if n != BASE_ADAPTER else -1 for n in adapter_names]
         device = next(self.model.parameters()).device
         self._routing.names, self._routing.index = names, torch.tensor(slots, device=device)

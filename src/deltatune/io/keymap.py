@@ -24,12 +24,15 @@ DISK_PREFIX = "base_model.model."
 def adapter_slots(model, adapter_name: str) -> dict[str, torch.Tensor]:
     """{disk key: live parameter or buffer} for every tensor adapter `adapter_name` saves."""
     slots: dict[str, torch.Tensor] = {}
+    # PEFT writes the task heads of prompt-learning methods as base_model.<head>, not base_model.model.<head>
+    head_prefix = getattr(model.peft_config[adapter_name], "head_key_prefix", DISK_PREFIX)
     for path, layer in model.delta_layers():
         owned = layer.adapters if isinstance(layer, DeltaLayer) else layer.copies
         if adapter_name not in owned:
             continue
+        prefix = DISK_PREFIX if isinstance(layer, DeltaLayer) else head_prefix
         for local, tensor in owned[adapter_name].state_dict(keep_vars=True).items():
-            slots[f"{DISK_PREFIX}{canonical_name(path)}.{local}"] = tensor
+            slots[f"{prefix}{canonical_name(path)}.{local}"] = tensor
     for name, param in model.bias_parameters(adapter_name).items():
         slots[f"{DISK_PREFIX}{name}"] = param
     if adapter_name in model.model_adapters:

@@ -5,7 +5,10 @@ from .core.layer import MergeError
 from .core.model import DeltaModel, get_peft_model
 from .io.adapter_files import AdapterFileError
 from . import methods  # noqa: F401  (registers every method)
+from .compose.extract import convert_to_lora, extract_lora, extract_lora_from_finetune
 from .compose.fusion import AdapterFusionConfig, add_fusion, stack_adapters
+from .compose.hotswap import hotswap_adapter, prepare_model_for_hotswap
+from .compose.proxy import ProxyTuningLogitsProcessor, proxy_generate
 from .methods.adalora import AdaLoraConfig
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
@@ -49,6 +52,7 @@ __all__ = [
     "OFTConfig",
     "PeftModel",
     "PrefixTuningConfig",
+    "ProxyTuningLogitsProcessor",
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "ReLoraConfig",
@@ -57,8 +61,14 @@ __all__ = [
     "VeraConfig",
     "XLoraConfig",
     "add_fusion",
+    "convert_to_lora",
     "estimate_fisher_mask",
+    "extract_lora",
+    "extract_lora_from_finetune",
     "get_peft_model",
+    "hotswap_adapter",
+    "prepare_model_for_hotswap",
+    "proxy_generate",
     "registered_methods",
     "relora_lr_multiplier",
     "stack_adapters",

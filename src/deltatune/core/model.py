@@ -324,6 +324,16 @@ class DeltaModel(nn.Module):
             param.requires_grad_(True)
         return self.model
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             density: float | None = None, majority_sign_method: str = "total") -> None:
+        """Add adapter `adapter_name` combining `adapters` with `weights` (compose/weighted.py)."""
+        from ..compose.weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, density, majority_sign_method)
+
     # ------------------------------------------------------------------ forward / generate
     @contextlib.contextmanager
     def _route(self, adapter_names: list[str] | None, task_ids: torch.Tensor | None = None):

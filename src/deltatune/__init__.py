@@ -10,6 +10,7 @@ from .compose.fusion import AdapterFusionConfig, add_fusion, stack_adapters
 from .compose.hotswap import hotswap_adapter, prepare_model_for_hotswap
 from .compose.proxy import ProxyTuningLogitsProcessor, proxy_generate
 from .methods.adalora import AdaLoraConfig
+from .quant import dequantize, quantize
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.child_tuning import ChildTuningConfig, estimate_fisher_mask
@@ -62,6 +63,7 @@ __all__ = [
     "XLoraConfig",
     "add_fusion",
     "convert_to_lora",
+    "dequantize",
     "estimate_fisher_mask",
     "extract_lora",
     "extract_lora_from_finetune",
@@ -69,6 +71,7 @@ __all__ = [
     "hotswap_adapter",
     "prepare_model_for_hotswap",
     "proxy_generate",
+    "quantize",
     "registered_methods",
     "relora_lr_multiplier",
     "stack_adapters",

@@ -48,6 +48,7 @@ class DeltaConfig:
 
     peft_type: ClassVar[str] = ""
     targets_layers: ClassVar[bool] = True  # False for methods that only act at model level (soft prompts)
+    supports_quantized: ClassVar[bool] = True  # False: refuse a quantized base (reads W in full)
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
@@ -91,6 +92,12 @@ class DeltaConfig:
         if not self.supports(base):
             raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}, which "
                                    f"{self.peft_type} does not support")
+        if not self.supports_quantized:
+            from .layer import is_quantized
+
+            if is_quantized(base):
+                raise DeltaConfigError(f"target module {module_name!r} is quantized, and {self.peft_type} "
+                                       "does not support quantized bases; adapt the float model instead")
 
     @property
     def changes_base_weights(self) -> bool:

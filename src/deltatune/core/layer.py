@@ -74,6 +74,11 @@ def _quant_backend(base: nn.Module):
     return backend_for(base)
 
 
+def is_quantized(base: nn.Module) -> bool:
+    """Whether the base module stores its weight quantized (through quant/)."""
+    return hasattr(base, "weight") and _quant_backend(base) is not None
+
+
 def read_weight(base: nn.Module, copy: bool = True) -> torch.Tensor:
     """The base weight in float, in the base's own layout (the one place merges and weight-reading
     adapters read it). A quantized base is dequantized to a new float32 tensor. copy=True: a float32 copy

@@ -303,8 +303,15 @@ class DeltaModel(nn.Module):
             if isinstance(layer, DeltaLayer):
                 layer.unmerge()
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge the adapters into the base and return the plain model (trained heads kept)."""
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                         dequantize: bool = False) -> nn.Module:
+        """Merge the adapters into the base and return the plain model (trained heads kept). With
+        `dequantize`, a quantized base is turned back into float first, so the merge loses nothing to
+        requantization (a float export)."""
+        if dequantize:
+            from ..quant import dequantize as to_float
+
+            to_float(self.model)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._unload(keep_trained_heads=True)
 
@@ -321,7 +328,8 @@ class DeltaModel(nn.Module):
             else:
                 self._replace(name, layer.current() if keep_trained_heads else layer.original_module)
         for param in self.model.parameters():
-            param.requires_grad_(True)
+            if param.is_floating_point():  # quantized storage cannot require grad
+                param.requires_grad_(True)
         return self.model
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,

@@ -80,6 +80,7 @@ class BOFTConfig(DeltaConfig):
     """BOFT settings; field names as in Hugging Face PEFT's BOFTConfig."""
 
     peft_type = "BOFT"
+    supports_quantized = False  # reads the full base weight
     boft_block_size: int = 4
     boft_block_num: int = 0
     boft_n_butterfly_factor: int = 1

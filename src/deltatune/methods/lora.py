@@ -22,6 +22,7 @@ One adapter module serves every base kind; its factors are stored "out-first" (H
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,11 @@ from .lora_ops import lora_linear
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "pissa", "olora", "loftq")
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def init_needs_float(init: bool | str, base: nn.Module) -> bool:
+    """PiSSA / OLoRA factor W itself, so they refuse a quantized (non-float) base weight."""
+    return isinstance(init, str) and init != "loftq" and not base.weight.is_floating_point()
 
 
 def base_kind(base: nn.Module) -> str | None:
@@ -104,7 +110,7 @@ class LoraConfig(DeltaConfig):
         if self.changes_base_weights and kind != "linear":
             raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}: "
                                    f"init_lora_weights={self.init_lora_weights!r} supports linear layers only")
-        if self.changes_base_weights and not base.weight.is_floating_point():
+        if self.changes_base_weights and init_needs_float(self.init_lora_weights, base):
             raise DeltaConfigError(f"target module {module_name!r} is quantized: init_lora_weights="
                                    f"{self.init_lora_weights!r} needs the float weights; initialize on the "
                                    "float model, then quantize it")
@@ -196,6 +202,12 @@ class LoraAdapter(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         elif init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        elif init == "loftq" and not base.weight.is_floating_point():
+            # A quantized base has no float W to start from (loading a saved LoftQ adapter lands here too,
+            # and replaces A and B): start as QLoRA does, and say so.
+            warnings.warn("init_lora_weights='loftq' on an already quantized base starts at B = 0 (plain "
+                          "QLoRA); for LoftQ, initialize on the float model, then quantize it", stacklevel=2)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         elif init == "loftq":
             with torch.no_grad():
                 w = self._out_first(read_weight(base))  # (out, in)

@@ -4,6 +4,7 @@ between runs; only the ratios are meant to be compared."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -11,6 +12,18 @@ import sys
 import time
 
 import torch
+
+
+def shape_args(description: str) -> tuple[argparse.Namespace, list[str]]:
+    """The flags every benchmark takes (--worker, --steps, --batch, --seq) and the shape flags to pass on
+    to its workers."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--worker", nargs="*")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+    return args, ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
 
 
 def peak_rss_gb() -> float:

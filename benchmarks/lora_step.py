@@ -10,12 +10,11 @@ deltatune / peft, for dropout 0.05, dropout 0, and DoRA.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
-from common import load_smollm2, peak_rss_gb, run_worker, timed, token_batch
+from common import shape_args, load_smollm2, peak_rss_gb, run_worker, timed, token_batch
 
 
 def build(setup: str, dropout: float, dora: bool):
@@ -53,17 +52,11 @@ def worker(setup: str, dropout: float, dora: bool, batch: int, seq: int, steps: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", nargs="*")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    args = parser.parse_args()
+    args, shape = shape_args(__doc__)
     if args.worker:
         setup, dropout, dora = args.worker[0], float(args.worker[1]), args.worker[2] == "1"
         print(json.dumps(worker(setup, dropout, dora, args.batch, args.seq, args.steps)))
         return
-    shape = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
     floor = run_worker(__file__, ["floor", "0", "0", *shape])
     print(f"floor: {floor['seconds']:.2f} s/step, peak RSS {floor['rss_gb']:.2f} GB "
           f"(batch {args.batch} x {args.seq}, {args.steps} steps)")

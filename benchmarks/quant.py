@@ -13,11 +13,10 @@ deltatune loads the float model and then quantizes it, so its load-time peak is 
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
-from common import load_smollm2, peak_rss_gb, run_worker, timed, token_batch
+from common import shape_args, load_smollm2, peak_rss_gb, run_worker, timed, token_batch
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 
@@ -93,16 +92,10 @@ def worker(setup: str, batch: int, seq: int, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", nargs="*")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    args = parser.parse_args()
+    args, shape = shape_args(__doc__)
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.batch, args.seq, args.steps)))
         return
-    shape = ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
     results = {s: run_worker(__file__, [s, *shape])
                for s in ("deltatune-lora", "deltatune-qlora", "peft-lora", "peft-qlora")}
     float_bytes = results["deltatune-lora"]["weight_bytes"]

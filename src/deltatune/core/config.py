@@ -49,6 +49,7 @@ class DeltaConfig:
     peft_type: ClassVar[str] = ""
     targets_layers: ClassVar[bool] = True  # False for methods that only act at model level (soft prompts)
     supports_quantized: ClassVar[bool] = True  # False: refuse a quantized base (reads W in full)
+    saves_layer_selection: ClassVar[bool] = True  # False: unset layers_to_transform/pattern stay out of files
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
@@ -124,6 +125,10 @@ class DeltaConfig:
     # -- (de)serialisation with PEFT's field names --------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if not self.saves_layer_selection:  # PEFT's config for the method has no such fields
+            for key in ("layers_to_transform", "layers_pattern"):
+                if out.get(key) is None:
+                    out.pop(key, None)
         if isinstance(out["task_type"], TaskType):
             out["task_type"] = out["task_type"].value
         out["peft_type"] = self.peft_type

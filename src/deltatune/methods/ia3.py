@@ -65,6 +65,7 @@ class IA3Config(DeltaConfig):
     """IA3 learned scaling vectors; field names as in Hugging Face PEFT's IA3Config."""
 
     peft_type = "IA3"
+    saves_layer_selection = False
     feedforward_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
@@ -86,14 +87,6 @@ class IA3Config(DeltaConfig):
             require(not extra, "feedforward_modules", self.feedforward_modules,
                     f"must be a subset of target_modules; not targeted: {extra}")
         require(isinstance(self.init_ia3_weights, bool), "init_ia3_weights", self.init_ia3_weights, "must be a bool")
-
-    def to_dict(self) -> dict:
-        # PEFT's config for this method has no layer selection; leave the unset fields out of the file
-        data = super().to_dict()
-        for key in ("layers_to_transform", "layers_pattern"):
-            if data.get(key) is None:
-                data.pop(key, None)
-        return data
 
     def supports(self, base: nn.Module) -> bool:
         return isinstance(base, nn.Linear) or is_conv1d(base)

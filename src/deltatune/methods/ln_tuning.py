@@ -35,19 +35,12 @@ class LNTuningConfig(DeltaConfig):
     """Train only normalisation layers; field names as in Hugging Face PEFT's LNTuningConfig."""
 
     peft_type = "LN_TUNING"
+    saves_layer_selection = False
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
             self.target_modules = list(DEFAULT_TARGETS)
         super().__post_init__()
-
-    def to_dict(self) -> dict:
-        # PEFT's config for this method has no layer selection; leave the unset fields out of the file
-        data = super().to_dict()
-        for key in ("layers_to_transform", "layers_pattern"):
-            if data.get(key) is None:
-                data.pop(key, None)
-        return data
 
     def supports(self, base: nn.Module) -> bool:
         # A leaf layer with a `weight`: norm layers of any kind (LayerNorm, RMSNorm, T5LayerNorm, ...)

@@ -1,0 +1,173 @@
+"""The `deltatune` command line; each subcommand is a thin call into the library.
+
+deltatune demo [--out DIR] [key=value ...]
+deltatune train CONFIG.yaml [key=value ...] [--resume]
+deltatune eval  CONFIG.yaml [key=value ...] | --adapter DIR --data FILE
+deltatune generate --adapter DIR "prompt"
+deltatune merge --adapter DIR --out DIR
+deltatune inspect DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXPECTED_ERRORS = (
+    "DeltaConfigError",
+    "DataError",
+    "AdapterFileError",
+    "ModelNotFoundError",
+    "ModuleNotFoundError",
+    "FileNotFoundError",
+    "FileExistsError",
+    "MergeError",
+)
+
+
+def _demo(args) -> None:
+    from .train.demo import run_demo
+
+    run_demo(args.out, args.overrides)
+
+
+def _train(args) -> None:
+    from .train.config_file import load_config
+    from .train.loop import train
+
+    train(load_config(args.config, args.overrides), resume=args.resume)
+
+
+def _eval(args) -> None:
+    from .train.run_eval import evaluate_adapter, evaluate_config
+
+    if args.adapter:
+        if not args.data:
+            raise SystemExit("error: eval --adapter needs --data FILE")
+        evaluate_adapter(
+            args.adapter,
+            args.data,
+            model=args.model,
+            data_format=args.format,
+            max_samples=args.max_samples,
+            max_new_tokens=args.max_new_tokens,
+        )
+    elif args.config:
+        evaluate_config(args.config, args.overrides)
+    else:
+        raise SystemExit("error: eval needs a CONFIG.yaml or --adapter DIR --data FILE")
+
+
+def _generate(args) -> None:
+    from .train.run_eval import generate_text
+
+    for answer in generate_text(
+        args.adapter,
+        args.prompt,
+        model=args.model,
+        chat=not args.plain,
+        max_new_tokens=args.max_new_tokens,
+        base_only=args.base,
+    ):
+        print(answer)
+
+
+def _merge(args) -> None:
+    from .train.merge import merge_adapter
+
+    out = merge_adapter(args.adapter, args.out, model=args.model)
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+
+
+def _inspect(args) -> None:
+    from .adapter_report import adapter_report
+
+    print(adapter_report(args.dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="fine-tune the embedded SmolLM2 with LoRA on a bundled task, end to end")
+    p.add_argument("--out", default=None, help="output directory (default runs/demo)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. training.max_steps=30")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("train", help="train an adapter from a YAML config")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.lr=1e-3")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="loss, perplexity and exact match of a trained adapter")
+    p.add_argument("config", nargs="?", help="the YAML config the adapter was trained with")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--adapter", help="adapter directory (ours or written by peft)")
+    p.add_argument("--data", help="data file to evaluate on (with --adapter)")
+    p.add_argument("--format", default="auto", help="data format (default: detect)")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        help="use the first N rows (default all); 0: loss only, no generation",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("generate", help="generate with an adapter")
+    p.add_argument("--adapter", required=True, help="adapter directory (ours or written by peft)")
+    p.add_argument("prompt", nargs="+", help="prompt(s); each is sent as a user message")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--plain", action="store_true", help="send the prompt as raw text, not a chat message")
+    p.add_argument("--base", action="store_true", help="also print the base model's answer")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model and save a full model")
+    p.add_argument("--adapter", required=True, help="adapter directory")
+    p.add_argument("--out", required=True, help="output directory for the merged Transformers model")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("inspect", help="method, rank, targets, size and serving compatibility of an adapter")
+    p.add_argument("dir", help="adapter directory")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `deltatune` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except Exception as err:  # one clear line for expected input errors, a traceback for bugs
+        if type(err).__name__ not in EXPECTED_ERRORS or os.environ.get("DELTATUNE_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted; `deltatune train CONFIG --resume` continues from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

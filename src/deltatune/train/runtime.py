@@ -1,0 +1,65 @@
+"""Runtime switches: the accelerate Accelerator (precision, distributed CPU) and gradient checkpointing."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..core.config import DeltaConfigError
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run natively (CUDA with bf16, or a CPU with AVX512-BF16 or AMX): there
+    bf16 autocast is about twice as fast as fp32; elsewhere it is emulated and slower."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` becomes bf16 where bf16 is native (see native_bf16) and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    kind = torch.device(device).type
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(kind, dtype=dtype, enabled=dtype is not None)
+
+
+def make_accelerator(precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, DistributedType
+
+    precision = resolve_precision(precision)
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise DeltaConfigError("training.precision='fp16': fp16 autocast needs a CUDA GPU; use bf16 or fp32")
+    mixed = {"fp32": "no"}.get(precision, precision)
+    if (
+        AcceleratorState._shared_state
+        and AcceleratorState().distributed_type == DistributedType.NO
+        and str(AcceleratorState().mixed_precision) != mixed
+    ):
+        AcceleratorState._reset_state()  # a second run in one process with another precision
+    # accelerate treats a multi-process launch as distributed CPU (gloo) only when asked to use the CPU
+    on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed, cpu=on_cpu)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    base = model.get_base_model()
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise DeltaConfigError("training.gradient_checkpointing=True: this model does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # the name since Transformers 5
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # With a frozen embedding no activation requires grad, so checkpointed blocks would get no
+    # gradient; making the embedding output require grad keeps the graph connected.
+    base.enable_input_require_grads()

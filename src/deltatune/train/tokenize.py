@@ -1,0 +1,170 @@
+"""Samples to token ids and labels, with the loss on completion tokens only.
+
+A sample is rendered as text pieces, each marked "learn" or not, and every piece is tokenized on its
+own. The prompt therefore tokenizes exactly as it will at generation time (one piece, rendered with
+`add_generation_prompt=True`), so training and inference see the same ids.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .files import DataError
+from .formats import Sample
+
+IGNORE = -100
+# Used when a tokenizer has no chat template of its own (base models): ChatML as plain text.
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class EncodeStats:
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0  # no completion token left after truncation
+    tokens: int = 0
+    target_tokens: int = 0
+    examples: list[str] = field(default_factory=list)  # where the first truncated rows came from
+
+    def summary(self) -> str:
+        text = f"{self.rows} rows, {self.tokens} tokens ({self.target_tokens} trained)"
+        if self.truncated:
+            text += f"; {self.truncated} truncated to max_length (e.g. {', '.join(self.examples[:3])})"
+        if self.dropped:
+            text += f"; {self.dropped} dropped (nothing left to learn after truncation)"
+        return text
+
+
+def ensure_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        warnings.warn("the tokenizer has no chat template; using ChatML as plain text", stacklevel=2)
+        tokenizer.chat_template = CHATML
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def pieces(sample: Sample, tokenizer, chat: bool) -> list[tuple[str, bool]]:
+    """The sample as (text, learn) pieces; assistant turns (and the text format) are learned."""
+    messages = sample.messages
+    if messages[0]["role"] == "text":
+        return [(messages[0]["content"] + (tokenizer.eos_token or ""), True)]
+    if not chat:
+        prompt = "".join(m["content"] for m in messages if m["role"] != "assistant")
+        return [(prompt, False), (sample.reference + (tokenizer.eos_token or ""), True)]
+    out, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        after = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise DataError(
+                f"{sample.where}: the chat template renders earlier turns differently once later "
+                "turns are added, so assistant tokens cannot be located; use data.template=plain"
+            )
+        out += [(before[len(done) :], False), (after[len(before) :], True)]
+        done = after
+    full = _render(tokenizer, messages, generation_prompt=False)
+    if len(full) > len(done):
+        out.append((full[len(done) :], False))
+    return [(text, learn) for text, learn in out if text]
+
+
+def prompt_text(sample: Sample, tokenizer, chat: bool) -> str:
+    """What the model sees before its answer at generation time (everything up to the last turn)."""
+    if not chat:
+        return "".join(m["content"] for m in sample.messages if m["role"] != "assistant")
+    return _render(tokenizer, sample.messages[:-1], generation_prompt=True)
+
+
+def _bos(tokenizer) -> list[int]:
+    """The BOS id when the tokenizer adds one on its own (plain text mode needs it added by hand)."""
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and probe and probe[0] == bos else []
+
+
+def encode(
+    samples: list[Sample], tokenizer, max_length: int, chat: bool = True, train_on_prompt: bool = False
+) -> tuple[list[Encoded], EncodeStats]:
+    """Tokenize samples; labels are IGNORE outside learned pieces (unless `train_on_prompt`).
+
+    Rows longer than `max_length` keep their first `max_length` tokens and are counted; a row with
+    no learned token left is dropped and counted.
+    """
+    stats, out = EncodeStats(), []
+    bos = [] if chat else _bos(tokenizer)
+    for sample in samples:
+        ids, labels = list(bos), [IGNORE] * len(bos)
+        for text, learn in pieces(sample, tokenizer, chat):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if (learn or train_on_prompt) else [IGNORE] * len(piece)
+        stats.rows += 1
+        if len(ids) > max_length:
+            stats.truncated += 1
+            if len(stats.examples) < 3:
+                stats.examples.append(sample.where)
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels[1:]):
+            stats.dropped += 1
+            continue
+        stats.tokens += len(ids)
+        stats.target_tokens += sum(label != IGNORE for label in labels[1:])
+        out.append(Encoded(ids, labels))
+    if not out:
+        raise DataError(
+            "no usable rows: every row was empty or lost its completion to truncation "
+            "(raise data.max_length?)"
+        )
+    return out, stats
+
+
+def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
+    """Greedily join whole examples into sequences of at most `max_length` tokens (none is split).
+
+    Packed examples attend to the earlier examples in their sequence (plain packing); the labels of
+    each example stay as they were.
+    """
+    packed, ids, labels = [], [], []
+    for example in examples:
+        if ids and len(ids) + len(example.input_ids) > max_length:
+            packed.append(Encoded(ids, labels))
+            ids, labels = [], []
+        ids, labels = ids + example.input_ids, labels + example.labels
+    if ids:
+        packed.append(Encoded(ids, labels))
+    return packed
+
+
+def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids, attention_mask and labels (IGNORE on padding), shape (B, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def target_count(example: Encoded) -> int:
+    """Tokens this example contributes to the loss (labels are shifted by one)."""
+    return sum(label != IGNORE for label in example.labels[1:])

@@ -86,6 +86,15 @@ def _inspect(args) -> None:
     print(adapter_report(args.dir))
 
 
+def _convert(args) -> None:
+    from .compose.extract import convert_to_lora
+
+    report = convert_to_lora(out=args.out, rank=args.rank, adapter=args.adapter, finetuned=args.finetuned,
+                             base_model=args.base)
+    print(report)
+    print(f"LoRA written to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -131,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the merged Transformers model")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("convert", help="turn a mergeable adapter (or a full fine-tune) into a LoRA by SVD")
+    p.add_argument("--to", choices=["lora"], default="lora", help="target format (LoRA, which every server reads)")
+    p.add_argument("--rank", type=int, required=True, help="rank of the LoRA")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--adapter", help="adapter directory to convert (LoHa, LoKr, OFT, IA3, DoRA, ...)")
+    p.add_argument("--finetuned", help="a fully fine-tuned model directory (with --base)")
+    p.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("inspect", help="method, rank, targets, size and serving compatibility of an adapter")
     p.add_argument("dir", help="adapter directory")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers_train import make_tokenizer, upper_rows
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -117,3 +118,14 @@ def test_delta_trainer_checkpoints_are_adapters(tmp_path):
     )
     trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     torch.testing.assert_close(logits(resumed, batch), logits(model, batch), rtol=1e-4, atol=1e-5)
+
+
+def test_stock_trainer_with_bf16_autocast(tmp_path):
+    model = wrapped(tied=False)
+    trainer = Trainer(
+        model=model,
+        args=arguments(tmp_path, remove_unused_columns=False, bf16=True, max_steps=2),
+        train_dataset=features(),
+        data_collator=collator,
+    )
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))

@@ -25,10 +25,19 @@ class LoraLinearFunction(torch.autograd.Function):
         out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, keep, hidden, lora_a, lora_b)
         ctx.scaling, ctx.rescale = scaling, rescale
+        # backward may run outside the autocast block (Hugging Face Trainer does): replay its state
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return LoraLinearFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, keep, hidden, lora_a, lora_b = ctx.saved_tensors
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         grad_b = (grad_flat.t() @ hidden).mul_(ctx.scaling)  # (out, r)

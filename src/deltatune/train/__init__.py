@@ -6,6 +6,7 @@
 
 from .config import RunConfig
 from .config_file import load_config
-from .loop import TrainResult, train
+from .finish import TrainResult
+from .loop import train
 
 __all__ = ["RunConfig", "TrainResult", "load_config", "train"]

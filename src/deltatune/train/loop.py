@@ -16,7 +16,6 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +24,6 @@ from tqdm.auto import tqdm
 
 from ..core.config import DeltaConfigError
 from .build import (
-    Dataset,
     check_data_files,
     load_base,
     load_tokenizer,
@@ -35,21 +33,13 @@ from .build import (
 )
 from .checkpoint import CHECKPOINTS, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .evaluate import eval_loss, score_generation, token_loss_sum
-from .metrics import MetricsLog, peak_memory_mb, plot_loss
+from .evaluate import eval_loss, token_loss_sum
+from .finish import TrainResult, finish_run
+from .metrics import MetricsLog, peak_memory_mb
 from .order import SampleOrder
 from .runtime import enable_gradient_checkpointing, make_accelerator
 from .schedule import make_scheduler
 from .tokenize import collate, target_count
-
-
-@dataclass
-class TrainResult:
-    model: torch.nn.Module  # the DeltaModel (unwrapped), in eval mode
-    tokenizer: object
-    metrics: dict = field(default_factory=dict)  # the final evaluation
-    predictions: list[str] = field(default_factory=list)  # generated answers for the eval samples
-    steps: int = 0
 
 
 def train(
@@ -116,8 +106,9 @@ def train(
     steps = tc.max_steps or math.ceil(tc.epochs * len(train_set.examples) / global_batch)
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     # methods with a learning-rate shape of their own (ReLoRA's re-warmup) multiply into the schedule
-    scheduler = make_scheduler(optimizer, steps, tc.warmup_steps, tc.schedule,
-                               getattr(method_config, "lr_multiplier", None))
+    scheduler = make_scheduler(
+        optimizer, steps, tc.warmup_steps, tc.schedule, getattr(method_config, "lr_multiplier", None)
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
 
@@ -217,54 +208,4 @@ def train(
     bar.close()
     if main:
         log(f"trained {steps - start} steps in {time.perf_counter() - train_started:.0f} s")
-    return _finish(config, accelerator, inner, tokenizer, eval_set, metrics, steps, log)
-
-
-def _finish(
-    config: RunConfig,
-    accelerator,
-    model,
-    tokenizer,
-    eval_set: Dataset | None,
-    metrics: MetricsLog,
-    steps: int,
-    log,
-) -> TrainResult:
-    """Save the adapter, evaluate once more (with generation), write the metrics and the loss plot."""
-    out = Path(config.output_dir)
-    model.eval()
-    final: dict = {}
-    started = time.perf_counter()
-    predictions: list[str] = []
-    if accelerator.is_main_process:
-        model.save_pretrained(str(out))
-        if eval_set:
-            final = eval_loss(
-                model,
-                eval_set.examples,
-                tokenizer.pad_token_id,
-                config.eval.batch_size,
-                accelerator.device,
-                accelerator.autocast,
-            )
-            if config.eval.exact_match:
-                with accelerator.autocast():
-                    scores, predictions = score_generation(
-                        model,
-                        tokenizer,
-                        eval_set.samples,
-                        config.data.template == "chat",
-                        config.eval.max_new_tokens,
-                        config.eval.batch_size,
-                        accelerator.device,
-                    )
-                final.update(scores)
-            metrics.write({"step": steps, **final})
-            shown = ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()
-            )
-            log(f"eval: {shown} ({time.perf_counter() - started:.0f} s)")
-        plot_loss(metrics.records(), out / "loss.png")
-        log(f"adapter, metrics.jsonl and loss.png written to {out}")
-    accelerator.wait_for_everyone()
-    return TrainResult(model, tokenizer, final, predictions, steps)
+    return finish_run(config, accelerator, inner, tokenizer, eval_set, metrics, steps, log)

@@ -1,0 +1,74 @@
+"""The end of a run: save the adapter, evaluate once more (with generation), write the metrics and the
+loss plot. Only the main process writes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .build import Dataset
+from .config import RunConfig
+from .evaluate import eval_loss, score_generation
+from .metrics import MetricsLog, plot_loss
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the DeltaModel (unwrapped), in eval mode
+    tokenizer: object
+    metrics: dict = field(default_factory=dict)  # the final evaluation
+    predictions: list[str] = field(default_factory=list)  # generated answers for the eval samples
+    steps: int = 0
+
+
+def finish_run(
+    config: RunConfig,
+    accelerator,
+    model,
+    tokenizer,
+    eval_set: Dataset | None,
+    metrics: MetricsLog,
+    steps: int,
+    log,
+) -> TrainResult:
+    """Save the adapter, evaluate once more (with generation), write the metrics and the loss plot."""
+    out = Path(config.output_dir)
+    model.eval()
+    final: dict = {}
+    started = time.perf_counter()
+    predictions: list[str] = []
+    if accelerator.is_main_process:
+        model.save_pretrained(str(out))
+        if eval_set:
+            final = eval_loss(
+                model,
+                eval_set.examples,
+                tokenizer.pad_token_id,
+                config.eval.batch_size,
+                accelerator.device,
+                accelerator.autocast,
+            )
+            if config.eval.exact_match:
+                with accelerator.autocast():
+                    scores, predictions = score_generation(
+                        model,
+                        tokenizer,
+                        eval_set.samples,
+                        config.data.template == "chat",
+                        config.eval.max_new_tokens,
+                        config.eval.batch_size,
+                        accelerator.device,
+                    )
+                final.update(scores)
+            metrics.write({"step": steps, **final})
+            shown = ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()
+            )
+            log(f"eval: {shown} ({time.perf_counter() - started:.0f} s)")
+        plot_loss(metrics.records(), out / "loss.png")
+        log(f"adapter, metrics.jsonl and loss.png written to {out}")
+    accelerator.wait_for_everyone()
+    return TrainResult(model, tokenizer, final, predictions, steps)

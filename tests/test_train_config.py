@@ -4,6 +4,7 @@ nothing here loads a model."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from deltatune.core.config import DeltaConfigError
 from deltatune.train.config import build_method_config
@@ -94,13 +95,10 @@ def test_method_section_uses_the_registry():
         build_method_config({"name": 3})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast is allowed on CUDA")
 def test_fp16_on_cpu_is_refused_before_loading(tmp_path):
-    import torch
-
     from deltatune.train.runtime import make_accelerator
 
-    if torch.cuda.is_available():
-        pytest.skip("fp16 is allowed on CUDA")
     with pytest.raises(DeltaConfigError, match="fp16 autocast needs a CUDA GPU"):
         make_accelerator("fp16")
 

@@ -33,7 +33,7 @@ from ..core.config import DeltaConfig, DeltaConfigError, register_method, requir
 from ..core.layer import loftq_factors, read_weight, write_weight
 from ..core.targeting import pattern_value
 from . import dora
-from .lora_ops import lora_linear
+from .lora_ops import lora_linear, mixed_lora_linear
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "pissa", "olora", "loftq")
@@ -273,27 +273,14 @@ class LoraAdapter(nn.Module):
     @staticmethod
     def mixed_forward(adapters: list, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module,
                       index: torch.Tensor) -> torch.Tensor | None:
-        """Every sample through its own adapter in two batched matmuls: factors are stacked (ranks
-        zero-padded, scaling folded into B) and gathered per sample. Linear, non-DoRA only."""
+        """Every sample through its own adapter in two batched matmuls (linear, non-DoRA; lora_ops)."""
         present = [a for a in adapters if a is not None]
         if any(a.kind != "linear" or a.use_dora for a in present) or x.dim() < 2:
             return None
         if any(a.training and not isinstance(a.dropout, nn.Identity) for a in present):
             return None
-        ref = present[0].A
-        r_max = max(a.r for a in present)
-        in_f, out_f = ref.shape[1], present[0].B.shape[0]
-        a_stack = ref.new_zeros(len(adapters) + 1, r_max, in_f)  # last slot: base model (zeros)
-        b_stack = ref.new_zeros(len(adapters) + 1, out_f, r_max)
-        for slot, adapter in enumerate(adapters):
-            if adapter is not None:
-                a_stack[slot, : adapter.r] = adapter.A
-                b_stack[slot, :, : adapter.r] = adapter.B * adapter.scaling
-        slots = torch.where(index < 0, len(adapters), index)
-        flat = x.reshape(x.shape[0], -1, in_f).to(ref.dtype)  # (batch, tokens, in)
-        hidden = torch.bmm(flat, a_stack[slots].transpose(1, 2))  # (batch, tokens, r_max)
-        delta = torch.bmm(hidden, b_stack[slots].transpose(1, 2))  # (batch, tokens, out)
-        return base_out + delta.reshape(base_out.shape).to(base_out.dtype)
+        factors = [(a.A, a.B, a.scaling) if a is not None else None for a in adapters]
+        return mixed_lora_linear(factors, x, base_out, index)
 
     # ---------------------------------------------------------------- merge (DoRA is not additive)
     def merged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:

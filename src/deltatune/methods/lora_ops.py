@@ -59,3 +59,26 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, l
     """base_out + scaling * dropout(x) @ lora_a.T @ lora_b.T, in the activation dtype."""
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     return LoraLinearFunction.apply(x, base_out.to(x.dtype), lora_a, lora_b, scaling, dropout).to(base_out.dtype)
+
+
+def mixed_lora_linear(factors: list, x: torch.Tensor, base_out: torch.Tensor,
+                      index: torch.Tensor) -> torch.Tensor:
+    """One LoRA per sample: `factors[slot]` is (A, B, scaling) or None, `index` (batch,) a slot per sample
+    (-1: the base model). Factors are stacked (ranks zero-padded, scaling folded into B) and gathered per
+    sample, so the whole batch takes two bmm calls and no loop over samples."""
+    present = [f for f in factors if f is not None]
+    ref = present[0][0]
+    r_max = max(a.shape[0] for a, _, _ in present)
+    in_f, out_f = ref.shape[1], present[0][1].shape[0]
+    a_stack = ref.new_zeros(len(factors) + 1, r_max, in_f)  # last slot: base model (zeros)
+    b_stack = ref.new_zeros(len(factors) + 1, out_f, r_max)
+    for slot, found in enumerate(factors):
+        if found is not None:
+            a, b, scaling = found
+            a_stack[slot, : a.shape[0]] = a
+            b_stack[slot, :, : a.shape[0]] = b * scaling
+    slots = torch.where(index < 0, len(factors), index)
+    flat = x.reshape(x.shape[0], -1, in_f).to(ref.dtype)  # (batch, tokens, in)
+    hidden = torch.bmm(flat, a_stack[slots].transpose(1, 2))  # (batch, tokens, r_max)
+    delta = torch.bmm(hidden, b_stack[slots].transpose(1, 2))  # (batch, tokens, out)
+    return base_out + delta.reshape(base_out.shape).to(base_out.dtype)

@@ -48,6 +48,8 @@ def cp_weight(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Ten
 class LycorisConfig(DeltaConfig):
     """Fields LoHa and LoKr share (PEFT's names)."""
 
+    supports_quantized = False  # LoHa and LoKr read the full base weight
+
     r: int = 8
     alpha: float = 8
     rank_dropout: float = 0.0

@@ -1,13 +1,8 @@
-"""What the virtual-token methods (prompt tuning, P-tuning, prefix tuning) share, written once.
-
-- `PromptLearningFields`: the config fields Hugging Face PEFT's `PromptLearningConfig` has, filled from the
-  model's config the way `peft` fills them, so files interchange.
-- `prompt_forward` / `prompt_generate`: run a model with `num_virtual_tokens` embeddings put in front of the
-  input embeddings (attention mask, labels and token types extended to match).
-- `patched_prepare`, `prefix_ones`, `bind_arguments`: what the input-prompt and key/value-prefix placements
-  (prefix.py) both need to run `forward` and `generate`.
-- `VirtualTokens`: the model-level module all three hand to DeltaModel: a table of virtual-token vectors
-  (`prompt_embeddings`, the one tensor a file holds), trained as it is or computed by a trainable encoder.
+"""What the virtual-token methods (prompt tuning, P-tuning, prefix tuning) share, written once:
+`PromptLearningFields` (PEFT's PromptLearningConfig fields, filled from the model as `peft` does);
+`prompt_forward` / `prompt_generate` (T virtual embeddings before the input, mask/labels/token types
+extended); `patched_prepare`, `prefix_ones`, `bind_arguments` (shared with prefix.py); `VirtualTokens`,
+the model-level module saved as the one tensor `prompt_embeddings` (trained directly or by an encoder).
 
 Shapes: B batch, L input length, T virtual tokens, D token_dim, N layers, H heads, Dh = D // H.
 """

@@ -10,6 +10,10 @@ Used by LoRA when `use_dora=True`. Weights here are "out-first": (out, ...) for 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def channel_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -28,6 +32,18 @@ def broadcast_channels(scale: torch.Tensor, out: torch.Tensor, channel_dim: int)
     shape = [1] * out.dim()
     shape[channel_dim] = -1
     return scale.view(shape)
+
+
+def base_without_bias(base: nn.Module, weight: torch.Tensor, base_out: torch.Tensor,
+                      dropped: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+    """W x without the bias: the base output minus its bias, or, when dropout changed the input, the
+    base op recomputed on the dropped input (`weight` is out-first)."""
+    if dropped is None:
+        bias = getattr(base, "bias", None)
+        return base_out if bias is None else base_out - broadcast_channels(bias, base_out, channel_dim)
+    if weight.dim() > 2:
+        return CONV_FNS[weight.dim() - 2](dropped, weight, None, base.stride, base.padding, base.dilation)
+    return F.linear(dropped, weight)
 
 
 def dora_output(base_out: torch.Tensor, base_result: torch.Tensor, lora_out: torch.Tensor,

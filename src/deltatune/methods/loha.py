@@ -33,7 +33,6 @@ class LoHaConfig(LycorisConfig):
     """LoHa settings; field names as in Hugging Face PEFT's LoHaConfig."""
 
     peft_type = "LOHA"
-    supports_quantized = False  # reads the full base weight
     init_weights: bool = True
 
     def __post_init__(self) -> None:

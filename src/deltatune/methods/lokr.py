@@ -55,7 +55,6 @@ class LoKrConfig(LycorisConfig):
     """LoKr settings; field names as in Hugging Face PEFT's LoKrConfig."""
 
     peft_type = "LOKR"
-    supports_quantized = False  # reads the full base weight
     decompose_both: bool = False
     decompose_factor: int = -1
     rank_dropout_scale: bool = False

@@ -37,7 +37,6 @@ from .lora_ops import lora_linear, mixed_lora_linear
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "pissa", "olora", "loftq")
-CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def init_needs_float(init: bool | str, base: nn.Module) -> bool:
@@ -261,13 +260,7 @@ class LoraAdapter(nn.Module):
         weight = self._out_first(read_weight(base, copy=False))
         scale = dora.magnitude_scale(self.lora_magnitude_vector, weight, self._delta_out_first())
         channel_dim = 1 if self.kind == "conv" else -1
-        if dropped is x:  # the base output minus its bias is W x already
-            bias = getattr(base, "bias", None)
-            base_result = base_out if bias is None else base_out - dora.broadcast_channels(bias, base_out, channel_dim)
-        elif self.kind == "conv":
-            base_result = CONV_FNS[weight.dim() - 2](dropped, weight, None, base.stride, base.padding, base.dilation)
-        else:
-            base_result = F.linear(dropped, weight)
+        base_result = dora.base_without_bias(base, weight, base_out, None if dropped is x else dropped, channel_dim)
         return dora.dora_output(base_out, base_result, lora_out, scale, channel_dim)
 
     @staticmethod

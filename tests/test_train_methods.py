@@ -5,6 +5,7 @@ learning rate for ReLoRA, scores soft-prompt models, and validates model.quantiz
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -23,6 +24,8 @@ METHODS = {  # method section of the run config
                "target_modules": ["q_proj", "v_proj"]},
     "child_tuning": {"name": "child_tuning", "child_tuning_mode": "F", "reserve_p": 0.5,
                      "target_modules": ["q_proj"]},
+    "child_tuning_d": {"name": "child_tuning", "child_tuning_mode": "D", "reserve_p": 0.25, "fisher_batches": 2,
+                       "target_modules": ["q_proj", "v_proj"]},
     "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 4, "task_type": "CAUSAL_LM"},
     "ia3": {"name": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
             "feedforward_modules": ["down_proj"]},
@@ -56,6 +59,12 @@ def test_every_kind_of_method_trains_through_the_loop(files, name):
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert len(losses) == 6 and all(loss == loss for loss in losses)  # six finite steps
+    if name == "child_tuning_d":  # the loop estimated the Fisher mask first: one global top-25% child
+        layers = [layer.adapters["default"] for _, layer in result.model.delta_layers()]
+        kept = sum(int(adapter.child_mask.sum()) for adapter in layers)
+        assert kept == math.ceil(0.25 * sum(adapter.child_mask.numel() for adapter in layers))
+        assert all(((adapter.child_delta != 0) <= (adapter.child_mask > 0)).all() for adapter in layers)
+        assert sum(saved["child_entries"].values()) > 0
     if name == "adalora":  # the budget ran: the final rank pattern (target_r per layer on average) is saved
         kept = [sum(mask) for mask in saved["rank_pattern"].values()]
         assert len(kept) == 4 and sum(kept) == 2 * 4

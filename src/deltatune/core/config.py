@@ -112,6 +112,10 @@ class DeltaConfig:
         return None
 
     # -- training-time hooks, called by DeltaModel for the active adapters ---------------------------
+    def before_training(self, model: nn.Module, adapter_name: str, batches, loss_fn) -> None:
+        """Once before the first step: `batches` iterates over training batches (model keyword dicts with
+        labels), `loss_fn(model, batch)` gives a batch's loss; e.g. fix a gradient mask from them."""
+
     def before_optimizer_step(self, model: nn.Module, adapter_name: str, step: int) -> None:
         """After backward, before optimizer.step(): e.g. mask gradients."""
 

@@ -399,6 +399,13 @@ class DeltaModel(nn.Module):
             return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ training-time methods
+    def before_training(self, batches, loss_fn=None) -> None:
+        """Called by training loops once before the first step, with an iterable of training batches and
+        `loss_fn(model, batch) -> loss` (default: `model(**batch).loss`); e.g. Child-Tuning_D's Fisher mask."""
+        loss_fn = loss_fn or (lambda model, batch: model(**batch).loss)
+        for name in self.active_adapters:
+            self.peft_config[name].before_training(self, name, batches, loss_fn)
+
     def before_optimizer_step(self, step: int) -> None:
         """Called by training loops after backward, before optimizer.step() (gradient masks)."""
         for name in self.active_adapters:

@@ -7,7 +7,8 @@ their entries moves: the gradient is multiplied by a 0/1 mask M before the optim
         the kept gradients are scaled by 1/p, so the expected update is unchanged.
     Child-Tuning_D (task-driven, "D"): M fixed before training: the entries whose Fisher information
         F = sum over batches of (dL/dW)^2, estimated on training data, is in the top p fraction over all
-        chosen matrices (`estimate_fisher_mask`). No rescaling.
+        chosen matrices (`estimate_fisher_mask`; the training loop calls it through the
+        `before_training` hook on the first `fisher_batches` training batches). No rescaling.
 p = `reserve_p`. The mask is applied in the `before_optimizer_step` hook (training loops call
 `model.before_optimizer_step(step)` after backward).
 
@@ -24,6 +25,7 @@ support grows with the number of steps (at 12 bytes per entry, sparse pays off b
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -51,12 +53,15 @@ class ChildTuningConfig(DeltaConfig):
         child_tuning_mode: "F" (random mask each step) or "D" (fixed mask from Fisher information).
         reserve_p: p, the share of entries updated (kept by the mask), in (0, 1].
         child_entries: stored entries per module; written on save, read on load (leave it empty).
+        fisher_batches: for D, how many training batches the training loop uses to estimate the Fisher
+            information before the first step (`estimate_fisher_mask` called directly takes any number).
     """
 
     peft_type = "CHILD_TUNING"
     child_tuning_mode: str = "F"
     reserve_p: float = 0.3
     child_entries: dict = field(default_factory=dict)
+    fisher_batches: int = 16
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +69,8 @@ class ChildTuningConfig(DeltaConfig):
                 f"must be one of {MODES}")
         require(isinstance(self.reserve_p, (int, float)) and not isinstance(self.reserve_p, bool)
                 and 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "must be in (0, 1]")
+        require(isinstance(self.fisher_batches, int) and self.fisher_batches > 0, "fisher_batches",
+                self.fisher_batches, "must be a positive int")
         require(isinstance(self.child_entries, dict), "child_entries", self.child_entries, "must be a dict")
 
     def supports(self, base: nn.Module) -> bool:
@@ -91,6 +98,14 @@ class ChildTuningConfig(DeltaConfig):
         if adapters:
             data["child_entries"] = {name: adapter.pack() for name, adapter in adapters.items()}
         return data
+
+    def before_training(self, model: nn.Module, adapter_name: str, batches, loss_fn) -> None:
+        """Child-Tuning_D: fix the mask from the Fisher information of the first `fisher_batches` batches
+        (unless estimate_fisher_mask already did)."""
+        adapters = child_adapters(model, adapter_name)
+        if self.child_tuning_mode == "D" and any(adapter.child_mask is None for _, adapter in adapters):
+            estimate_fisher_mask(model, itertools.islice(batches, self.fisher_batches), adapter_name,
+                                 loss_fn=loss_fn)
 
     def before_optimizer_step(self, model: nn.Module, adapter_name: str, step: int) -> None:
         """Mask (and for F rescale) the gradients of this adapter's deltas."""
@@ -183,7 +198,7 @@ class ChildTuningAdapter(nn.Module):
 
 def estimate_fisher_mask(model: nn.Module, batches: Iterable[dict], adapter_name: str | None = None,
                          reserve_p: float | None = None,
-                         loss_fn: Callable[[object, dict], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                         loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Child-Tuning_D: fix each layer's gradient mask from Fisher information on training data.
 
     F = sum over `batches` of (dL/dW)^2 for every matrix adapter `adapter_name` covers; the top
@@ -194,7 +209,7 @@ def estimate_fisher_mask(model: nn.Module, batches: Iterable[dict], adapter_name
         batches: training batches, each a dict of model keyword arguments (with labels).
         adapter_name: the adapter (default: the first active one).
         reserve_p: share of entries to keep (default: the config's).
-        loss_fn: (model output, batch) -> loss; default `output.loss`.
+        loss_fn: (model, batch) -> loss; default `model(**batch).loss`.
 
     Returns:
         {module name: 0/1 mask in W's layout}; the masks are also stored on the adapters.
@@ -215,8 +230,7 @@ def estimate_fisher_mask(model: nn.Module, batches: Iterable[dict], adapter_name
         delta.grad = None
     seen = 0
     for batch in batches:
-        out = model(**batch)
-        loss = loss_fn(out, batch) if loss_fn else out.loss
+        loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         loss.backward()
         for total, delta in zip(fisher, deltas):
             if delta.grad is not None:

@@ -111,6 +111,13 @@ def train(
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
+    # methods that look at training data first (Child-Tuning_D's Fisher mask): the same batches on every
+    # rank and on a resumed run (before the checkpoint loads), so the result is the same everywhere
+    with accelerator.autocast():
+        inner.before_training(
+            training_batches(train_set.examples, tc.batch_size, tc.seed, tokenizer.pad_token_id, accelerator.device),
+            mean_token_loss,
+        )
 
     start = 0
     if checkpoint is not None:
@@ -182,6 +189,7 @@ def train(
                 "loss": window_loss / n,
                 "lr": step_lr,
                 "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                "step_s": elapsed / n,
                 "peak_mem_mb": peak_memory_mb(),
             }
             bar.set_postfix(
@@ -209,3 +217,16 @@ def train(
     if main:
         log(f"trained {steps - start} steps in {time.perf_counter() - train_started:.0f} s")
     return finish_run(config, accelerator, inner, tokenizer, eval_set, metrics, steps, log)
+
+
+def training_batches(examples, batch_size: int, seed: int, pad_id: int, device):
+    """Training batches in the loop's sample order, for `before_training` hooks."""
+    order = SampleOrder(len(examples), seed)
+    for first in range(0, len(examples), batch_size):
+        batch = collate([examples[order[first + i]] for i in range(min(batch_size, len(examples) - first))], pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def mean_token_loss(model, batch: dict) -> torch.Tensor:
+    loss, count = token_loss_sum(model, batch)
+    return loss / max(1, count)

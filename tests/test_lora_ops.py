@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from deltatune.methods.lora_ops import LoraLinearFunction, lora_linear
+from deltatune.methods.lora_ops import KEEP_LEVELS, LoraLinearFunction, draw_keep_mask, keep_threshold, lora_linear
 
 
 def test_gradcheck_without_dropout():
@@ -28,11 +28,42 @@ def test_matches_reference_with_same_mask(dropout):
     grads = [t.grad.clone() for t in (x, a, b)]
     for t in (x, a, b):
         t.grad = None
-    torch.manual_seed(7)  # the same draw: a Bernoulli(1 - p) keep-mask over (N, in)
+    torch.manual_seed(7)  # the same draw: a keep-mask over (N, in), P(keep) = threshold / 2^16
     flat = x.reshape(-1, 8)
-    keep = torch.empty_like(flat, dtype=torch.bool).bernoulli_(1 - dropout).float() if dropout else 1.0
-    reference = base + ((flat * keep / (1 - dropout)) @ a.T @ b.T * 1.5).view(4, 6, 10)
+    keep = draw_keep_mask(flat.shape, dropout, flat.device).float() if dropout else 1.0
+    p_keep = keep_threshold(dropout) / KEEP_LEVELS
+    reference = base + ((flat * keep / p_keep) @ a.T @ b.T * 1.5).view(4, 6, 10)
     reference.square().sum().backward()
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)  # float32 sums in another order
     for got, want in zip(grads, (x.grad, a.grad, b.grad)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_keep_mask_is_an_unbiased_independent_bernoulli():
+    torch.manual_seed(0)
+    assert abs(keep_threshold(0.05) / KEEP_LEVELS - 0.95) < 1e-5
+    keep = draw_keep_mask(torch.Size([3000, 999]), 0.05, torch.device("cpu")).float()
+    assert keep.shape == (3000, 999)
+    sd = (0.95 * 0.05 / keep.numel()) ** 0.5
+    assert abs(keep.mean().item() - 0.95) < 5 * sd
+    # each of the three 16-bit chunks of a 64-bit draw is used alike (the fourth holds the sign bit)
+    by_chunk = keep.reshape(-1)[: keep.numel() // 3 * 3].view(-1, 3).mean(0)
+    assert (by_chunk - 0.95).abs().max() < 5 * sd * 3 ** 0.5
+    # neighbouring entries are independent: P(both kept) = P(keep)^2
+    pairs = keep.reshape(-1)[:-1] * keep.reshape(-1)[1:]
+    assert abs(pairs.mean().item() - 0.95 ** 2) < 5 * sd * 2
+
+
+def test_layers_reading_one_input_share_its_mask_and_others_do_not():
+    """q/k/v read the same tensor: one mask; the next layer's input gets a fresh one."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 64)
+    base = torch.zeros(5, 64)
+    eye = torch.eye(64)
+    first = lora_linear(x, base, eye, eye, 1.0, 0.5)  # identity LoRA: the dropped input itself
+    second = lora_linear(x, base, eye, eye, 1.0, 0.5)
+    torch.testing.assert_close(first, second)
+    other = lora_linear(x.clone(), base, eye, eye, 1.0, 0.5)
+    assert not torch.equal(first != 0, other != 0)
+    x.add_(1.0)  # changed in place: a new mask
+    assert not torch.equal(lora_linear(x, base, eye, eye, 1.0, 0.5) != 0, first != 0)

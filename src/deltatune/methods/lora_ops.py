@@ -5,21 +5,67 @@ gradient in every adapted layer. This keeps the input x itself (already alive fo
 that read it) plus a 1-byte keep-mask, and only rank-sized intermediates; the scaled up-projection is
 folded into one addmm on the base output.
 
+Dropout masks: drawing them is most of dropout's cost on a CPU (a Bernoulli draw per input element costs
+about ten times the rank-16 matmul it feeds), so
+- layers that read the same input tensor (q/k/v of one attention block, gate/up of one MLP) share one
+  mask and one masked input, drawn for the first of them: each branch still sees dropout p, like one
+  `nn.Dropout` placed before a fused down-projection of the siblings;
+- a mask is 16-bit uniforms compared with round((1 - p) * 2^16), three per 64-bit draw, and the
+  rescale is 2^16 / that threshold, so the kept inputs are scaled by exactly 1 / P(keep).
+
 Shapes: x (..., in), base_out (..., out), A (r, in), B (out, r); N = prod(...) tokens.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+import weakref
+
 import torch
+
+KEEP_LEVELS = 2**16  # a mask entry is a 16-bit uniform compared with a threshold
+
+
+def keep_threshold(dropout: float) -> int:
+    """Entries whose 16-bit uniform is below this are kept; P(keep) = threshold / 2^16."""
+    return max(1, round((1 - dropout) * KEEP_LEVELS))
+
+
+def draw_keep_mask(shape: torch.Size, dropout: float, device: torch.device) -> torch.Tensor:
+    """Bool keep-mask of `shape`, P(keep) = keep_threshold(dropout) / 2^16 per entry, independent."""
+    count = math.prod(shape)
+    # random_() fills int64 with 63 random bits: use the low three 16-bit chunks of each draw
+    draws = torch.empty(-(-count // 3), dtype=torch.int64, device=device).random_()
+    chunks = draws.view(torch.int16).view(-1, 4)[:, :3]  # signed: uniform over [-2^15, 2^15)
+    return (chunks < keep_threshold(dropout) - KEEP_LEVELS // 2).reshape(-1)[:count].view(shape)
+
+
+_SHARED = threading.local()  # .entry: (weakref to the input, its key, keep-mask, masked flat input)
+
+
+def shared_dropout(x: torch.Tensor, flat: torch.Tensor, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep-mask, masked flat input) for input `x`: drawn once per input tensor object, shared by the
+    layers that read it (per thread)."""
+    key = (x._version, dropout, x.shape, x.dtype, x.device)
+    entry = getattr(_SHARED, "entry", None)
+    if entry is not None and entry[0]() is x and entry[1] == key:
+        return entry[2], entry[3]
+    keep = draw_keep_mask(flat.shape, dropout, flat.device)
+    masked = torch.where(keep, flat, 0)
+    _SHARED.entry = (weakref.ref(x), key, keep, masked)
+    return keep, masked
 
 
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, lora_a, lora_b, scaling: float, dropout: float):
         flat = x.reshape(-1, x.shape[-1])  # (N, in)
-        keep = torch.empty_like(flat, dtype=torch.bool).bernoulli_(1 - dropout) if dropout > 0 else None
-        rescale = 1 / (1 - dropout)  # inverted dropout's factor, applied in rank space (N, r), not (N, in)
-        hidden = (torch.where(keep, flat, 0) if keep is not None else flat) @ lora_a.t()  # (N, r)
+        keep, rescale = None, 1.0
+        if dropout > 0:
+            keep, dropped = shared_dropout(x, flat, dropout)
+            rescale = KEEP_LEVELS / keep_threshold(dropout)  # 1 / P(keep), applied in rank space (N, r)
+        hidden = (dropped if keep is not None else flat) @ lora_a.t()  # (N, r)
         if keep is not None:
             hidden.mul_(rescale)
         out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden, lora_b.t(), alpha=scaling)

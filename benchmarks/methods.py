@@ -7,8 +7,9 @@ Set-up: the `deltatune demo` run (SmolLM2-135M-Instruct, sentence -> one line of
 examples, cosine schedule with 2 warm-up steps, AdamW, seed 0, bf16 autocast where the CPU runs it, 2
 threads), scored on the first 100 held-out examples by exact match of greedy answers. Only the method
 section and the learning rate change per row (ROWS below: each method's usual rate for a short run, not
-tuned per method). Each row trains in its own process through `deltatune.train.loop.train`, so peak RSS
-is that run's. Step time is the median over steps 2..N (tokens / tokens_per_s from metrics.jsonl).
+tuned per method); the QLoRA row also sets `model.quantize: nf4` (issue: within 5 points of LoRA). Each
+row trains in its own process through `deltatune.train.loop.train`, so peak RSS is that run's. Step time
+is the median of `step_s` over steps 2..N in metrics.jsonl (step 1 also warms up).
 
 X-LoRA gates two frozen experts: the adapter the LoRA row trained and a distractor of the same shapes
 and per-module norm with random directions; its row shows whether the classifier learns to pick the
@@ -28,9 +29,10 @@ import torch
 
 ALL_LINEAR = "all-linear"
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ALL_LINEAR}
-ROWS = {  # key: (table label, method section, learning rate)
+ROWS = {  # key: (table label, method section, learning rate[, model section overrides])
     "base": ("base model (no training)", None, 0.0),
     "lora": ("LoRA r=16", {"name": "lora", **LORA}, 2e-3),
+    "qlora": ("QLoRA r=16 (NF4 base)", {"name": "lora", **LORA}, 2e-3, {"quantize": "nf4"}),
     "dora": ("DoRA r=16", {"name": "lora", **LORA, "use_dora": True}, 2e-3),
     "loha": ("LoHa r=8", {"name": "loha", "r": 8, "alpha": 16, "target_modules": ALL_LINEAR}, 2e-3),
     "lokr": ("LoKr r=8", {"name": "lokr", "r": 8, "alpha": 16, "target_modules": ALL_LINEAR}, 2e-3),
@@ -91,7 +93,7 @@ def row_config(key: str, out: Path, steps: int):
     from deltatune.train.config_file import from_dict
     from deltatune.train.demo import DEMO_SETTINGS
 
-    _, method, lr = ROWS[key]
+    _, method, lr, *model = ROWS[key]
     method = dict(method or ROWS["lora"][1])
     if method["name"] == "xlora":
         expert = out / "lora"
@@ -103,19 +105,19 @@ def row_config(key: str, out: Path, steps: int):
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in DEMO_SETTINGS.items()}
     raw["method"], raw["output_dir"] = method, str(out / key)
     raw["training"].update(max_steps=max(steps, 1), lr=lr or 2e-3)
+    raw["model"].update(*model)
     return from_dict(raw, source=f"benchmarks/methods.py row {key}")
 
 
 def worker(key: str, out: Path, steps: int) -> dict:
-    from deltatune.models import load_default
-    from deltatune.train.build import read_samples
+    from deltatune.train.build import load_base, read_samples
     from deltatune.train.evaluate import score_generation
     from deltatune.train.loop import train
     from deltatune.train.runtime import autocast, resolve_precision
 
     torch.set_num_threads(2)
     config = row_config(key, out, steps)
-    model, tokenizer = load_default()
+    model, tokenizer = load_base(config.model)  # the embedded SmolLM2, quantized where the row says
     if ROWS[key][1] is None:  # the untrained model, scored the same way
         samples = read_samples(config.data.eval, config.data)[0][: config.eval.max_samples]
         with autocast(resolve_precision(config.training.precision)):
@@ -164,7 +166,7 @@ def main() -> None:
                 continue
             res = results[key] = json.loads(done.stdout.strip().splitlines()[-1])
             log.write(json.dumps({"row": key, "steps": args.steps, **res}) + "\n")
-            label, method, lr = ROWS[key]
+            label, method, lr, *_ = ROWS[key]
             if method is None:
                 print(f"| {label} | - | {res['exact_match']:.0f} | 0 | - | - | - | - |", flush=True)
                 continue

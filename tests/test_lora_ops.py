@@ -67,3 +67,29 @@ def test_layers_reading_one_input_share_its_mask_and_others_do_not():
     assert not torch.equal(first != 0, other != 0)
     x.add_(1.0)  # changed in place: a new mask
     assert not torch.equal(lora_linear(x, base, eye, eye, 1.0, 0.5) != 0, first != 0)
+
+
+@pytest.mark.parametrize("tokens", [1, 9])  # decode-sized (dense masked path) and prefill-sized (gather path)
+def test_mixed_batch_kernel_equals_each_sample_alone_and_sees_updates(tokens):
+    from deltatune.methods.lora_ops import mixed_lora_linear
+
+    torch.manual_seed(0)
+    owner = torch.nn.Linear(8, 6)
+    factors = [(torch.randn(r, 8), torch.randn(6, r), s) for r, s in ((2, 0.5), (4, 2.0))]
+    factors.insert(1, None)  # an empty slot
+    index = torch.tensor([0, -1, 2, 2, 0])  # -1: the base model
+    x, base = torch.randn(5, tokens, 8), torch.randn(5, tokens, 6)
+
+    def reference():
+        rows = []
+        for sample, slot in enumerate(index.tolist()):
+            a, b, s = factors[slot] if slot >= 0 else (torch.zeros(1, 8), torch.zeros(6, 1), 0.0)
+            rows.append(base[sample] + s * x[sample] @ a.T @ b.T)
+        return torch.stack(rows)
+
+    with torch.no_grad():
+        torch.testing.assert_close(mixed_lora_linear(factors, x, base, index, owner), reference())
+        factors[0][1].mul_(3.0)  # an optimizer step or hotswap in place: the cached stack is rebuilt
+        torch.testing.assert_close(mixed_lora_linear(factors, x, base, index, owner), reference())
+        factors[2] = (torch.randn(4, 8), torch.randn(6, 4), 2.0)  # replaced tensors: rebuilt too
+        torch.testing.assert_close(mixed_lora_linear(factors, x, base, index, owner), reference())

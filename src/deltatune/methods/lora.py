@@ -266,14 +266,14 @@ class LoraAdapter(nn.Module):
     @staticmethod
     def mixed_forward(adapters: list, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module,
                       index: torch.Tensor) -> torch.Tensor | None:
-        """Every sample through its own adapter in two batched matmuls (linear, non-DoRA; lora_ops)."""
+        """Every sample through its own adapter without a loop over samples (linear, non-DoRA; lora_ops)."""
         present = [a for a in adapters if a is not None]
         if any(a.kind != "linear" or a.use_dora for a in present) or x.dim() < 2:
             return None
         if any(a.training and not isinstance(a.dropout, nn.Identity) for a in present):
             return None
         factors = [(a.A, a.B, a.scaling) if a is not None else None for a in adapters]
-        return mixed_lora_linear(factors, x, base_out, index)
+        return mixed_lora_linear(factors, x, base_out, index, owner=base)
 
     # ---------------------------------------------------------------- merge (DoRA is not additive)
     def merged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,24 @@ def shared_dropout(x: torch.Tensor, flat: torch.Tensor, dropout: float) -> tuple
     return keep, masked
 
 
+def autocast_state(x: torch.Tensor) -> tuple:
+    """The forward's autocast state: backward may run outside the autocast block (Hugging Face Trainer
+    does), so the functions here replay it."""
+    device = x.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def replay_autocast(state: tuple):
+    device, enabled, dtype = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
+
+def masked_input(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The dropped (not rescaled) input as (N, in), recomputed from x and its keep-mask."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.where(keep, flat, 0) if keep is not None else flat
+
+
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, lora_a, lora_b, scaling: float, dropout: float):
@@ -71,15 +89,12 @@ class LoraLinearFunction(torch.autograd.Function):
         out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, keep, hidden, lora_a, lora_b)
         ctx.scaling, ctx.rescale = scaling, rescale
-        # backward may run outside the autocast block (Hugging Face Trainer does): replay its state
-        device = x.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = autocast_state(x)
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        with replay_autocast(ctx.autocast):
             return LoraLinearFunction._backward(ctx, grad_out)
 
     @staticmethod
@@ -89,8 +104,7 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_b = (grad_flat.t() @ hidden).mul_(ctx.scaling)  # (out, r)
         # gradient w.r.t. the dropped, un-rescaled input's projection: s * (1/(1-p)) * g @ B, (N, r)
         grad_hidden = (grad_flat @ lora_b).mul_(ctx.scaling * (ctx.rescale if keep is not None else 1.0))
-        flat = x.reshape(-1, x.shape[-1])
-        grad_a = grad_hidden.t() @ (torch.where(keep, flat, 0) if keep is not None else flat)  # (r, in)
+        grad_a = grad_hidden.t() @ masked_input(x, keep)  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_hidden @ lora_a  # (N, in)

@@ -497,6 +497,27 @@ def test_relora_merges_and_resets_at_the_right_steps(mode, prune_ratio):
     assert all(len(layer.adapters["default"].relora_merged) == 2 for layer in lora_layers(model).values())
 
 
+def test_relora_pruned_optimizer_state_keeps_updates_bounded():
+    """A pruned reset keeps the same entries of Adam's two moments: no entry is left with a first moment
+    and no second one (an update of lr * m / eps). The step after a reset moves no weight by more than a
+    few learning rates, as any Adam step."""
+    lr = 1e-3
+    model = relora_model("prune", prune_ratio=0.9).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
+    inputs = token_batch()
+    for step in range(4):  # the reset follows step 2
+        model(inputs).logits.pow(2).mean().backward()
+        before = {p: p.detach().clone() for p in optimizer.param_groups[0]["params"]}
+        optimizer.step()
+        if step == 3:
+            assert max((p - before[p]).abs().max().item() for p in before) <= 5 * lr
+        model.after_optimizer_step(step, optimizer)
+        optimizer.zero_grad()
+        if step == 2:
+            for state in optimizer.state.values():
+                assert not ((state["exp_avg"] != 0) & (state["exp_avg_sq"] == 0)).any()
+
+
 def test_relora_cumulative_adapter_is_a_plain_lora_for_the_original_base(tmp_path):
     original = tiny_llama()
     model = relora_model().train()

@@ -2,7 +2,8 @@
 
 Update rule: train a LoRA (s * B A); every `relora_steps` optimizer steps fold it into the frozen
 weight, W <- W + s * B A, re-initialise A and B, and reset the optimizer state of A and B ("zero", or
-"prune": zero all but the largest (1 - prune_ratio) fraction by magnitude, the paper's 99% pruning).
+"prune": zero all but the largest (1 - prune_ratio) fraction by magnitude, the paper's 99% pruning, with one
+mask for all of a parameter's state tensors).
 The learning rate re-warms from near zero over `relora_warmup_steps` after each reset ("jagged"
 schedule): the training loop multiplies its own rate by `relora_lr_multiplier(step, ...)`.
 After k resets the total update sum_i s B_i A_i has rank up to (k + 1) r.
@@ -111,17 +112,23 @@ def merge_and_reinit(layer: DeltaLayer, adapter_name: str, init: bool | str) -> 
 @torch.no_grad()
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params, mode: str, prune_ratio: float) -> None:
     """Zero (or magnitude-prune) every per-element state tensor (Adam's moments, momentum) of `params`;
-    scalar entries such as Adam's step count are left as they are."""
+    scalar entries such as Adam's step count are left as they are. Pruning keeps the same entries in every
+    state tensor of a parameter, chosen by the first one's magnitude (Adam's first moment): pruned
+    separately, an entry could keep its first moment and lose its second, and Adam would divide by eps."""
     for param in params:
-        for value in optimizer.state.get(param, {}).values():
-            if not torch.is_tensor(value) or value.shape != param.shape or value.numel() == 0:
-                continue
-            n_pruned = math.ceil(prune_ratio * value.numel()) if mode == "prune" else value.numel()
-            if n_pruned >= value.numel():
+        states = [v for v in optimizer.state.get(param, {}).values()
+                  if torch.is_tensor(v) and v.shape == param.shape and v.numel() > 0]
+        if not states:
+            continue
+        n_pruned = math.ceil(prune_ratio * param.numel()) if mode == "prune" else param.numel()
+        if n_pruned >= param.numel():
+            for value in states:
                 value.zero_()
-            elif n_pruned > 0:
-                threshold = value.abs().flatten().kthvalue(n_pruned).values
-                value.masked_fill_(value.abs() <= threshold, 0)
+        elif n_pruned > 0:
+            magnitude = states[0].abs()
+            drop = magnitude <= magnitude.flatten().kthvalue(n_pruned).values
+            for value in states:
+                value.masked_fill_(drop, 0)
 
 
 @torch.no_grad()

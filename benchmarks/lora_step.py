@@ -5,7 +5,9 @@ Run: .venv/bin/python benchmarks/lora_step.py [--steps 3] [--batch 4] [--seq 256
 Set-up (DESIGN section 8): SmolLM2-135M, float32, LoRA r=16 on all linear layers, 2 threads. The
 floor is the same model with every weight frozen, back-propagating only to the input embeddings.
 Each set-up runs in its own process; the table shows step time / floor, peak RSS / floor, and
-deltatune / peft, for dropout 0.05, dropout 0, and DoRA.
+deltatune / peft, for dropout 0.05, dropout 0, and DoRA. Every set-up takes the loss the way Hugging Face
+users do (`model(..., labels=ids).loss`); the `deltatune+loss` rows take it the way `deltatune train`
+does (train/linear_loss.py: the loss straight from the hidden states, no full logits tensor).
 """
 
 from __future__ import annotations
@@ -33,15 +35,23 @@ def build(setup: str, dropout: float, dora: bool):
 
 
 def worker(setup: str, dropout: float, dora: bool, batch: int, seq: int, steps: int) -> dict:
-    model = build(setup, dropout, dora).train()
+    from deltatune.train.evaluate import token_loss_sum
+
+    own_loss = setup.endswith("+loss")
+    model = build(setup.removesuffix("+loss"), dropout, dora).train()
     ids = token_batch(batch, seq, 49152)
     embed = model.get_input_embeddings()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step() -> None:
-        embeds = embed(ids).detach().requires_grad_(setup == "floor")
-        loss = model(inputs_embeds=embeds, labels=ids).loss
+        if own_loss:
+            loss_sum, count = token_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                                     "labels": ids})
+            loss = loss_sum / count
+        else:
+            embeds = embed(ids).detach().requires_grad_(setup == "floor")
+            loss = model(inputs_embeds=embeds, labels=ids).loss
         loss.backward()
         if optimizer:
             optimizer.step()
@@ -60,16 +70,17 @@ def main() -> None:
     floor = run_worker(__file__, ["floor", "0", "0", *shape])
     print(f"floor: {floor['seconds']:.2f} s/step, peak RSS {floor['rss_gb']:.2f} GB "
           f"(batch {args.batch} x {args.seq}, {args.steps} steps)")
-    print(f"{'variant':<16}{'library':<11}{'time/floor':>11}{'RSS/floor':>11}{'s/step':>9}{'RSS GB':>8}")
+    print(f"{'variant':<16}{'library':<16}{'time/floor':>11}{'RSS/floor':>11}{'s/step':>9}{'RSS GB':>8}")
     for label, dropout, dora in (("lora p=0.05", 0.05, False), ("lora p=0", 0.0, False), ("dora p=0.05", 0.05, True)):
         results = {lib: run_worker(__file__, [lib, str(dropout), "1" if dora else "0", *shape])
-                   for lib in ("peft", "deltatune")}
+                   for lib in ("peft", "deltatune", "deltatune+loss")}
         for lib, res in results.items():
-            print(f"{label:<16}{lib:<11}{res['seconds'] / floor['seconds']:>11.2f}"
+            print(f"{label:<16}{lib:<16}{res['seconds'] / floor['seconds']:>11.2f}"
                   f"{res['rss_gb'] / floor['rss_gb']:>11.2f}{res['seconds']:>9.2f}{res['rss_gb']:>8.2f}")
-        ours, theirs = results["deltatune"], results["peft"]
-        print(f"{label:<16}{'ours/peft':<11}{ours['seconds'] / theirs['seconds']:>11.2f}"
-              f"{ours['rss_gb'] / theirs['rss_gb']:>11.2f}")
+        for lib in ("deltatune", "deltatune+loss"):
+            ours, theirs = results[lib], results["peft"]
+            print(f"{label:<16}{lib.replace('deltatune', 'ours') + '/peft':<16}"
+                  f"{ours['seconds'] / theirs['seconds']:>11.2f}{ours['rss_gb'] / theirs['rss_gb']:>11.2f}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ Set-up: the `deltatune demo` run (SmolLM2-135M-Instruct, sentence -> one line of
 examples, cosine schedule with 2 warm-up steps, AdamW, seed 0, bf16 autocast where the CPU runs it, 2
 threads), scored on the first 100 held-out examples by exact match of greedy answers. Only the method
 section and the learning rate change per row (ROWS below: each method's usual rate for a short run, not
-tuned per method). Each row trains in its own process through `deltatune.train.loop.train`, so peak RSS
-is that run's. Step time is the median over steps 2..N (tokens / tokens_per_s from metrics.jsonl).
+tuned per method; AdaLoRA's singular values start at zero, so it gets 1e-2; prefix tuning starts from
+zero prefixes, since peft's N(0, 1) prefixes take the loss from 0.5 to 9.3 at step 1); the QLoRA row also sets `model.quantize: nf4` (issue: within 5 points of LoRA). Each
+row trains in its own process through `deltatune.train.loop.train`, so peak RSS is that run's. Step time
+is the median of `step_s` over steps 2..N in metrics.jsonl (step 1 also warms up).
 
 X-LoRA gates two frozen experts: the adapter the LoRA row trained and a distractor of the same shapes
 and per-module norm with random directions; its row shows whether the classifier learns to pick the
@@ -28,9 +30,10 @@ import torch
 
 ALL_LINEAR = "all-linear"
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ALL_LINEAR}
-ROWS = {  # key: (table label, method section, learning rate)
+ROWS = {  # key: (table label, method section, learning rate[, model section overrides])
     "base": ("base model (no training)", None, 0.0),
     "lora": ("LoRA r=16", {"name": "lora", **LORA}, 2e-3),
+    "qlora": ("QLoRA r=16 (NF4 base)", {"name": "lora", **LORA}, 2e-3, {"quantize": "nf4"}),
     "dora": ("DoRA r=16", {"name": "lora", **LORA, "use_dora": True}, 2e-3),
     "loha": ("LoHa r=8", {"name": "loha", "r": 8, "alpha": 16, "target_modules": ALL_LINEAR}, 2e-3),
     "lokr": ("LoKr r=8", {"name": "lokr", "r": 8, "alpha": 16, "target_modules": ALL_LINEAR}, 2e-3),
@@ -38,7 +41,7 @@ ROWS = {  # key: (table label, method section, learning rate)
     "boft": ("BOFT 8x2 butterfly", {"name": "boft", "boft_block_size": 8, "boft_n_butterfly_factor": 2,
                                     "target_modules": ALL_LINEAR}, 2e-3),
     "adalora": ("AdaLoRA 12->8", {"name": "adalora", "init_r": 12, "target_r": 8, "lora_alpha": 32, "tinit": 4,
-                                  "tfinal": 4, "deltaT": 2, "total_step": 20, "target_modules": ALL_LINEAR}, 2e-3),
+                                  "tfinal": 4, "deltaT": 2, "total_step": 20, "target_modules": ALL_LINEAR}, 1e-2),
     "vera": ("VeRA r=256", {"name": "vera", "r": 256, "target_modules": ALL_LINEAR}, 1e-2),
     "xlora": ("X-LoRA (2 experts)", {"name": "xlora", "xlora_size": 256}, 2e-3),
     "relora": ("ReLoRA r=16, reset every 10", {"name": "relora", **LORA, "relora_steps": 10,
@@ -61,8 +64,8 @@ ROWS = {  # key: (table label, method section, learning rate)
                                            "prompt_tuning_init_text": "Extract name, age, city and job as JSON:"}, 3e-2),
     "ptuning": ("P-tuning 20 tokens (MLP)", {"name": "p_tuning", "num_virtual_tokens": 20, "task_type": "CAUSAL_LM",
                                              "encoder_hidden_size": 128}, 1e-2),
-    "prefix": ("prefix tuning 20 tokens", {"name": "prefix_tuning", "num_virtual_tokens": 20,
-                                           "task_type": "CAUSAL_LM"}, 1e-2),
+    "prefix": ("prefix tuning 20 tokens, zero init", {"name": "prefix_tuning", "num_virtual_tokens": 20,
+                                                      "task_type": "CAUSAL_LM", "init_weights": "zero"}, 1e-2),
     "llama_adapter": ("LLaMA-Adapter 10 x 30 layers", {"name": "adaption_prompt", "adapter_len": 10,
                                                        "adapter_layers": 30, "task_type": "CAUSAL_LM"}, 9e-3),
 }
@@ -91,7 +94,7 @@ def row_config(key: str, out: Path, steps: int):
     from deltatune.train.config_file import from_dict
     from deltatune.train.demo import DEMO_SETTINGS
 
-    _, method, lr = ROWS[key]
+    _, method, lr, *model = ROWS[key]
     method = dict(method or ROWS["lora"][1])
     if method["name"] == "xlora":
         expert = out / "lora"
@@ -103,19 +106,19 @@ def row_config(key: str, out: Path, steps: int):
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in DEMO_SETTINGS.items()}
     raw["method"], raw["output_dir"] = method, str(out / key)
     raw["training"].update(max_steps=max(steps, 1), lr=lr or 2e-3)
+    raw["model"].update(*model)
     return from_dict(raw, source=f"benchmarks/methods.py row {key}")
 
 
 def worker(key: str, out: Path, steps: int) -> dict:
-    from deltatune.models import load_default
-    from deltatune.train.build import read_samples
+    from deltatune.train.build import load_base, read_samples
     from deltatune.train.evaluate import score_generation
     from deltatune.train.loop import train
     from deltatune.train.runtime import autocast, resolve_precision
 
     torch.set_num_threads(2)
     config = row_config(key, out, steps)
-    model, tokenizer = load_default()
+    model, tokenizer = load_base(config.model)  # the embedded SmolLM2, quantized where the row says
     if ROWS[key][1] is None:  # the untrained model, scored the same way
         samples = read_samples(config.data.eval, config.data)[0][: config.eval.max_samples]
         with autocast(resolve_precision(config.training.precision)):
@@ -164,7 +167,7 @@ def main() -> None:
                 continue
             res = results[key] = json.loads(done.stdout.strip().splitlines()[-1])
             log.write(json.dumps({"row": key, "steps": args.steps, **res}) + "\n")
-            label, method, lr = ROWS[key]
+            label, method, lr, *_ = ROWS[key]
             if method is None:
                 print(f"| {label} | - | {res['exact_match']:.0f} | 0 | - | - | - | - |", flush=True)
                 continue

@@ -50,6 +50,15 @@ def build(setup: str):
     return deltatune.get_peft_model(base, deltatune.LoraConfig(**LORA)), weight_bytes
 
 
+def bf16_float_parts_bytes() -> int:
+    """Weight bytes of SmolLM2 loaded in bf16 with its linear layers in NF4 (double quantization)."""
+    from deltatune import quant
+    from deltatune.models import load_default
+
+    model, _ = load_default(torch.bfloat16)
+    return quant.weight_bytes(quant.quantize(model, "nf4", double_quant=True))
+
+
 def reset_peak_rss() -> None:
     """Start peak-RSS accounting from here: loading a float model and quantizing it peaks higher than
     training the result, and that load-time peak is not what QLoRA saves. Linux only."""
@@ -109,6 +118,9 @@ def main() -> None:
     for library in ("deltatune", "peft"):
         q, f = results[f"{library}-qlora"], results[f"{library}-lora"]
         print(f"{library:<17}{q['seconds'] / f['seconds']:>11.2f}{q['rss_gb'] / f['rss_gb']:>10.2f}")
+    bf16 = bf16_float_parts_bytes()
+    print(f"NF4 with the float parts (embeddings, norms) in bf16, as QLoRA loads them: {bf16 / 1e6:.1f} MB, "
+          f"{bf16 / float_bytes:.3f} of float32")
     ours, theirs = results["deltatune-qlora"], results["peft-qlora"]
     print(f"{'qlora ours/peft':<17}{ours['seconds'] / theirs['seconds']:>11.2f}{ours['rss_gb'] / theirs['rss_gb']:>10.2f}")
 

@@ -178,6 +178,27 @@ def test_merge_and_unload_keeps_a_quantized_model():
     assert torch.isfinite(logits(merged)).all()
 
 
+def test_float_storage_gives_fsdp_one_dtype_per_layer():
+    """quant_storage=bfloat16 packs the 4-bit codes in bf16 storage: with a bf16 base and compute dtype,
+    every parameter of a decoder layer (codes, norms, LoRA) has one dtype, as FSDP's flattening needs; the
+    layer computes exactly what uint8 storage computes and merges keep the storage."""
+    spec = {"type": "nf4", "compute_dtype": "bfloat16", "quant_storage": "bfloat16"}
+    packed_bf16 = quant.quantize(llama64().to(torch.bfloat16), spec)
+    packed_u8 = quant.quantize(llama64().to(torch.bfloat16), "nf4", compute_dtype=torch.bfloat16)
+    model = dt.get_peft_model(packed_bf16, dt.LoraConfig(r=4, target_modules="all-linear"))
+    for layer in model.model.model.layers:
+        assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}
+    assert quant.weight_bytes(packed_u8) == quant.weight_bytes(quant.quantize(llama64().to(torch.bfloat16), spec))
+    torch.testing.assert_close(logits(model), logits(packed_u8), rtol=0, atol=0)
+    randomize(model, scale=0.02)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = model.merge_and_unload()
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    with pytest.raises(DeltaConfigError, match="quant_storage"):
+        quant.quantize(llama64(), {"type": "int8", "quant_storage": "bfloat16"})
+
+
 def test_merge_rounding_error_is_small_for_a_trained_size_update():
     """A LoRA update of 1% of the weight: the requantized weight is within about 1% of the merged float
     weight (small relative to the weight), but 4-bit steps are coarser than the update, so most of the

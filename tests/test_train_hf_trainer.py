@@ -129,3 +129,27 @@ def test_stock_trainer_with_bf16_autocast(tmp_path):
         data_collator=collator,
     )
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_delta_trainer_loss_from_hidden_states_trains_like_the_stock_trainer(tmp_path, accumulate, monkeypatch):
+    """DeltaTrainer takes the loss without the full logits tensor (linear_loss.py); the training losses
+    and the trained adapter equal the stock Trainer's, with and without gradient accumulation."""
+    from deltatune.train import evaluate
+
+    calls = []
+    chunked = evaluate.linear_cross_entropy
+    monkeypatch.setattr(evaluate, "linear_cross_entropy", lambda *a: calls.append(1) or chunked(*a))
+    runs = {}
+    for name, cls in (("stock", Trainer), ("delta", DeltaTrainer)):
+        model = wrapped(tied=True)
+        trainer = cls(model=model, args=arguments(tmp_path / name, remove_unused_columns=False,
+                                                  gradient_accumulation_steps=accumulate),
+                      train_dataset=features(), data_collator=collator)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        runs[name] = (losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert len(calls) == 4 * accumulate  # DeltaTrainer took the chunked path on every micro-batch
+    assert runs["delta"][0] == pytest.approx(runs["stock"][0], rel=1e-4)
+    for name, param in runs["stock"][1].items():
+        torch.testing.assert_close(runs["delta"][1][name], param, rtol=1e-4, atol=1e-5)

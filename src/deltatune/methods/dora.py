@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora_ops import KEEP_LEVELS, autocast_state, keep_threshold, masked_input, replay_autocast, shared_dropout
+
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -68,3 +70,72 @@ def unmerged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
     """Inverse of `merged` given the norm it returned."""
     scale = (norm / magnitude.reshape(-1).float()).view(-1, *[1] * (weight.dim() - 1))
     return weight * scale - delta
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """The linear DoRA branch as one autograd function, the same formula as `dora_output`:
+
+        out = base_out + (m/n - 1) * W x~ + (m/n) * s B A x~,  x~ = dropout(x),  n = ||W + s B A||_c
+
+    (W x~ is base_out minus its bias when nothing is dropped). It keeps x, the keep-mask it shares with
+    sibling layers (lora_ops), the (N, r) projection and one (N, out) tensor for m's gradient, where the
+    module path keeps a float copy of the dropped input and two (N, out) tensors."""
+
+    @staticmethod
+    def forward(ctx, x, base_out, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout: float):
+        flat, out_f = x.reshape(-1, x.shape[-1]), base_out.shape[-1]
+        keep, rescale = None, 1.0
+        if dropout > 0:
+            keep, dropped = shared_dropout(x, flat, dropout)
+            rescale = KEEP_LEVELS / keep_threshold(dropout)
+        hidden = (dropped if keep is not None else flat) @ lora_a.t()  # (N, r)
+        if keep is not None:
+            hidden.mul_(rescale)
+        lora = (hidden @ lora_b.t()).mul_(scaling)  # s B A x~, (N, out)
+        norm = channel_norm(weight + scaling * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype)))
+        scale = magnitude.reshape(-1) / norm
+        base_flat = base_out.reshape(-1, out_f)
+        if keep is not None:
+            base_result = (dropped @ weight.t().to(dropped.dtype)).mul_(rescale)  # W x~
+        else:
+            base_result = base_flat - bias if bias is not None else base_flat
+        scale_out = scale.to(base_flat.dtype)
+        out = base_flat + (scale_out - 1) * base_result + scale_out * lora
+        ctx.save_for_backward(x, keep, hidden, lora_a, lora_b, weight, norm, scale_out, base_result + lora)
+        ctx.scaling, ctx.rescale, ctx.magnitude = scaling, rescale, (magnitude.shape, magnitude.dtype)
+        ctx.autocast = autocast_state(x)
+        return out.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with replay_autocast(ctx.autocast):
+            return DoraLinearFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        x, keep, hidden, lora_a, lora_b, weight, norm, scale, combined = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        shape, dtype = ctx.magnitude
+        grad_m = ((g * combined).sum(0) / norm).reshape(shape).to(dtype)
+        g_lora = g * scale
+        grad_b = (g_lora.t() @ hidden).mul_(ctx.scaling)
+        grad_hidden = (g_lora @ lora_b).mul_(ctx.scaling * ctx.rescale)  # w.r.t. the un-rescaled projection
+        grad_a = grad_hidden.t() @ masked_input(x, keep)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_hidden @ lora_a
+            if keep is not None:  # x~ also feeds W x~
+                grad_x = torch.where(keep, grad_x + ((g * (scale - 1)) @ weight.to(g.dtype)).mul_(ctx.rescale), 0)
+            grad_x = grad_x.view(x.shape)
+        grad_base = grad_out if keep is not None else (g * scale).view(grad_out.shape)
+        return grad_x, grad_base, None, None, grad_a, grad_b, grad_m, None, None
+
+
+def dora_linear(x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+                dropout: float) -> torch.Tensor:
+    """A linear layer's DoRA output (see DoraLinearFunction); `weight` (out, in) and `bias` are frozen."""
+    lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    out = DoraLinearFunction.apply(x, base_out.to(x.dtype), weight.detach(), None if bias is None else bias.detach(),
+                                   lora_a, lora_b, magnitude, scaling, dropout)
+    return out.to(base_out.dtype)

@@ -250,9 +250,12 @@ class LoraAdapter(nn.Module):
         return self.lora_B(self.lora_A(x)) * self.scaling
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
         if self.kind == "linear" and not self.use_dora:
-            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             return lora_linear(x, base_out, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+        if self.kind == "linear" and not self.fan_in_fan_out and not base.weight.requires_grad:
+            return dora.dora_linear(x, base_out, read_weight(base, copy=False), base.bias, self.lora_A.weight,
+                                    self.lora_B.weight, self.lora_magnitude_vector, self.scaling, p)
         dropped = x if self.kind == "embedding" else self.dropout(x)
         lora_out = self._lora_out(dropped, base).to(base_out.dtype)
         if not self.use_dora:
@@ -266,14 +269,14 @@ class LoraAdapter(nn.Module):
     @staticmethod
     def mixed_forward(adapters: list, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module,
                       index: torch.Tensor) -> torch.Tensor | None:
-        """Every sample through its own adapter in two batched matmuls (linear, non-DoRA; lora_ops)."""
+        """Every sample through its own adapter without a loop over samples (linear, non-DoRA; lora_ops)."""
         present = [a for a in adapters if a is not None]
         if any(a.kind != "linear" or a.use_dora for a in present) or x.dim() < 2:
             return None
         if any(a.training and not isinstance(a.dropout, nn.Identity) for a in present):
             return None
         factors = [(a.A, a.B, a.scaling) if a is not None else None for a in adapters]
-        return mixed_lora_linear(factors, x, base_out, index)
+        return mixed_lora_linear(factors, x, base_out, index, owner=base)
 
     # ---------------------------------------------------------------- merge (DoRA is not additive)
     def merged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:

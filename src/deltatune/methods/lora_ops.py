@@ -5,35 +5,96 @@ gradient in every adapted layer. This keeps the input x itself (already alive fo
 that read it) plus a 1-byte keep-mask, and only rank-sized intermediates; the scaled up-projection is
 folded into one addmm on the base output.
 
+Dropout masks: drawing them is most of dropout's cost on a CPU (a Bernoulli draw per input element costs
+about ten times the rank-16 matmul it feeds), so
+- layers that read the same input tensor (q/k/v of one attention block, gate/up of one MLP) share one
+  mask and one masked input, drawn for the first of them: each branch still sees dropout p, like one
+  `nn.Dropout` placed before a fused down-projection of the siblings;
+- a mask is 16-bit uniforms compared with round((1 - p) * 2^16), three per 64-bit draw, and the
+  rescale is 2^16 / that threshold, so the kept inputs are scaled by exactly 1 / P(keep).
+
 Shapes: x (..., in), base_out (..., out), A (r, in), B (out, r); N = prod(...) tokens.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+import weakref
+
 import torch
+
+KEEP_LEVELS = 2**16  # a mask entry is a 16-bit uniform compared with a threshold
+
+
+def keep_threshold(dropout: float) -> int:
+    """Entries whose 16-bit uniform is below this are kept; P(keep) = threshold / 2^16."""
+    return max(1, round((1 - dropout) * KEEP_LEVELS))
+
+
+def draw_keep_mask(shape: torch.Size, dropout: float, device: torch.device) -> torch.Tensor:
+    """Bool keep-mask of `shape`, P(keep) = keep_threshold(dropout) / 2^16 per entry, independent."""
+    count = math.prod(shape)
+    # random_() fills int64 with 63 random bits: use the low three 16-bit chunks of each draw
+    draws = torch.empty(-(-count // 3), dtype=torch.int64, device=device).random_()
+    chunks = draws.view(torch.int16).view(-1, 4)[:, :3]  # signed: uniform over [-2^15, 2^15)
+    return (chunks < keep_threshold(dropout) - KEEP_LEVELS // 2).reshape(-1)[:count].view(shape)
+
+
+_SHARED = threading.local()  # .entry: (weakref to the input, its key, keep-mask, masked flat input)
+
+
+def shared_dropout(x: torch.Tensor, flat: torch.Tensor, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep-mask, masked flat input) for input `x`: drawn once per input tensor object, shared by the
+    layers that read it (per thread)."""
+    key = (x._version, dropout, x.shape, x.dtype, x.device)
+    entry = getattr(_SHARED, "entry", None)
+    if entry is not None and entry[0]() is x and entry[1] == key:
+        return entry[2], entry[3]
+    keep = draw_keep_mask(flat.shape, dropout, flat.device)
+    masked = torch.where(keep, flat, 0)
+    _SHARED.entry = (weakref.ref(x), key, keep, masked)
+    return keep, masked
+
+
+def autocast_state(x: torch.Tensor) -> tuple:
+    """The forward's autocast state: backward may run outside the autocast block (Hugging Face Trainer
+    does), so the functions here replay it."""
+    device = x.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def replay_autocast(state: tuple):
+    device, enabled, dtype = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
+
+def masked_input(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The dropped (not rescaled) input as (N, in), recomputed from x and its keep-mask."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.where(keep, flat, 0) if keep is not None else flat
 
 
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, lora_a, lora_b, scaling: float, dropout: float):
         flat = x.reshape(-1, x.shape[-1])  # (N, in)
-        keep = torch.empty_like(flat, dtype=torch.bool).bernoulli_(1 - dropout) if dropout > 0 else None
-        rescale = 1 / (1 - dropout)  # inverted dropout's factor, applied in rank space (N, r), not (N, in)
-        hidden = (torch.where(keep, flat, 0) if keep is not None else flat) @ lora_a.t()  # (N, r)
+        keep, rescale = None, 1.0
+        if dropout > 0:
+            keep, dropped = shared_dropout(x, flat, dropout)
+            rescale = KEEP_LEVELS / keep_threshold(dropout)  # 1 / P(keep), applied in rank space (N, r)
+        hidden = (dropped if keep is not None else flat) @ lora_a.t()  # (N, r)
         if keep is not None:
             hidden.mul_(rescale)
         out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, keep, hidden, lora_a, lora_b)
         ctx.scaling, ctx.rescale = scaling, rescale
-        # backward may run outside the autocast block (Hugging Face Trainer does): replay its state
-        device = x.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = autocast_state(x)
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        with replay_autocast(ctx.autocast):
             return LoraLinearFunction._backward(ctx, grad_out)
 
     @staticmethod
@@ -43,8 +104,7 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_b = (grad_flat.t() @ hidden).mul_(ctx.scaling)  # (out, r)
         # gradient w.r.t. the dropped, un-rescaled input's projection: s * (1/(1-p)) * g @ B, (N, r)
         grad_hidden = (grad_flat @ lora_b).mul_(ctx.scaling * (ctx.rescale if keep is not None else 1.0))
-        flat = x.reshape(-1, x.shape[-1])
-        grad_a = grad_hidden.t() @ (torch.where(keep, flat, 0) if keep is not None else flat)  # (r, in)
+        grad_a = grad_hidden.t() @ masked_input(x, keep)  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_hidden @ lora_a  # (N, in)
@@ -61,24 +121,72 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, l
     return LoraLinearFunction.apply(x, base_out.to(x.dtype), lora_a, lora_b, scaling, dropout).to(base_out.dtype)
 
 
-def mixed_lora_linear(factors: list, x: torch.Tensor, base_out: torch.Tensor,
-                      index: torch.Tensor) -> torch.Tensor:
-    """One LoRA per sample: `factors[slot]` is (A, B, scaling) or None, `index` (batch,) a slot per sample
-    (-1: the base model). Factors are stacked (ranks zero-padded, scaling folded into B) and gathered per
-    sample, so the whole batch takes two bmm calls and no loop over samples."""
+# Below this many (tokens per sample x adapters), projecting every row through every adapter and masking
+# the others beats gathering per-sample factors (decode steps: one token per sample); measured on CPU, r=16.
+DENSE_BELOW = 32
+_STACKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _stack_key(factors: list) -> tuple:
+    """Changes whenever a factor is updated in place (optimizer step, hotswap, load); replaced tensors are
+    caught by the weak references stored beside it."""
+    return tuple(None if f is None else (f[0]._version, f[1]._version, f[2], f[0].shape, f[1].shape)
+                 for f in factors)
+
+
+def _same_tensors(refs: list, factors: list) -> bool:
+    tensors = [t for f in factors if f is not None for t in f[:2]]
+    return len(refs) == len(tensors) and all(ref() is t for ref, t in zip(refs, tensors))
+
+
+def stacked_factors(factors: list, owner: torch.nn.Module | None) -> tuple[torch.Tensor, ...]:
+    """A^T stacked (slots + 1, in, r_max) and s * B^T stacked (slots + 1, r_max, out), the last slot the
+    base model (zeros), plus the same side by side, (in, slots * r_max) and (slots * r_max, out). Cached
+    per `owner` (the base layer) while no factor changes and no gradient is wanted."""
     present = [f for f in factors if f is not None]
+    cacheable = owner is not None and not (torch.is_grad_enabled()
+                                           and any(a.requires_grad or b.requires_grad for a, b, _ in present))
+    key = _stack_key(factors)
+    if cacheable:
+        hit = _STACKS.get(owner)
+        if hit is not None and hit[0] == key and _same_tensors(hit[1], factors):
+            return hit[2:]
     ref = present[0][0]
     r_max = max(a.shape[0] for a, _, _ in present)
     in_f, out_f = ref.shape[1], present[0][1].shape[0]
-    a_stack = ref.new_zeros(len(factors) + 1, r_max, in_f)  # last slot: base model (zeros)
-    b_stack = ref.new_zeros(len(factors) + 1, out_f, r_max)
+    a_t = ref.new_zeros(len(factors) + 1, in_f, r_max)
+    b_t = ref.new_zeros(len(factors) + 1, r_max, out_f)
     for slot, found in enumerate(factors):
         if found is not None:
             a, b, scaling = found
-            a_stack[slot, : a.shape[0]] = a
-            b_stack[slot, :, : a.shape[0]] = b * scaling
+            a_t[slot, :, : a.shape[0]] = a.t()
+            b_t[slot, : a.shape[0]] = b.t() * scaling
+    slots = len(factors)
+    a_cat = a_t[:slots].permute(1, 0, 2).reshape(in_f, slots * r_max)
+    b_cat = b_t[:slots].reshape(slots * r_max, out_f)
+    if cacheable:
+        refs = [weakref.ref(t) for f in factors if f is not None for t in f[:2]]
+        _STACKS[owner] = (key, refs, a_t, b_t, a_cat, b_cat)
+    return a_t, b_t, a_cat, b_cat
+
+
+def mixed_lora_linear(factors: list, x: torch.Tensor, base_out: torch.Tensor, index: torch.Tensor,
+                      owner: torch.nn.Module | None = None) -> torch.Tensor:
+    """One LoRA per sample: `factors[slot]` is (A, B, scaling) or None, `index` (batch,) a slot per sample
+    (-1: the base model). No loop over samples or adapters: long samples gather their stacked factors and
+    take one bmm down and one baddbmm up into the base output; short ones (decode) go through every
+    adapter's A side by side with the other adapters' ranks masked to zero, then one addmm up."""
+    a_t, b_t, a_cat, b_cat = stacked_factors(factors, owner)
+    batch, in_f, r_max, out_f = x.shape[0], a_t.shape[1], a_t.shape[2], b_t.shape[2]
+    flat = x.reshape(batch, -1, in_f).to(a_t.dtype)  # (batch, tokens, in)
+    tokens = flat.shape[1]
+    if tokens * len(factors) < DENSE_BELOW:
+        hidden = flat.reshape(-1, in_f) @ a_cat  # (batch * tokens, slots * r_max)
+        own = torch.arange(len(factors), device=index.device) == index[:, None]  # (batch, slots); base: none
+        hidden = hidden.view(batch, tokens, len(factors), r_max) * own[:, None, :, None].to(hidden.dtype)
+        out = torch.addmm(base_out.reshape(-1, out_f).to(a_t.dtype), hidden.view(batch * tokens, -1), b_cat)
+        return out.reshape(base_out.shape).to(base_out.dtype)
     slots = torch.where(index < 0, len(factors), index)
-    flat = x.reshape(x.shape[0], -1, in_f).to(ref.dtype)  # (batch, tokens, in)
-    hidden = torch.bmm(flat, a_stack[slots].transpose(1, 2))  # (batch, tokens, r_max)
-    delta = torch.bmm(hidden, b_stack[slots].transpose(1, 2))  # (batch, tokens, out)
-    return base_out + delta.reshape(base_out.shape).to(base_out.dtype)
+    hidden = torch.bmm(flat, a_t[slots])  # (batch, tokens, r_max)
+    out = torch.baddbmm(base_out.reshape(batch, -1, out_f).to(a_t.dtype), hidden, b_t[slots])
+    return out.reshape(base_out.shape).to(base_out.dtype)

@@ -41,6 +41,9 @@ class QuantSpec:
             bit a weight saved (QLoRA's "double quantization").
         blocksize: 4-bit only: weights that share one scale (64, as QLoRA).
         compute_dtype: dtype the layer computes in; None keeps the float layer's own dtype.
+        quant_storage: 4-bit only: the dtype whose storage holds the packed codes (uint8 when None). Set it
+            to the model's float dtype (e.g. torch.bfloat16) to shard with FSDP, which flattens every
+            parameter of a wrapped unit into one buffer of one dtype; the bytes are the same.
         backend: which registered backend does the work.
     """
 
@@ -48,6 +51,7 @@ class QuantSpec:
     double_quant: bool = True
     blocksize: int = 64
     compute_dtype: torch.dtype | None = None
+    quant_storage: torch.dtype | None = None
     backend: str = "bitsandbytes"
 
     def __post_init__(self) -> None:
@@ -55,9 +59,12 @@ class QuantSpec:
             raise DeltaConfigError(f"quantize type={self.type!r}: must be one of {QUANT_TYPES}")
         if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
             raise DeltaConfigError(f"quantize blocksize={self.blocksize!r}: must be a power of two in 64..4096")
-        if self.compute_dtype is not None and not (isinstance(self.compute_dtype, torch.dtype)
-                                                   and self.compute_dtype.is_floating_point):
-            raise DeltaConfigError(f"quantize compute_dtype={self.compute_dtype!r}: must be a float torch.dtype")
+        for key in ("compute_dtype", "quant_storage"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+                raise DeltaConfigError(f"quantize {key}={value!r}: must be a float torch.dtype")
+        if self.quant_storage is not None and self.bits != 4:
+            raise DeltaConfigError(f"quantize quant_storage: only 4-bit types pack codes, not {self.type!r}")
 
     @property
     def bits(self) -> int:
@@ -75,8 +82,12 @@ class QuantSpec:
         else:
             raise DeltaConfigError(f"quantize={spec!r}: give one of {QUANT_TYPES}, a dict with 'type', or a QuantSpec")
         fields.update({k: v for k, v in overrides.items() if v is not None})
-        if isinstance(fields.get("compute_dtype"), str):
-            fields["compute_dtype"] = getattr(torch, fields["compute_dtype"].removeprefix("torch."))
+        for key in ("compute_dtype", "quant_storage"):
+            if isinstance(fields.get(key), str):
+                name = fields[key].removeprefix("torch.")
+                if not isinstance(getattr(torch, name, None), torch.dtype):
+                    raise DeltaConfigError(f"quantize {key}={fields[key]!r}: not a torch dtype")
+                fields[key] = getattr(torch, name)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(fields) - known)
         if unknown:

@@ -70,12 +70,14 @@ class BitsAndBytesBackend:
         compute = spec.compute_dtype or weight.dtype
         has_bias = linear.bias is not None
         if spec.bits == 4:
+            storage = spec.quant_storage or torch.uint8
             module = b.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute,
-                                     compress_statistics=spec.double_quant, quant_type=spec.type, device="meta")
+                                     compress_statistics=spec.double_quant, quant_type=spec.type,
+                                     quant_storage=storage, device="meta")
             module.support_avx512bf16_for_cpu = False  # see the module docstring
             module.weight = b.nn.Params4bit(weight.float(), requires_grad=False, blocksize=spec.blocksize,
                                             compress_statistics=spec.double_quant, quant_type=spec.type,
-                                            module=module).to(device)
+                                            quant_storage=storage, module=module).to(device)
         else:
             module = b.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
                                        has_fp16_weights=False, threshold=0.0, device="meta")
@@ -135,8 +137,10 @@ class BitsAndBytesBackend:
         nested = getattr(state, "original_nested", None) if getattr(state, "packing_format_for_cpu", False) \
             else state.nested
         compute = getattr(module, "compute_dtype", None)
+        storage = getattr(weight, "quant_storage", torch.uint8)
         return QuantSpec(state.quant_type, double_quant=bool(nested), blocksize=state.blocksize,
-                         compute_dtype=compute if isinstance(compute, torch.dtype) else None)
+                         compute_dtype=compute if isinstance(compute, torch.dtype) else None,
+                         quant_storage=storage if storage.is_floating_point else None)
 
     def storage_tensors(self, module: nn.Module) -> list[torch.Tensor]:
         weight = module.weight

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .formats import Sample
+from .linear_loss import linear_cross_entropy, token_loss_parts
 from .tokenize import IGNORE, Encoded, collate, prompt_text
 
 
@@ -20,9 +21,15 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     optimizer step, so the result does not depend on how the step is split into micro-batches or
     processes.
     """
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    parts = token_loss_parts(model)
+    if parts is not None:  # no full logits tensor (linear_loss.py); the same numbers
+        backbone, head = parts
+        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), head.weight, head.bias, targets.flatten())
+        return loss, int((targets != IGNORE).sum())
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, -batch["input_ids"].shape[1]:]  # soft prompts prepend virtual positions
-    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     loss = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
     )

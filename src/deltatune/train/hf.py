@@ -9,6 +9,10 @@ which fails for models with tied embeddings (SmolLM2, Llama 3.2 ...). `DeltaTrai
     trainer = DeltaTrainer(model=delta_model, args=args, train_dataset=ds)
     trainer.train()        # checkpoint-N/ holds adapter_config.json + adapter_model.safetensors
     trainer.train(resume_from_checkpoint=True)      # resumes from them
+
+It also takes a causal LM's loss straight from the hidden states (train/linear_loss.py: no full logits
+tensor, the same value) when a batch holds only input_ids / attention_mask / labels and no label
+smoothing or custom loss function is set; otherwise the stock `compute_loss` runs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ import torch
 from transformers import Trainer
 
 from ..io.adapter_files import assign_weights, read_adapter
+from .evaluate import token_loss_sum
+from .linear_loss import token_loss_parts
+
+PLAIN_BATCH_KEYS = {"input_ids", "attention_mask", "labels"}
 
 
 def _delta(model):
@@ -28,6 +36,21 @@ def _delta(model):
 
 class DeltaTrainer(Trainer):
     """`transformers.Trainer` that saves and resumes a DeltaModel as an adapter."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        plain = (return_outputs or "labels" not in inputs or set(inputs) - PLAIN_BATCH_KEYS
+                 or self.label_smoother is not None or self.compute_loss_func is not None
+                 or token_loss_parts(model) is None)
+        if plain:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        batch = {"attention_mask": torch.ones_like(inputs["input_ids"]), **inputs}
+        loss_sum, count = token_loss_sum(model, batch)
+        # what the model's own loss would be: a sum over the accumulated batch's tokens, or a mean
+        by_items = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        loss = loss_sum / (num_items_in_batch if by_items else max(count, 1))
+        if self.args.average_tokens_across_devices and by_items:
+            loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
 
     def _set_signature_columns_if_needed(self):
         inner = _delta(self.accelerator.unwrap_model(self.model))

@@ -25,8 +25,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-bench: $(STAMP)
+bench: $(STAMP)  # the ratio benchmarks (minutes); benchmarks/methods.py (about an hour) runs on its own
 	$(PY) benchmarks/lora_step.py
+	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/mixed_batch.py
+	$(PY) benchmarks/quant.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

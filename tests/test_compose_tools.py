@@ -298,30 +298,31 @@ def test_vocabulary_mismatch_is_an_error():
 # ------------------------------------------------------------------------------------------ mixed batches
 @pytest.mark.parametrize("dense_below", [0, 10**9])  # the gather+bmm path, the dense masked path
 @torch.no_grad()
-def test_proposed_mixed_kernel_equals_the_current_one_and_sees_updates(dense_below, monkeypatch):
-    import sys
-    from pathlib import Path
+def test_mixed_kernel_paths_equal_each_sample_alone_and_see_updates(dense_below, monkeypatch):
+    from deltatune.methods import lora_ops
 
-    from deltatune.methods.lora import LoraAdapter
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import mixed_batch
-
-    monkeypatch.setattr(mixed_batch, "DENSE_BELOW", dense_below)
+    monkeypatch.setattr(lora_ops, "DENSE_BELOW", dense_below)
     model = random_lora(r=2)
     model.add_adapter("other", dt.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     model.eval()
     ids = token_batch(4, 5)
     names = ["default", "other", "__base__", "other"]
+
+    def alone():
+        rows = []
+        for sample, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    rows.append(model(ids[sample:sample + 1]).logits)
+            else:
+                model.set_adapter(name)
+                rows.append(model(ids[sample:sample + 1]).logits)
+        return torch.cat(rows)
+
     current = model(ids, adapter_names=names).logits
-    original = LoraAdapter.mixed_forward
-    try:
-        LoraAdapter.mixed_forward = staticmethod(mixed_batch.proposed_mixed_forward)
-        torch.testing.assert_close(model(ids, adapter_names=names).logits, current, atol=1e-5, rtol=1e-5)
-        layer = dict(model.delta_layers())["model.layers.0.self_attn.q_proj"]
-        layer.adapters["other"].lora_B.weight.mul_(3)  # in place: the cached stack must be rebuilt
-        updated = model(ids, adapter_names=names).logits
-    finally:
-        LoraAdapter.mixed_forward = original
-    torch.testing.assert_close(updated, model(ids, adapter_names=names).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(current, alone(), atol=1e-5, rtol=1e-5)
+    layer = dict(model.delta_layers())["model.layers.0.self_attn.q_proj"]
+    layer.adapters["other"].lora_B.weight.mul_(3)  # in place: the cached stack must be rebuilt
+    updated = model(ids, adapter_names=names).logits
+    torch.testing.assert_close(updated, alone(), atol=1e-5, rtol=1e-5)
     assert (updated - current).abs().max() > 1e-4

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora_ops import KEEP_LEVELS, autocast_state, keep_threshold, masked_input, replay_autocast, shared_dropout
+from .lora_ops import (KEEP_LEVELS, ReplaysAutocast, autocast_state, keep_threshold, masked_input,
+                       shared_dropout)
 
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -72,7 +73,7 @@ def unmerged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
     return weight * scale - delta
 
 
-class DoraLinearFunction(torch.autograd.Function):
+class DoraLinearFunction(ReplaysAutocast):
     """The linear DoRA branch as one autograd function, the same formula as `dora_output`:
 
         out = base_out + (m/n - 1) * W x~ + (m/n) * s B A x~,  x~ = dropout(x),  n = ||W + s B A||_c
@@ -105,11 +106,6 @@ class DoraLinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.rescale, ctx.magnitude = scaling, rescale, (magnitude.shape, magnitude.dtype)
         ctx.autocast = autocast_state(x)
         return out.view(base_out.shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        with replay_autocast(ctx.autocast):
-            return DoraLinearFunction._backward(ctx, grad_out)
 
     @staticmethod
     def _backward(ctx, grad_out):

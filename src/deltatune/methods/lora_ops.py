@@ -69,13 +69,22 @@ def replay_autocast(state: tuple):
     return torch.autocast(device, dtype=dtype, enabled=enabled)
 
 
+class ReplaysAutocast(torch.autograd.Function):
+    """Backward runs `_backward` under the autocast state forward kept in `ctx.autocast`."""
+
+    @classmethod
+    def backward(cls, ctx, grad_out):
+        with replay_autocast(ctx.autocast):
+            return cls._backward(ctx, grad_out)
+
+
 def masked_input(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """The dropped (not rescaled) input as (N, in), recomputed from x and its keep-mask."""
     flat = x.reshape(-1, x.shape[-1])
     return torch.where(keep, flat, 0) if keep is not None else flat
 
 
-class LoraLinearFunction(torch.autograd.Function):
+class LoraLinearFunction(ReplaysAutocast):
     @staticmethod
     def forward(ctx, x, base_out, lora_a, lora_b, scaling: float, dropout: float):
         flat = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -91,11 +100,6 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.rescale = scaling, rescale
         ctx.autocast = autocast_state(x)
         return out.view(base_out.shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        with replay_autocast(ctx.autocast):
-            return LoraLinearFunction._backward(ctx, grad_out)
 
     @staticmethod
     def _backward(ctx, grad_out):

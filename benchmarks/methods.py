@@ -34,6 +34,7 @@ ROWS = {  # key: (table label, method section, learning rate[, model section ove
     "base": ("base model (no training)", None, 0.0),
     "lora": ("LoRA r=16", {"name": "lora", **LORA}, 2e-3),
     "qlora": ("QLoRA r=16 (NF4 base)", {"name": "lora", **LORA}, 2e-3, {"quantize": "nf4"}),
+    "hqq": ("LoRA r=16 on an HQQ 4-bit base", {"name": "lora", **LORA}, 2e-3, {"quantize": "hqq4"}),
     "dora": ("DoRA r=16", {"name": "lora", **LORA, "use_dora": True}, 2e-3),
     "loha": ("LoHa r=8", {"name": "loha", "r": 8, "alpha": 16, "target_modules": ALL_LINEAR}, 2e-3),
     "lokr": ("LoKr r=8", {"name": "lokr", "r": 8, "alpha": 16, "target_modules": ALL_LINEAR}, 2e-3),

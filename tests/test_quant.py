@@ -24,10 +24,11 @@ from deltatune.core.layer import DeltaLayer, read_weight
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # ||dequant(quant(W)) - W|| / ||W|| for Gaussian W (block 64): measured 0.092 nf4, 0.122 fp4, 0.0075 int8
-QUANT_ERROR = {"nf4": 0.10, "fp4": 0.13, "int8": 0.01}
+# hqq (affine, fitted per group of 64): 0.087 hqq4, 0.0050 hqq8
+QUANT_ERROR = {"nf4": 0.10, "fp4": 0.13, "int8": 0.01, "hqq4": 0.10, "hqq8": 0.006}
 # quantized forward vs dequantized weight in float: 4-bit dequantizes and matmuls in float32 (exact up to
 # summation order); LLM.int8 also rounds the activations to int8, about 4e-3 on these logits
-FORWARD_ATOL = {"nf4": 1e-4, "fp4": 1e-4, "int8": 2e-2}
+FORWARD_ATOL = {"nf4": 1e-4, "fp4": 1e-4, "int8": 2e-2, "hqq4": 1e-4}  # hqq: dequantize + float matmul
 
 
 def llama64(seed: int = 0) -> LlamaForCausalLM:
@@ -66,7 +67,7 @@ def logits(model, batch=None):
 
 
 # ---------------------------------------------------------------- the backend on CPU
-@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8", "hqq4", "hqq8"])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_round_trip_error_bounds(kind, double_quant):
     torch.manual_seed(0)
@@ -108,6 +109,19 @@ def test_quantize_skip_head_and_spec_forms():
         quant.quantize(llama64(), {"type": "nf4", "bits": 4})
 
 
+def test_hqq_backend_quantizes_in_place_and_names_its_spec():
+    model = quant.quantize(llama64(), "hqq4")
+    layer = model.model.layers[0].mlp.down_proj
+    assert quant.is_quantized(layer) and isinstance(layer, torch.nn.Linear)  # methods see a linear base
+    assert quant.backend_for(layer).spec_of(layer) == quant.QuantSpec("hqq4", compute_dtype=torch.float32)
+    assert quant.QuantSpec("hqq4").backend == "hqq" and not quant.QuantSpec("hqq4").double_quant
+    assert quant.weight_bytes(model) / quant.weight_bytes(llama64()) < 0.4
+    reference = llama64()
+    assert (logits(model) - logits(reference)).abs().max() / logits(reference).abs().max() < 0.2
+    with pytest.raises(DeltaConfigError, match="backend 'hqq' offers"):
+        quant.QuantSpec.parse({"type": "nf4", "backend": "hqq"})
+
+
 def test_narrow_layers_stay_float_on_cpu():
     with pytest.warns(UserWarning, match="not a multiple of blocksize 64"):
         model = quant.quantize(tiny_llama(), "nf4")  # hidden 16: rows shorter than one block
@@ -120,7 +134,7 @@ def test_narrow_layers_stay_float_on_cpu():
 LORA_VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "int8", "hqq4"])
 @pytest.mark.parametrize("variant", list(LORA_VARIANTS))
 def test_lora_on_quantized_base_life_cycle(kind, variant, tmp_path):
     base = quantized(kind)
@@ -263,8 +277,9 @@ METHOD_SETTINGS = {
 BUILT_FROM_OTHER_ADAPTERS = {"BOTTLENECK_FUSION", "XLORA"}  # need saved adapters; their parts are covered here
 
 
+@pytest.mark.parametrize("kind", ["nf4", "hqq4"])  # the two backends
 @pytest.mark.parametrize("peft_type", sorted(set(dt.registered_methods()) - BUILT_FROM_OTHER_ADAPTERS))
-def test_every_method_on_a_quantized_base(peft_type):
+def test_every_method_on_a_quantized_base(peft_type, kind):
     """A method either refuses a quantized base with an error that says so, or gives the same outputs as
     on the dequantized float base (forward on top of base_out), and merges through read/write_weight."""
     cls = dt.registered_methods()[peft_type]
@@ -272,7 +287,7 @@ def test_every_method_on_a_quantized_base(peft_type):
     if cls.targets_layers:
         settings["target_modules"] = ["q_proj", "v_proj", "down_proj"]
     settings.update(METHOD_SETTINGS.get(peft_type, {}))
-    base = quantized("nf4")
+    base = quantized(kind)
     twin = float_twin(base)
     config = cls(**settings)
     torch.manual_seed(0)
@@ -301,7 +316,7 @@ def test_every_method_on_a_quantized_base(peft_type):
         if isinstance(layer, DeltaLayer) and quant.is_quantized(layer.base_layer):
             expected_w = ref_layer.base_layer.weight.detach()
             error = (read_weight(layer.base_layer) - expected_w).norm() / expected_w.norm()
-            assert error < QUANT_ERROR["nf4"], name
+            assert error < QUANT_ERROR[kind], name
 
 
 # ---------------------------------------------------------------- LoftQ

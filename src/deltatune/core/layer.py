@@ -64,10 +64,10 @@ def expand_per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _quant_backend(base: nn.Module):
-    """The quant/ backend storing `base`'s weight, or None. A plain tensor never imports quant/, so
+    """The quant/ backend storing `base`'s weight, or None. A plain float tensor never imports quant/, so
     float models do not load it (and core stays free of quantization libraries)."""
     weight = base.weight
-    if type(weight) in (nn.Parameter, torch.Tensor):
+    if type(weight) in (nn.Parameter, torch.Tensor) and weight.is_floating_point():
         return None
     from ..quant import backend_for
 

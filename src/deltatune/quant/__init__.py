@@ -15,10 +15,11 @@ Transformers' `bnb_4bit_compute_dtype` says otherwise); norms, biases and embedd
 model was loaded in. Unlike peft's `prepare_model_for_kbit_training`, nothing is upcast to float32, so
 each FSDP unit holds one float dtype beside the (non-flattened) quantized storage.
 
-The backend interface is `backend.QuantBackend`; bitsandbytes is the one registered backend (bnb.py).
+The backend interface is `backend.QuantBackend`; bitsandbytes (bnb.py) and HQQ (hqq.py, "hqq1".."hqq8",
+when the hqq package is installed) are the registered backends.
 """
 
-from . import bnb  # noqa: F401  (registers the bitsandbytes backend; imports bitsandbytes lazily)
+from . import bnb, hqq  # noqa: F401  (register the bitsandbytes and HQQ backends; each imports its library lazily)
 from .backend import (
     QUANT_TYPES,
     QuantBackend,

@@ -24,7 +24,8 @@ from torch import nn
 from ..core.config import DeltaConfigError
 from ..core.targeting import name_matches, output_head_names
 
-QUANT_TYPES = ("nf4", "fp4", "int8")
+BACKEND_TYPES = {"bitsandbytes": ("nf4", "fp4", "int8"), "hqq": ("hqq1", "hqq2", "hqq3", "hqq4", "hqq8")}
+QUANT_TYPES = tuple(t for types in BACKEND_TYPES.values() for t in types)
 
 
 class QuantizedMergeWarning(UserWarning):
@@ -36,10 +37,12 @@ class QuantSpec:
     """How to quantize linear weights.
 
     Args:
-        type: "nf4" (4-bit NormalFloat, QLoRA), "fp4" (4-bit float) or "int8" (LLM.int8 row-wise absmax).
-        double_quant: 4-bit only: quantize the per-block scales too (8-bit, blocks of 256), about 0.37
-            bit a weight saved (QLoRA's "double quantization").
-        blocksize: 4-bit only: weights that share one scale (64, as QLoRA).
+        type: "nf4" (4-bit NormalFloat, QLoRA), "fp4" (4-bit float) or "int8" (LLM.int8 row-wise absmax),
+            with bitsandbytes; "hqq1" ... "hqq8" (HQQ affine, that many bits; needs the hqq package), which
+            also selects the hqq backend.
+        double_quant: bitsandbytes 4-bit only: quantize the per-block scales too (8-bit, blocks of 256),
+            about 0.37 bit a weight saved (QLoRA's "double quantization"). Always False for hqq.
+        blocksize: weights that share one scale (64, as QLoRA); HQQ's group size.
         compute_dtype: dtype the layer computes in; None keeps the float layer's own dtype.
         quant_storage: 4-bit only: the dtype whose storage holds the packed codes (uint8 when None). Set it
             to the model's float dtype (e.g. torch.bfloat16) to shard with FSDP, which flattens every
@@ -57,17 +60,25 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.type not in QUANT_TYPES:
             raise DeltaConfigError(f"quantize type={self.type!r}: must be one of {QUANT_TYPES}")
+        if self.type.startswith("hqq"):  # the type names its backend
+            object.__setattr__(self, "backend", "hqq")
+            object.__setattr__(self, "double_quant", False)
+        elif self.backend in BACKEND_TYPES and self.type not in BACKEND_TYPES[self.backend]:
+            raise DeltaConfigError(f"quantize type={self.type!r}: backend {self.backend!r} offers "
+                                   f"{BACKEND_TYPES[self.backend]}")
         if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
             raise DeltaConfigError(f"quantize blocksize={self.blocksize!r}: must be a power of two in 64..4096")
         for key in ("compute_dtype", "quant_storage"):
             value = getattr(self, key)
             if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
                 raise DeltaConfigError(f"quantize {key}={value!r}: must be a float torch.dtype")
-        if self.quant_storage is not None and self.bits != 4:
-            raise DeltaConfigError(f"quantize quant_storage: only 4-bit types pack codes, not {self.type!r}")
+        if self.quant_storage is not None and (self.bits != 4 or self.backend != "bitsandbytes"):
+            raise DeltaConfigError(f"quantize quant_storage: only bitsandbytes' 4-bit types take it, not {self.type!r}")
 
     @property
     def bits(self) -> int:
+        if self.type.startswith("hqq"):
+            return int(self.type[3:])
         return 8 if self.type == "int8" else 4
 
     @classmethod
@@ -234,7 +245,7 @@ def quantize(model: nn.Module, spec: str | dict | QuantSpec | None = "nf4", doub
 
     Args:
         model: a Transformers model, a DeltaModel, or any nn.Module.
-        spec: "nf4", "fp4", "int8", a dict with those QuantSpec fields (as the `model.quantize` training
+        spec: "nf4", "fp4", "int8" (bitsandbytes), "hqq1".."hqq8" (HQQ), a dict with those QuantSpec fields (as the `model.quantize` training
             key gives it, optionally with "skip"), a QuantSpec, or None / "none" for no quantization.
         double_quant: overrides the spec's double quantization (4-bit only).
         skip: module names to keep in float: a list (exact name or dotted suffix) or a regex.

@@ -21,7 +21,8 @@ import logging
 import torch
 from torch import nn
 
-from .backend import QuantSpec, register_backend
+from .backend import register_backend
+from .spec import QuantSpec
 
 _bnb = None
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..core.config import DeltaConfigError
-from .backend import QuantSpec, register_backend
+from .backend import register_backend
+from .spec import QuantSpec
 
 
 def hqq_quantize():

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from ..core.config import DeltaConfigError
-from .backend import QuantSpec, round_trip
+from .backend import round_trip
+from .spec import QuantSpec
 
 LOFTQ_TYPES = {4: "nf4", 8: "int8"}
 

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora_ops import (KEEP_LEVELS, ReplaysAutocast, autocast_state, keep_threshold, masked_input,
-                       shared_dropout)
+from .lora_ops import ReplaysAutocast, autocast_state, dropped_projection, masked_input
 
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -84,14 +83,8 @@ class DoraLinearFunction(ReplaysAutocast):
 
     @staticmethod
     def forward(ctx, x, base_out, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout: float):
-        flat, out_f = x.reshape(-1, x.shape[-1]), base_out.shape[-1]
-        keep, rescale = None, 1.0
-        if dropout > 0:
-            keep, dropped = shared_dropout(x, flat, dropout)
-            rescale = KEEP_LEVELS / keep_threshold(dropout)
-        hidden = (dropped if keep is not None else flat) @ lora_a.t()  # (N, r)
-        if keep is not None:
-            hidden.mul_(rescale)
+        out_f = base_out.shape[-1]
+        keep, dropped, rescale, hidden = dropped_projection(x, lora_a, dropout)
         lora = (hidden @ lora_b.t()).mul_(scaling)  # s B A x~, (N, out)
         norm = channel_norm(weight + scaling * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype)))
         scale = magnitude.reshape(-1) / norm

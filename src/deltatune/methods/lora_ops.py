@@ -84,17 +84,21 @@ def masked_input(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return torch.where(keep, flat, 0) if keep is not None else flat
 
 
+def dropped_projection(x: torch.Tensor, lora_a: torch.Tensor, dropout: float) -> tuple:
+    """(keep-mask or None, dropped flat input (N, in), rescale 1 / P(keep), hidden = dropout(x) @ A^T (N, r)).
+    The rescale is applied to `hidden`, in rank space, not to the (N, in) input."""
+    flat = x.reshape(-1, x.shape[-1])
+    if dropout <= 0:
+        return None, flat, 1.0, flat @ lora_a.t()
+    keep, dropped = shared_dropout(x, flat, dropout)
+    rescale = KEEP_LEVELS / keep_threshold(dropout)
+    return keep, dropped, rescale, (dropped @ lora_a.t()).mul_(rescale)
+
+
 class LoraLinearFunction(ReplaysAutocast):
     @staticmethod
     def forward(ctx, x, base_out, lora_a, lora_b, scaling: float, dropout: float):
-        flat = x.reshape(-1, x.shape[-1])  # (N, in)
-        keep, rescale = None, 1.0
-        if dropout > 0:
-            keep, dropped = shared_dropout(x, flat, dropout)
-            rescale = KEEP_LEVELS / keep_threshold(dropout)  # 1 / P(keep), applied in rank space (N, r)
-        hidden = (dropped if keep is not None else flat) @ lora_a.t()  # (N, r)
-        if keep is not None:
-            hidden.mul_(rescale)
+        keep, _, rescale, hidden = dropped_projection(x, lora_a, dropout)
         out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, keep, hidden, lora_a, lora_b)
         ctx.scaling, ctx.rescale = scaling, rescale

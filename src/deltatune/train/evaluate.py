@@ -50,7 +50,7 @@ def eval_loss(
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        batch = collate(examples[start : start + batch_size], pad_id, device)
         with autocast():
             loss, n = token_loss_sum(model, batch)
         total, count = total + float(loss), count + n

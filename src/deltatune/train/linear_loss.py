@@ -35,11 +35,11 @@ def token_loss_parts(model) -> tuple[nn.Module, nn.Linear] | None:
         if model._model_level() is not None:  # soft prompts / X-LoRA run the model their own way
             return None
         model = model.model
-    if not type(model).__name__.endswith(CAUSAL_LM_CLASSES) or getattr(model.config, "is_encoder_decoder", False):
+    config = getattr(model, "config", None)
+    if not type(model).__name__.endswith(CAUSAL_LM_CLASSES) or getattr(config, "is_encoder_decoder", False):
         return None
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings()
-    config = getattr(model, "config", None)
     if backbone is None or backbone is model or type(head) is not nn.Linear or not head.weight.is_floating_point():
         return None
     if any(getattr(config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
@@ -69,12 +69,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_loss.to(grad_hidden.dtype)
-        return (grad_hidden * scale,
-                None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
-                None if grad_bias is None else grad_bias * grad_loss.to(grad_bias.dtype),
-                None)
+        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*scaled, None)
 
 
 def _chunks(hidden, weight, bias, targets, grads: bool, head_grads: bool = False):

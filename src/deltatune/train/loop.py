@@ -154,8 +154,7 @@ def train(
         step_loss = torch.zeros((), device=device)
         for micro in range(tc.grad_accum):
             offset = micro * tc.batch_size * world + accelerator.process_index * tc.batch_size
-            batch = collate([examples[i] for i in step_ids[offset : offset + tc.batch_size]], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = collate([examples[i] for i in step_ids[offset : offset + tc.batch_size]], pad_id, device)
             torch.manual_seed(hash((tc.seed, step, micro, accelerator.process_index)) % 2**62)
             sync = nullcontext() if micro == tc.grad_accum - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():
@@ -223,8 +222,7 @@ def training_batches(examples, batch_size: int, seed: int, pad_id: int, device):
     """Training batches in the loop's sample order, for `before_training` hooks."""
     order = SampleOrder(len(examples), seed)
     for first in range(0, len(examples), batch_size):
-        batch = collate([examples[order[first + i]] for i in range(min(batch_size, len(examples) - first))], pad_id)
-        yield {k: v.to(device) for k, v in batch.items()}
+        yield collate([examples[order[i]] for i in range(first, min(first + batch_size, len(examples)))], pad_id, device)
 
 
 def mean_token_loss(model, batch: dict) -> torch.Tensor:

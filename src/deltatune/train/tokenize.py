@@ -151,8 +151,8 @@ def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
     return packed
 
 
-def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids, attention_mask and labels (IGNORE on padding), shape (B, T)."""
+def collate(examples: list[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids, attention_mask and labels (IGNORE on padding), shape (B, T), on `device`."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -162,7 +162,7 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 def target_count(example: Encoded) -> int:

@@ -10,7 +10,8 @@ from helpers_train import make_tokenizer
 
 from deltatune.train.files import DataError, read_rows
 from deltatune.train.formats import detect_format, to_samples
-from deltatune.train.tokenize import IGNORE, collate, encode, pack, prompt_text
+from deltatune.train.packing import pack
+from deltatune.train.tokenize import IGNORE, collate, encode, prompt_text
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,12 @@ def test_packing_and_collate(tmp_path, tokenizer):
     packed = pack(examples, 128)
     assert len(packed) < len(examples) and all(len(p.input_ids) <= 128 for p in packed)
     assert sum(len(p.input_ids) for p in packed) == sum(len(e.input_ids) for e in examples)
-    batch = collate(examples[:2] + packed[:1], tokenizer.pad_token_id)
+    batch = collate(examples[:2], tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert int(batch["attention_mask"][0].sum()) == len(examples[0].input_ids)
     assert (batch["labels"][0, len(examples[0].input_ids) :] == IGNORE).all()
+    mixed = collate(examples[:1] + packed[:1], tokenizer.pad_token_id)  # packed rows: positions, no mask
+    assert "attention_mask" not in mixed and mixed["position_ids"].shape == mixed["input_ids"].shape
+    n = len(examples[0].input_ids)
+    assert mixed["position_ids"][0, :n].tolist() == list(range(n))
+    assert mixed["position_ids"][0, n:].tolist() == list(range(mixed["input_ids"].shape[1] - n))

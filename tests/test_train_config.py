@@ -61,6 +61,7 @@ def test_overrides(tmp_path):
         ("method.lora_dropout=1.5", r"lora_dropout=1.5"),
         ("training.schedule=cosin", r"training.schedule='cosin': must be one of"),
         ("training.batch_size=0", r"training.batch_size=0: must be >= 1"),
+        ("training.offload_checkpoints=true", r"training.offload_checkpoints=True: offloads what gradient checkpointing"),
         ("training.lr=fast", r"training.lr='fast': must be float"),
         ("training.precision=fp8", r"training.precision='fp8'"),
         ("data.format=parquet", r"data.format='parquet'"),

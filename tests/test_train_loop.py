@@ -113,6 +113,31 @@ def test_gradient_checkpointing_matches_plain_training(files):
     del plain
 
 
+def test_offloaded_checkpoints_hold_layer_inputs_in_host_memory(files, monkeypatch):
+    """training.offload_checkpoints: each checkpointed layer's input goes through save_on_cpu (a no-op
+    copy on this CPU machine, a device-to-host move on a GPU) and training ends with the same adapter."""
+    packed_shapes = []
+
+    class Recording(torch.autograd.graph.save_on_cpu):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pack = self.pack_hook
+            self.pack_hook = lambda tensor: (packed_shapes.append(tuple(tensor.shape)), pack(tensor))[1]
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Recording)
+    settings = {"max_steps": 2, "lr": 1e-3, "gradient_checkpointing": True}
+    train(config_for(files, "gc_plain", ["method.lora_dropout=0"], **settings), **QUIET)
+    assert packed_shapes == []
+    result = train(config_for(files, "gc_offload", ["method.lora_dropout=0", "training.offload_checkpoints=true"],
+                              **settings), **QUIET)
+    hidden = result.model.get_base_model().config.hidden_size
+    layers = result.model.get_base_model().config.num_hidden_layers
+    assert sum(shape[-1] == hidden and len(shape) == 3 for shape in packed_shapes) >= 2 * layers  # 2 steps
+    a, b = adapter(files["root"] / "gc_plain"), adapter(files["root"] / "gc_offload")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
 def test_bf16_autocast_trains(files):
     result = train(config_for(files, "bf16", with_eval=True, precision="bf16", max_steps=2), **QUIET)
     assert result.metrics["eval_loss"] == pytest.approx(result.metrics["eval_loss"])  # finite

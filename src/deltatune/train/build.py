@@ -13,7 +13,8 @@ from ..models import load_model, resolve_model
 from .config import DataSection, ModelSection
 from .files import read_rows, resolve_data_path
 from .formats import Sample, to_samples
-from .tokenize import Encoded, EncodeStats, encode, ensure_chat_template, pack
+from .packing import pack
+from .tokenize import Encoded, EncodeStats, encode, ensure_chat_template
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +43,7 @@ def tokenize_samples(
     examples, stats = encode(samples, tokenizer, data.max_length, chat, data.train_on_prompt)
     if packing:
         examples = pack(examples, data.max_length)
+        stats.packed_rows = len(examples)
     return Dataset(samples, examples, stats, fmt)
 
 

@@ -63,7 +63,7 @@ class DataSection:
     eval: str | None = None
     format: str = "auto"
     max_length: int = 512
-    packing: bool = False
+    packing: bool = False  # padding-free: whole examples share rows, each with its own positions and attention
     train_on_prompt: bool = False
     template: str = "chat"  # chat: the tokenizer's chat template; plain: prompt + completion as text
 
@@ -91,6 +91,7 @@ class TrainingSection:
     max_grad_norm: float | None = 1.0
     seed: int = 42
     gradient_checkpointing: bool = False
+    offload_checkpoints: bool = False  # keep the checkpointed layers' saved inputs in host memory
     precision: str = "fp32"
     eval_every: int = 0  # 0: evaluate once, at the end
     save_every: int = 0  # 0: no intermediate checkpoints
@@ -118,6 +119,12 @@ class TrainingSection:
         check(self.schedule in SCHEDULES, "training.schedule", self.schedule, f"must be one of {SCHEDULES}")
         check(
             self.precision in PRECISIONS, "training.precision", self.precision, f"must be one of {PRECISIONS}"
+        )
+        check(
+            self.gradient_checkpointing or not self.offload_checkpoints,
+            "training.offload_checkpoints",
+            self.offload_checkpoints,
+            "offloads what gradient checkpointing saves: set training.gradient_checkpointing=true too",
         )
         check(
             self.max_grad_norm is None or self.max_grad_norm > 0,

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .formats import Sample
 from .linear_loss import linear_cross_entropy, token_loss_parts
-from .tokenize import IGNORE, Encoded, collate, prompt_text
+from .tokenize import IGNORE, Encoded, collate, model_inputs, prompt_text
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -25,10 +25,10 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     parts = token_loss_parts(model)
     if parts is not None:  # no full logits tensor (linear_loss.py); the same numbers
         backbone, head = parts
-        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        hidden = backbone(**model_inputs(batch))[0]
         loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), head.weight, head.bias, targets.flatten())
         return loss, int((targets != IGNORE).sum())
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     logits = logits[:, -batch["input_ids"].shape[1]:]  # soft prompts prepend virtual positions
     loss = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"

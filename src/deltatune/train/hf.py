@@ -11,7 +11,7 @@ which fails for models with tied embeddings (SmolLM2, Llama 3.2 ...). `DeltaTrai
     trainer.train(resume_from_checkpoint=True)      # resumes from them
 
 It also takes a causal LM's loss straight from the hidden states (train/linear_loss.py: no full logits
-tensor, the same value) when a batch holds only input_ids / attention_mask / labels and no label
+tensor, the same value) when a batch holds only input_ids / attention_mask / position_ids / labels and no label
 smoothing or custom loss function is set; otherwise the stock `compute_loss` runs.
 """
 
@@ -27,7 +27,7 @@ from ..io.adapter_files import assign_weights, read_adapter
 from .evaluate import token_loss_sum
 from .linear_loss import token_loss_parts
 
-PLAIN_BATCH_KEYS = {"input_ids", "attention_mask", "labels"}
+PLAIN_BATCH_KEYS = {"input_ids", "attention_mask", "position_ids", "labels"}  # position_ids: padding-free batches
 
 
 def _delta(model):
@@ -43,8 +43,7 @@ class DeltaTrainer(Trainer):
                  or token_loss_parts(model) is None)
         if plain:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        batch = {"attention_mask": torch.ones_like(inputs["input_ids"]), **inputs}
-        loss_sum, count = token_loss_sum(model, batch)
+        loss_sum, count = token_loss_sum(model, inputs)
         # what the model's own loss would be: a sum over the accumulated batch's tokens, or a mean
         by_items = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         loss = loss_sum / (num_items_in_batch if by_items else max(count, 1))

@@ -39,6 +39,7 @@ from .metrics import MetricsLog, peak_memory_mb
 from .order import SampleOrder
 from .runtime import enable_gradient_checkpointing, make_accelerator
 from .schedule import make_scheduler
+from .packing import check_packing_isolates
 from .tokenize import collate, target_count
 
 
@@ -92,7 +93,7 @@ def train(
     torch.manual_seed(tc.seed)  # the adapter's initial weights: identical on every rank
     model = get_peft_model(base[0] if base else load_base(config.model)[0], method_config)
     if tc.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, offload=tc.offload_checkpoints)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = model.get_nb_trainable_parameters()
@@ -111,6 +112,8 @@ def train(
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
+    if config.data.packing:  # before any training: the model must keep packed examples apart
+        check_packing_isolates(inner, train_set.examples[0], tokenizer.pad_token_id, accelerator.device)
     # methods that look at training data first (Child-Tuning_D's Fisher mask): the same batches on every
     # rank and on a resumed run (before the checkpoint loads), so the result is the same everywhere
     with accelerator.autocast():

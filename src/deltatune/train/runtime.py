@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..core.config import DeltaConfigError
 
@@ -51,7 +52,9 @@ def make_accelerator(precision: str):
     return Accelerator(mixed_precision=mixed, cpu=on_cpu)
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model, offload: bool = False) -> None:
+    """Recompute each layer's activations in backward instead of keeping them; with `offload`, the layer
+    inputs kept for that recompute wait in host memory (pinned on CUDA) instead of on the device."""
     base = model.get_base_model()
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise DeltaConfigError("training.gradient_checkpointing=True: this model does not support it")
@@ -60,6 +63,22 @@ def enable_gradient_checkpointing(model) -> None:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if offload:
+        for module in base.modules():  # the layers (and, before Transformers 5, the models) that checkpoint
+            if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = offloaded_checkpoint
     # With a frozen embedding no activation requires grad, so checkpointed blocks would get no
     # gradient; making the embedding output require grad keeps the graph connected.
     base.enable_input_require_grads()
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """torch's non-reentrant checkpoint, with the inputs it saves for the recompute moved to host memory.
+
+    The checkpoint saves its inputs outside its own saved-tensor hooks, so an enclosing `save_on_cpu`
+    moves exactly those (the layer's hidden states) off the device and back for the recompute; what
+    the layer saves inside is dropped and recomputed as usual. (Transformers' own offload pins memory
+    even without an accelerator and fails on CPU-only machines.)
+    """
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)

@@ -27,6 +27,7 @@ CHATML = (
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None  # set on packed rows: numbering restarts at every example
 
 
 @dataclass
@@ -37,6 +38,7 @@ class EncodeStats:
     tokens: int = 0
     target_tokens: int = 0
     examples: list[str] = field(default_factory=list)  # where the first truncated rows came from
+    packed_rows: int = 0  # rows after packing (0: not packed)
 
     def summary(self) -> str:
         text = f"{self.rows} rows, {self.tokens} tokens ({self.target_tokens} trained)"
@@ -44,6 +46,8 @@ class EncodeStats:
             text += f"; {self.truncated} truncated to max_length (e.g. {', '.join(self.examples[:3])})"
         if self.dropped:
             text += f"; {self.dropped} dropped (nothing left to learn after truncation)"
+        if self.packed_rows:
+            text += f"; packed into {self.packed_rows} rows"
         return text
 
 
@@ -134,35 +138,40 @@ def encode(
     return out, stats
 
 
-def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
-    """Greedily join whole examples into sequences of at most `max_length` tokens (none is split).
-
-    Packed examples attend to the earlier examples in their sequence (plain packing); the labels of
-    each example stay as they were.
-    """
-    packed, ids, labels = [], [], []
-    for example in examples:
-        if ids and len(ids) + len(example.input_ids) > max_length:
-            packed.append(Encoded(ids, labels))
-            ids, labels = [], []
-        ids, labels = ids + example.input_ids, labels + example.labels
-    if ids:
-        packed.append(Encoded(ids, labels))
-    return packed
-
-
 def collate(examples: list[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids, attention_mask and labels (IGNORE on padding), shape (B, T), on `device`."""
+    """Right-pad a batch to (B, T), on `device`: input_ids, labels (IGNORE on padding) and either
+    attention_mask or, when a row is packed, position_ids.
+
+    Packed batches carry no attention mask: Transformers then reads sequence boundaries from the
+    position ids (a new sequence wherever the numbering does not go up by one) and lets each token
+    attend only within its own example. The padding tail is numbered 0, 1, ... as a sequence of its own,
+    so no real token attends to it.
+    """
     width = max(len(e.input_ids) for e in examples)
+    packed = any(e.position_ids is not None for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+        positions[row, :n] = torch.tensor(example.position_ids or range(n))
+        positions[row, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "labels": labels}
+    batch.update({"position_ids": positions} if packed else {"attention_mask": mask})
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """What the model takes from a collated batch: everything but the labels; for a packed batch also
+    use_cache=False (Transformers only reads sequence boundaries from position ids without a cache)."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        inputs["use_cache"] = False
+    return inputs
 
 
 def target_count(example: Encoded) -> int:

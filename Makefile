@@ -30,6 +30,7 @@ bench: $(STAMP)  # the ratio benchmarks (minutes); benchmarks/methods.py (about 
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/mixed_batch.py
 	$(PY) benchmarks/quant.py
+	$(PY) benchmarks/packing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -31,13 +32,16 @@ def peak_rss_gb() -> float:
 
 
 def timed(step, steps: int, warmup: int = 1) -> float:
-    """Mean seconds per call of `step` after `warmup` calls."""
+    """Median seconds per call of `step` over `steps` calls after `warmup` calls (the median, not the
+    mean: a shared machine's occasional stall should not decide a ratio)."""
     for _ in range(warmup):
         step()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    return (time.perf_counter() - start) / steps
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def run_worker(script: str, args: list[str]) -> dict:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from deltatune.methods.lora_ops import KEEP_LEVELS, LoraLinearFunction, draw_keep_mask, keep_threshold, lora_linear
+from deltatune.methods.lora_ops import (KEEP_LEVELS, LoraLinearFunction, draw_keep_mask, keep_threshold, lora_linear,
+                                       new_mask_seed)
 
 
 def test_gradcheck_without_dropout():
@@ -30,7 +31,7 @@ def test_matches_reference_with_same_mask(dropout):
         t.grad = None
     torch.manual_seed(7)  # the same draw: a keep-mask over (N, in), P(keep) = threshold / 2^16
     flat = x.reshape(-1, 8)
-    keep = draw_keep_mask(flat.shape, dropout, flat.device).float() if dropout else 1.0
+    keep = draw_keep_mask(flat.shape, dropout, flat.device, new_mask_seed()).float() if dropout else 1.0
     p_keep = keep_threshold(dropout) / KEEP_LEVELS
     reference = base + ((flat * keep / p_keep) @ a.T @ b.T * 1.5).view(4, 6, 10)
     reference.square().sum().backward()
@@ -42,7 +43,7 @@ def test_matches_reference_with_same_mask(dropout):
 def test_keep_mask_is_an_unbiased_independent_bernoulli():
     torch.manual_seed(0)
     assert abs(keep_threshold(0.05) / KEEP_LEVELS - 0.95) < 1e-5
-    keep = draw_keep_mask(torch.Size([3000, 999]), 0.05, torch.device("cpu")).float()
+    keep = draw_keep_mask(torch.Size([3000, 999]), 0.05, torch.device("cpu"), seed=0).float()
     assert keep.shape == (3000, 999)
     sd = (0.95 * 0.05 / keep.numel()) ** 0.5
     assert abs(keep.mean().item() - 0.95) < 5 * sd
@@ -67,6 +68,53 @@ def test_layers_reading_one_input_share_its_mask_and_others_do_not():
     assert not torch.equal(first != 0, other != 0)
     x.add_(1.0)  # changed in place: a new mask
     assert not torch.equal(lora_linear(x, base, eye, eye, 1.0, 0.5) != 0, first != 0)
+
+
+def test_backward_draws_each_inputs_mask_again_for_all_its_readers():
+    """Two layers read x, one reads y: backward regenerates x's mask once for both readers and y's for its
+    own, equal to a reference built from the same two draws."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    factors = [(torch.randn(3, 8, requires_grad=True), torch.randn(5, 3, requires_grad=True)) for _ in range(3)]
+    base = torch.zeros(6, 5)
+
+    def loss(branch):
+        q, k = branch(x, *factors[0]), branch(x, *factors[1])
+        return (q * k).sum() + branch(y, *factors[2]).square().sum()
+
+    torch.manual_seed(7)
+    loss(lambda inp, a, b: lora_linear(inp, base, a, b, 2.0, 0.4)).backward()
+    leaves = [x, y, *[t for pair in factors for t in pair]]
+    ours = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    torch.manual_seed(7)
+    p_keep = keep_threshold(0.4) / KEEP_LEVELS
+    masks = {id(inp): draw_keep_mask(inp.shape, 0.4, inp.device, new_mask_seed()).float() for inp in (x, y)}
+    loss(lambda inp, a, b: base + 2.0 * (inp * masks[id(inp)] / p_keep) @ a.T @ b.T).backward()
+    for got, t in zip(ours, leaves):
+        torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-4)  # float32 sums in another order
+
+
+def test_gradient_checkpointing_replays_the_dropout_masks():
+    """A checkpointed recompute draws the same masks (torch replays the RNG), so gradients match."""
+    import deltatune as dt
+    from tiny_models import tiny_llama, token_batch
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear",
+                                                              init_lora_weights=False)).train()
+        if checkpointed:
+            model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+            model.get_base_model().enable_input_require_grads()
+        ids = token_batch(2, 6)
+        torch.manual_seed(1)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("tokens", [1, 9])  # decode-sized (dense masked path) and prefill-sized (gather path)
@@ -133,7 +181,7 @@ def test_dora_function_matches_the_reference_formula(dropout):
         t.grad = None
     torch.manual_seed(7)
     flat = x.reshape(-1, 8)
-    keep = draw_keep_mask(flat.shape, dropout, flat.device).float() if dropout else 1.0
+    keep = draw_keep_mask(flat.shape, dropout, flat.device, new_mask_seed()).float() if dropout else 1.0
     dropped = (flat * keep / (keep_threshold(dropout) / KEEP_LEVELS)).view(x.shape)
     scale = dora.magnitude_scale(m, weight, 1.5 * b @ a)
     layer = torch.nn.Linear(8, 10)

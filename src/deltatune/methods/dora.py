@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora_ops import ReplaysAutocast, autocast_state, dropped_projection, masked_input
+from .lora_ops import ReplaysAutocast, autocast_state, dropout_in_backward, dropped_projection
 
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -77,39 +77,42 @@ class DoraLinearFunction(ReplaysAutocast):
 
         out = base_out + (m/n - 1) * W x~ + (m/n) * s B A x~,  x~ = dropout(x),  n = ||W + s B A||_c
 
-    (W x~ is base_out minus its bias when nothing is dropped). It keeps x, the keep-mask it shares with
-    sibling layers (lora_ops), the (N, r) projection and one (N, out) tensor for m's gradient, where the
-    module path keeps a float copy of the dropped input and two (N, out) tensors."""
+    (W x~ is base_out minus its bias when nothing is dropped). It keeps x, the seed of the keep-mask it
+    shares with sibling layers (lora_ops; backward draws the mask again), the (N, r) projection and one
+    (N, out) tensor for m's gradient, where the module path keeps a float copy of the dropped input and
+    two (N, out) tensors."""
 
     @staticmethod
     def forward(ctx, x, base_out, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout: float):
         out_f = base_out.shape[-1]
-        keep, dropped, rescale, hidden = dropped_projection(x, lora_a, dropout)
+        seed, dropped, rescale, hidden = dropped_projection(x, lora_a, dropout)
         lora = (hidden @ lora_b.t()).mul_(scaling)  # s B A x~, (N, out)
         norm = channel_norm(weight + scaling * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype)))
         scale = magnitude.reshape(-1) / norm
         base_flat = base_out.reshape(-1, out_f)
-        if keep is not None:
+        if seed is not None:
             base_result = (dropped @ weight.t().to(dropped.dtype)).mul_(rescale)  # W x~
         else:
             base_result = base_flat - bias if bias is not None else base_flat
         scale_out = scale.to(base_flat.dtype)
         out = base_flat + (scale_out - 1) * base_result + scale_out * lora
-        ctx.save_for_backward(x, keep, hidden, lora_a, lora_b, weight, norm, scale_out, base_result + lora)
+        ctx.save_for_backward(x, hidden, lora_a, lora_b, weight, norm, scale_out, base_result + lora)
         ctx.scaling, ctx.rescale, ctx.magnitude = scaling, rescale, (magnitude.shape, magnitude.dtype)
+        ctx.mask = (seed, dropout)
         ctx.autocast = autocast_state(x)
         return out.view(base_out.shape)
 
     @staticmethod
     def _backward(ctx, grad_out):
-        x, keep, hidden, lora_a, lora_b, weight, norm, scale, combined = ctx.saved_tensors
+        x, hidden, lora_a, lora_b, weight, norm, scale, combined = ctx.saved_tensors
+        keep, dropped = dropout_in_backward(x, *ctx.mask)
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         shape, dtype = ctx.magnitude
         grad_m = ((g * combined).sum(0) / norm).reshape(shape).to(dtype)
         g_lora = g * scale
         grad_b = (g_lora.t() @ hidden).mul_(ctx.scaling)
         grad_hidden = (g_lora @ lora_b).mul_(ctx.scaling * ctx.rescale)  # w.r.t. the un-rescaled projection
-        grad_a = grad_hidden.t() @ masked_input(x, keep)
+        grad_a = grad_hidden.t() @ dropped
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_hidden @ lora_a

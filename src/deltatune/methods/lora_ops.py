@@ -2,8 +2,8 @@
 
 Why not plain modules: nn.Dropout keeps a float copy of the dropped input (4 bytes an element) for A's
 gradient in every adapted layer. This keeps the input x itself (already alive for the other layers
-that read it) plus a 1-byte keep-mask, and only rank-sized intermediates; the scaled up-projection is
-folded into one addmm on the base output.
+that read it) plus the seed its dropout mask was drawn from (backward draws the mask again), and only
+rank-sized intermediates; the scaled up-projection is folded into one addmm on the base output.
 
 Dropout masks: drawing them is most of dropout's cost on a CPU (a Bernoulli draw per input element costs
 about ten times the rank-16 matmul it feeds), so
@@ -33,32 +33,58 @@ def keep_threshold(dropout: float) -> int:
     return max(1, round((1 - dropout) * KEEP_LEVELS))
 
 
-def draw_keep_mask(shape: torch.Size, dropout: float, device: torch.device) -> torch.Tensor:
-    """Keep-mask of `shape` as uint8 0/1 (P(keep) = keep_threshold(dropout) / 2^16 per entry, independent).
+def new_mask_seed() -> int:
+    """A seed for one dropout mask, drawn from the global CPU generator (so torch.manual_seed and
+    gradient checkpointing's RNG replay reproduce it)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
-    uint8 rather than bool: multiplying a float tensor by a uint8 mask runs about five times faster on a
-    CPU than torch.where on a bool mask, and the mask is the same byte per entry."""
+
+def draw_keep_mask(shape: torch.Size, dropout: float, device: torch.device, seed: int) -> torch.Tensor:
+    """Keep-mask of `shape` as uint8 0/1 (P(keep) = keep_threshold(dropout) / 2^16 per entry, independent),
+    a function of `seed`: forward draws it, backward draws the same mask again instead of storing it.
+
+    uint8 rather than bool: multiplying a float tensor by a uint8 mask runs faster on a CPU than
+    torch.where on a bool mask."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
     count = math.prod(shape)
     # random_ over the whole int64 range fills all 64 bits: four uniform (signed) 16-bit chunks per draw
-    draws = torch.empty(-(-count // 4), dtype=torch.int64, device=device).random_(-(2**63), None)
+    draws = torch.empty(-(-count // 4), dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
     chunks = draws.view(torch.int16)[:count]  # uniform over [-2^15, 2^15)
     return (chunks < keep_threshold(dropout) - KEEP_LEVELS // 2).view(torch.uint8).view(shape)
 
 
-_SHARED = threading.local()  # .entry: (weakref to the input, its key, keep-mask, masked flat input)
+_SHARED = threading.local()  # .forward: (weakref to the input, its key, seed, masked flat input)
+#                               .backward: (key, keep-mask, masked flat input)
 
 
-def shared_dropout(x: torch.Tensor, flat: torch.Tensor, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep-mask, masked flat input) for input `x`: drawn once per input tensor object, shared by the
+def shared_dropout(x: torch.Tensor, flat: torch.Tensor, dropout: float) -> tuple[int, torch.Tensor]:
+    """(mask seed, masked flat input) for input `x`: drawn once per input tensor object, shared by the
     layers that read it (per thread)."""
     key = (x._version, dropout, x.shape, x.dtype, x.device)
-    entry = getattr(_SHARED, "entry", None)
+    entry = getattr(_SHARED, "forward", None)
     if entry is not None and entry[0]() is x and entry[1] == key:
         return entry[2], entry[3]
-    keep = draw_keep_mask(flat.shape, dropout, flat.device)
-    masked = flat * keep
-    _SHARED.entry = (weakref.ref(x), key, keep, masked)
-    return keep, masked
+    seed = new_mask_seed()
+    _SHARED.forward = _SHARED.backward = None  # free the previous masked input before making this one
+    masked = flat * draw_keep_mask(flat.shape, dropout, flat.device, seed)
+    _SHARED.forward = (weakref.ref(x), key, seed, masked)
+    return seed, masked
+
+
+def dropout_in_backward(x: torch.Tensor, seed: int | None, dropout: float) -> tuple:
+    """(keep-mask or None, masked flat input (N, in)) in backward: the forward's mask drawn again from its
+    seed, once for the sibling layers that shared it (a seed belongs to one input tensor)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if seed is None:
+        return None, flat
+    key = (seed, dropout, flat.shape, flat.dtype, flat.device)
+    entry = getattr(_SHARED, "backward", None)
+    if entry is None or entry[0] != key:
+        _SHARED.forward = _SHARED.backward = None
+        keep = draw_keep_mask(flat.shape, dropout, flat.device, seed)
+        entry = _SHARED.backward = (key, keep, flat * keep)
+    return entry[1], entry[2]
 
 
 def autocast_state(x: torch.Tensor) -> tuple:
@@ -82,41 +108,36 @@ class ReplaysAutocast(torch.autograd.Function):
             return cls._backward(ctx, grad_out)
 
 
-def masked_input(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """The dropped (not rescaled) input as (N, in), recomputed from x and its keep-mask."""
-    flat = x.reshape(-1, x.shape[-1])
-    return flat * keep if keep is not None else flat
-
-
 def dropped_projection(x: torch.Tensor, lora_a: torch.Tensor, dropout: float) -> tuple:
-    """(keep-mask or None, dropped flat input (N, in), rescale 1 / P(keep), hidden = dropout(x) @ A^T (N, r)).
+    """(mask seed or None, dropped flat input (N, in), rescale 1 / P(keep), hidden = dropout(x) @ A^T (N, r)).
     The rescale is applied to `hidden`, in rank space, not to the (N, in) input."""
     flat = x.reshape(-1, x.shape[-1])
     if dropout <= 0:
         return None, flat, 1.0, flat @ lora_a.t()
-    keep, dropped = shared_dropout(x, flat, dropout)
+    seed, dropped = shared_dropout(x, flat, dropout)
     rescale = KEEP_LEVELS / keep_threshold(dropout)
-    return keep, dropped, rescale, (dropped @ lora_a.t()).mul_(rescale)
+    return seed, dropped, rescale, (dropped @ lora_a.t()).mul_(rescale)
 
 
 class LoraLinearFunction(ReplaysAutocast):
     @staticmethod
     def forward(ctx, x, base_out, lora_a, lora_b, scaling: float, dropout: float):
-        keep, _, rescale, hidden = dropped_projection(x, lora_a, dropout)
+        seed, _, rescale, hidden = dropped_projection(x, lora_a, dropout)
         out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x, keep, hidden, lora_a, lora_b)
-        ctx.scaling, ctx.rescale = scaling, rescale
+        ctx.save_for_backward(x, hidden, lora_a, lora_b)
+        ctx.scaling, ctx.rescale, ctx.mask = scaling, rescale, (seed, dropout)
         ctx.autocast = autocast_state(x)
         return out.view(base_out.shape)
 
     @staticmethod
     def _backward(ctx, grad_out):
-        x, keep, hidden, lora_a, lora_b = ctx.saved_tensors
+        x, hidden, lora_a, lora_b = ctx.saved_tensors
+        keep, dropped = dropout_in_backward(x, *ctx.mask)
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         grad_b = (grad_flat.t() @ hidden).mul_(ctx.scaling)  # (out, r)
         # gradient w.r.t. the dropped, un-rescaled input's projection: s * (1/(1-p)) * g @ B, (N, r)
-        grad_hidden = (grad_flat @ lora_b).mul_(ctx.scaling * (ctx.rescale if keep is not None else 1.0))
-        grad_a = grad_hidden.t() @ masked_input(x, keep)  # (r, in)
+        grad_hidden = (grad_flat @ lora_b).mul_(ctx.scaling * ctx.rescale)
+        grad_a = grad_hidden.t() @ dropped  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_hidden @ lora_a  # (N, in)

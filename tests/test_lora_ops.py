@@ -192,3 +192,27 @@ def test_dora_function_matches_the_reference_formula(dropout):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)
     for got, want in zip(grads, (x.grad, a.grad, b.grad, m.grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_inference_adds_into_the_base_output_and_fusion_inputs_stay_intact():
+    """Without autograd a LoRA layer updates its base layer's fresh output in place (no copy); adapters
+    that share one base output (fusion, X-LoRA experts) still get an untouched one."""
+    import deltatune as dt
+    from tiny_models import tiny_llama
+
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    seen = {}
+    layer.base_layer.register_forward_hook(lambda m, i, out: seen.update(ptr=out.data_ptr(), value=out.clone()))
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        out = layer(x)
+    adapter = layer.adapters["default"]
+    expected = seen["value"] + adapter.scaling * x @ adapter.lora_A.weight.T @ adapter.lora_B.weight.T
+    assert out.data_ptr() == seen["ptr"]
+    torch.testing.assert_close(out, expected)
+    base_out = torch.randn(2, 3, 16)
+    kept = base_out.clone()
+    with torch.no_grad():
+        adapter(x, base_out, layer.base_layer)  # a caller that does not hand over base_out
+    assert torch.equal(base_out, kept)

@@ -27,7 +27,9 @@ class DeltaAdapter(Protocol):
     (x is the module's first input; for a block that returns a tuple, base_out is its first element).
     delta_weight(base) -> additive update in the base weight's layout (mergeable, additive methods);
     non-additive methods (DoRA, IA3, OFT) provide merged_weight(base, w) / unmerged_weight(base, w).
-    An adapter with `uses_routing = True` also gets `routing=` (per-call data such as task ids).
+    An adapter with `uses_routing = True` also gets `routing=` (per-call data such as task ids); one with
+    `adds_in_place = True` gets `owns_base_out=True` when base_out is the layer's own fresh output, which
+    it may then update in place (other callers, such as fusion or X-LoRA, reuse base_out across calls).
     """
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor: ...
@@ -146,13 +148,16 @@ class DeltaLayer(nn.Module):
             return self._mixed_forward(x, out)
         for name in self.active:
             if name not in self.merged and name in self.adapters:
-                out = self._call(self.adapters[name], x, out)
+                out = self._call(self.adapters[name], x, out, owned=True)
         return out
 
     def _call(self, adapter: nn.Module, x: torch.Tensor, out: torch.Tensor,
-              routing: Routing | None = None) -> torch.Tensor:
+              routing: Routing | None = None, owned: bool = False) -> torch.Tensor:
+        """Run one adapter on `out`; `owned`: out is this layer's fresh output, read by nothing else."""
         if getattr(adapter, "uses_routing", False):
             return adapter(x, out, self.base_layer, routing=routing or self.routing)
+        if owned and getattr(adapter, "adds_in_place", False):
+            return adapter(x, out, self.base_layer, owns_base_out=True)
         return adapter(x, out, self.base_layer)
 
     def _mixed_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

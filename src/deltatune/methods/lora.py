@@ -129,6 +129,8 @@ class LoraConfig(DeltaConfig):
 class LoraAdapter(nn.Module):
     """One LoRA (optionally DoRA) adapter for one base module."""
 
+    adds_in_place = True  # plain linear LoRA updates the layer's own output in place at inference
+
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, use_dora: bool,
                  init: bool | str, fan_in_fan_out: bool, module_name: str, loftq_config: dict | None = None) -> None:
         super().__init__()
@@ -249,10 +251,12 @@ class LoraAdapter(nn.Module):
             return (hidden @ self.lora_embedding_B.T) * self.scaling
         return self.lora_B(self.lora_A(x)) * self.scaling
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module,
+                owns_base_out: bool = False) -> torch.Tensor:
         p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
         if self.kind == "linear" and not self.use_dora:
-            return lora_linear(x, base_out, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+            return lora_linear(x, base_out, self.lora_A.weight, self.lora_B.weight, self.scaling, p,
+                               inplace=owns_base_out)
         if self.kind == "linear" and not self.fan_in_fan_out and not base.weight.requires_grad:
             return dora.dora_linear(x, base_out, read_weight(base, copy=False), base.bias, self.lora_A.weight,
                                     self.lora_B.weight, self.lora_magnitude_vector, self.scaling, p)

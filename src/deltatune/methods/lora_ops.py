@@ -148,10 +148,20 @@ class LoraLinearFunction(ReplaysAutocast):
 
 
 def lora_linear(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scaling: float, dropout: float) -> torch.Tensor:
-    """base_out + scaling * dropout(x) @ lora_a.T @ lora_b.T, in the activation dtype."""
+                scaling: float, dropout: float, inplace: bool = False) -> torch.Tensor:
+    """base_out + scaling * dropout(x) @ lora_a.T @ lora_b.T, in the activation dtype.
+
+    `inplace`: base_out is the caller's own fresh tensor (the base layer's output); then, when no
+    gradient is wanted (inference), the up-projection adds into it instead of into a copy (copying it
+    cost about 4% of an unmerged forward)."""
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    return LoraLinearFunction.apply(x, base_out.to(x.dtype), lora_a, lora_b, scaling, dropout).to(base_out.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, base_out, lora_a, lora_b)):
+        return LoraLinearFunction.apply(x, base_out.to(x.dtype), lora_a, lora_b, scaling, dropout).to(base_out.dtype)
+    hidden = dropped_projection(x, lora_a, dropout)[3]
+    flat = base_out.reshape(-1, base_out.shape[-1])
+    if inplace and flat.dtype == hidden.dtype and not torch.is_autocast_enabled(x.device.type):
+        return flat.addmm_(hidden, lora_b.t(), alpha=scaling).view(base_out.shape)
+    return torch.addmm(flat.to(hidden.dtype), hidden, lora_b.t(), alpha=scaling).view(base_out.shape).to(base_out.dtype)
 
 
 # Below this many (tokens per sample x adapters), projecting every row through every adapter and masking

@@ -13,7 +13,7 @@ def test_gradcheck_without_dropout():
     base = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     a = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: LoraLinearFunction.apply(*t, 0.7, 0.0), (x, base, a, b))
+    assert torch.autograd.gradcheck(lambda *t: LoraLinearFunction.apply(*t, 0.7, 0.0, False), (x, base, a, b))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

@@ -121,13 +121,16 @@ def dropped_projection(x: torch.Tensor, lora_a: torch.Tensor, dropout: float) ->
 
 class LoraLinearFunction(ReplaysAutocast):
     @staticmethod
-    def forward(ctx, x, base_out, lora_a, lora_b, scaling: float, dropout: float):
+    def forward(ctx, x, base_out, lora_a, lora_b, scaling: float, dropout: float, inplace: bool):
         seed, _, rescale, hidden = dropped_projection(x, lora_a, dropout)
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden, lora_b.t(), alpha=scaling)
+        out, added_in_place = add_up_projection(base_out, hidden, lora_b, scaling, inplace)
         ctx.save_for_backward(x, hidden, lora_a, lora_b)
         ctx.scaling, ctx.rescale, ctx.mask = scaling, rescale, (seed, dropout)
         ctx.autocast = autocast_state(x)
-        return out.view(base_out.shape)
+        if added_in_place:
+            ctx.mark_dirty(base_out)
+            return base_out
+        return out
 
     @staticmethod
     def _backward(ctx, grad_out):
@@ -144,24 +147,35 @@ class LoraLinearFunction(ReplaysAutocast):
             if keep is not None:
                 grad_x.mul_(keep)
             grad_x = grad_x.view(x.shape)
-        return grad_x, grad_out, grad_a, grad_b, None, None
+        return grad_x, grad_out, grad_a, grad_b, None, None, None
+
+
+def add_up_projection(base_out: torch.Tensor, hidden: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                      inplace: bool) -> tuple[torch.Tensor, bool]:
+    """(base_out + scaling * hidden @ B^T shaped as base_out, whether it was added into base_out itself).
+    In place only when allowed and possible (same dtype, contiguous): it saves a copy of the output."""
+    flat = base_out.reshape(-1, base_out.shape[-1])
+    if inplace and flat.dtype == hidden.dtype == lora_b.dtype and base_out.is_contiguous():
+        flat.addmm_(hidden, lora_b.t(), alpha=scaling)
+        return base_out, True
+    return torch.addmm(flat, hidden, lora_b.t(), alpha=scaling).view(base_out.shape), False
 
 
 def lora_linear(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float, dropout: float, inplace: bool = False) -> torch.Tensor:
     """base_out + scaling * dropout(x) @ lora_a.T @ lora_b.T, in the activation dtype.
 
-    `inplace`: base_out is the caller's own fresh tensor (the base layer's output); then, when no
-    gradient is wanted (inference), the up-projection adds into it instead of into a copy (copying it
-    cost about 4% of an unmerged forward)."""
+    `inplace`: base_out is the caller's own fresh tensor (the base layer's output, which nothing saves
+    for backward); the up-projection then adds into it instead of into a copy of it (the copy cost about
+    4% of an unmerged forward)."""
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, base_out, lora_a, lora_b)):
-        return LoraLinearFunction.apply(x, base_out.to(x.dtype), lora_a, lora_b, scaling, dropout).to(base_out.dtype)
+        # autograd rebases in-place changes of views (Conv1D returns one): only whole tensors in place
+        inplace = inplace and base_out._base is None
+        out = LoraLinearFunction.apply(x, base_out.to(x.dtype), lora_a, lora_b, scaling, dropout, inplace)
+        return out.to(base_out.dtype)
     hidden = dropped_projection(x, lora_a, dropout)[3]
-    flat = base_out.reshape(-1, base_out.shape[-1])
-    if inplace and flat.dtype == hidden.dtype and not torch.is_autocast_enabled(x.device.type):
-        return flat.addmm_(hidden, lora_b.t(), alpha=scaling).view(base_out.shape)
-    return torch.addmm(flat.to(hidden.dtype), hidden, lora_b.t(), alpha=scaling).view(base_out.shape).to(base_out.dtype)
+    return add_up_projection(base_out.to(hidden.dtype), hidden, lora_b, scaling, inplace)[0].to(base_out.dtype)
 
 
 # Below this many (tokens per sample x adapters), projecting every row through every adapter and masking

@@ -5,8 +5,8 @@ Run: .venv/bin/python benchmarks/lora_step.py [--steps 3] [--batch 4] [--seq 256
 Set-up (DESIGN section 8): SmolLM2-135M, float32, LoRA r=16 on all linear layers, 2 threads. The
 floor is the same model with every weight frozen, back-propagating only to the input embeddings.
 Each set-up runs in its own process; the table shows step time / floor, peak RSS / floor, and
-deltatune / peft, for dropout 0.05, dropout 0, and DoRA. Every set-up takes the loss the way Hugging Face
-users do (`model(..., labels=ids).loss`); the `deltatune+loss` rows take it the way `deltatune train`
+deltatune / peft, for LoRA and DoRA with dropout 0.05 and 0, then DoRA / LoRA step time (median steps).
+Every set-up takes the loss the way Hugging Face users do (`model(..., labels=ids).loss`); the `deltatune+loss` rows take it the way `deltatune train`
 does (train/linear_loss.py: the loss straight from the hidden states, no full logits tensor).
 """
 
@@ -71,9 +71,12 @@ def main() -> None:
     print(f"floor: {floor['seconds']:.2f} s/step, peak RSS {floor['rss_gb']:.2f} GB "
           f"(batch {args.batch} x {args.seq}, {args.steps} steps)")
     print(f"{'variant':<16}{'library':<16}{'time/floor':>11}{'RSS/floor':>11}{'s/step':>9}{'RSS GB':>8}")
-    for label, dropout, dora in (("lora p=0.05", 0.05, False), ("lora p=0", 0.0, False), ("dora p=0.05", 0.05, True)):
-        results = {lib: run_worker(__file__, [lib, str(dropout), "1" if dora else "0", *shape])
-                   for lib in ("peft", "deltatune", "deltatune+loss")}
+    variants = (("lora p=0.05", 0.05, False), ("lora p=0", 0.0, False), ("dora p=0.05", 0.05, True),
+                ("dora p=0", 0.0, True))
+    table = {}
+    for label, dropout, dora in variants:
+        results = table[label] = {lib: run_worker(__file__, [lib, str(dropout), "1" if dora else "0", *shape])
+                                  for lib in ("peft", "deltatune", "deltatune+loss")}
         for lib, res in results.items():
             print(f"{label:<16}{lib:<16}{res['seconds'] / floor['seconds']:>11.2f}"
                   f"{res['rss_gb'] / floor['rss_gb']:>11.2f}{res['seconds']:>9.2f}{res['rss_gb']:>8.2f}")
@@ -81,6 +84,10 @@ def main() -> None:
             ours, theirs = results[lib], results["peft"]
             print(f"{label:<16}{lib.replace('deltatune', 'ours') + '/peft':<16}"
                   f"{ours['seconds'] / theirs['seconds']:>11.2f}{ours['rss_gb'] / theirs['rss_gb']:>11.2f}")
+    for p in ("0.05", "0"):
+        ratios = ", ".join(f"{lib} {table[f'dora p={p}'][lib]['seconds'] / table[f'lora p={p}'][lib]['seconds']:.2f}"
+                           for lib in ("peft", "deltatune", "deltatune+loss"))
+        print(f"DoRA / LoRA step time, dropout {p}: {ratios}")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,14 @@ import time
 import torch
 
 
-def shape_args(description: str) -> tuple[argparse.Namespace, list[str]]:
-    """The flags every benchmark takes (--worker, --steps, --batch, --seq) and the shape flags to pass on
-    to its workers."""
+def shape_args(description: str, rounds: bool = False) -> tuple[argparse.Namespace, list[str]]:
+    """The flags every benchmark takes (--worker, --steps, --batch, --seq; with `rounds` also --rounds and
+    --only) and the shape flags to pass on to its workers."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--worker", nargs="*")
+    if rounds:
+        parser.add_argument("--rounds", type=int, default=1, help="run every set-up this many times")
+        parser.add_argument("--only", nargs="*", help="variant prefixes to run (lora, dora, 'lora p=0', ...)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)

@@ -86,17 +86,23 @@ class DoraLinearFunction(ReplaysAutocast):
     def forward(ctx, x, base_out, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout: float):
         out_f = base_out.shape[-1]
         seed, dropped, rescale, hidden = dropped_projection(x, lora_a, dropout)
-        lora = (hidden @ lora_b.t()).mul_(scaling)  # s B A x~, (N, out)
         norm = channel_norm(weight + scaling * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype)))
         scale = magnitude.reshape(-1) / norm
         base_flat = base_out.reshape(-1, out_f)
+        # out = base_out + (m/n - 1) W x~ + (m/n) s B A x~ = rest + (m/n) * combined, where
+        # combined = W x~ + s B A x~ and rest = base_out - W x~ (the bias when nothing is dropped)
         if seed is not None:
             base_result = (dropped @ weight.t().to(dropped.dtype)).mul_(rescale)  # W x~
+            rest = base_flat - base_result
         else:
-            base_result = base_flat - bias if bias is not None else base_flat
-        scale_out = scale.to(base_flat.dtype)
-        out = base_flat + (scale_out - 1) * base_result + scale_out * lora
-        ctx.save_for_backward(x, hidden, lora_a, lora_b, weight, norm, scale_out, base_result + lora)
+            base_result, rest = (base_flat - bias, bias) if bias is not None else (base_flat, None)
+        if base_result.dtype == hidden.dtype:
+            combined = torch.addmm(base_result, hidden, lora_b.t(), alpha=scaling)
+        else:  # autocast: keep the base part in its own precision
+            combined = base_result + (hidden @ lora_b.t()).mul_(scaling)
+        scale_out = scale.to(combined.dtype)
+        out = combined * scale_out if rest is None else torch.addcmul(rest, combined, scale_out)
+        ctx.save_for_backward(x, hidden, lora_a, lora_b, weight, norm, scale_out, combined)
         ctx.scaling, ctx.rescale, ctx.magnitude = scaling, rescale, (magnitude.shape, magnitude.dtype)
         ctx.mask = (seed, dropout)
         ctx.autocast = autocast_state(x)
@@ -119,7 +125,7 @@ class DoraLinearFunction(ReplaysAutocast):
             if keep is not None:  # x~ also feeds W x~
                 grad_x = (grad_x + ((g * (scale - 1)) @ weight.to(g.dtype)).mul_(ctx.rescale)).mul_(keep)
             grad_x = grad_x.view(x.shape)
-        grad_base = grad_out if keep is not None else (g * scale).view(grad_out.shape)
+        grad_base = grad_out if keep is not None else g_lora.view(grad_out.shape)
         return grad_x, grad_base, None, None, grad_a, grad_b, grad_m, None, None
 
 

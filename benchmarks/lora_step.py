@@ -6,8 +6,8 @@ Set-up (DESIGN section 8): SmolLM2-135M, float32, LoRA r=16 on all linear layers
 floor is the same model with every weight frozen, back-propagating only to the input embeddings.
 Each set-up runs in its own process; the table shows step time / floor, peak RSS / floor, and
 deltatune / peft, for LoRA and DoRA with dropout 0.05 and 0, then DoRA / LoRA step time (median steps).
-Every set-up takes the loss the way Hugging Face users do (`model(..., labels=ids).loss`); the `deltatune+loss` rows take it the way `deltatune train`
-does (train/linear_loss.py: the loss straight from the hidden states, no full logits tensor).
+Every set-up takes the loss the way Hugging Face users do (`model(..., labels=ids).loss`); the
+`deltatune+loss` rows take it the way `deltatune train` does (train/linear_loss.py: the loss straight from the hidden states, no full logits tensor).
 """
 
 from __future__ import annotations

@@ -128,8 +128,7 @@ class LoraConfig(DeltaConfig):
 
 class LoraAdapter(nn.Module):
     """One LoRA (optionally DoRA) adapter for one base module."""
-
-    adds_in_place = True  # plain linear LoRA updates the layer's own output in place at inference
+    adds_in_place = True  # linear LoRA adds into the layer's own output (core/layer.py, owns_base_out)
 
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, use_dora: bool,
                  init: bool | str, fan_in_fan_out: bool, module_name: str, loftq_config: dict | None = None) -> None:

@@ -49,7 +49,8 @@ def draw_keep_mask(shape: torch.Size, dropout: float, device: torch.device, seed
     generator.manual_seed(seed)
     count = math.prod(shape)
     # random_ over the whole int64 range fills all 64 bits: four uniform (signed) 16-bit chunks per draw
-    draws = torch.empty(-(-count // 4), dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    draws = torch.empty(-(-count // 4), dtype=torch.int64, device=device)
+    draws.random_(-(2**63), None, generator=generator)
     chunks = draws.view(torch.int16)[:count]  # uniform over [-2^15, 2^15)
     return (chunks < keep_threshold(dropout) - KEEP_LEVELS // 2).view(torch.uint8).view(shape)
 

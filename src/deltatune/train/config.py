@@ -63,7 +63,7 @@ class DataSection:
     eval: str | None = None
     format: str = "auto"
     max_length: int = 512
-    packing: bool = False  # padding-free: whole examples share rows, each with its own positions and attention
+    packing: bool = False  # padding-free: examples share rows, each with its own positions and attention
     train_on_prompt: bool = False
     template: str = "chat"  # chat: the tokenizer's chat template; plain: prompt + completion as text
 

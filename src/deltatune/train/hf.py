@@ -27,7 +27,7 @@ from ..io.adapter_files import assign_weights, read_adapter
 from .evaluate import token_loss_sum
 from .linear_loss import token_loss_parts
 
-PLAIN_BATCH_KEYS = {"input_ids", "attention_mask", "position_ids", "labels"}  # position_ids: padding-free batches
+PLAIN_BATCH_KEYS = {"input_ids", "attention_mask", "position_ids", "labels"}  # position_ids: padding-free
 
 
 def _delta(model):

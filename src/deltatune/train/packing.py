@@ -56,12 +56,12 @@ def join(examples: list[Encoded]) -> Encoded:
 def check_packing_isolates(model, example: Encoded, pad_id: int, device: torch.device | str = "cpu") -> None:
     """Raise DeltaConfigError unless an example packed after another gives the same outputs as alone."""
     ids = (example.input_ids * (2 * PROBE_TOKENS))[: 2 * PROBE_TOKENS]
-    first, second = Encoded(ids[:PROBE_TOKENS], ids[:PROBE_TOKENS]), Encoded(ids[PROBE_TOKENS:], ids[PROBE_TOKENS:])
+    first, second = (Encoded(part, part) for part in (ids[:PROBE_TOKENS], ids[PROBE_TOKENS:]))
     was_training = model.training
     model.eval()
     try:
-        alone = model(**model_inputs(collate([join([second])], pad_id, device))).logits[0, -PROBE_TOKENS:]
-        packed = model(**model_inputs(collate([join([first, second])], pad_id, device))).logits[0, -PROBE_TOKENS:]
+        alone, packed = (model(**model_inputs(collate([join(row)], pad_id, device))).logits[0, -PROBE_TOKENS:]
+                         for row in ([second], [first, second]))
     finally:
         model.train(was_training)
     if not torch.allclose(packed.float(), alone.float(), rtol=1e-3, atol=1e-3 * float(alone.abs().max())):

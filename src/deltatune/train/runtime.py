@@ -65,7 +65,8 @@ def enable_gradient_checkpointing(model, offload: bool = False) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if offload:
         for module in base.modules():  # the layers (and, before Transformers 5, the models) that checkpoint
-            if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+            checkpoints = getattr(module, "gradient_checkpointing", False)
+            if checkpoints and hasattr(module, "_gradient_checkpointing_func"):
                 module._gradient_checkpointing_func = offloaded_checkpoint
     # With a frozen embedding no activation requires grad, so checkpointed blocks would get no
     # gradient; making the embedding output require grad keeps the graph connected.

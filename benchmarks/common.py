@@ -55,12 +55,15 @@ def run_worker(script: str, args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def load_smollm2():
+def load_smollm2_and_tokenizer():
     from deltatune.models import load_default
 
     torch.set_num_threads(2)
-    model, _ = load_default()
-    return model
+    return load_default()
+
+
+def load_smollm2():
+    return load_smollm2_and_tokenizer()[0]
 
 
 def token_batch(batch: int, length: int, vocab: int) -> torch.Tensor:

@@ -17,11 +17,11 @@ import random
 import time
 
 import torch
-from common import load_smollm2, peak_rss_gb, run_worker
+from common import load_smollm2_and_tokenizer, peak_rss_gb, run_worker
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.train.evaluate import token_loss_sum
-from deltatune.train.files import Row
+from deltatune.train.files import Row, read_rows, resolve_data_path
 from deltatune.train.formats import to_samples
 from deltatune.train.packing import pack
 from deltatune.train.tokenize import collate, encode
@@ -31,9 +31,7 @@ BATCHES = {"padded": 8, "packed": 2}
 
 
 def chats(count: int) -> list[Row]:
-    from importlib.resources import files
-
-    rows = [json.loads(line) for line in files("deltatune.data").joinpath("demo_train.jsonl").read_text().splitlines()]
+    rows = [row.data for row in read_rows(resolve_data_path("deltatune:demo_train.jsonl"))]
     pick = random.Random(0)
     out = []
     for index in range(count):
@@ -44,10 +42,7 @@ def chats(count: int) -> list[Row]:
 
 
 def worker(mode: str, count: int) -> dict:
-    from deltatune.models import load_default
-
-    model = load_smollm2()
-    tokenizer = load_default()[1]
+    model, tokenizer = load_smollm2_and_tokenizer()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
     model.train()
     examples, _ = encode(to_samples(chats(count))[0], tokenizer, ROW_TOKENS)

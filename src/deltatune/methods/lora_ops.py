@@ -154,9 +154,11 @@ class LoraLinearFunction(ReplaysAutocast):
 def add_up_projection(base_out: torch.Tensor, hidden: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                       inplace: bool) -> tuple[torch.Tensor, bool]:
     """(base_out + scaling * hidden @ B^T shaped as base_out, whether it was added into base_out itself).
-    In place only when allowed and possible (same dtype, contiguous): it saves a copy of the output."""
+    In place only when allowed and possible: one dtype, and a whole contiguous tensor (autograd rebases
+    in-place changes of views, such as Conv1D's output, wrongly through a custom function)."""
     flat = base_out.reshape(-1, base_out.shape[-1])
-    if inplace and flat.dtype == hidden.dtype == lora_b.dtype and base_out.is_contiguous():
+    whole = base_out._base is None and base_out.is_contiguous()
+    if inplace and whole and flat.dtype == hidden.dtype == lora_b.dtype:
         flat.addmm_(hidden, lora_b.t(), alpha=scaling)
         return base_out, True
     return torch.addmm(flat, hidden, lora_b.t(), alpha=scaling).view(base_out.shape), False
@@ -171,8 +173,6 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, l
     4% of an unmerged forward)."""
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, base_out, lora_a, lora_b)):
-        # autograd rebases in-place changes of views (Conv1D returns one): only whole tensors in place
-        inplace = inplace and base_out._base is None
         out = LoraLinearFunction.apply(x, base_out.to(x.dtype), lora_a, lora_b, scaling, dropout, inplace)
         return out.to(base_out.dtype)
     hidden = dropped_projection(x, lora_a, dropout)[3]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
-from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing
+from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing, is_quantized
 from .targeting import adaptable_modules, canonical_name, canonical_param_name, name_matches, select_targets
 
 WRAPPER_TYPES = (DeltaLayer, ModulesToSave)
@@ -423,8 +423,17 @@ class DeltaModel(nn.Module):
 
     # ------------------------------------------------------------------ reports
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameters. A quantized base weight counts as the float weight it stands for,
+        not its packed storage, so both numbers are the same on a float and on any quantized base."""
+        counts = {}  # id(parameter) -> count, only for parameters inside quantized modules
+        for module in self.modules():
+            if is_quantized(module):
+                from ..quant import parameter_counts
+
+                counts.update(parameter_counts(module))
         params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        sizes = [counts.get(id(p), p.numel()) for p in params]
+        return sum(n for n, p in zip(sizes, params) if p.requires_grad), sum(sizes)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

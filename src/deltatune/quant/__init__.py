@@ -31,6 +31,7 @@ from .backend import (
     get_backend,
     is_quantized,
     merge_errors,
+    parameter_counts,
     parse_quantize,
     quantize,
     register_backend,
@@ -42,4 +43,5 @@ from .loftq import loftq_factors, loftq_spec
 
 __all__ = ["QUANT_TYPES", "QuantBackend", "QuantSpec", "QuantizedMergeWarning", "backend_for", "dequantize",
            "dequantize_weight", "get_backend", "is_quantized", "loftq_factors", "loftq_spec", "merge_errors",
-           "parse_quantize", "quantize", "register_backend", "requantize_weight", "round_trip", "weight_bytes"]
+           "parameter_counts", "parse_quantize", "quantize", "register_backend", "requantize_weight", "round_trip",
+           "weight_bytes"]

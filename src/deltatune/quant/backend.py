@@ -250,6 +250,31 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
+def parameter_counts(module: nn.Module) -> dict[int, int]:
+    """How many parameters each of a quantized module's parameters stands for, by `id(parameter)`.
+
+    The quantized weight counts as the float (out, in) weight it stores: its packed storage holds 2
+    (NF4/FP4 in uint8), 4 (in a bf16 `quant_storage`) or 8/bits (HQQ) values per element, so its
+    `numel()` would make the count depend on the backend. Parameters that are part of the same
+    quantized storage (HQQ's inner `W_q`, which `weight` aliases) count 0; the rest (bias) count their
+    `numel()`. peft counts a quantized base the same way.
+
+    Raises:
+        ValueError: `module` is not stored by a registered backend.
+    """
+    backend = backend_for(module)
+    if backend is None:
+        raise ValueError(f"{type(module).__name__} is not a quantized module")
+    storage = {id(t) for t in backend.storage_tensors(module)}
+    counts = {}
+    for param in module.parameters():
+        if param is module.weight:
+            counts[id(param)] = module.out_features * module.in_features
+        else:
+            counts[id(param)] = 0 if id(param) in storage else param.numel()
+    return counts
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -257,5 +282,5 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 __all__ = ["QUANT_TYPES", "QuantBackend", "QuantSpec", "QuantizedMergeWarning", "backend_for", "dequantize",
-           "dequantize_weight", "get_backend", "is_quantized", "merge_errors", "parse_quantize", "quantize",
-           "register_backend", "requantize_weight", "round_trip", "weight_bytes"]
+           "dequantize_weight", "get_backend", "is_quantized", "merge_errors", "parameter_counts", "parse_quantize",
+           "quantize", "register_backend", "requantize_weight", "round_trip", "weight_bytes"]

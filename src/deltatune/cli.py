@@ -80,10 +80,16 @@ def _merge(args) -> None:
     print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
 
 
-def _inspect(args) -> None:
-    from .adapter_report import adapter_report
+def _inspect(args) -> int:
+    from .adapter_report import check_adapter, format_report
 
-    print(adapter_report(args.dir))
+    info, problems, notes = check_adapter(args.dir)
+    for problem in problems:  # one line each, the loader's words
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    print(format_report(info, notes))
+    return 0
 
 
 def _convert(args) -> None:
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        args.func(args)
+        status = args.func(args)  # None (0) or the command's own exit status
     except Exception as err:  # one clear line for expected input errors, a traceback for bugs
         if type(err).__name__ not in EXPECTED_ERRORS or os.environ.get("DELTATUNE_DEBUG"):
             raise
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def _field_problems(data: dict, source: str) -> list[str]:
     for key, why in alone.items():
         why = why and error({**base, **good, key: data[key]})
         if why:  # name the field when the loader's message does not
-            problems.append(why if key in why else why.replace(f"{source}: ", f"{source}: {key}={data[key]!r}: ", 1))
+            said = why.removeprefix(f"{source}: ")
+            problems.append(why if key in said else f"{source}: {key}={data[key]!r}: {said}")
     return problems or [whole]
 
 
@@ -284,9 +285,10 @@ def sglang_verdict(info: AdapterInfo) -> Verdict:
     (inferred from --lora-paths when unset)."""
     verdict = _common(info, "SGLang")
     full = [k for k in info.extra_keys if not k.endswith("lora_magnitude_vector")]
-    if info.config.get("modules_to_save") or full:
-        what = info.config.get("modules_to_save") or full[:1]
-        verdict.reasons.append(f"full tensors {what}: SGLang loads only lora_A/lora_B")
+    saved = info.config.get("modules_to_save")
+    if saved or full:
+        what = f"modules_to_save={saved}" if saved else f"full tensors such as {full[0]}"
+        verdict.reasons.append(f"{what}: SGLang loads only lora_A/lora_B")
     targets = sorted({m.rsplit(".", 1)[-1] for m in info.modules})
     other = sorted(set(targets) - SGLANG_MODULES)
     if other:

@@ -44,7 +44,8 @@ def write_adapter(directory: Path, tensors: dict | None = None, **config) -> Pat
                 "bias": "none", **config}
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "adapter_config.json").write_text(json.dumps(settings))
-    save_file(lora_tensors(rank) if tensors is None else tensors, str(directory / "adapter_model.safetensors"))
+    tensors = lora_tensors(rank) if tensors is None else tensors
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
     return directory
 
 
@@ -196,7 +197,8 @@ def test_truncated_or_lying_safetensors_is_one_line(tmp_path, capsys):
         status, out, err = inspect(bad, capsys)
         lines = err.splitlines()
         assert status == 2 and out == "" and len(lines) == 1, (name, err)
-        assert lines[0].startswith(f"error: {bad / 'adapter_model.safetensors'}: unreadable or corrupted"), name
+        expected = f"error: {bad / 'adapter_model.safetensors'}: unreadable or corrupted"
+        assert lines[0].startswith(expected), name
         with pytest.raises(AdapterFileError):  # the loader refuses the same file
             dt.DeltaModel.from_pretrained(tiny_llama(), str(bad))
 
@@ -224,9 +226,9 @@ def test_invalid_config_fields_one_line_each_as_the_loader_refuses(tmp_path, cap
             read_config(one)
 
 
-@pytest.mark.parametrize("text, words", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
-                                         ('{"r": 4}', "missing required key 'peft_type'"),
-                                         ('{"peft_type": "LORRA"}', "did you mean 'LORA'")])
+@pytest.mark.parametrize("text, words", [
+    ("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+    ('{"r": 4}', "missing required key 'peft_type'"), ('{"peft_type": "LORRA"}', "did you mean 'LORA'")])
 def test_unreadable_configs_are_one_line(tmp_path, capsys, text, words):
     adapter = write_adapter(tmp_path / "a")
     (adapter / "adapter_config.json").write_text(text)

@@ -13,7 +13,8 @@ from torch import nn
 import deltatune as dt
 from deltatune import quant
 
-KINDS = ["nf4", "fp4", "int8"] + (["hqq1", "hqq2", "hqq3", "hqq4", "hqq8"] if importlib.util.find_spec("hqq") else [])
+HQQ_KINDS = ["hqq1", "hqq2", "hqq3", "hqq4", "hqq8"]
+KINDS = ["nf4", "fp4", "int8"] + (HQQ_KINDS if importlib.util.find_spec("hqq") else [])
 # 4-bit variants whose storage packs a different number of values per element
 NF4_VARIANTS = [{"double_quant": False}, {"double_quant": True}, {"quant_storage": torch.bfloat16}]
 
@@ -62,7 +63,7 @@ def test_counts_do_not_depend_on_4bit_storage(variant):
 
 
 def test_quantized_module_counts_out_times_in_plus_bias():
-    """The counting rule itself, per module: weight -> out x in, aliases of its storage -> 0, bias -> numel."""
+    """The counting rule, per module: weight -> out x in, aliases of its storage -> 0, bias -> numel."""
     for kind in KINDS:
         torch.manual_seed(0)
         layer = quant.quantize(nn.Sequential(nn.Linear(128, 64)), kind)[0]

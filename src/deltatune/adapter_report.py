@@ -1,15 +1,11 @@
 """`deltatune inspect`: what an adapter directory holds, whether deltatune's loader accepts it, and which
-serving stacks load it.
+serving stacks load it (the rules are in io/serving.py).
 
 Reads adapter_config.json and the safetensors header only (no tensor data), so it is instant even for
 large adapters. `check_adapter` applies the loader's own checks (io/adapter_files.py: the config through
 `config_from_dict`, the safetensors header through the same reader) plus what the loader finds only
-against a model (a lora_A without its lora_B, a rank the config does not say) and returns one line per
+against a model (a lora_A without its lora_B, a rank the config does not say), and gives one line per
 problem.
-
-Each serving verdict follows that server's loader, read from the file and version named in `SOURCES`
-(printed beside the verdict). Where a server takes a launch flag that decides (vLLM's and SGLang's
-`--max-lora-rank`), the verdict names the value to pass instead of saying no.
 """
 
 from __future__ import annotations
@@ -18,59 +14,16 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
 from .core.config import DeltaConfig, DeltaConfigError, config_from_dict
 from .io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
+from .io.serving import LORA_PAIR, SOURCES, AdapterInfo, Verdict, serving_compatibility
 
-# Where each rule was read (server version, file, function); printed with every verdict.
-SOURCES = {
-    "vLLM": "vLLM 0.11, vllm/lora/peft_helper.py PEFTHelper.validate_legal + vllm/config/lora.py",
-    "SGLang": "SGLang 0.5, srt/lora/lora_manager.py validate_new_adapter + srt/utils/common.py",
-    "llama.cpp": "llama.cpp convert_lora_to_gguf.py (b4000 and later)",
-}
-# vLLM's LoRAConfig.max_lora_rank is Literal[1, 8, 16, 32, 64, 128, 256, 320, 512], default 16; an adapter
-# loads when its rank <= --max-lora-rank (validate_legal: "LoRA rank r is greater than max_lora_rank").
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-VLLM_DEFAULT_MAX_LORA_RANK = 16
-# SGLang's SUPPORTED_LORA_TARGET_MODULES, plus the fused names its models map them onto.
-SGLANG_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
-                  "gate_up_proj"}
-LORA_PAIR = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                       r"(?:\.weight)?$")
-
-
-@dataclass
-class AdapterInfo:
-    path: Path
-    config: dict
-    shapes: dict[str, tuple[int, ...]]
-    size_bytes: int
-    modules: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)  # module -> {"A"|"B": shape}
-    extra_keys: list[str] = field(default_factory=list)  # tensors that are not lora_A/lora_B halves
-
-    @property
-    def method(self) -> str:
-        kind = str(self.config.get("peft_type", "?"))
-        return f"{kind} (DoRA)" if kind == "LORA" and self.config.get("use_dora") else kind
-
-    @property
-    def ranks(self) -> set[int]:
-        """Ranks of the LoRA pairs in the file (rows of lora_A / lora_embedding_A)."""
-        return {halves["A"][0] for halves in self.modules.values() if "A" in halves}
-
-    @property
-    def parameters(self) -> int:
-        total = 0
-        for shape in self.shapes.values():
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += count
-        return total
+__all__ = ["SOURCES", "AdapterInfo", "Verdict", "adapter_report", "check_adapter", "format_report",
+           "serving_compatibility"]
 
 
 # ---------------------------------------------------------------- reading and checking
@@ -158,19 +111,18 @@ def _expected_rank(config: DeltaConfig, module: str) -> int | None:
 
 def _pair_problems(info: AdapterInfo, config: DeltaConfig) -> list[str]:
     """What the loader would refuse once it met the model: half pairs, and ranks the config does not say."""
-    problems = []
+    problems, file = [], info.path / WEIGHTS_NAME
     for module, halves in info.modules.items():
         if set(halves) != {"A", "B"}:
             missing = "lora_B" if "A" in halves else "lora_A"
-            problems.append(f"{info.path / WEIGHTS_NAME}: {module} has no {missing} (a LoRA needs both halves)")
+            problems.append(f"{file}: {module} has no {missing} (a LoRA needs both halves)")
             continue
         rank, rank_b = halves["A"][0], halves["B"][1]  # A: (r, in, ...), B: (out, r, ...)
         expected = _expected_rank(config, module)
         if rank != rank_b:
-            problems.append(f"{info.path / WEIGHTS_NAME}: {module}: lora_A has rank {rank}, lora_B {rank_b}")
+            problems.append(f"{file}: {module}: lora_A has rank {rank}, lora_B {rank_b}")
         elif info.config.get("peft_type") == "LORA" and rank != expected:
-            problems.append(f"{info.path / WEIGHTS_NAME}: {module} has rank {rank}, but {CONFIG_NAME} gives it "
-                            f"r={expected}")
+            problems.append(f"{file}: {module} has rank {rank}, but {CONFIG_NAME} gives it r={expected}")
     return problems
 
 
@@ -213,111 +165,6 @@ def _check(path: Path) -> tuple[AdapterInfo | None, list[str], list[str]]:
             info.extra_keys.append(key)
     info.modules = dict(sorted(info.modules.items()))
     return info, _pair_problems(info, parsed), notes
-
-
-# ---------------------------------------------------------------- serving rules, one function per server
-@dataclass
-class Verdict:
-    """One server's answer: loads or not, why not, the launch flags it needs, and what else to know."""
-
-    server: str
-    reasons: list[str] = field(default_factory=list)
-    flags: list[str] = field(default_factory=list)
-    detail: str = ""
-
-    @property
-    def loads(self) -> bool:
-        return not self.reasons
-
-    def lines(self) -> list[str]:
-        """The verdict, then the rule's source on its own line."""
-        if self.reasons:
-            answer = "no - " + "; ".join(self.reasons)
-        else:
-            answer = "yes" + (" with " + " ".join(self.flags) if self.flags else "")
-            answer += f" ({self.detail})" if self.detail else ""
-        return [f"{self.server + ':':10s} {answer}", f"{'':10s} rule: {SOURCES[self.server]}"]
-
-
-def _common(info: AdapterInfo, server: str) -> Verdict:
-    """The rules every server here shares: LoRA only (PEFT's LORA layout), no DoRA."""
-    verdict = Verdict(server)
-    if info.config.get("peft_type") != "LORA":
-        verdict.reasons.append(f"{info.config.get('peft_type')} adapters are not supported (LoRA only)")
-    dora = info.config.get("use_dora") or any(k.endswith("lora_magnitude_vector") for k in info.extra_keys)
-    if dora:
-        verdict.reasons.append("DoRA (use_dora, lora_magnitude_vector) is not supported")
-    return verdict
-
-
-def _max_rank(info: AdapterInfo) -> int:
-    pattern = [r for r in (info.config.get("rank_pattern") or {}).values() if isinstance(r, int)]
-    return max([*info.ranks, *pattern, info.config.get("r") or 0])
-
-
-def vllm_verdict(info: AdapterInfo) -> Verdict:
-    """vLLM: validate_legal refuses modules_to_save, DoRA, bias != "none" and r > --max-lora-rank;
-    tensors other than lora_A/lora_B (lora_embedding_A/B) fail its weight-name parser."""
-    verdict = _common(info, "vLLM")
-    if info.config.get("modules_to_save"):
-        verdict.reasons.append(f"modules_to_save={info.config['modules_to_save']} (vLLM needs it empty)")
-    full = [k for k in info.extra_keys if not k.endswith("lora_magnitude_vector")]
-    if full and not info.config.get("modules_to_save"):
-        verdict.reasons.append(f"tensors that are not LoRA pairs, e.g. {full[0]}")
-    if info.config.get("bias", "none") != "none":
-        verdict.reasons.append(f"bias={info.config['bias']!r}: adapter bias is not supported")
-    rank = _max_rank(info)
-    fitting = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
-    if not fitting:
-        verdict.reasons.append(f"rank {rank} > {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank")
-    elif rank > VLLM_DEFAULT_MAX_LORA_RANK:
-        verdict.flags.append(f"--max-lora-rank {fitting[0]}")
-        verdict.detail = f"rank {rank} > the default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}"
-    else:
-        verdict.detail = (f"rank {rank} <= the default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}; "
-                          f"the smallest that fits is --max-lora-rank {fitting[0]}")
-    return verdict
-
-
-def sglang_verdict(info: AdapterInfo) -> Verdict:
-    """SGLang: validate_new_adapter refuses DoRA; LoRA runs on SUPPORTED_LORA_TARGET_MODULES only; the
-    rank and targets of adapters loaded after startup must fit --max-lora-rank / --lora-target-modules
-    (inferred from --lora-paths when unset)."""
-    verdict = _common(info, "SGLang")
-    full = [k for k in info.extra_keys if not k.endswith("lora_magnitude_vector")]
-    saved = info.config.get("modules_to_save")
-    if saved or full:
-        what = f"modules_to_save={saved}" if saved else f"full tensors such as {full[0]}"
-        verdict.reasons.append(f"{what}: SGLang loads only lora_A/lora_B")
-    targets = sorted({m.rsplit(".", 1)[-1] for m in info.modules})
-    other = sorted(set(targets) - SGLANG_MODULES)
-    if other:
-        verdict.reasons.append(f"targets {other}; SGLang serves LoRA on q/k/v/o and gate/up/down projections")
-    if info.config.get("bias", "none") != "none":
-        verdict.reasons.append(f"bias={info.config['bias']!r}: trained biases are not loaded")
-    verdict.detail = (f"at startup through --lora-paths; to load it later, start the server with "
-                      f"--max-lora-rank {_max_rank(info)} or more and --lora-target-modules {' '.join(targets)}")
-    return verdict
-
-
-def llama_cpp_verdict(info: AdapterInfo) -> Verdict:
-    """llama.cpp: convert_lora_to_gguf.py converts lora_A/lora_B (and lora_embedding_A/B) pairs and norm
-    weights; any other tensor ("Not a lora_A or lora_B tensor") stops it. Any rank."""
-    verdict = _common(info, "llama.cpp")
-    verdict.detail = "convert it with llama.cpp's convert_lora_to_gguf.py, any rank"
-    other = [k for k in info.extra_keys if not re.search(r"(_layernorm|\.norm)\.weight$|\.base_layer\.weight$", k)
-             and not k.endswith("lora_magnitude_vector")]
-    if other:
-        verdict.reasons.append(f"tensors that are not lora_A/lora_B, e.g. {other[:2]}")
-    return verdict
-
-
-SERVERS = (vllm_verdict, sglang_verdict, llama_cpp_verdict)
-
-
-def serving_compatibility(info: AdapterInfo) -> dict[str, Verdict]:
-    """Each server's verdict on this adapter, by the rules in SOURCES."""
-    return {verdict.server: verdict for verdict in (rule(info) for rule in SERVERS)}
 
 
 # ---------------------------------------------------------------- the report

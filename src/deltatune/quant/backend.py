@@ -282,5 +282,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 __all__ = ["QUANT_TYPES", "QuantBackend", "QuantSpec", "QuantizedMergeWarning", "backend_for", "dequantize",
-           "dequantize_weight", "get_backend", "is_quantized", "merge_errors", "parameter_counts", "parse_quantize",
-           "quantize", "register_backend", "requantize_weight", "round_trip", "weight_bytes"]
+           "dequantize_weight", "get_backend", "is_quantized", "merge_errors", "parameter_counts",
+           "parse_quantize", "quantize", "register_backend", "requantize_weight", "round_trip",
+           "weight_bytes"]

@@ -1,0 +1,164 @@
+"""Which serving stacks load a LoRA adapter, each verdict by that server's own loader rule.
+
+Every rule was read from the server's source at the version in `SOURCES`, which the report prints with
+the verdict. Where a launch flag decides (vLLM's and SGLang's `--max-lora-rank`), the verdict says yes and
+names the value to pass. The rules see an `AdapterInfo`: the adapter's config and its safetensors header
+(tensor names and shapes), never the tensor data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Where each rule was read (server version, file, function); printed with every verdict.
+SOURCES = {
+    "vLLM": "vLLM 0.11, vllm/lora/peft_helper.py PEFTHelper.validate_legal + vllm/config/lora.py",
+    "SGLang": "SGLang 0.5, srt/lora/lora_manager.py validate_new_adapter + srt/utils/common.py",
+    "llama.cpp": "llama.cpp convert_lora_to_gguf.py (b4000 and later)",
+}
+# vLLM's LoRAConfig.max_lora_rank is Literal[1, 8, 16, 32, 64, 128, 256, 320, 512], default 16; an adapter
+# loads when its rank <= --max-lora-rank (validate_legal: "LoRA rank r is greater than max_lora_rank").
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+# SGLang's SUPPORTED_LORA_TARGET_MODULES, plus the fused names its models map them onto.
+SGLANG_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                  "gate_up_proj"}
+LORA_PAIR = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                       r"(?:\.weight)?$")
+
+
+@dataclass
+class AdapterInfo:
+    path: Path
+    config: dict
+    shapes: dict[str, tuple[int, ...]]
+    size_bytes: int
+    modules: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)  # module -> {"A"|"B": shape}
+    extra_keys: list[str] = field(default_factory=list)  # tensors that are not lora_A/lora_B halves
+
+    @property
+    def method(self) -> str:
+        kind = str(self.config.get("peft_type", "?"))
+        return f"{kind} (DoRA)" if kind == "LORA" and self.config.get("use_dora") else kind
+
+    @property
+    def ranks(self) -> set[int]:
+        """Ranks of the LoRA pairs in the file (rows of lora_A / lora_embedding_A)."""
+        return {halves["A"][0] for halves in self.modules.values() if "A" in halves}
+
+    @property
+    def parameters(self) -> int:
+        total = 0
+        for shape in self.shapes.values():
+            count = 1
+            for dim in shape:
+                count *= dim
+            total += count
+        return total
+
+
+@dataclass
+class Verdict:
+    """One server's answer: loads or not, why not, the launch flags it needs, and what else to know."""
+
+    server: str
+    reasons: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    detail: str = ""
+
+    @property
+    def loads(self) -> bool:
+        return not self.reasons
+
+    def lines(self) -> list[str]:
+        """The verdict, then the rule's source on its own line."""
+        if self.reasons:
+            answer = "no - " + "; ".join(self.reasons)
+        else:
+            answer = "yes" + (" with " + " ".join(self.flags) if self.flags else "")
+            answer += f" ({self.detail})" if self.detail else ""
+        return [f"{self.server + ':':10s} {answer}", f"{'':10s} rule: {SOURCES[self.server]}"]
+
+
+def _common(info: AdapterInfo, server: str) -> Verdict:
+    """The rules every server here shares: LoRA only (PEFT's LORA layout), no DoRA."""
+    verdict = Verdict(server)
+    if info.config.get("peft_type") != "LORA":
+        verdict.reasons.append(f"{info.config.get('peft_type')} adapters are not supported (LoRA only)")
+    dora = info.config.get("use_dora") or any(k.endswith("lora_magnitude_vector") for k in info.extra_keys)
+    if dora:
+        verdict.reasons.append("DoRA (use_dora, lora_magnitude_vector) is not supported")
+    return verdict
+
+
+def _max_rank(info: AdapterInfo) -> int:
+    pattern = [r for r in (info.config.get("rank_pattern") or {}).values() if isinstance(r, int)]
+    return max([*info.ranks, *pattern, info.config.get("r") or 0])
+
+
+def vllm_verdict(info: AdapterInfo) -> Verdict:
+    """vLLM: validate_legal refuses modules_to_save, DoRA, bias != "none" and r > --max-lora-rank;
+    tensors other than lora_A/lora_B (lora_embedding_A/B) fail its weight-name parser."""
+    verdict = _common(info, "vLLM")
+    if info.config.get("modules_to_save"):
+        verdict.reasons.append(f"modules_to_save={info.config['modules_to_save']} (vLLM needs it empty)")
+    full = [k for k in info.extra_keys if not k.endswith("lora_magnitude_vector")]
+    if full and not info.config.get("modules_to_save"):
+        verdict.reasons.append(f"tensors that are not LoRA pairs, e.g. {full[0]}")
+    if info.config.get("bias", "none") != "none":
+        verdict.reasons.append(f"bias={info.config['bias']!r}: adapter bias is not supported")
+    rank = _max_rank(info)
+    fitting = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
+    if not fitting:
+        verdict.reasons.append(f"rank {rank} > {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank")
+    elif rank > VLLM_DEFAULT_MAX_LORA_RANK:
+        verdict.flags.append(f"--max-lora-rank {fitting[0]}")
+        verdict.detail = f"rank {rank} > the default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}"
+    else:
+        verdict.detail = (f"rank {rank} <= the default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}; "
+                          f"the smallest that fits is --max-lora-rank {fitting[0]}")
+    return verdict
+
+
+def sglang_verdict(info: AdapterInfo) -> Verdict:
+    """SGLang: validate_new_adapter refuses DoRA; LoRA runs on SUPPORTED_LORA_TARGET_MODULES only; the
+    rank and targets of adapters loaded after startup must fit --max-lora-rank / --lora-target-modules
+    (inferred from --lora-paths when unset)."""
+    verdict = _common(info, "SGLang")
+    full = [k for k in info.extra_keys if not k.endswith("lora_magnitude_vector")]
+    saved = info.config.get("modules_to_save")
+    if saved or full:
+        what = f"modules_to_save={saved}" if saved else f"full tensors such as {full[0]}"
+        verdict.reasons.append(f"{what}: SGLang loads only lora_A/lora_B")
+    targets = sorted({m.rsplit(".", 1)[-1] for m in info.modules})
+    other = sorted(set(targets) - SGLANG_MODULES)
+    if other:
+        verdict.reasons.append(f"targets {other}; SGLang serves LoRA on q/k/v/o and gate/up/down projections")
+    if info.config.get("bias", "none") != "none":
+        verdict.reasons.append(f"bias={info.config['bias']!r}: trained biases are not loaded")
+    verdict.detail = (f"at startup through --lora-paths; to load it later, start the server with "
+                      f"--max-lora-rank {_max_rank(info)} or more and --lora-target-modules "
+                      + " ".join(targets))
+    return verdict
+
+
+def llama_cpp_verdict(info: AdapterInfo) -> Verdict:
+    """llama.cpp: convert_lora_to_gguf.py converts lora_A/lora_B (and lora_embedding_A/B) pairs and norm
+    weights; any other tensor ("Not a lora_A or lora_B tensor") stops it. Any rank."""
+    verdict = _common(info, "llama.cpp")
+    verdict.detail = "convert it with llama.cpp's convert_lora_to_gguf.py, any rank"
+    kept = re.compile(r"(_layernorm|\.norm)\.weight$|\.base_layer\.weight$")  # converted or skipped by it
+    other = [k for k in info.extra_keys if not kept.search(k) and not k.endswith("lora_magnitude_vector")]
+    if other:
+        verdict.reasons.append(f"tensors that are not lora_A/lora_B, e.g. {other[:2]}")
+    return verdict
+
+
+SERVERS = (vllm_verdict, sglang_verdict, llama_cpp_verdict)
+
+
+def serving_compatibility(info: AdapterInfo) -> dict[str, Verdict]:
+    """Each server's verdict on this adapter, by the rules in SOURCES."""
+    return {verdict.server: verdict for verdict in (rule(info) for rule in SERVERS)}

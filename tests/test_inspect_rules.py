@@ -258,6 +258,11 @@ def test_config_linked_outside_the_directory_is_refused(tmp_path, capsys):
         (blobs / name).write_bytes((outside / name).read_bytes())
         (snapshot / name).symlink_to(Path("../../blobs") / name)
     assert inspect(snapshot, capsys)[0] == 0
+    # ... but a directory that is no cache snapshot may not link into someone's blobs
+    (adapter / "adapter_config.json").unlink()
+    (adapter / "adapter_config.json").symlink_to(blobs / "adapter_config.json")
+    status, _, err = inspect(adapter, capsys)
+    assert status == 2 and "outside the adapter directory" in err
 
 
 def test_ranks_the_config_does_not_say_and_half_pairs_are_problems(tmp_path, capsys):

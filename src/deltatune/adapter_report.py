@@ -28,12 +28,14 @@ __all__ = ["SOURCES", "AdapterInfo", "Verdict", "adapter_report", "check_adapter
 
 # ---------------------------------------------------------------- reading and checking
 def _inside(file: Path, root: Path) -> bool:
-    """Whether `file`, links followed, stays inside `root` (or is a Hugging Face cache blob of the
-    snapshot `root` lies in: snapshots/<rev>/x -> ../../blobs/<sha>)."""
+    """Whether `file`, links followed, stays inside `root`, or is a blob of the Hugging Face cache
+    snapshot that `root` is (<repo>/snapshots/<revision>/x -> <repo>/blobs/<sha>). A link elsewhere could
+    make a reader open any file on the machine."""
     target, root = file.resolve(), root.resolve()
     if target.is_relative_to(root):
         return True
-    return target.parent.name == "blobs" and root.is_relative_to(target.parent.parent)
+    return (target.parent.name == "blobs" and root.parent.name == "snapshots"
+            and target.parent.parent == root.parent.parent)
 
 
 def _field_problems(data: dict, source: str) -> list[str]:
@@ -63,7 +65,8 @@ def _field_problems(data: dict, source: str) -> list[str]:
         why = why and error({**base, **good, key: data[key]})
         if why:  # name the field when the loader's message does not
             said = why.removeprefix(f"{source}: ")
-            problems.append(why if key in said else f"{source}: {key}={data[key]!r}: {said}")
+            named = re.search(rf"\b{re.escape(key)}\b", said)
+            problems.append(why if named else f"{source}: {key}={data[key]!r}: {said}")
     return problems or [whole]
 
 
@@ -135,7 +138,7 @@ def check_adapter(directory: str | os.PathLike) -> tuple[AdapterInfo | None, lis
         ignores).
     """
     info, problems, notes = _check(Path(directory))
-    return info, [" ".join(p.split()) for p in problems], notes  # one line each, whatever the source said
+    return info, [re.sub(r"\s*\n\s*", " ", p) for p in problems], notes  # one line each, always
 
 
 def _check(path: Path) -> tuple[AdapterInfo | None, list[str], list[str]]:

@@ -70,7 +70,7 @@ class Routing:
             return values
         if batch == values.shape[0] * self.expand:
             return values.repeat_interleave(self.expand)
-        repeated = f" ({batch // self.expand} input rows x {self.expand} from generate)" if self.expand > 1 else ""
+        repeated = f" (generate repeats each input row {self.expand} times)" if self.expand > 1 else ""
         raise ValueError(f"{what} has {values.shape[0]} entries but the batch has {batch} rows{repeated}; "
                          "give exactly one per input row")
 

@@ -30,6 +30,24 @@ def check_adapter_name(name: str) -> None:
                                f"path separators or '..', other than {BASE_ADAPTER!r}")
 
 
+def check_per_row(adapter_names: list[str] | None, task_ids: torch.Tensor | None, rows: int | None) -> None:
+    """`adapter_names` (a list of names) and `task_ids` (1-D) give exactly one entry per input row; `rows`
+    is the input's batch size when the call shows it (the layers check the rest: Routing.per_sample).
+
+    Raises:
+        ValueError: a wrong type or shape, or a count other than `rows` (naming both lengths).
+    """
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names or []):
+        raise ValueError(f"adapter_names takes a list with one adapter name per input row; "
+                         f"got {adapter_names!r}")
+    if task_ids is not None and task_ids.dim() != 1:
+        raise ValueError(f"task_ids takes one task id per input row; got shape {tuple(task_ids.shape)}")
+    for what, values in (("adapter_names", adapter_names), ("task_ids", task_ids)):
+        if values is not None and rows is not None and len(values) != rows:
+            raise ValueError(f"{what} has {len(values)} entries but the batch has {rows} rows; "
+                             "give exactly one per input row")
+
+
 def _is_linear(module: nn.Module) -> bool:
     base = module.base_layer if isinstance(module, DeltaLayer) else module
     return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
@@ -125,8 +143,8 @@ class DeltaModel(nn.Module):
         """
         if not self.active_adapters:
             raise ValueError("no adapter left: every adapter was deleted; add one with add_adapter() or "
-                             "load_adapter()" if not self.peft_config else
-                             f"no active adapter; choose one with set_adapter() from {list(self.peft_config)}")
+                             "load_adapter()" if not self.peft_config else "no active adapter; choose one "
+                             f"with set_adapter() from {list(self.peft_config)}")
         return self.active_adapters[0]
 
     def get_base_model(self) -> nn.Module:
@@ -386,32 +404,24 @@ class DeltaModel(nn.Module):
                 one per row (naming both lengths).
         """
         device = next(self.model.parameters()).device
-        if adapter_names is not None and (isinstance(adapter_names, str)
-                                          or not all(isinstance(n, str) for n in adapter_names)):
-            raise ValueError(f"adapter_names takes a list of adapter names, one per input row; got {adapter_names!r}")
-        if task_ids is not None:
-            task_ids = torch.as_tensor(task_ids, device=device)
-            if task_ids.dim() != 1:
-                raise ValueError(f"task_ids takes one task id per input row; got shape {tuple(task_ids.shape)}")
-        for what, values in (("adapter_names", adapter_names), ("task_ids", task_ids)):
-            if values is not None and rows is not None and len(values) != rows:
-                raise ValueError(f"{what} has {len(values)} entries but the batch has {rows} rows; "
-                                 "give exactly one per input row")
+        task_ids = None if task_ids is None else torch.as_tensor(task_ids, device=device)
+        check_per_row(adapter_names, task_ids, rows)
         names, slots = [], None
         if adapter_names is not None:
             unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
             if unknown:
-                raise ValueError(f"adapter_names has unknown adapters {unknown}; adapters: {list(self.peft_config)}")
+                raise ValueError(f"adapter_names has unknown adapters {unknown}; "
+                                 f"adapters: {list(self.peft_config)}")
             names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
             prompts = [n for n in set(names) | set(self.active_adapters)
                        if n in self.model_adapters and hasattr(self.model_adapters[n], "forward_model")]
             if prompts:
                 raise ValueError(f"adapters {sorted(prompts)} act on the whole model (prompts) and cannot be "
                                  "mixed per sample with adapter_names; run them in their own batch")
-            slots = torch.tensor([names.index(n) if n != BASE_ADAPTER else -1 for n in adapter_names], device=device)
+            slots = torch.tensor([names.index(n) if n != BASE_ADAPTER else -1 for n in adapter_names],
+                                 device=device)
         routing = self._routing
-        routing.names, routing.index, routing.expand = names, slots, expand
-        routing.task_ids = task_ids
+        routing.names, routing.index, routing.task_ids, routing.expand = names, slots, task_ids, expand
         try:
             yield
         finally:
@@ -429,8 +439,8 @@ class DeltaModel(nn.Module):
         """How many times generate() repeats each input row: transformers expands the batch by
         max(num_beams, num_return_sequences) before decoding."""
         config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-        counts = [kwargs.get(key, getattr(config, key, None)) for key in ("num_beams", "num_return_sequences")]
-        return max([1] + [int(count) for count in counts if count])
+        keys = ("num_beams", "num_return_sequences")
+        return max(int(kwargs.get(key, getattr(config, key, None)) or 1) for key in keys)
 
     def _model_level(self):
         """The active model-level adapter that takes over forward/generate (soft prompts), if any."""
@@ -454,7 +464,8 @@ class DeltaModel(nn.Module):
     @exclusive
     def generate(self, *args, adapter_names: list[str] | None = None, task_ids: torch.Tensor | None = None,
                  **kwargs):
-        with self._route(adapter_names, task_ids, self._input_rows(args, kwargs), self._generate_expansion(kwargs)):
+        rows, expand = self._input_rows(args, kwargs), self._generate_expansion(kwargs)
+        with self._route(adapter_names, task_ids, rows, expand):
             hook = self._model_level()
             if hook:
                 return hook.generate_model(self.model, *args, **kwargs)

@@ -92,8 +92,8 @@ def each_alone(model, ids, names, **kwargs):
 def test_generate_expands_names_with_beams_and_returned_sequences(build, targets, search):
     """Every returned sequence of input row i equals generating row i alone with its adapter. (top_k=1
     sampling is greedy, so its repeated rows are comparable too.) T5's encoder sees the input rows, its
-    decoder the repeated ones."""
-    model = two_adapters(build, targets)
+    decoder the repeated ones; "a" has its own trained lm_head copy (modules_to_save), routed per row too."""
+    model = two_adapters(build, targets, modules_to_save=["lm_head"])
     ids = token_batch(3, 4)
     names = ["b", "__base__", "a"]
     kwargs = {"max_new_tokens": 4, "pad_token_id": 0, "do_sample": False, **search}

@@ -36,33 +36,43 @@ class DeltaAdapter(Protocol):
 
 
 class Routing:
-    """Per-call routing shared by every layer of one model: which adapter each sample uses."""
+    """Per-call state shared by every layer of one model: which adapter each sample uses, each sample's
+    task id, and whether adapters are switched off (inside `DeltaModel.disable_adapter()`)."""
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None  # (batch,) slot into `names`; -1 = base model
         self.names: list[str] = []
         self.task_ids: torch.Tensor | None = None  # (batch,) for task-conditioned methods
+        self.expand = 1  # how many times generate() repeats each input row (beams, num_return_sequences)
+        self.disabled = False
 
     def rows(self, rows: torch.Tensor, batch: int) -> "Routing":
         """The per-sample data of some rows of a batch of `batch` (for adapters run on their own rows)."""
         sub = Routing()
         if self.task_ids is not None:
-            sub.task_ids = expand_per_sample(self.task_ids, batch)[rows]
+            sub.task_ids = self.per_sample(self.task_ids, batch, "task_ids")[rows]
         return sub
 
     def index_for(self, batch: int) -> torch.Tensor:
-        """The per-sample slots, expanded when generate() repeats samples (beams, num_return_sequences)."""
-        return expand_per_sample(self.index, batch)
+        """The per-sample slots for a layer that sees `batch` rows."""
+        return self.per_sample(self.index, batch, "adapter_names")
 
+    def per_sample(self, values: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+        """`values` (one per input row) for a layer that sees `batch` rows: the input rows themselves, or,
+        inside generate(), each row repeated `expand` times in place (transformers' repeat_interleave; an
+        encoder-decoder's encoder still sees the input rows). Any other count is an error: a shorter list is
+        never stretched over the batch.
 
-def expand_per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
-    """Per-sample values for a batch that generate() may have repeated each sample in."""
-    if values.shape[0] == batch:
-        return values
-    if batch % values.shape[0]:
-        raise ValueError(f"{values.shape[0]} per-sample entries (adapter_names / task_ids) but a layer saw "
-                         f"batch {batch}")
-    return values.repeat_interleave(batch // values.shape[0])
+        Raises:
+            ValueError: naming both lengths.
+        """
+        if batch == values.shape[0]:
+            return values
+        if batch == values.shape[0] * self.expand:
+            return values.repeat_interleave(self.expand)
+        repeated = f" (generate repeats each input row {self.expand} times)" if self.expand > 1 else ""
+        raise ValueError(f"{what} has {values.shape[0]} entries but the batch has {batch} rows{repeated}; "
+                         "give exactly one per input row")
 
 
 def _quant_backend(base: nn.Module):
@@ -119,7 +129,6 @@ class DeltaLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
-        self.disabled = False
         self.module_name = module_name
         self.routing = routing
         self.train(base_layer.training)
@@ -132,6 +141,11 @@ class DeltaLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
+
+    @property
+    def disabled(self) -> bool:
+        """Inside disable_adapter(): the model's shared flag, so a layer added inside the block is off too."""
+        return self.routing.disabled
 
     # ---------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
@@ -253,11 +267,12 @@ class ModulesToSave(nn.Module):
         self.original_module = original_module
         self.copies = nn.ModuleDict()
         self.active: list[str] = []
-        self.disabled = False
         self.module_name = module_name
         self.routing = routing
         self.copies.train(original_module.training)
         self.training = original_module.training
+
+    disabled = DeltaLayer.disabled
 
     def add(self, name: str, copy: nn.Module) -> None:
         self.copies[name] = copy

@@ -30,6 +30,24 @@ def check_adapter_name(name: str) -> None:
                                f"path separators or '..', other than {BASE_ADAPTER!r}")
 
 
+def check_per_row(adapter_names: list[str] | None, task_ids: torch.Tensor | None, rows: int | None) -> None:
+    """`adapter_names` (a list of names) and `task_ids` (1-D) give exactly one entry per input row; `rows`
+    is the input's batch size when the call shows it (the layers check the rest: Routing.per_sample).
+
+    Raises:
+        ValueError: a wrong type or shape, or a count other than `rows` (naming both lengths).
+    """
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names or []):
+        raise ValueError(f"adapter_names takes a list with one adapter name per input row; "
+                         f"got {adapter_names!r}")
+    if task_ids is not None and task_ids.dim() != 1:
+        raise ValueError(f"task_ids takes one task id per input row; got shape {tuple(task_ids.shape)}")
+    for what, values in (("adapter_names", adapter_names), ("task_ids", task_ids)):
+        if values is not None and rows is not None and len(values) != rows:
+            raise ValueError(f"{what} has {len(values)} entries but the batch has {rows} rows; "
+                             "give exactly one per input row")
+
+
 def _is_linear(module: nn.Module) -> bool:
     base = module.base_layer if isinstance(module, DeltaLayer) else module
     return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
@@ -84,7 +102,8 @@ class DeltaModel(nn.Module):
         self.peft_config: dict[str, DeltaConfig] = {}
         self.active_adapters: list[str] = []
         self._routing = Routing()
-        self._disabled = False
+        self._disabled = 0  # depth of nested disable_adapter() blocks
+        self._remerge: dict[str, list[str]] = {}  # per layer: the merges the outermost block re-applies
         self.inject(adapter_name, config, weights, source)
         self.set_adapter(adapter_name)
 
@@ -117,6 +136,15 @@ class DeltaModel(nn.Module):
 
     @property
     def active_adapter(self) -> str:
+        """The first active adapter's name.
+
+        Raises:
+            ValueError: no adapter is active (every adapter was deleted, or set_adapter([]) was called).
+        """
+        if not self.active_adapters:
+            raise ValueError("no adapter left: every adapter was deleted; add one with add_adapter() or "
+                             "load_adapter()" if not self.peft_config else "no active adapter; choose one "
+                             f"with set_adapter() from {list(self.peft_config)}")
         return self.active_adapters[0]
 
     def get_base_model(self) -> nn.Module:
@@ -199,8 +227,20 @@ class DeltaModel(nn.Module):
 
     @exclusive
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter `adapter_name` everywhere. Every precondition is checked first, so a refused
+        call changes nothing.
+
+        Raises:
+            ValueError: unknown adapter.
+            RuntimeError: the adapter is merged into base weights (call unmerge_adapter() first).
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(self.peft_config)}")
+        merged_into = [name for name, layer in self.delta_layers()
+                       if isinstance(layer, DeltaLayer) and adapter_name in layer.merged]
+        if merged_into:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged into {len(merged_into)} layer(s) "
+                               f"({merged_into[0]}, ...); call unmerge_adapter() before deleting it")
         self._remove(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name] or list(self.peft_config)[:1]
         if remaining:
@@ -252,31 +292,39 @@ class DeltaModel(nn.Module):
     # ------------------------------------------------------------------ disable / merge / unload
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Inside, the model gives exactly the base model's output (merged adapters are unmerged).
+        """Inside, the model gives exactly the base model's output (merged adapters are unmerged), also
+        for adapters added inside. Blocks nest: adapters stay off, and unmerged, until the outermost block
+        exits, which re-merges what was merged when it began (unless unmerge_adapter() was called inside).
         Holds the model's lock: other threads wait until the block ends."""
         with self._lock:
             yield from self._disabled_block()
 
     def _disabled_block(self):
-        merged = {name: list(layer.merged) for name, layer in self.delta_layers() if isinstance(layer, DeltaLayer)}
-        self.unmerge_adapter()
-        for _, layer in self.delta_layers():
-            layer.disabled = True
-        self._disabled = True
+        if not self._disabled:
+            merged = {name: list(layer.merged) for name, layer in self.delta_layers()
+                      if isinstance(layer, DeltaLayer) and layer.merged}
+            self.unmerge_adapter()
+            self._remerge = merged
+            self._routing.disabled = True
+        self._disabled += 1
         try:
             yield
         finally:
-            self._disabled = False
-            for name, layer in self.delta_layers():
-                layer.disabled = False
-                if merged.get(name):
-                    layer.merge(merged[name])
+            self._disabled -= 1
+            if not self._disabled:
+                self._routing.disabled = False
+                remerge, self._remerge = self._remerge, {}
+                for name, layer in self.delta_layers():
+                    if isinstance(layer, DeltaLayer) and remerge.get(name):
+                        layer.merge(remerge[name])
 
     @exclusive
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights. With safe_merge every merged
         weight is computed and checked for NaN/inf before any is written, so a bad adapter raises
         MergeError and leaves the base bit-for-bit as it was."""
+        if self._disabled:  # the block promises the base model's output until it exits
+            raise RuntimeError("merge_adapter() inside disable_adapter() is refused; merge after the block")
         names = list(adapter_names or self.active_adapters)
         for name in names:
             if name not in self.peft_config:
@@ -299,6 +347,7 @@ class DeltaModel(nn.Module):
 
     @exclusive
     def unmerge_adapter(self) -> None:
+        self._remerge = {}  # inside disable_adapter(): the adapters stay unmerged after the block
         for _, layer in self.delta_layers():
             if isinstance(layer, DeltaLayer):
                 layer.unmerge()
@@ -344,31 +393,54 @@ class DeltaModel(nn.Module):
 
     # ------------------------------------------------------------------ forward / generate
     @contextlib.contextmanager
-    def _route(self, adapter_names: list[str] | None, task_ids: torch.Tensor | None = None):
-        if task_ids is not None:
-            self._routing.task_ids = torch.as_tensor(task_ids, device=next(self.model.parameters()).device)
-        if adapter_names is None:
-            try:
-                yield
-            finally:
-                self._routing.task_ids = None
-            return
-        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
-        if unknown:
-            raise ValueError(f"adapter_names has unknown adapters {unknown}; adapters: {list(self.peft_config)}")
-        names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
-        prompts = [n for n in set(names) | set(self.active_adapters)
-                   if n in self.model_adapters and hasattr(self.model_adapters[n], "forward_model")]
-        if prompts:
-            raise ValueError(f"adapters {sorted(prompts)} act on the whole model (prompts) and cannot be mixed "
-                             "per sample with adapter_names; run them in their own batch")
-        slots = [names.index(n) if n != BASE_ADAPTER else -1 for n in adapter_names]
+    def _route(self, adapter_names: list[str] | None, task_ids: torch.Tensor | None = None,
+               rows: int | None = None, expand: int = 1):
+        """Route one call: `adapter_names` / `task_ids` give one entry per input row (`rows`, when known);
+        generate() repeats each row `expand` times and layers expand the entries to match (Routing).
+        Everything is checked before the routing is set.
+
+        Raises:
+            ValueError: an unknown adapter, a prompt-style adapter in a mixed batch, or a count other than
+                one per row (naming both lengths).
+        """
         device = next(self.model.parameters()).device
-        self._routing.names, self._routing.index = names, torch.tensor(slots, device=device)
+        task_ids = None if task_ids is None else torch.as_tensor(task_ids, device=device)
+        check_per_row(adapter_names, task_ids, rows)
+        names, slots = [], None
+        if adapter_names is not None:
+            unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+            if unknown:
+                raise ValueError(f"adapter_names has unknown adapters {unknown}; "
+                                 f"adapters: {list(self.peft_config)}")
+            names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
+            prompts = [n for n in set(names) | set(self.active_adapters)
+                       if n in self.model_adapters and hasattr(self.model_adapters[n], "forward_model")]
+            if prompts:
+                raise ValueError(f"adapters {sorted(prompts)} act on the whole model (prompts) and cannot be "
+                                 "mixed per sample with adapter_names; run them in their own batch")
+            slots = torch.tensor([names.index(n) if n != BASE_ADAPTER else -1 for n in adapter_names],
+                                 device=device)
+        routing = self._routing
+        routing.names, routing.index, routing.task_ids, routing.expand = names, slots, task_ids, expand
         try:
             yield
         finally:
-            self._routing.names, self._routing.index, self._routing.task_ids = [], None, None
+            routing.names, routing.index, routing.task_ids, routing.expand = [], None, None, 1
+
+    def _input_rows(self, args: tuple, kwargs: dict) -> int | None:
+        """The batch size of a forward/generate call's main input, when one is given."""
+        keys = (getattr(self.model, "main_input_name", "input_ids"), "input_ids", "inputs", "inputs_embeds")
+        for value in [kwargs.get(key) for key in keys] + list(args[:1]):
+            if isinstance(value, torch.Tensor) and value.dim() > 1:
+                return value.shape[0]
+        return None
+
+    def _generate_expansion(self, kwargs: dict) -> int:
+        """How many times generate() repeats each input row: transformers expands the batch by
+        max(num_beams, num_return_sequences) before decoding."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        keys = ("num_beams", "num_return_sequences")
+        return max(int(kwargs.get(key, getattr(config, key, None)) or 1) for key in keys)
 
     def _model_level(self):
         """The active model-level adapter that takes over forward/generate (soft prompts), if any."""
@@ -385,14 +457,15 @@ class DeltaModel(nn.Module):
                 **kwargs):
         """The wrapped model's forward; `adapter_names` gives one adapter (or "__base__") per sample and
         `task_ids` one task per sample for task-conditioned methods."""
-        with self._route(adapter_names, task_ids):
+        with self._route(adapter_names, task_ids, self._input_rows(args, kwargs)):
             hook = self._model_level()
             return hook.forward_model(self.model, *args, **kwargs) if hook else self.model(*args, **kwargs)
 
     @exclusive
     def generate(self, *args, adapter_names: list[str] | None = None, task_ids: torch.Tensor | None = None,
                  **kwargs):
-        with self._route(adapter_names, task_ids):
+        rows, expand = self._input_rows(args, kwargs), self._generate_expansion(kwargs)
+        with self._route(adapter_names, task_ids, rows, expand):
             hook = self._model_level()
             if hook:
                 return hook.generate_model(self.model, *args, **kwargs)
@@ -443,9 +516,15 @@ class DeltaModel(nn.Module):
     # ------------------------------------------------------------------ files (io/ owns the format)
     @exclusive
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **kwargs) -> None:
-        """Write each adapter in the Hugging Face PEFT layout ("default" at the top, others in subfolders)."""
+        """Write each adapter in the Hugging Face PEFT layout ("default" at the top, others in subfolders).
+
+        Raises:
+            ValueError: no adapter is left to save (every adapter was deleted); nothing is written.
+        """
         from ..io.adapter_files import save_adapters
 
+        if not self.peft_config:
+            raise ValueError(f"no adapter left to save in {save_directory}: every adapter was deleted")
         save_adapters(self, save_directory, selected_adapters, **kwargs)
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,

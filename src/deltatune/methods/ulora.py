@@ -105,10 +105,7 @@ class ULoraAdapter(nn.Module):
             return self.ulora_task_vectors[self.default_task].expand(batch, -1)
         if routing.index is not None:
             raise ValueError("ULoRA task_ids cannot be combined with a mixed adapter_names batch yet")
-        if task_ids.shape[0] != batch:  # generate() repeats samples for beams / num_return_sequences
-            if batch % task_ids.shape[0]:
-                raise ValueError(f"task_ids has {task_ids.shape[0]} entries but a layer saw batch {batch}")
-            task_ids = task_ids.repeat_interleave(batch // task_ids.shape[0])
+        task_ids = routing.per_sample(task_ids, batch, "task_ids")  # generate() may repeat each row
         return self.ulora_task_vectors[task_ids.long()]
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module, routing=None) -> torch.Tensor:

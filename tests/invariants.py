@@ -108,7 +108,8 @@ def assert_generate_matches_stepwise(model: nn.Module, input_ids: torch.Tensor,
     assert got.tolist() == expected.tolist(), \
         f"greedy generate {got.tolist()} != stepwise greedy forward {expected.tolist()}"
     assert len(out.logits) == len(expected_logits)
-    worst = max(((a.float() - b).abs().max().item() for a, b in zip(out.logits, expected_logits)), default=0.0)
+    worst = max(((a.float() - b).abs().max().item() for a, b in zip(out.logits, expected_logits)),
+                default=0.0)
     assert worst <= ATOL, f"generate's step logits differ from the full forward's by {worst:.3g}"
     return worst
 

@@ -24,15 +24,13 @@ import torch
 from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, TaskType, register_method, require
+from ._placement import input_embeddings, prompt_forward, prompt_generate
 from ._virtual_tokens import (
     PromptLearningFields,
     VirtualTokens,
     check_prompt_config,
     config_to_dict,
     fill_from_model,
-    input_embeddings,
-    prompt_forward,
-    prompt_generate,
 )
 
 INIT_MODES = ("RANDOM", "SAMPLE_VOCAB", "TEXT")

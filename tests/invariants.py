@@ -95,15 +95,17 @@ def assert_generate_matches_stepwise(model: nn.Module, input_ids: torch.Tensor,
                                      **forward_kwargs) -> float:
     """Greedy `model.generate` == `greedy_stepwise`: the same tokens, and every step's logits within ATOL.
 
-    `forward_kwargs` go to both (e.g. adapter_names). Returns the largest logit difference over the steps.
+    `forward_kwargs` go to both (e.g. adapter_names); `use_cache` and `pad_token_id` go to generate only.
+    Returns the largest logit difference over the steps.
     """
     pad = forward_kwargs.pop("pad_token_id", 0)
+    use_cache = forward_kwargs.pop("use_cache", True)  # for generate only: the reference never caches
     expected, expected_logits = greedy_stepwise(model, input_ids, attention_mask, max_new_tokens, pad,
                                                 **forward_kwargs)
     mask = {} if attention_mask is None else {"attention_mask": attention_mask}
     out = model.generate(input_ids=input_ids, **mask, max_new_tokens=max_new_tokens, do_sample=False,
                          num_beams=1, pad_token_id=pad, output_logits=True, return_dict_in_generate=True,
-                         **forward_kwargs)
+                         use_cache=use_cache, **forward_kwargs)
     got = out.sequences
     assert got.tolist() == expected.tolist(), \
         f"greedy generate {got.tolist()} != stepwise greedy forward {expected.tolist()}"

@@ -69,11 +69,13 @@ def test_issue_replay_soft_prompt_generation_follows_forward(config):
     assert_generate_matches_stepwise(model, ids, torch.ones_like(ids), 6)
 
 
-def test_prefix_refuses_a_cache_of_the_callers_own():
-    model = build("PREFIX_TUNING", "llama", None)
+@pytest.mark.parametrize("method, message", [("PREFIX_TUNING", "without a cache of your own"),
+                                             ("XLORA", "cannot reuse a cache")])
+def test_a_cache_of_the_callers_own_is_refused_under_either_name(method, message, tmp_path):
     from transformers import DynamicCache
 
+    model = build(method, "llama", tmp_path)
     ids = token_batch(batch=1, length=3)
     for keyword in ("cache", "past_key_values"):
-        with pytest.raises(ValueError, match="without a cache of your own"):
+        with pytest.raises(ValueError, match=message):
             model(input_ids=ids, **{keyword: DynamicCache()})

@@ -115,7 +115,12 @@ def extend_positions(positions: torch.Tensor, at: torch.Tensor, tokens: int) -> 
         raise ValueError("soft prompts need 2-D (batch, length) position_ids, got shape "
                          f"{tuple(positions.shape)}")
     length = positions.shape[1]
-    after = torch.arange(length, device=positions.device)[None] >= at[:, None]  # (B, L)
+    column = torch.arange(length, device=positions.device)[None]  # (1, L)
+    restarts = (positions[:, 1:] <= positions[:, :-1]) & (column[:, 1:] > at[:, None])  # (B, L - 1)
+    if restarts.any():
+        warnings.warn("position_ids restart inside a row (packed examples): the virtual tokens go before the "
+                      "row's first example only, so the others do not see them", stacklevel=4)
+    after = column >= at[:, None]  # (B, L)
     first = positions.gather(1, at.clamp(max=length - 1)[:, None])  # (B, 1)
     block = first + torch.arange(tokens, device=positions.device)  # (B, T)
     return insert_at(positions + tokens * after, block, at)

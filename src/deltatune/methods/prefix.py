@@ -6,8 +6,9 @@ arXiv:2101.00190).
 
 Update rule: each layer's attention sees T extra trained key/value vectors in front of the sequence's
 own; the model's weights and inputs are unchanged. They go in through the model's cache (a Transformers
-`DynamicCache` holding T positions), so the attention mask gets T ones in front, given position ids move
-by T, and `generate` continues from the same cache. With `prefix_projection` the table is
+`DynamicCache` holding T positions, passed under the keyword the model takes: `past_key_values`, or
+`cache` since Transformers 5.2x), so the attention mask gets T ones in front, given position ids move
+by T, and `generate` continues from the same cache (its own, filled with the prefix at the first step). With `prefix_projection` the table is
 P = W2 tanh(W1 E) (E: T x D, W1: D -> encoder_hidden_size, W2: -> N*2*D) while training, as in the paper;
 files hold P itself (`prompt_embeddings`, as in `peft`).
 Init rule: P ~ N(0, 1) (E and the MLP as PyTorch initialises them); `init_weights="zero"` starts the table

@@ -79,7 +79,8 @@ def experts(family: str, tmp_path: Path) -> dict[str, str]:
     """Two random LoRA experts for X-LoRA, saved as adapter directories."""
     directories = {}
     for index, targets in enumerate((TARGETS[family][:1], TARGETS[family][1:])):
-        expert = dt.get_peft_model(FAMILIES[family](), dt.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+        config = dt.LoraConfig(r=2, lora_alpha=4, target_modules=targets)
+        expert = dt.get_peft_model(FAMILIES[family](), config)
         randomize(expert, seed=index)
         directories[str(index)] = str(tmp_path / f"expert_{family}_{index}")
         expert.save_pretrained(directories[str(index)])

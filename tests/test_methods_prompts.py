@@ -163,7 +163,8 @@ def run_peft(case_id: str, model: nn.Module, batch: dict):
 
 
 @torch.no_grad()
-def bert_prefix_by_hand(model: nn.Module, table: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def bert_prefix_by_hand(model: nn.Module, table: torch.Tensor,
+                        batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """BertForSequenceClassification with prefix tuning, written from the weights with plain torch ops: in
     every layer, attention over [prefix keys; the tokens' keys] and [prefix values; the tokens' values], the
     prefix always attended to; the tokens numbered after the T prefix positions (as Transformers numbers

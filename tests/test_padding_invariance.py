@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapted_models import CASES, CONFIGS, randomize
-from adapted_models import build as build_adapted
+from adapted_models import CASES, CONFIGS, build, randomize
 from invariants import assert_padding_invariant
 from tiny_models import tiny_bert_cls
 
@@ -31,7 +30,7 @@ def test_every_registered_method_is_in_the_table():
 
 @pytest.mark.parametrize("method, family", CASES)
 def test_row_alone_equals_row_left_padded_in_a_batch(method, family, tmp_path):
-    model = build_adapted(method, family, tmp_path)
+    model = build(method, family, tmp_path)
     assert_padding_invariant(model, ROW, pad_id=0, pad=2, **extra_inputs(family))
     assert_padding_invariant(model, ROW[:2], pad_id=0, pad=3, **extra_inputs(family))
 
@@ -62,8 +61,8 @@ def test_issue_replay_first_step_scores_do_not_depend_on_left_padding(config):
                     return_dict_in_generate=True)
     with torch.no_grad():
         alone = model.generate(input_ids=torch.tensor([[5, 6]]), **settings).logits[0]
-        padded = model.generate(input_ids=torch.tensor([[0, 0, 5, 6]]), attention_mask=torch.tensor([[0, 0, 1, 1]]),
-                                **settings).logits[0]
+        padded = model.generate(input_ids=torch.tensor([[0, 0, 5, 6]]),
+                                attention_mask=torch.tensor([[0, 0, 1, 1]]), **settings).logits[0]
     assert (alone - padded).abs().max() <= 1e-5
 
 

@@ -8,9 +8,9 @@ Update rule: each layer's attention sees T extra trained key/value vectors in fr
 own; the model's weights and inputs are unchanged. They go in through the model's cache (a Transformers
 `DynamicCache` holding T positions, passed under the keyword the model takes: `past_key_values`, or
 `cache` since Transformers 5.2x), so the attention mask gets T ones in front, given position ids move
-by T, and `generate` continues from the same cache (its own, filled with the prefix at the first step). With `prefix_projection` the table is
-P = W2 tanh(W1 E) (E: T x D, W1: D -> encoder_hidden_size, W2: -> N*2*D) while training, as in the paper;
-files hold P itself (`prompt_embeddings`, as in `peft`).
+by T, and `generate` continues from the same cache (its own, filled with the prefix at the first step).
+With `prefix_projection` the table is P = W2 tanh(W1 E) (E: T x D, W1: D -> encoder_hidden_size,
+W2: -> N*2*D) while training, as in the paper; files hold P itself (`prompt_embeddings`, as in `peft`).
 Init rule: P ~ N(0, 1) (E and the MLP as PyTorch initialises them); `init_weights="zero"` starts the table
 (or the MLP's last layer) at zero. Models with grouped-query attention get prefixes for their
 key/value heads (D = num_key_value_heads * head_dim), as in `peft`.
@@ -150,8 +150,8 @@ def cache_forward(task_type: TaskType, layout: tuple[int, int], keyword: str, mo
     if model.training:
         refuse_checkpointing(model)
     if given_cache(kwargs) is not None:
-        raise ValueError("prefix tuning puts its prefix in the model's cache; run the model without a cache of "
-                         "your own (generate() continues from the prefix by itself)")
+        raise ValueError("prefix tuning puts its prefix in the model's cache; run the model without a cache "
+                         "of your own (generate() continues from the prefix by itself)")
     tokens = table.shape[0]
     kwargs["attention_mask"] = prefix_ones(kwargs.get("attention_mask"), tokens)
     shift_positions(kwargs, tokens)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from adapted_models import MODEL_LEVEL, SUPPORTED, build, randomize
-from invariants import assert_generate_matches_stepwise, logits_of
+from invariants import assert_generate_matches_stepwise, greedy_stepwise, logits_of
 from tiny_models import VOCAB, token_batch
 
 import deltatune as dt
@@ -79,3 +79,23 @@ def test_a_cache_of_the_callers_own_is_refused_under_either_name(method, message
     for keyword in ("cache", "past_key_values"):
         with pytest.raises(ValueError, match=message):
             model(input_ids=ids, **{keyword: DynamicCache()})
+
+
+@pytest.mark.parametrize("method", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_eval_answers_do_not_depend_on_the_batch(method, tmp_path):
+    """`deltatune eval`'s batched greedy answers (left-padded batches of different lengths) equal each
+    prompt generated alone, and the stepwise greedy forward's."""
+    from test_methods_prompts import word_tokenizer
+
+    from deltatune.train.evaluate import generate
+
+    tokenizer = word_tokenizer()
+    tokenizer.pad_token = "w0"
+    model = build(method, "llama", tmp_path)
+    prompts = ["w5 w9 w3 w7 w8", "w4 w2", "w11 w12 w13"]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=3)
+    assert batched == [generate(model, tokenizer, [p], max_new_tokens=4, batch_size=1)[0] for p in prompts]
+    for prompt, answer in zip(prompts, batched):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        expected = greedy_stepwise(model, ids, torch.ones_like(ids), 4)[0][0, ids.shape[1]:]
+        assert answer == tokenizer.decode(expected, skip_special_tokens=True).strip()

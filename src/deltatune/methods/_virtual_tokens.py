@@ -1,16 +1,13 @@
 """What the virtual-token methods (prompt tuning, P-tuning, prefix tuning) share, written once:
-`PromptLearningFields` (PEFT's PromptLearningConfig fields, filled from the model as `peft` does);
-`prompt_forward` / `prompt_generate` (T virtual embeddings before the input, mask/labels/token types
-extended); `patched_prepare`, `prefix_ones`, `bind_arguments` (shared with prefix.py); `VirtualTokens`,
-the model-level module saved as the one tensor `prompt_embeddings` (trained directly or by an encoder).
+`PromptLearningFields` (PEFT's PromptLearningConfig fields, filled from the model as `peft` does) and
+`VirtualTokens`, the model-level module saved as the one tensor `prompt_embeddings` (trained directly or by
+an encoder). Where the tokens go in a forward pass and in `generate` is _placement.py's concern.
 
 Shapes: B batch, L input length, T virtual tokens, D token_dim, N layers, H heads, Dh = D // H.
 """
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,9 +17,6 @@ from torch import nn
 
 from ..core.config import DeltaConfigError, TaskType, require
 
-IGNORE_INDEX = -100  # label value the loss skips: the virtual tokens have no target
-# The order `forward` takes positional arguments in, for the models these methods serve.
-POSITIONAL = ("input_ids", "attention_mask")
 # Fields of DeltaConfig that mean nothing for a method that adapts no layer (and that `peft` does not write).
 LAYER_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
 
@@ -100,136 +94,6 @@ def fill_from_model(config, model: nn.Module, key_value_heads: bool = False) -> 
         config.token_dim, config.num_attention_heads = head_dim * kv_heads, kv_heads
     if getattr(config, "encoder_hidden_size", "absent") is None:
         config.encoder_hidden_size = config.token_dim
-
-
-def input_embeddings(model: nn.Module) -> nn.Module:
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embed is None:
-        raise DeltaConfigError(f"{type(model).__name__} has no input embeddings (get_input_embeddings()); "
-                               "soft prompts need a model that takes inputs_embeds")
-    return embed
-
-
-def bind_arguments(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Positional `forward` arguments -> keywords (input_ids, attention_mask), so they can be extended."""
-    if len(args) > len(POSITIONAL):
-        raise TypeError(f"soft-prompt forward takes at most {len(POSITIONAL)} positional arguments "
-                        f"({', '.join(POSITIONAL)}); pass the others by keyword")
-    for name, value in zip(POSITIONAL, args):
-        if name in kwargs:
-            raise TypeError(f"forward got {name} both by position and by keyword")
-        kwargs[name] = value
-    return kwargs
-
-
-def batch_size(kwargs: dict[str, Any]) -> int:
-    for name in ("input_ids", "inputs_embeds"):
-        if kwargs.get(name) is not None:
-            return kwargs[name].shape[0]
-    raise ValueError("give input_ids or inputs_embeds")
-
-
-def prefix_ones(mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
-    """(B, L) mask -> (B, T + L): the virtual tokens are always attended to."""
-    if mask is None:
-        return None
-    if mask.dim() != 2:
-        raise ValueError("soft prompts need a 2-D (batch, length) attention mask, got shape "
-                         f"{tuple(mask.shape)}")
-    return torch.cat([mask.new_ones(mask.shape[0], num_tokens), mask], dim=1)
-
-
-def drop_position_ids(kwargs: dict[str, Any]) -> None:
-    if kwargs.get("position_ids") is not None:  # as `peft`: the model numbers the extended sequence itself
-        warnings.warn("position_ids are ignored with soft prompts; the model numbers the extended sequence",
-                      stacklevel=3)
-    kwargs.pop("position_ids", None)
-
-
-# ---------------------------------------------------------------------- virtual tokens as input embeddings
-def prompt_forward(task_type: TaskType, model: nn.Module, prompts: torch.Tensor, args: tuple,
-                   kwargs: dict[str, Any]):
-    """Call `model` with `prompts` (T, D) in front of every sample's input embeddings."""
-    kwargs = bind_arguments(args, dict(kwargs))
-    num_tokens, batch = prompts.shape[0], batch_size(kwargs)
-    drop_position_ids(kwargs)
-    input_ids = kwargs.pop("input_ids", None)
-    embeds = kwargs.pop("inputs_embeds", None)
-    if embeds is None:
-        embeds = input_embeddings(model)(input_ids)  # (B, L, D)
-    prompts = prompts.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, T, D)
-    kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)  # (B, T + L, D)
-    kwargs["attention_mask"] = prefix_ones(kwargs.get("attention_mask"), num_tokens)
-    if task_type == TaskType.SEQ_CLS:
-        if kwargs.get("token_type_ids") is not None:
-            types = kwargs["token_type_ids"]
-            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, num_tokens), types], dim=1)
-    elif task_type == TaskType.CAUSAL_LM:
-        if kwargs.get("token_type_ids") is not None:
-            warnings.warn("token_type_ids are ignored with soft prompts on a causal LM", stacklevel=3)
-            kwargs["token_type_ids"] = None
-        if kwargs.get("labels") is not None:
-            labels = kwargs["labels"]
-            kwargs["labels"] = torch.cat([labels.new_full((batch, num_tokens), IGNORE_INDEX), labels], dim=1)
-    return model(**kwargs)
-
-
-@contextlib.contextmanager
-def patched_prepare(model: nn.Module, wrap: Callable[[dict[str, Any]], dict[str, Any]]):
-    """Within the block, `model.generate` passes each step's model inputs through `wrap` (the one hook
-    Transformers gives for changing what a generation step feeds the model)."""
-    own = model.__dict__.get("prepare_inputs_for_generation")
-    original = model.prepare_inputs_for_generation
-
-    def prepare(*args, **kwargs):
-        return wrap(original(*args, **kwargs), kwargs)
-
-    model.prepare_inputs_for_generation = prepare
-    try:
-        yield
-    finally:
-        if own is None:
-            del model.prepare_inputs_for_generation
-        else:
-            model.prepare_inputs_for_generation = own
-
-
-def is_prefill(step_inputs: dict[str, Any]) -> bool:
-    cache = step_inputs.get("past_key_values")
-    return cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
-
-
-def prompt_generate(model: nn.Module, prompts: torch.Tensor, args: tuple, kwargs: dict[str, Any]):
-    """`model.generate` with the virtual tokens in front of the prompt. Decoder-only: the first step feeds
-    [prompts, embeddings of input_ids]; the cache then holds them, and every step's mask gets T ones in
-    front. Encoder-decoder: the encoder input gets the prompts."""
-    kwargs = bind_arguments(args, dict(kwargs))
-    drop_position_ids(kwargs)
-    if getattr(model.config, "is_encoder_decoder", False):
-        input_ids = kwargs.pop("input_ids", None)
-        if input_ids is None:
-            raise ValueError("generate with soft prompts needs input_ids")
-        embeds = input_embeddings(model)(input_ids)
-        prompts = prompts.to(embeds.dtype)
-        batch_prompts = prompts.unsqueeze(0).expand(embeds.shape[0], -1, -1)  # (B, T, D)
-        kwargs["inputs_embeds"] = torch.cat([batch_prompts, embeds], dim=1)
-        kwargs["attention_mask"] = prefix_ones(kwargs.get("attention_mask"), prompts.shape[0])
-        return model.generate(**kwargs)
-    if kwargs.get("inputs_embeds") is not None:
-        raise ValueError("generate with soft prompts takes input_ids, not inputs_embeds")
-
-    def wrap(step: dict[str, Any], _: dict[str, Any]) -> dict[str, Any]:
-        if is_prefill(step):
-            ids = step["input_ids"]
-            embeds = input_embeddings(model)(ids)  # (B, L, D)
-            batch_prompts = prompts.to(embeds.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)  # (B, T, D)
-            step["inputs_embeds"], step["input_ids"] = torch.cat([batch_prompts, embeds], dim=1), None
-        step["attention_mask"] = prefix_ones(step.get("attention_mask"), prompts.shape[0])
-        step.pop("position_ids", None)
-        return step
-
-    with patched_prepare(model, wrap):
-        return model.generate(**kwargs)
 
 
 # ---------------------------------------------------------------------- the model-level module

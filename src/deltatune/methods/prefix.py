@@ -6,10 +6,11 @@ arXiv:2101.00190).
 
 Update rule: each layer's attention sees T extra trained key/value vectors in front of the sequence's
 own; the model's weights and inputs are unchanged. They go in through the model's cache (a Transformers
-`DynamicCache` holding T positions), so the attention mask gets T ones in front, given position ids move
-by T, and `generate` continues from the same cache. With `prefix_projection` the table is
-P = W2 tanh(W1 E) (E: T x D, W1: D -> encoder_hidden_size, W2: -> N*2*D) while training, as in the paper;
-files hold P itself (`prompt_embeddings`, as in `peft`).
+`DynamicCache` holding T positions, passed under the keyword the model takes: `past_key_values`, or
+`cache` since Transformers 5.2x), so the attention mask gets T ones in front, given position ids move
+by T, and `generate` continues from the same cache (its own, filled with the prefix at the first step).
+With `prefix_projection` the table is P = W2 tanh(W1 E) (E: T x D, W1: D -> encoder_hidden_size,
+W2: -> N*2*D) while training, as in the paper; files hold P itself (`prompt_embeddings`, as in `peft`).
 Init rule: P ~ N(0, 1) (E and the MLP as PyTorch initialises them); `init_weights="zero"` starts the table
 (or the MLP's last layer) at zero. Models with grouped-query attention get prefixes for their
 key/value heads (D = num_key_value_heads * head_dim), as in `peft`.
@@ -26,18 +27,21 @@ import torch
 from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, TaskType, register_method, require
+from ._placement import (
+    batch_size,
+    bind_arguments,
+    cache_keyword,
+    given_cache,
+    input_embeddings,
+    patched_prepare,
+    prefix_ones,
+)
 from ._virtual_tokens import (
     PromptLearningFields,
     VirtualTokens,
-    batch_size,
-    bind_arguments,
     check_prompt_config,
     config_to_dict,
     fill_from_model,
-    input_embeddings,
-    is_prefill,
-    patched_prepare,
-    prefix_ones,
 )
 
 TASK_TYPES = (TaskType.CAUSAL_LM, TaskType.SEQ_CLS)
@@ -74,11 +78,16 @@ class PrefixTuningConfig(DeltaConfig, PromptLearningFields):
         fill_from_model(self, model, key_value_heads=True)
         require(self.token_dim % self.num_attention_heads == 0, "token_dim", self.token_dim,
                 f"must be a multiple of num_attention_heads={self.num_attention_heads}")
+        keyword = cache_keyword(model)
+        if keyword is None:
+            raise DeltaConfigError(f"prefix tuning puts its prefix in the model's KV cache, and "
+                                   f"{type(model).__name__}.forward takes none (no `cache` or "
+                                   "`past_key_values`)")
         weight = input_embeddings(model).weight
         width = self.num_layers * 2 * self.token_dim
         layout = (self.num_layers, self.num_attention_heads)
-        run = partial(cache_forward, self.task_type, layout)
-        generate = partial(cache_generate, layout)
+        run = partial(cache_forward, self.task_type, layout, keyword)
+        generate = partial(cache_generate, layout, keyword)
         if self.prefix_projection and not self.inference_mode:
             encoder = PrefixProjection(self.num_virtual_tokens, self.token_dim, self.encoder_hidden_size,
                                        width, zero=self.init_weights == "zero")
@@ -105,16 +114,21 @@ class PrefixProjection(nn.Module):
         return self.transform(self.embedding.weight)  # (T, N*2*D)
 
 
-def prefix_cache(table: torch.Tensor, batch: int, layout: tuple[int, int], dtype: torch.dtype):
-    """(T, N*2*D) table -> a DynamicCache whose layer i holds keys/values (B, H, T, Dh). Column layout
-    as `peft`'s: for each layer, its keys then its values."""
-    from transformers import DynamicCache
-
+def prefix_states(table: torch.Tensor, batch: int, layout: tuple[int, int], dtype: torch.dtype) -> list:
+    """(T, N*2*D) table -> per layer i its (keys, values), each (B, H, T, Dh). Column layout as `peft`'s:
+    for each layer, its keys then its values."""
     num_layers, heads = layout
     tokens = table.shape[0]
     kv = table.to(dtype).view(tokens, 2 * num_layers, heads, -1).permute(1, 2, 0, 3)  # (2N, H, T, Dh)
     kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2N, B, H, T, Dh)
-    return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(num_layers)])
+    return [(kv[2 * i], kv[2 * i + 1]) for i in range(num_layers)]
+
+
+def prefix_cache(table: torch.Tensor, batch: int, layout: tuple[int, int], dtype: torch.dtype):
+    """A Transformers DynamicCache holding the prefix: T positions in every layer."""
+    from transformers import DynamicCache
+
+    return DynamicCache(prefix_states(table, batch, layout, dtype))
 
 
 def refuse_checkpointing(model: nn.Module) -> None:
@@ -129,15 +143,15 @@ def shift_positions(kwargs: dict[str, Any], tokens: int) -> None:
         kwargs["position_ids"] = kwargs["position_ids"] + tokens
 
 
-def cache_forward(task_type: TaskType, layout: tuple[int, int], model: nn.Module, table: torch.Tensor,
-                  args: tuple, kwargs: dict[str, Any]):
-    """Call `model` with the prefix in its cache; mask and position ids are extended to match."""
+def cache_forward(task_type: TaskType, layout: tuple[int, int], keyword: str, model: nn.Module,
+                  table: torch.Tensor, args: tuple, kwargs: dict[str, Any]):
+    """Call `model` with the prefix in its cache (passed as `keyword`); mask and position ids extended."""
     kwargs = bind_arguments(args, dict(kwargs))
     if model.training:
         refuse_checkpointing(model)
-    if kwargs.get("past_key_values") is not None:
-        raise ValueError("prefix tuning puts its prefix in past_key_values; run the model without a cache of "
-                         "your own (generate() continues from the prefix by itself)")
+    if given_cache(kwargs) is not None:
+        raise ValueError("prefix tuning puts its prefix in the model's cache; run the model without a cache "
+                         "of your own (generate() continues from the prefix by itself)")
     tokens = table.shape[0]
     kwargs["attention_mask"] = prefix_ones(kwargs.get("attention_mask"), tokens)
     shift_positions(kwargs, tokens)
@@ -145,22 +159,31 @@ def cache_forward(task_type: TaskType, layout: tuple[int, int], model: nn.Module
         warnings.warn("token_type_ids are ignored with prefix tuning on a causal LM", stacklevel=3)
         kwargs["token_type_ids"] = None
     dtype = input_embeddings(model).weight.dtype
-    kwargs["past_key_values"] = prefix_cache(table, batch_size(kwargs), layout, dtype)
+    kwargs[keyword] = prefix_cache(table, batch_size(kwargs), layout, dtype)
     return model(**kwargs)
 
 
-def cache_generate(layout: tuple[int, int], model: nn.Module, table: torch.Tensor, args: tuple,
-                   kwargs: dict[str, Any]):
-    """`model.generate` whose first step starts from the prefix cache; every step's mask gets T ones in
-    front and its position ids (when the model is given them) move by T."""
+def cache_generate(layout: tuple[int, int], keyword: str, model: nn.Module, table: torch.Tensor,
+                   args: tuple, kwargs: dict[str, Any]):
+    """`model.generate` whose passes over the whole sequence start from the prefix: generate's own (empty)
+    cache is filled with it, or without a cache one is given as `keyword`. Every step's mask gets T ones in
+    front and its position ids (when the model is given them) move on by T."""
+    from transformers import Cache
+
     kwargs = bind_arguments(args, dict(kwargs))
-    if kwargs.get("past_key_values") is not None:
-        raise ValueError("prefix tuning generates from its own prefix cache; do not pass past_key_values")
+    if given_cache(kwargs) is not None:
+        raise ValueError("prefix tuning generates from its own prefix cache; do not pass a cache")
     tokens, dtype = table.shape[0], input_embeddings(model).weight.dtype
 
-    def wrap(step: dict[str, Any], _: dict[str, Any]) -> dict[str, Any]:
-        if is_prefill(step):
-            step["past_key_values"] = prefix_cache(table, batch_size(step), layout, dtype)
+    def wrap(step: dict[str, Any], whole: bool) -> dict[str, Any]:
+        if whole:
+            states = prefix_states(table, batch_size(step), layout, dtype)
+            caches = [value for value in step.values() if isinstance(value, Cache)]
+            if caches and caches[0].get_seq_length() == 0:  # generate's own cache, whatever its keyword
+                for layer, (keys, values) in enumerate(states):
+                    caches[0].update(keys, values, layer)
+            else:
+                step[keyword] = prefix_cache(table, batch_size(step), layout, dtype)
         step["attention_mask"] = prefix_ones(step.get("attention_mask"), tokens)
         shift_positions(step, tokens)
         return step

@@ -6,7 +6,9 @@ arXiv:2104.08691).
     embed(input_ids)   (B x L x D)  ──┘
 
 Update rule: the model reads [P; E(x)] instead of E(x); P (`prompt_embeddings`, T x D) is the only
-trained tensor. The attention mask gets T ones in front; causal-LM labels get T ignored (-100) labels.
+trained tensor. The attention mask gets T ones and causal-LM labels T ignored (-100) labels at the same
+place; a left-padded row reads [pads; P; E(x)], so its result does not depend on its padding (given
+position ids are kept: P takes the first token's positions, x moves on by T; see _placement.py).
 Init rule (`prompt_tuning_init`): "RANDOM" P ~ N(0, 1); "SAMPLE_VOCAB" rows of the word-embedding matrix
 at random token ids; "TEXT" the embeddings of `prompt_tuning_init_text`, repeated or cut to T tokens.
 For encoder-decoder models `peft` keeps 2T rows (one set per transformer stack); the encoder reads the
@@ -24,15 +26,13 @@ import torch
 from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, TaskType, register_method, require
+from ._placement import input_embeddings, prompt_forward, prompt_generate
 from ._virtual_tokens import (
     PromptLearningFields,
     VirtualTokens,
     check_prompt_config,
     config_to_dict,
     fill_from_model,
-    input_embeddings,
-    prompt_forward,
-    prompt_generate,
 )
 
 INIT_MODES = ("RANDOM", "SAMPLE_VOCAB", "TEXT")

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict, register_method, require
+from ._placement import given_cache
 
 DISK_PREFIX = "base_model.model."
 
@@ -160,8 +161,8 @@ class XLoraClassifier(nn.Module):
         """Forward pre-hook on the wrapped model: pass 1, then the classifier, before the real pass."""
         if self._in_scaling_pass:
             return
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("X-LoRA runs two passes per forward and cannot reuse past_key_values; "
+        if given_cache(kwargs) is not None:  # under either name (Transformers 5.2x calls it `cache`)
+            raise ValueError("X-LoRA runs two passes per forward and cannot reuse a cache (past_key_values); "
                              "call it with use_cache=False")
         ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         self.scalings = torch.full((ids.shape[0], ids.shape[1], self.n_layers, self.n_experts),

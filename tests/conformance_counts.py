@@ -36,12 +36,13 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def nearest_divisor(number: int, wanted: int) -> int:
-    """OFT's block size when `wanted` does not divide the fan-in: the closest divisor (the smaller on a tie)."""
+    """OFT's block size when `wanted` does not divide the fan-in: the closest divisor (smaller on a tie)."""
     return min((d for d in range(1, number + 1) if number % d == 0), key=lambda d: (abs(d - wanted), d))
 
 
-def per_layer(peft_type: str, settings: dict, family: str, name: str, module: nn.Module, hidden) -> int:
-    """Trainable numbers one adapter adds at the module called `name`; `hidden()` gives the model width."""
+def per_layer(peft_type: str, settings: dict, family: str, name: str, module: nn.Module,
+              hidden: int | None) -> int:
+    """Trainable numbers one adapter adds at the module called `name` of a model `hidden` wide."""
     if peft_type in ("LORA", "RELORA", "ADALORA", "ULORA"):
         fan_in, fan_out = dims(module)
         r = settings.get("init_r", settings.get("r"))
@@ -52,7 +53,7 @@ def per_layer(peft_type: str, settings: dict, family: str, name: str, module: nn
     if peft_type == "LOHA":
         fan_in, fan_out = dims(module)
         r, kernel = settings["r"], math.prod(getattr(module, "kernel_size", (1,)))
-        if settings.get("use_effective_conv2d") and kernel > 1:  # Tucker: core (r, r, k..) + (r, out) + (r, in)
+        if settings.get("use_effective_conv2d") and kernel > 1:  # core (r, r, k..) + (r, out) + (r, in)
             return 2 * (r * r * kernel + r * fan_out + r * module.in_channels)
         return 2 * r * (fan_in + fan_out)  # two Hadamard factors, each (out, r) and (r, in)
     if peft_type == "VERA":
@@ -77,15 +78,15 @@ def per_layer(peft_type: str, settings: dict, family: str, name: str, module: nn
         blocks = 1 if settings.get("block_share") else fan_in // block
         return blocks * block * (block - 1) // 2  # one upper triangle per block (one in all when shared)
     if peft_type == "BOTTLENECK":
-        size, width = settings["bottleneck_size"], hidden()
-        return 2 * width * size + size + width  # down (size, d) + (size,), up (d, size) + (d,)
+        size = settings["bottleneck_size"]
+        return 2 * hidden * size + size + hidden  # down (size, d) + (size,), up (d, size) + (d,)
     if peft_type == "BOTTLENECK_FUSION":
-        return 3 * (hidden() ** 2 + hidden())  # query, key, value: (d, d) + (d,) each
+        return 3 * (hidden ** 2 + hidden)  # query, key, value: (d, d) + (d,) each
     raise KeyError(peft_type)
 
 
-FORMULAS = {"LORA", "RELORA", "ADALORA", "ULORA", "LOHA", "VERA", "IA3", "BITFIT", "LN_TUNING", "CHILD_TUNING",
-            "OFT", "BOTTLENECK", "BOTTLENECK_FUSION"}
+FORMULAS = {"LORA", "RELORA", "ADALORA", "ULORA", "LOHA", "VERA", "IA3", "BITFIT", "LN_TUNING",
+            "CHILD_TUNING", "OFT", "BOTTLENECK", "BOTTLENECK_FUSION"}
 
 
 def expected_trainable(row, family: str, base: nn.Module, wrapped, adapter: str = "default") -> int:
@@ -100,7 +101,8 @@ def expected_trainable(row, family: str, base: nn.Module, wrapped, adapter: str 
         return count + model_level(row.peft_type, settings, family, base)
     if row.peft_type in FORMULAS:
         names = [n for n, m in wrapped.delta_layers() if isinstance(m, DeltaLayer) and adapter in m.adapters]
-        count += sum(per_layer(row.peft_type, settings, family, n, base.get_submodule(n), lambda: hidden_size(base))
+        width = hidden_size(base) if hasattr(base, "config") else None  # for bottlenecks and fusions
+        count += sum(per_layer(row.peft_type, settings, family, n, base.get_submodule(n), width)
                      for n in names)
         if settings.get("bias") == "all":  # every base bias but the head's (its trained copy has its own)
             count += sum(p.numel() for n, p in base.named_parameters()

@@ -143,8 +143,8 @@ def fusion_setup(base: nn.Module, kwargs: dict) -> dt.DeltaModel:
     torch.manual_seed(0)
     bottleneck = dt.registered_methods()["BOTTLENECK"]
     task = {k: v for k, v in kwargs.items() if k == "task_type"}
-    model = dt.get_peft_model(base, bottleneck(bottleneck_type="houlsby", bottleneck_size=4, init_weights=False,
-                                               **task), adapter_name="a")
+    houlsby = bottleneck(bottleneck_type="houlsby", bottleneck_size=4, init_weights=False, **task)
+    model = dt.get_peft_model(base, houlsby, adapter_name="a")
     model.add_adapter("b", bottleneck(bottleneck_type="pfeiffer", bottleneck_size=2, init_weights=False,
                                       non_linearity="gelu", **task))
     add_fusion(model, ["a", "b"], "ab", **{k: v for k, v in kwargs.items() if k == "temperature"})
@@ -177,9 +177,11 @@ CONV2D = {**VIT_CONV, "convnet": {"target_modules": ["conv2d", "fc"]}}  # method
 UNET_BOFT = {"unet": {"target_modules": ["down", "mid", "up", "conv_out"]}}  # conv_in: 27 numbers, no blocks
 CONV_FAMILIES = ("llama", "bert", "t5", "vit", "convnet", "unet")
 PROMPT = dict(num_virtual_tokens=3)
+VIT_NORMS = {**DEFAULT_TARGETS, "vit": {"target_modules": ["layernorm_before", "layernorm_after"]}}
 
 ROWS = {
-    "lora": Row("LORA", LORA, (*ALL, "unet"), (FLOAT, *QUANTIZED, "int8"), targets=VIT_CONV, peft="LoraConfig"),
+    "lora": Row("LORA", LORA, (*ALL, "unet"), (FLOAT, *QUANTIZED, "int8"), targets=VIT_CONV,
+                peft="LoraConfig"),
     "rslora": Row("LORA", {**LORA, "use_rslora": True}, ("llama", "gpt2", "convnet"), (FLOAT, "nf4", "int8"),
                   peft="LoraConfig"),
     "dora": Row("LORA", {**LORA, "use_dora": True}, ALL, (FLOAT, *QUANTIZED, "int8"), targets=VIT_CONV,
@@ -189,10 +191,12 @@ ROWS = {
                  refuses=QUANTIZED, rewrites_base=True),
     "olora": Row("LORA", {**LORA, "init_lora_weights": "olora"}, ("llama", "bert"), refuses=("nf4",),
                  rewrites_base=True),
-    "loha": Row("LOHA", dict(r=4, alpha=8), CONV_FAMILIES, refuses=QUANTIZED, targets=VIT_CONV, peft="LoHaConfig"),
+    "loha": Row("LOHA", dict(r=4, alpha=8), CONV_FAMILIES, refuses=QUANTIZED, targets=VIT_CONV,
+                peft="LoHaConfig"),
     "loha_effective_conv": Row("LOHA", dict(r=2, alpha=8, use_effective_conv2d=True), ("convnet", "unet"),
                                peft="LoHaConfig"),
-    "lokr": Row("LOKR", dict(r=2, alpha=4), CONV_FAMILIES, refuses=("nf4",), targets=VIT_CONV, peft="LoKrConfig"),
+    "lokr": Row("LOKR", dict(r=2, alpha=4), CONV_FAMILIES, refuses=("nf4",), targets=VIT_CONV,
+                peft="LoKrConfig"),
     "lokr_decompose_both": Row("LOKR", dict(r=1, alpha=4, decompose_both=True, decompose_factor=8),
                                ("llama", "unet"), peft="LoKrConfig"),
     # peft's torch.kron fails on the strides its einsum leaves for Conv1d's (r, r, k, 1) core
@@ -203,28 +207,31 @@ ROWS = {
                peft="OFTConfig", peft_families=("llama", "bert", "t5")),
     "oft_exact_cayley": Row("OFT", dict(r=0, oft_block_size=4, use_cayley_neumann=False), ("llama",),
                             peft="OFTConfig"),
-    "oft_block_share": Row("OFT", dict(r=0, oft_block_size=8, block_share=True), ("llama",), peft="OFTConfig"),
+    "oft_block_share": Row("OFT", dict(r=0, oft_block_size=8, block_share=True), ("llama",),
+                           peft="OFTConfig"),
     "oft_coft": Row("OFT", dict(r=0, oft_block_size=4, coft=True, eps=0.3), ("llama",), peft="OFTConfig"),
     "boft": Row("BOFT", dict(boft_block_size=4), ("llama", "bert", "t5", "vit", "unet"), refuses=QUANTIZED,
                 targets={**VIT_CONV, **UNET_BOFT}, peft="BOFTConfig"),
     # peft needs its CUDA block-diagonal kernel for more than one butterfly factor: ours alone here
     "boft_butterfly": Row("BOFT", dict(boft_block_size=2, boft_n_butterfly_factor=3), ("llama", "unet"),
                           targets={"llama": {"target_modules": ["q_proj", "down_proj"]}, **UNET_BOFT}),
-    "vera": Row("VERA", dict(r=4), ("llama", "gpt2", "bert", "t5", "vit"), (FLOAT, *QUANTIZED), peft="VeraConfig"),
+    "vera": Row("VERA", dict(r=4), ("llama", "gpt2", "bert", "t5", "vit"), (FLOAT, *QUANTIZED),
+                peft="VeraConfig"),
     "vera_no_projection": Row("VERA", dict(r=6, save_projection=False, projection_prng_key=7), ("gpt2",),
                               peft="VeraConfig"),
     "adalora": Row("ADALORA", dict(init_r=4, target_r=2, total_step=10, lora_alpha=8), ALL, (FLOAT, "nf4"),
                    targets=CONV2D, peft="AdaLoraConfig"),
     "relora": Row("RELORA", {**LORA, "relora_steps": 3, "relora_warmup_steps": 1}, ("llama", "gpt2", "t5"),
                   (FLOAT, "nf4")),
-    "ulora": Row("ULORA", dict(r=4, num_tasks=2, default_task=1), ("llama", "gpt2", "bert", "t5"), (FLOAT, "hqq4")),
+    "ulora": Row("ULORA", dict(r=4, num_tasks=2, default_task=1), TEXT, (FLOAT, "hqq4")),
     "ulora_task_ids": Row("ULORA", dict(r=4, num_tasks=3), ("llama", "gpt2"), mergeable=False, call=task(2)),
-    "ia3": Row("IA3", {}, TEXT, (FLOAT, *QUANTIZED), targets={**DEFAULT_TARGETS, "t5": IA3_T5}, peft="IA3Config"),
+    "ia3": Row("IA3", {}, TEXT, (FLOAT, *QUANTIZED), targets={**DEFAULT_TARGETS, "t5": IA3_T5},
+               peft="IA3Config"),
     "ia3_all_feedforward": Row("IA3", dict(
         target_modules=".*(v_proj|c_attn|value|\\.v|wi|down_proj|c_fc|intermediate.dense)",
         feedforward_modules=".*(wi|down_proj|c_fc|intermediate.dense)"), TEXT, peft="IA3Config"),
     "ln_tuning": Row("LN_TUNING", {}, ("llama", "gpt2", "bert", "t5", "vit"), (FLOAT, "nf4"),
-                     targets={**DEFAULT_TARGETS, "vit": {"target_modules": ["layernorm_before", "layernorm_after"]}},
+                     targets=VIT_NORMS,
                      peft="LNTuningConfig", peft_families=("llama", "gpt2", "t5")),
     "bitfit": Row("BITFIT", {}, TEXT, (FLOAT, *QUANTIZED), targets=BITFIT),
     "houlsby": Row("BOTTLENECK", dict(bottleneck_type="houlsby", bottleneck_size=4), TEXT, (FLOAT, "nf4"),
@@ -234,16 +241,17 @@ ROWS = {
     "parallel": Row("BOTTLENECK", dict(bottleneck_type="parallel", bottleneck_size=4, scaling=2.0),
                     ("llama", "gpt2", "t5"), targets=DEFAULT_TARGETS, mergeable=False),
     "child_tuning": Row("CHILD_TUNING", {}, TEXT, (FLOAT, "nf4")),
-    "prompt_tuning": Row("PROMPT_TUNING", PROMPT, TEXT, (FLOAT, "nf4"), layer_targets=False, keeps_output=False,
-                         mergeable=False, peft="PromptTuningConfig"),
-    "p_tuning": Row("P_TUNING", {**PROMPT, "encoder_hidden_size": 8}, ("llama", "gpt2", "bert"), (FLOAT, "hqq4"),
-                    layer_targets=False, keeps_output=False, mergeable=False, peft="PromptEncoderConfig"),
+    "prompt_tuning": Row("PROMPT_TUNING", PROMPT, TEXT, (FLOAT, "nf4"), layer_targets=False,
+                         keeps_output=False, mergeable=False, peft="PromptTuningConfig"),
+    "p_tuning": Row("P_TUNING", {**PROMPT, "encoder_hidden_size": 8}, ("llama", "gpt2", "bert"),
+                    (FLOAT, "hqq4"), layer_targets=False, keeps_output=False, mergeable=False,
+                    peft="PromptEncoderConfig"),
     # peft 0.21.2 refuses prefix tuning on BERT under transformers 5 ("does not support past key values")
     "prefix_tuning": Row("PREFIX_TUNING", PROMPT, ("llama", "gpt2", "bert"), (FLOAT, "hqq4"),
                          layer_targets=False, keeps_output=False, mergeable=False, checkpointing=False,
                          peft="PrefixTuningConfig", peft_families=("llama", "gpt2")),
-    "adaption_prompt": Row("ADAPTION_PROMPT", dict(adapter_len=3, adapter_layers=1), ("llama",), (FLOAT, "nf4"),
-                           layer_targets=False, mergeable=False, peft="AdaptionPromptConfig"),
+    "adaption_prompt": Row("ADAPTION_PROMPT", dict(adapter_len=3, adapter_layers=1), ("llama",),
+                           (FLOAT, "nf4"), layer_targets=False, mergeable=False, peft="AdaptionPromptConfig"),
     "xlora": Row("XLORA", {}, ("llama",), layer_targets=False, keeps_output=False, mergeable=False,
                  setup=xlora_setup),
     "fusion": Row("BOTTLENECK_FUSION", {}, TEXT, layer_targets=False, keeps_output=False, mergeable=False,
@@ -278,4 +286,5 @@ MERGEABLE_ON_LLAMA = sorted(r for r, row in ROWS.items() if row.mergeable and "l
                             and row.setup is None and not row.rewrites_base)
 # Every mergeable method with itself (two adapters of one kind), then seeded random ordered pairs.
 PAIRS = [(m, m) for m in ("lora", "dora", "ia3", "oft", "vera")]
-PAIRS += random.Random(14).sample([(a, b) for a in MERGEABLE_ON_LLAMA for b in MERGEABLE_ON_LLAMA if a != b], 12)
+PAIRS += random.Random(14).sample([(a, b) for a in MERGEABLE_ON_LLAMA for b in MERGEABLE_ON_LLAMA if a != b],
+                                  12)

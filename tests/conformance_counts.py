@@ -77,9 +77,12 @@ def per_layer(peft_type: str, settings: dict, family: str, name: str, module: nn
         block = nearest_divisor(fan_in, settings["oft_block_size"])
         blocks = 1 if settings.get("block_share") else fan_in // block
         return blocks * block * (block - 1) // 2  # one upper triangle per block (one in all when shared)
-    if peft_type == "BOTTLENECK":
+    if peft_type == "BOTTLENECK":  # beside (parallel: reads the block's input) or after the block
+        linears = [m for m in module.modules() if isinstance(m, (nn.Linear, Conv1D))]
+        width_in, width_out = dims(linears[0])[0], dims(linears[-1])[1]
         size = settings["bottleneck_size"]
-        return 2 * hidden * size + size + hidden  # down (size, d) + (size,), up (d, size) + (d,)
+        down_in = width_in if settings["bottleneck_type"] == "parallel" else width_out
+        return down_in * size + size + size * width_out + width_out  # down (size, in) + b, up (out, size) + b
     if peft_type == "BOTTLENECK_FUSION":
         return 3 * (hidden ** 2 + hidden)  # query, key, value: (d, d) + (d,) each
     raise KeyError(peft_type)

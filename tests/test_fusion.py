@@ -1,9 +1,8 @@
 """AdapterFusion over bottleneck adapters: the formula by hand, init at the adapters' average, only the
-fusion trains, save/load exact, not mergeable, disable gives the base, errors name what is wrong."""
+fusion trains, loading needs the fused adapters first, errors name what is wrong. The life cycle (disable,
+refused merge, save/load, gradients, counts) runs in the conformance table (tests/test_conformance.py)."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from tiny_models import tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5, token_bat
 import deltatune as dt
 from deltatune.compose.fusion import AdapterFusionConfig, add_fusion, stack_adapters
 from deltatune.core.config import DeltaConfigError
-from deltatune.core.layer import MergeError
 from deltatune.methods.bottleneck import BottleneckConfig
 
 TOL = 1e-5
@@ -79,37 +77,21 @@ def test_fusion_starts_at_the_average_of_its_adapters():
         torch.testing.assert_close(mlp(x), average)
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
-def test_fusion_life_cycle(model_name, tmp_path):
-    model = fused_model(model_name)
-    inputs = inputs_for(model_name)
-    base_out = output(MODELS[model_name](), inputs)
+def test_only_the_fusion_trains_and_loads_after_its_adapters(tmp_path):
+    """The fused adapters stay frozen; a fusion saved with them loads only once they are there. (Disable,
+    refused merge, save/load, gradients and counts run in the conformance table.)"""
+    model = fused_model()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".adapters.ab.fusion_" in n for n in trainable)  # only the fusion layer trains
-
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    model.train()
-    model(**inputs).logits.pow(2).mean().backward()
-    optimizer.step()
-    model.eval()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and changed <= trainable
+    assert trainable and all(".adapters.ab.fusion_" in n for n in trainable)
     randomize_fusion(model)
+    inputs = inputs_for("llama")
     fused = output(model, inputs)
     model.set_adapter("a")
     assert (output(model, inputs) - fused).abs().max() > 1e-4
     model.set_adapter("ab")
-
-    with model.disable_adapter():
-        torch.testing.assert_close(output(model, inputs), base_out, atol=0, rtol=0)
-    with pytest.raises(MergeError, match="cannot be merged"):
-        model.merge_adapter()
-    torch.testing.assert_close(output(copy.deepcopy(model), inputs), fused, atol=0, rtol=0)
-
     model.save_pretrained(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["a", "ab", "b"]
-    loaded = dt.DeltaModel.from_pretrained(MODELS[model_name](), str(tmp_path / "a"), adapter_name="a")
+    loaded = dt.DeltaModel.from_pretrained(tiny_llama(), str(tmp_path / "a"), adapter_name="a")
     with pytest.raises(DeltaConfigError, match="add or load them before the fusion"):
         loaded.load_adapter(str(tmp_path / "ab"), adapter_name="ab")  # "b" is not there yet
     loaded.load_adapter(str(tmp_path / "b"), adapter_name="b")

@@ -1,11 +1,11 @@
 """Quantized bases (quant/): bitsandbytes NF4 / FP4 / int8 on CPU, both ways in (deltatune.quantize and
-Transformers' BitsAndBytesConfig), every method through the same interface, merge / unmerge / export
-through dequantize-requantize, LoftQ, a short QLoRA run, and `peft` + bitsandbytes interop.
+Transformers' BitsAndBytesConfig), merge / export through dequantize-requantize, LoftQ, a short QLoRA run,
+and `peft` + bitsandbytes interop. Every method on nf4 / hqq4 / int8 bases runs in the conformance table
+(tests/test_conformance.py).
 
 The tiny Llama here has hidden 64 (not tests/tiny_models' 16): bitsandbytes' CPU 4-bit kernel needs rows
 that are whole 64-value blocks, and narrower layers are left in float (tested below)."""
 
-import copy
 import importlib.util
 import warnings
 
@@ -26,9 +26,6 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # ||dequant(quant(W)) - W|| / ||W|| for Gaussian W (block 64): measured 0.092 nf4, 0.122 fp4, 0.0075 int8
 # hqq (affine, fitted per group of 64): 0.087 hqq4, 0.0050 hqq8
 QUANT_ERROR = {"nf4": 0.10, "fp4": 0.13, "int8": 0.01, "hqq4": 0.10, "hqq8": 0.006}
-# quantized forward vs dequantized weight in float: 4-bit dequantizes and matmuls in float32 (exact up to
-# summation order); LLM.int8 also rounds the activations to int8, about 4e-3 on these logits
-FORWARD_ATOL = {"nf4": 1e-4, "fp4": 1e-4, "int8": 2e-2, "hqq4": 1e-4}  # hqq: dequantize + float matmul
 
 
 def llama64(seed: int = 0) -> LlamaForCausalLM:
@@ -46,11 +43,6 @@ def ids(batch: int = 2, length: int = 8, seed: int = 1) -> torch.Tensor:
 
 def quantized(kind: str = "nf4", **kwargs) -> LlamaForCausalLM:
     return quant.quantize(llama64(), kind, **kwargs)
-
-
-def float_twin(model):
-    """The same model with every quantized layer replaced by its dequantized float weight."""
-    return quant.dequantize(copy.deepcopy(model))
 
 
 @torch.no_grad()
@@ -131,56 +123,8 @@ def test_narrow_layers_stay_float_on_cpu():
 
 
 # ---------------------------------------------------------------- LoRA family on a quantized base
-LORA_VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
-
-
-@pytest.mark.parametrize("kind", ["nf4", "int8", "hqq4"])
-@pytest.mark.parametrize("variant", list(LORA_VARIANTS))
-def test_lora_on_quantized_base_life_cycle(kind, variant, tmp_path):
-    base = quantized(kind)
-    twin = float_twin(base)  # the dequantized base in float: the independent reference
-    plain = logits(twin)
-    config = dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **LORA_VARIANTS[variant])
-    torch.manual_seed(0)
-    model = dt.get_peft_model(base, config)
-    torch.manual_seed(0)
-    reference = dt.get_peft_model(twin, config)
-    atol = FORWARD_ATOL[kind]
-    torch.testing.assert_close(logits(model), logits(reference), atol=atol, rtol=0)
-    randomize(model)
-    randomize(reference)
-    adapted = logits(model)
-    torch.testing.assert_close(adapted, logits(reference), atol=atol, rtol=0)  # quantized + adapter == dequantized + adapter
-    with dt.DeltaModel.disable_adapter(model):
-        torch.testing.assert_close(logits(model), plain, atol=atol, rtol=0)
-
-    model.save_pretrained(tmp_path)
-    loaded = dt.DeltaModel.from_pretrained(quantized(kind), tmp_path)
-    torch.testing.assert_close(logits(loaded), adapted, atol=1e-5, rtol=0)
-
-    # only adapter parameters train, and gradients reach them through the quantized forward
-    model.train()
-    model(ids(), labels=ids()).loss.backward()
-    trained = [n for n, p in model.named_parameters() if p.grad is not None]
-    assert trained and all(".adapters." in n for n in trained)
-    model.eval()
-
-    # merge = dequantize, add, requantize: each layer's stored weight is the float merge up to rounding
-    quant.merge_errors(clear=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.merge_adapter()
-    assert any(issubclass(w.category, quant.QuantizedMergeWarning) and "of the update's norm" in str(w.message)
-               for w in caught)
-    reference.merge_adapter()
-    for (name, layer), (_, ref_layer) in zip(model.delta_layers(), reference.delta_layers()):
-        expected = ref_layer.base_layer.weight.detach()
-        error = (read_weight(layer.base_layer) - expected).norm() / expected.norm()
-        assert error < QUANT_ERROR[kind], name  # never worse than quantizing the merged weight afresh
-    model.unmerge_adapter()  # dequantize, subtract, requantize: back near the adapted model
-    assert ((logits(model) - adapted).norm() / (adapted - plain).norm()) < 1.0
-
-
+# (each method x nf4/hqq4/int8 base: quantized == dequantized twin, merge within one quantization step,
+# disable, save/load, gradients and counts run in the conformance table, tests/test_conformance.py)
 def test_merge_and_unload_keeps_a_quantized_model():
     model = dt.get_peft_model(quantized("nf4"), dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     randomize(model, scale=0.02)
@@ -261,62 +205,6 @@ def test_weight_changing_inits_on_a_quantized_base(tmp_path):
     with pytest.warns(UserWarning, match="already quantized"):
         loaded = dt.DeltaModel.from_pretrained(quantized("nf4"), tmp_path)
     torch.testing.assert_close(logits(loaded), logits(model), atol=1e-6, rtol=0)
-
-
-# ---------------------------------------------------------------- every registered method, one interface
-# Settings a method's config needs beyond target_modules (the method's own tests own the details).
-METHOD_SETTINGS = {
-    "ADALORA": dict(total_step=10),
-    "ADAPTION_PROMPT": dict(adapter_len=4, adapter_layers=1),
-    "BITFIT": dict(add_missing_bias=True),
-    "LN_TUNING": dict(target_modules=["input_layernorm"]),
-    "PREFIX_TUNING": dict(num_virtual_tokens=4),
-    "PROMPT_TUNING": dict(num_virtual_tokens=4),
-    "P_TUNING": dict(num_virtual_tokens=4),
-}
-BUILT_FROM_OTHER_ADAPTERS = {"BOTTLENECK_FUSION", "XLORA"}  # need saved adapters; their parts are covered here
-
-
-@pytest.mark.parametrize("kind", ["nf4", "hqq4"])  # the two backends
-@pytest.mark.parametrize("peft_type", sorted(set(dt.registered_methods()) - BUILT_FROM_OTHER_ADAPTERS))
-def test_every_method_on_a_quantized_base(peft_type, kind):
-    """A method either refuses a quantized base with an error that says so, or gives the same outputs as
-    on the dequantized float base (forward on top of base_out), and merges through read/write_weight."""
-    cls = dt.registered_methods()[peft_type]
-    settings = dict(task_type="CAUSAL_LM")
-    if cls.targets_layers:
-        settings["target_modules"] = ["q_proj", "v_proj", "down_proj"]
-    settings.update(METHOD_SETTINGS.get(peft_type, {}))
-    base = quantized(kind)
-    twin = float_twin(base)
-    config = cls(**settings)
-    torch.manual_seed(0)
-    reference = dt.get_peft_model(twin, config)
-    torch.manual_seed(0)
-    try:
-        model = dt.get_peft_model(base, config)
-    except (DeltaConfigError, NotImplementedError, ValueError) as err:
-        assert "quantiz" in str(err).lower(), f"{peft_type} failed on a quantized base without saying why: {err}"
-        return
-    randomize(model, scale=0.05)
-    randomize(reference, scale=0.05)
-    batch = ids()
-    kwargs = {"task_ids": torch.zeros(batch.shape[0], dtype=torch.long)} if peft_type == "ULORA" else {}
-    with torch.no_grad():
-        out, expected = model(batch, **kwargs).logits, reference(batch, **kwargs).logits
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            reference.merge_adapter()
-        except dt.MergeError:
-            return  # not mergeable on any base
-        model.merge_adapter()
-    for (name, layer), (_, ref_layer) in zip(model.delta_layers(), reference.delta_layers()):
-        if isinstance(layer, DeltaLayer) and quant.is_quantized(layer.base_layer):
-            expected_w = ref_layer.base_layer.weight.detach()
-            error = (read_weight(layer.base_layer) - expected_w).norm() / expected_w.norm()
-            assert error < QUANT_ERROR[kind], name
 
 
 # ---------------------------------------------------------------- LoftQ

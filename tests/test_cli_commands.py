@@ -143,7 +143,8 @@ def test_bad_config_stops_before_loading_a_model(run, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     fresh = f"output_dir={tmp_path / 'out'}"  # the fixture's output_dir holds a run, refused on its own
-    assert main(["train", str(run["config"]), fresh, f"data.train={bad}", "model.name_or_path=/nonexistent"]) == 2
+    argv = ["train", str(run["config"]), fresh, f"data.train={bad}", "model.name_or_path=/nonexistent"]
+    assert main(argv) == 2
     assert "bad.jsonl:2: missing field 'completion'" in capsys.readouterr().err
     assert main(["train", str(run["config"]), "training.lrr=1"]) == 2
     assert "did you mean 'training.lr'" in capsys.readouterr().err

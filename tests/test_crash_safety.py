@@ -116,7 +116,8 @@ def test_a_full_disk_on_the_final_adapter_is_one_clear_line_and_resume_finishes(
         return real_save(tensors, target, *args, **kwargs)
 
     monkeypatch.setattr(atomic, "save_file", full)
-    with pytest.raises(WriteError, match=r"full_at_end/adapter_model.safetensors: could not write it: the disk"):
+    message = r"full_at_end/adapter_model.safetensors: could not write it: the disk is full"
+    with pytest.raises(WriteError, match=message):
         train(load_config(path, []), show_progress=False, log=lambda *_: None)
     monkeypatch.setattr(atomic, "save_file", real_save)
     assert not (files["root"] / "full_at_end" / "adapter_model.safetensors").exists()

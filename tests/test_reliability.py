@@ -26,7 +26,8 @@ from deltatune.core.config import DeltaConfigError
 from deltatune.core.layer import DeltaLayer
 from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
-from helpers_train import ROOT, make_tiny_model_dir, make_tokenizer, run_cli, upper_rows, write_config, write_jsonl
+from helpers_train import (ROOT, make_tiny_model_dir, make_tokenizer, run_cli, upper_rows, write_config,
+                           write_jsonl)
 from tiny_models import tiny_llama, token_batch
 from transformers import AutoModelForCausalLM
 
@@ -184,13 +185,15 @@ def risky_uses(source: str) -> list[str]:
             found += [f"import {n}" for n in names if n and n.split(".")[0] in UNPICKLERS]
         elif isinstance(node, ast.Call):
             name = ast.unparse(node.func)
-            if name in ("eval", "exec", "torch.load", "np.load", "numpy.load") or name.split(".")[0] in UNPICKLERS:
+            if name in ("eval", "exec", "torch.load", "np.load", "numpy.load") or \
+                    name.split(".")[0] in UNPICKLERS:
                 found.append(ast.unparse(node))
             found += [ast.unparse(node) for k in node.keywords
                       if isinstance(k.value, ast.Constant) and (k.arg, k.value.value) in RISKY_KEYWORDS]
         elif isinstance(node, ast.arguments):
             pairs = zip((node.posonlyargs + node.args)[::-1], node.defaults[::-1])
-            found += [f"default {a.arg}={d.value}" for a, d in [*pairs, *zip(node.kwonlyargs, node.kw_defaults)]
+            found += [f"default {a.arg}={d.value}"
+                      for a, d in [*pairs, *zip(node.kwonlyargs, node.kw_defaults)]
                       if isinstance(d, ast.Constant) and (a.arg, d.value) in RISKY_KEYWORDS]
     return found
 
@@ -208,8 +211,9 @@ def test_no_file_a_run_reads_is_unpickled_and_every_risky_call_has_a_reason():
     found = {(str(path.relative_to(src)), use) for path in src.rglob("*.py")
              for use in risky_uses(path.read_text(encoding="utf-8"))}
     assert found == set(ALLOWED), f"unreviewed: {found - set(ALLOWED)}; gone: {set(ALLOWED) - found}"
-    old = "import pickle\nstate = torch.load(path, map_location='cpu', weights_only=False)\nx = eval(text)\n" \
-          "def load(d, allow_pickle=True): AutoTokenizer.from_pretrained(d, trust_remote_code=True)\nmodel.eval()"
+    old = ("import pickle\nstate = torch.load(path, map_location='cpu', weights_only=False)\n"
+           "x = eval(text)\ndef load(d, allow_pickle=True):\n"
+           "    AutoTokenizer.from_pretrained(d, trust_remote_code=True)\nmodel.eval()")
     assert len(risky_uses(old)) == 6  # the scan finds each kind (and not model.eval())
 
 
@@ -252,7 +256,8 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs_on_resume(tiny_run, tmp_pat
     result = run_cli("train", str(config), "--resume")
     assert result.returncode == 2 and not marker.exists()
     assert result.stderr.strip().splitlines() == [
-        f"error: --resume: no checkpoint in {out / 'checkpoints'} (incomplete, not used: step-000002, step-000003)"]
+        f"error: --resume: no checkpoint in {out / 'checkpoints'} "
+        "(incomplete, not used: step-000002, step-000003)"]
 
 
 def refuse_to_load_a_model(monkeypatch):
@@ -284,7 +289,8 @@ def test_a_new_run_refuses_an_output_dir_holding_an_earlier_run_before_the_model
     train(load_config(run_config(tiny_run, "earlier", max_steps=2), []), overwrite=True, show_progress=False,
           log=lambda *_: None)
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-000001"]  # the earlier ones are gone
-    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    steps = [r["step"] for r in records if "loss" in r]
     assert steps == [1, 2] and (out / "notes.txt").read_text() == "mine"  # a file of the user's stays
 
 
@@ -295,9 +301,9 @@ def test_a_crashed_run_in_output_dir_is_refused_and_the_cli_says_so_in_one_line(
     result = run_cli("train", str(config))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: output_dir={out} is not empty: it holds 2 checkpoint(s) in checkpoints/ (newest step-000002), "
-        "metrics.jsonl, run_config.yaml; pass --resume to continue that run, --overwrite to replace it, or "
-        "choose another output_dir"]
+        f"error: output_dir={out} is not empty: it holds 2 checkpoint(s) in checkpoints/ "
+        "(newest step-000002), metrics.jsonl, run_config.yaml; pass --resume to continue that run, "
+        "--overwrite to replace it, or choose another output_dir"]
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-000001", "step-000002"]
     assert run_cli("train", str(config), "--overwrite").returncode == 0
 
@@ -348,10 +354,10 @@ def test_a_prompt_tuning_adapter_loaded_trainable_never_offers_to_run_its_tokeni
     assert not (tmp_path / "custom-code-ran").exists(), result.stdout + result.stderr
     assert "Do you wish to run the custom code" not in result.stdout + result.stderr
     assert result.stdout.strip().splitlines()[-1] == (
-        f"DeltaConfigError tokenizer_name_or_path='{tmp_path / 'tokenizer'}': could not load the tokenizer for "
-        "prompt_tuning_init='TEXT' without running custom code (The repository "
-        f"{tmp_path / 'tokenizer'} contains custom code which must be executed to correctly load the model. You "
-        f"can inspect the repository content at {tmp_path / 'tokenizer'} .)"), result.stderr[-2000:]
+        f"DeltaConfigError tokenizer_name_or_path='{tmp_path / 'tokenizer'}': could not load the tokenizer "
+        "for prompt_tuning_init='TEXT' without running custom code (The repository "
+        f"{tmp_path / 'tokenizer'} contains custom code which must be executed to correctly load the model. "
+        f"You can inspect the repository content at {tmp_path / 'tokenizer'} .)"), result.stderr[-2000:]
 
 
 TOKENIZER_CODE = """
@@ -365,7 +371,8 @@ root = Path({root!r})
 folder = root / "tokenizer"
 make_tokenizer().save_pretrained(folder)
 settings = json.loads((folder / "tokenizer_config.json").read_text())
-settings.update(auto_map={{"AutoTokenizer": [None, "custom.CustomTokenizer"]}}, tokenizer_class="CustomTokenizer")
+settings.update(auto_map={{"AutoTokenizer": [None, "custom.CustomTokenizer"]}},
+                tokenizer_class="CustomTokenizer")
 (folder / "tokenizer_config.json").write_text(json.dumps(settings))
 (folder / "custom.py").write_text("open({marker!r}, 'w').close()\\n"
                                   "from transformers import PreTrainedTokenizerFast as CustomTokenizer\\n")

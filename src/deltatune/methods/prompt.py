@@ -118,8 +118,9 @@ def load_tokenizer(name_or_tokenizer: Any, kwargs: dict | None):
         return AutoTokenizer.from_pretrained(name_or_tokenizer, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as err:  # missing files; a folder that asks for its own code
         reason = str(err).strip().splitlines()[0]
-        raise DeltaConfigError(f"tokenizer_name_or_path={name_or_tokenizer!r}: could not load the tokenizer "
-                               f"for prompt_tuning_init='TEXT' without running custom code ({reason})") from None
+        raise DeltaConfigError(
+            f"tokenizer_name_or_path={name_or_tokenizer!r}: could not load the tokenizer for "
+            f"prompt_tuning_init='TEXT' without running custom code ({reason})") from None
 
 
 def input_prompt(config, table: torch.Tensor | None = None,

@@ -48,7 +48,8 @@ def claim_output_dir(path: str | os.PathLike, resume: bool, overwrite: bool) -> 
     """
     out = Path(path)
     if resume and overwrite:
-        raise DeltaConfigError("--resume continues the run in output_dir and --overwrite replaces it; pass one")
+        raise DeltaConfigError("--resume continues the run in output_dir and --overwrite replaces it; "
+                               "pass one")
     if out.exists() and not out.is_dir():
         raise DeltaConfigError(f"output_dir={out}: is a file, not a folder")
     try:
@@ -69,8 +70,8 @@ def claim_output_dir(path: str | os.PathLike, resume: bool, overwrite: bool) -> 
         present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
         if present and not (resume or overwrite):
             raise DeltaConfigError(
-                f"output_dir={out} is not empty: it holds {describe(out, present)}; pass --resume to continue "
-                "that run, --overwrite to replace it, or choose another output_dir"
+                f"output_dir={out} is not empty: it holds {describe(out, present)}; pass --resume to "
+                "continue that run, --overwrite to replace it, or choose another output_dir"
             )
         # an earlier run killed while writing leaves temporaries; safe to remove now that we hold the lock
         remove_stale_temporaries(out)
@@ -100,7 +101,8 @@ def describe(out: Path, names: list[str]) -> str:
     checkpoints = out / CHECKPOINTS
     if checkpoints.is_dir():
         steps = sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith("."))
-        parts.append(f"{len(steps)} checkpoint(s) in {CHECKPOINTS}/" + (f" (newest {steps[-1]})" if steps else ""))
+        newest = f" (newest {steps[-1]})" if steps else ""
+        parts.append(f"{len(steps)} checkpoint(s) in {CHECKPOINTS}/{newest}")
     shown = [n for n in names if n not in ("adapter_model.safetensors", CHECKPOINTS)]
     parts.extend(shown[:5])
     if len(shown) > 5:

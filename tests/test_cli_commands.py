@@ -142,11 +142,13 @@ def test_errors_are_one_line(argv, message, capsys):
 def test_bad_config_stops_before_loading_a_model(run, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
-    assert main(["train", str(run["config"]), f"data.train={bad}", "model.name_or_path=/nonexistent"]) == 2
+    fresh = f"output_dir={tmp_path / 'out'}"  # the fixture's output_dir holds a run, refused on its own
+    argv = ["train", str(run["config"]), fresh, f"data.train={bad}", "model.name_or_path=/nonexistent"]
+    assert main(argv) == 2
     assert "bad.jsonl:2: missing field 'completion'" in capsys.readouterr().err
     assert main(["train", str(run["config"]), "training.lrr=1"]) == 2
     assert "did you mean 'training.lr'" in capsys.readouterr().err
-    assert main(["train", str(run["config"]), "model.name_or_path=/nonexistent"]) == 2
+    assert main(["train", str(run["config"]), fresh, "model.name_or_path=/nonexistent"]) == 2
     assert "not a local directory and not a known alias" in capsys.readouterr().err
 
 

@@ -1,7 +1,7 @@
 """The `deltatune` command line; each subcommand is a thin call into the library.
 
-deltatune demo [--out DIR] [key=value ...]
-deltatune train CONFIG.yaml [key=value ...] [--resume]
+deltatune demo [--out DIR [--overwrite]] [key=value ...]
+deltatune train CONFIG.yaml [key=value ...] [--resume | --overwrite]
 deltatune eval  CONFIG.yaml [key=value ...] | --adapter DIR --data FILE
 deltatune generate --adapter DIR "prompt"
 deltatune merge --adapter DIR --out DIR
@@ -23,20 +23,22 @@ EXPECTED_ERRORS = (
     "FileNotFoundError",
     "FileExistsError",
     "MergeError",
+    "WriteError",
+    "CheckpointError",
 )
 
 
 def _demo(args) -> None:
     from .train.demo import run_demo
 
-    run_demo(args.out, args.overrides)
+    run_demo(args.out, args.overrides, overwrite=args.overwrite)
 
 
 def _train(args) -> None:
     from .train.config_file import load_config
     from .train.loop import train
 
-    train(load_config(args.config, args.overrides), resume=args.resume)
+    train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
 
 
 def _eval(args) -> None:
@@ -106,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="fine-tune the embedded SmolLM2 with LoRA on a bundled task, end to end")
-    p.add_argument("--out", default=None, help="output directory (default runs/demo)")
+    p.add_argument("--out", default=None, help="output directory (default runs/demo, replaced on each run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out DIR")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. training.max_steps=30")
     p.set_defaults(func=_demo)
 
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.lr=1e-3")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="loss, perplexity and exact match of a trained adapter")

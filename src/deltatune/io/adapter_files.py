@@ -3,26 +3,34 @@
 <dir>/adapter_config.json + <dir>/adapter_model.safetensors for the "default" adapter, <dir>/<name>/
 for the others. Only safetensors is read unless the caller passes allow_pickle=True. Files are read
 and checked before the model is touched; a failed load leaves the model as it was.
+
+The two files of an adapter are replaced one after the other, so a save is journaled: first
+`.adapter_save.json` records the sha256 of the new config, then the weights (whose metadata carry the
+same sha256) and the config are each renamed into place, then the journal goes. A folder that still
+has a journal was killed part way; it loads only if its weights and config belong to the same save.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
 from ..core.model import check_adapter_name
-from .atomic import write_json, write_safetensors
+from .atomic import json_text, write_json, write_safetensors, write_text
 from .keymap import adapter_slots, base_weight_slots
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+JOURNAL_NAME = ".adapter_save.json"
+CONFIG_HASH = "deltatune_config_sha256"  # safetensors metadata key: the config saved with these weights
 
 
 class AdapterFileError(ValueError):
@@ -51,8 +59,16 @@ def save_adapters(model, save_directory: str | os.PathLike, selected_adapters: l
         tensors = adapter_slots(model, name)
         if not tensors:
             raise AdapterFileError(f"adapter {name!r} has no tensors to save")
-        write_safetensors(target / WEIGHTS_NAME, tensors)
-        write_json(target / CONFIG_NAME, config_to_json(model, model.peft_config[name]))
+        config_text = json_text(config_to_json(model, model.peft_config[name]))
+        config_hash = hashlib.sha256(config_text.encode("utf-8")).hexdigest()
+        write_json(target / JOURNAL_NAME, {CONFIG_HASH: config_hash})
+        try:
+            write_safetensors(target / WEIGHTS_NAME, tensors, metadata={CONFIG_HASH: config_hash})
+        except Exception:  # nothing was replaced: the folder holds the previous save, whole
+            (target / JOURNAL_NAME).unlink(missing_ok=True)
+            raise
+        write_text(target / CONFIG_NAME, config_text)  # failing here leaves the journal: the pair is torn
+        (target / JOURNAL_NAME).unlink()
 
 
 def config_to_json(model, config: DeltaConfig) -> dict:
@@ -63,6 +79,28 @@ def config_to_json(model, config: DeltaConfig) -> dict:
     if isinstance(data.get("target_modules"), (set, tuple)):
         data["target_modules"] = sorted(data["target_modules"])
     return data
+
+
+def check_save_finished(path: Path) -> None:
+    """Refuse a folder whose save was killed between renaming the weights and renaming the config.
+
+    Raises:
+        AdapterFileError: the weights and the config in `path` come from different saves.
+    """
+    journal, weights, config = path / JOURNAL_NAME, path / WEIGHTS_NAME, path / CONFIG_NAME
+    if not journal.is_file() or not weights.is_file() or not config.is_file():
+        return
+    try:
+        expected = json.loads(journal.read_text(encoding="utf-8"))[CONFIG_HASH]
+        with safe_open(str(weights), framework="pt") as handle:
+            weights_new = (handle.metadata() or {}).get(CONFIG_HASH) == expected
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return  # an unreadable journal or weights file: read_weights/read_config name the fault
+    config_new = hashlib.sha256(config.read_bytes()).hexdigest() == expected
+    if weights_new != config_new:
+        raise AdapterFileError(f"{path}: a save was interrupted between {WEIGHTS_NAME} and {CONFIG_NAME}, so "
+                               "they come from different saves; save the adapter again (a training run: "
+                               "`deltatune train CONFIG --resume`)")
 
 
 def read_config(path: Path) -> DeltaConfig:
@@ -102,6 +140,7 @@ def read_adapter(model_id: str | os.PathLike, allow_pickle: bool = False, subfol
     path = Path(model_id) / subfolder if subfolder else Path(model_id)
     if not path.is_dir():
         raise AdapterFileError(f"{path}: adapter directory not found (deltatune loads local directories)")
+    check_save_finished(path)
     return read_config(path), read_weights(path, allow_pickle)
 
 

@@ -1,10 +1,13 @@
 """Every file deltatune writes goes to a temporary file in the same folder first and is then renamed
-over the target, so a crash never leaves a half-written file where a good one was."""
+over the target, so a crash never leaves a half-written file where a good one was. A write that fails
+raises WriteError naming the file, and says so when the disk is full."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -12,22 +15,73 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
+# what atomic_write leaves behind when killed: .NAME.XXXXXXXX.tmp (mkstemp's 8 random characters)
+TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+# how a full disk shows: errno, or the text torch (inline_container.cc) and safetensors (Rust) give
+FULL_DISK_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+FULL_DISK_TEXTS = ("No space left", "StorageFull", "Disk quota exceeded", "unexpected pos")
+
+
+class WriteError(OSError):
+    """A file could not be written; the message names it and says when the disk is full."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return getattr(err, "errno", None) in FULL_DISK_ERRNOS or any(t in str(err) for t in FULL_DISK_TEXTS)
+
+
+def write_error(path: str | os.PathLike, err: BaseException) -> WriteError:
+    """The WriteError to raise for `err` while writing `path`."""
+    detail = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+    why = f"the disk is full ({detail})" if is_disk_full(err) else detail
+    error = WriteError(f"{path}: could not write it: {why}")
+    error.errno = getattr(err, "errno", None) or (errno.ENOSPC if is_disk_full(err) else None)
+    return error
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """An OSError, or another library's error that wraps an I/O failure (a full disk)."""
+    return isinstance(err, OSError) or is_disk_full(err)
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename tmp_path to `path`."""
+    """Call `write(tmp_path)`, fsync, then rename tmp_path to `path`.
+
+    Raises:
+        WriteError: the folder or the disk refused the write (nothing at `path` changed).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise write_error(path, err) from err
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, Exception) and not isinstance(err, WriteError) and is_write_failure(err):
+            raise write_error(path, err) from err
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an atomic_write killed part way left in `folder`; returns them.
+    Call it only while no other process writes in `folder` (a training run holds its lock)."""
+    removed = [p for p in Path(folder).iterdir() if p.is_file() and TEMPORARY.match(p.name)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def json_text(data: dict) -> str:
+    """The exact text write_json writes (sorted keys, so the same data gives the same bytes)."""
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -39,10 +93,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(path, json_text(data))
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
     # clone: safetensors refuses tensors that share storage (tied weights, views)
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(owned, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(owned, tmp, metadata={"format": "pt", **(metadata or {})}))

@@ -100,13 +100,27 @@ class PromptTuningConfig(DeltaConfig, PromptLearningFields):
 
 
 def load_tokenizer(name_or_tokenizer: Any, kwargs: dict | None):
-    """A tokenizer object as it is; a path through AutoTokenizer (never with remote code)."""
+    """A tokenizer object as it is; a path through AutoTokenizer, never with remote code.
+
+    The path may come from an adapter's config file (a trainable load builds the adapter before the
+    file's weights overwrite it), so `trust_remote_code=False` is passed explicitly: left unset,
+    Transformers asks on the terminal whether to run a folder's custom code.
+
+    Raises:
+        DeltaConfigError: the tokenizer cannot be loaded, or its folder needs custom code.
+    """
     if not isinstance(name_or_tokenizer, str):
         return name_or_tokenizer
     from transformers import AutoTokenizer
 
     kwargs = {k: v for k, v in (kwargs or {}).items() if k != "trust_remote_code"}
-    return AutoTokenizer.from_pretrained(name_or_tokenizer, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_tokenizer, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as err:  # missing files; a folder that asks for its own code
+        reason = str(err).strip().splitlines()[0]
+        raise DeltaConfigError(
+            f"tokenizer_name_or_path={name_or_tokenizer!r}: could not load the tokenizer for "
+            f"prompt_tuning_init='TEXT' without running custom code ({reason})") from None
 
 
 def input_prompt(config, table: torch.Tensor | None = None,

@@ -17,6 +17,7 @@ from .build import read_samples
 from .config import RunConfig
 from .config_file import apply_override, from_dict, parse_override
 from .evaluate import score_generation
+from .output_dir import claim_output_dir
 
 DEMO_SETTINGS = {
     "model": {"name_or_path": "smollm2-135m"},
@@ -53,13 +54,16 @@ def demo_config(output_dir: str | None = None, overrides: list[str] = ()) -> Run
     return from_dict(raw, source="demo")
 
 
-def run_demo(output_dir: str | None = None, overrides: list[str] = (), show: int = 3) -> dict:
+def run_demo(output_dir: str | None = None, overrides: list[str] = (), show: int = 3,
+             overwrite: bool = False) -> dict:
     """Run the demo end to end and print its report.
 
     Args:
-        output_dir: where the adapter, metrics.jsonl and loss.png go (default runs/demo).
+        output_dir: where the adapter, metrics.jsonl and loss.png go (default runs/demo, which each demo
+            replaces, so `make demo` runs again; another folder that holds a run needs `overwrite`).
         overrides: `key=value` config overrides.
         show: how many before/after answers to print.
+        overwrite: replace an earlier run in `output_dir`.
 
     Returns:
         {"base_exact_match", "tuned_exact_match", "train_eval_seconds", ...}.
@@ -69,6 +73,9 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), show: int
     from .runtime import autocast, resolve_precision
 
     config = demo_config(output_dir, overrides)
+    overwrite = overwrite or output_dir is None
+    with claim_output_dir(config.output_dir, resume=False, overwrite=overwrite):
+        pass  # the folder's errors now, before the model loads; train() claims it again for the run
     eval_samples, _ = read_samples(config.data.eval, config.data)
     eval_samples = eval_samples[: config.eval.max_samples]  # the same rows train() scores
     print("deltatune demo: teach SmolLM2-135M-Instruct to turn a sentence into one line of JSON (LoRA)")
@@ -88,7 +95,7 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), show: int
         )
     base_em = base_scores["exact_match"]
     print(f"base model held-out exact match: {base_em:.1f}% ({time.perf_counter() - clock:.0f} s)")
-    result = train(config, base=(model, tokenizer))
+    result = train(config, base=(model, tokenizer), overwrite=overwrite)
     seconds = time.perf_counter() - clock
     tuned_em = result.metrics.get("exact_match", 0.0)
 

@@ -13,7 +13,6 @@ stopped, and N processes match one process with the same global batch:
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,6 +22,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..core.config import DeltaConfigError
+from ..io.atomic import write_text
 from .build import (
     check_data_files,
     load_base,
@@ -31,12 +31,13 @@ from .build import (
     stored_model_name,
     tokenize_samples,
 )
-from .checkpoint import CHECKPOINTS, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINTS, checkpoint_folders, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .evaluate import eval_loss, token_loss_sum
 from .finish import TrainResult, finish_run
 from .metrics import MetricsLog, peak_memory_mb
 from .order import SampleOrder
+from .output_dir import claim_output_dir, clear_previous_run, is_main_rank
 from .runtime import enable_gradient_checkpointing, make_accelerator
 from .schedule import make_scheduler
 from .packing import check_packing_isolates
@@ -50,6 +51,7 @@ def train(
     stop_after: int | None = None,
     show_progress: bool = True,
     log=print,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Fine-tune `config.method` on `config.data.train` and save the adapter to `config.output_dir`.
 
@@ -60,10 +62,23 @@ def train(
         stop_after: stop after this optimizer step as if killed (for tests of `resume`).
         show_progress: draw the progress bar.
         log: where one-line messages go.
+        overwrite: replace an earlier run's files in `output_dir` (a new run refuses them otherwise).
 
     Returns:
         The trained model, tokenizer, final evaluation metrics and generated answers.
+
+    Raises:
+        DeltaConfigError: before the model loads, when `output_dir` is a file, is not writable, is in
+            use by another run, or holds files and neither `resume` nor `overwrite` is set.
     """
+    if not is_main_rank():  # rank 0 checks and locks the folder for all processes
+        return _train(config, resume, base, stop_after, show_progress, log)
+    with claim_output_dir(config.output_dir, resume, overwrite):
+        return _train(config, resume, base, stop_after, show_progress, log)
+
+
+def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_progress: bool,
+           log) -> TrainResult:
     from .. import get_peft_model
 
     tc, out = config.training, Path(config.output_dir)
@@ -77,7 +92,9 @@ def train(
     if resume:
         found = list_checkpoints(out)
         if not found:
-            raise DeltaConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS}")
+            broken = [p.name for p in checkpoint_folders(out)]
+            raise DeltaConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS}"
+                                   + (f" (incomplete, not used: {', '.join(broken)})" if broken else ""))
         checkpoint = found[-1]
     accelerator = make_accelerator(tc.precision)
     main = accelerator.is_main_process
@@ -127,11 +144,10 @@ def train(
         start = load_checkpoint(checkpoint, inner, optimizer, scheduler)["step"]
         if main:
             log(f"resuming from {checkpoint} (step {start} of {steps})")
-    elif main and (out / CHECKPOINTS).exists():
-        shutil.rmtree(out / CHECKPOINTS)  # a fresh run: stale checkpoints must not be resumed later
+    elif main:  # a fresh run (output_dir was empty, or --overwrite): nothing of an earlier run stays
+        clear_previous_run(out)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_text(out / "run_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if checkpoint else None)
     if main and checkpoint is None:
         metrics.write(

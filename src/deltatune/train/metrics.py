@@ -1,4 +1,7 @@
-"""The metrics log (`metrics.jsonl`, one JSON object per line) and the loss curve (`loss.png`)."""
+"""The metrics log (`metrics.jsonl`, one JSON object per line) and the loss curve (`loss.png`).
+
+A run killed while appending leaves a torn last line; reading skips lines that do not parse (a resumed
+run rewrites the file without them), so a torn line never blocks `--resume` or the plot."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.atomic import atomic_write
+from ..io.atomic import atomic_write, write_error
 
 
 def peak_memory_mb() -> float:
@@ -30,22 +33,30 @@ class MetricsLog:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            text = "".join(line + "\n" for line in kept)
-            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+            kept = [r for r in self.records() if r.get("step", 0) <= resume_step]
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise write_error(self.path, err) from err
 
     def records(self) -> list[dict]:
+        """Every record that parses, in order (a torn line from a killed run is skipped)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        found = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                found.append(record)
+        return found
 
 
 def plot_loss(records: list[dict], path: str | os.PathLike) -> bool:

@@ -113,3 +113,10 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state
+
+
+def saved_settings(path: str | Path) -> dict:
+    """What a checkpoint stored besides tensors and RNG (save_checkpoint's `extra`: the run config, the
+    training data's fingerprint), read without touching a model, so --resume can check it first."""
+    state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    return {key: value for key, value in state.items() if key not in ("optimizer", "scheduler", "rng")}

@@ -33,7 +33,7 @@ from .build import (
 )
 from .checkpoint import CHECKPOINTS, list_checkpoints, load_checkpoint, save_checkpoint, saved_settings
 from .config import RunConfig
-from .divergence import check_step, gradient_norm
+from .divergence import DivergenceError, check_step, gradient_norm
 from .evaluate import eval_loss, token_loss_sum
 from .finish import TrainResult, finish_run
 from .metrics import MetricsLog, peak_memory_mb
@@ -193,7 +193,7 @@ def train(
         inner.before_optimizer_step(step)  # training-time methods: gradient masks (Child-Tuning), ...
         optimizer.step()
         inner.after_optimizer_step(step, optimizer)  # rank budgets (AdaLoRA), merge-and-reset (ReLoRA)
-        step_lr = scheduler.get_last_lr()[0]  # the rate this step used
+        step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -202,7 +202,11 @@ def train(
         read = torch.stack([accelerator.reduce(step_loss, "sum"), grad_norm.to(step_loss)])
         step_total, norm = read.tolist()
         # raises before this step is logged, checkpointed or saved (the NaN update stays in memory only)
-        check_step(done, step_total / step_targets, norm, accelerator.optimizer_step_was_skipped, out, tc.lr)
+        try:
+            check_step(done, step_total / step_targets, norm, accelerator.optimizer_step_was_skipped, out, tc.lr)
+        except DivergenceError:
+            bar.close()  # so the error starts a line of its own
+            raise
         window_loss += step_total / step_targets
         window_tokens += sum(len(examples[i].input_ids) for i in step_ids)
         bar.update(1)

@@ -10,10 +10,11 @@ import re
 import pytest
 import torch
 from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
+from safetensors.torch import load_file
 
 from deltatune import cli
 from deltatune.train.config_file import load_config
-from deltatune.train.divergence import DivergenceError
+from deltatune.train.divergence import DivergenceError, check_step
 from deltatune.train.loop import train
 
 QUIET = {"show_progress": False, "log": lambda *_: None}
@@ -58,8 +59,11 @@ def test_diverging_run_stops_at_the_first_bad_step(files, max_grad_norm):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == step - 1 and all(math.isfinite(v) for v in losses)
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").exists() else []
     assert kept[-1:] == ([f"step-{2 * ((step - 1) // 2):06d}"] if step > 2 else [])
+    for name in kept:  # no NaN reached a checkpoint
+        tensors = load_file(str(out / "checkpoints" / name / "trainable.safetensors"))
+        assert all(torch.isfinite(t).all() for t in tensors.values())
     if step > 1:  # the same run, stopped just before: every parameter finite, the loss too
         before = train(load_config(path, [f"output_dir={files['root'] / (name + '_before')}"]),
                        stop_after=step - 1, **QUIET)
@@ -85,3 +89,19 @@ def test_divergence_on_resume_leaves_adapter_and_checkpoint_untouched(files, cap
     assert {k: after.get(k) for k in before} == before  # adapter, loss.png and checkpoint 4 untouched
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+def test_check_step_names_the_step_and_lets_a_scaler_skip_pass(tmp_path):
+    """An fp16 loss scaler skips an overflowing step on its own (the gradient norm is inf there): not
+    divergence. A non-finite loss is, whatever the scaler did."""
+    check_step(7, 2.5, float("inf"), True, tmp_path, 1e-3)  # skipped by the scaler: no error
+    check_step(7, 2.5, 0.3, False, tmp_path, 1e-3)
+    with pytest.raises(DivergenceError) as caught:
+        check_step(7, 2.5, float("inf"), False, tmp_path, 1e-3)
+    assert str(caught.value) == (
+        "training diverged at step 7: the gradient norm is inf (loss 2.5); nothing from this step was saved "
+        "and no adapter was written; no checkpoint was saved yet: start again with a lower training.lr "
+        "(now 0.001)"
+    )
+    with pytest.raises(DivergenceError, match=r"^training diverged at step 8: the loss is nan; "):
+        check_step(8, float("nan"), float("inf"), True, tmp_path, 1e-3)

@@ -46,7 +46,7 @@ def check_step(step: int, loss: float, grad_norm: float, skipped: bool, output_d
     kept = (
         f"the newest checkpoint, {found[-1]}, is kept: continue from it with --resume and a lower training.lr"
         if found
-        else "no checkpoint was saved (training.save_every=0): start again with a lower training.lr"
+        else "no checkpoint was saved yet: start again with a lower training.lr"
     )
     raise DivergenceError(
         f"training diverged at step {step}: {what}; nothing from this step was saved and no adapter was "

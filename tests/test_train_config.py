@@ -3,6 +3,8 @@ nothing here loads a model."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -62,13 +64,13 @@ def test_overrides(tmp_path):
         ("training.schedule=cosin", r"training.schedule='cosin': must be one of"),
         ("training.batch_size=0", r"training.batch_size=0: must be >= 1"),
         ("training.offload_checkpoints=true", r"training.offload_checkpoints=True: offloads what gradient checkpointing"),
-        ("training.lr=fast", r"training.lr='fast': must be float"),
+        ("training.lr=fast", r"training.lr='fast': must be a number$"),
         ("training.precision=fp8", r"training.precision='fp8'"),
         ("data.format=parquet", r"data.format='parquet'"),
         ("data.max_length=2", r"data.max_length=2"),
         ("model.dtype=float8", r"model.dtype='float8'"),
         ("training.epochs=2", r"set either training.max_steps or training.epochs"),
-        ("training.gradient_checkpointing=maybe", r"training.gradient_checkpointing='maybe': must be bool"),
+        ("training.gradient_checkpointing=maybe", r"training.gradient_checkpointing='maybe': must be true or false$"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, message):
@@ -130,3 +132,93 @@ def test_demo_yaml_is_the_demo():
     demo = demo_config()
     assert example.method == demo.method and example.training == demo.training and example.eval == demo.eval
     assert (example.data.train, example.data.eval) == (demo.data.train, demo.data.eval)
+
+
+def float_fields() -> list[str]:
+    """Every field of every run-config section, and of the LoRA method, that takes a float."""
+    import dataclasses
+    import typing
+
+    from deltatune.core.config import config_class
+    from deltatune.train.config import SECTIONS
+
+    classes = {**SECTIONS, "method": config_class("lora")}
+    found = []
+    for section, cls in classes.items():
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if float in (typing.get_args(hint) or (hint,)):
+                found.append(f"{section}.{f.name}")
+    return found
+
+
+def test_float_fields_are_found():
+    fields = float_fields()  # the table below is not empty by accident
+    assert {"training.lr", "training.weight_decay", "training.epochs", "training.max_grad_norm"} <= set(fields)
+    assert {"method.lora_alpha", "method.lora_dropout"} <= set(fields)
+
+
+@pytest.mark.parametrize("field", float_fields())
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan"])
+def test_non_finite_floats_are_refused_by_field(tmp_path, field, value):
+    """`training.lr: .inf` passed every `> 0` check and trained to an all-NaN adapter (issue 15, 6)."""
+    path = write(tmp_path, "training:\n  max_steps: 3\n")  # the finiteness check comes first
+    with pytest.raises(DeltaConfigError, match=rf"^{re.escape(field)}=-?(inf|nan): must be a finite number$"):
+        load_config(path, [f"{field}={value}"])
+
+
+def test_non_finite_values_inside_mappings_and_python_sections():
+    from deltatune.train.config import TrainingSection
+
+    with pytest.raises(DeltaConfigError, match=r"^method.alpha_pattern.q_proj=nan: must be a finite number$"):
+        build_method_config({"name": "lora", "alpha_pattern": {"q_proj": float("nan")}})
+    with pytest.raises(DeltaConfigError, match=r"^training.lr=inf: must be a finite number$"):
+        TrainingSection(lr=float("inf"))
+    with pytest.raises(DeltaConfigError, match=r"^training.weight_decay=inf: must be a finite number$"):
+        TrainingSection(weight_decay=float("inf"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.target_modules=5", "method.target_modules=5: must be a list of strings or a string or null"),
+        ("method.target_modules=[q_proj, 3]",
+         "method.target_modules=['q_proj', 3]: must be a list of strings or a string or null"),
+        ("method.r=abc", "method.r='abc': must be an integer"),
+        ("method.use_dora=maybe", "method.use_dora='maybe': must be true or false"),
+        ("training.lr=abc", "training.lr='abc': must be a number"),
+        ("training.max_steps=1.5", "training.max_steps=1.5: must be an integer or null"),
+        ("data.packing=3", "data.packing=3: must be true or false"),
+        ("training.schedule=null", "training.schedule=None: must be a string, not null"),
+    ],
+)
+def test_wrong_types_name_the_field_and_the_expected_form(tmp_path, override, message):
+    path = write(tmp_path, "training:\n  max_steps: 3\n")
+    with pytest.raises(DeltaConfigError) as caught:
+        load_config(path, [override])
+    assert str(caught.value) == message
+
+
+def test_method_values_take_the_field_types():
+    """YAML 1.1 reads `1e-3` as a string; a method float takes it, an int stays an int (peft's files)."""
+    config = load_config(None, ["method.lora_dropout=1e-3", "method.lora_alpha=16"])
+    assert config.method["lora_dropout"] == pytest.approx(1e-3) and config.method["lora_alpha"] == 16
+    assert isinstance(config.method["lora_alpha"], int)
+    assert config.method_config().lora_dropout == pytest.approx(1e-3)
+
+
+def test_invalid_yaml_is_one_line_naming_the_place(tmp_path):
+    with pytest.raises(DeltaConfigError) as caught:
+        parse_override("training.lr=[unclosed")
+    assert str(caught.value) == (
+        "override 'training.lr=[unclosed': the value is not valid YAML (expected ',' or ']', but got "
+        "'<stream end>' at line 1, column 10); expected training.lr=VALUE with a YAML value, e.g. 1e-3, "
+        "true, [q_proj, v_proj] or 'quoted text'"
+    )
+    path = write(tmp_path, "training:\n  lr: [1,\n")
+    with pytest.raises(DeltaConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == (
+        f"{path}:3: not valid YAML (expected the node content, but found '<stream end>' at line 3, "
+        "column 1); expected sections of key: value lines"
+    )

@@ -25,6 +25,7 @@ EXPECTED_ERRORS = (
     "MergeError",
     "WriteError",
     "CheckpointError",
+    "DivergenceError",
 )
 
 
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one clear line for expected input errors, a traceback for bugs
         if type(err).__name__ not in EXPECTED_ERRORS or os.environ.get("DELTATUNE_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

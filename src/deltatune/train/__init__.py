@@ -6,7 +6,8 @@
 
 from .config import RunConfig
 from .config_file import load_config
+from .divergence import DivergenceError
 from .finish import TrainResult
 from .loop import train
 
-__all__ = ["RunConfig", "TrainResult", "load_config", "train"]
+__all__ = ["DivergenceError", "RunConfig", "TrainResult", "load_config", "train"]

@@ -214,3 +214,15 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state
+
+
+def saved_settings(path: str | Path) -> dict:
+    """What a checkpoint stored besides tensors and RNG (save_checkpoint's `extra`: the run config, the
+    training data's fingerprint), read without touching a model, so --resume can check it first."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))["state"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+    return {key: decode_state(value, {}) for key, value in state.items()
+            if key not in ("step", "optimizer", "scheduler", "rng")}

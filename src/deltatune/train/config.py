@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +43,101 @@ def check(condition: bool, key: str, value: Any, why: str) -> None:
         raise DeltaConfigError(f"{key}={value!r}: {why}")
 
 
+def check_finite(key: str, value: Any) -> None:
+    """Refuse NaN and infinity anywhere in a value (lists and mappings too), naming the dotted key:
+    `lr: .inf` would otherwise pass every `> 0` check and train to an all-NaN adapter."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DeltaConfigError(f"{key}={value!r}: must be a finite number")
+    if isinstance(value, dict):
+        for sub, item in value.items():
+            check_finite(f"{key}.{sub}", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_finite(f"{key}[{i}]", item)
+
+
+def check_finite_fields(section: Any, name: str) -> None:
+    """check_finite on every field of a section dataclass (for sections built in Python, not YAML)."""
+    for f in dataclasses.fields(section):
+        check_finite(f"{name}.{f.name}", getattr(section, f.name))
+
+
+_NO_MATCH = object()
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               dict: "a mapping", type(None): "null"}
+
+
+def _union_args(annotation: Any) -> tuple:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def describe(annotation: Any) -> str:
+    """A field's expected form in words: `list[str] | str | None` -> "a list of strings or a string or
+    null"."""
+    names = []
+    for kind in _union_args(annotation):
+        if typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind) or (Any,)
+            names.append("a list of " + {str: "strings", int: "integers"}.get(item, "values"))
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+            names.append("one of " + ", ".join(str(m.value) for m in kind))
+        else:
+            names.append(_KIND_NAMES.get(kind, getattr(kind, "__name__", str(kind))))
+    return " or ".join(names)
+
+
+def _as_kind(value: Any, kind: Any, keep_ints: bool, numbers_as_str: bool = False) -> Any:
+    """`value` as `kind` (one member of a field's union), or _NO_MATCH. Numbers pass as strings only
+    where a string is all the field takes (`output_dir: 2024`), never where a list is meant."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is Any:
+        return value
+    if kind is bool:
+        return value if isinstance(value, bool) else _NO_MATCH
+    if kind is int:
+        return value if number and isinstance(value, int) else _NO_MATCH
+    if kind is float:
+        if number:
+            return value if keep_ints and isinstance(value, int) else float(value)
+        try:  # YAML 1.1 reads `1e-3` (no dot) as a string
+            return float(value) if isinstance(value, str) else _NO_MATCH
+        except ValueError:
+            return _NO_MATCH
+    if kind is str:
+        return str(value) if isinstance(value, str) or (number and numbers_as_str) else _NO_MATCH
+    if typing.get_origin(kind) is list:
+        if not isinstance(value, (list, tuple)):
+            return _NO_MATCH
+        (item,) = typing.get_args(kind) or (Any,)
+        items = [_as_kind(v, item, keep_ints) for v in value]
+        return _NO_MATCH if any(v is _NO_MATCH for v in items) else items
+    if isinstance(kind, type):
+        return value if isinstance(value, kind) else _NO_MATCH
+    return value  # an annotation this reader does not know: the config class checks it
+
+
+def coerce(key: str, value: Any, annotation: Any, keep_ints: bool = False) -> Any:
+    """`value` (from YAML or a `key=value` override) converted to the field's annotation.
+
+    Raises:
+        DeltaConfigError: "KEY=VALUE: must be <expected form>" when it fits no member of the annotation,
+            or it holds NaN or infinity.
+    """
+    args = _union_args(annotation)
+    if value is None:
+        check(type(None) in args or Any in args, key, value, f"must be {describe(annotation)}, not null")
+        return None
+    only_str = {kind for kind in args if kind is not type(None)} == {str}
+    for kind in args:
+        converted = _as_kind(value, kind, keep_ints, numbers_as_str=only_str)
+        if converted is not _NO_MATCH:
+            check_finite(key, converted)
+            return converted
+    raise DeltaConfigError(f"{key}={value!r}: must be {describe(annotation)}")
+
+
 @dataclass
 class ModelSection:
     name_or_path: str = "smollm2-135m"
@@ -46,6 +145,7 @@ class ModelSection:
     quantize: str | dict | None = None  # "nf4" | "fp4" | "int8" or {type, double_quant, blocksize, skip}
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "model")
         check(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {sorted(DTYPES)}")
         self.dtype = DTYPES[self.dtype]
         from ..core.config import DeltaConfigError
@@ -68,6 +168,7 @@ class DataSection:
     template: str = "chat"  # chat: the tokenizer's chat template; plain: prompt + completion as text
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "data")
         check(
             self.format in FORMATS + ("auto",),
             "data.format",
@@ -99,6 +200,7 @@ class TrainingSection:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "training")
         check(
             self.max_steps is None or self.max_steps > 0, "training.max_steps", self.max_steps, "must be > 0"
         )
@@ -142,6 +244,7 @@ class EvalSection:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "eval")
         check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
         check(
             self.max_samples is None or self.max_samples >= 1,
@@ -177,19 +280,32 @@ def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
     return f" (did you mean {prefix + near[0]!r}?)" if near else ""
 
 
-def build_method_config(method: dict):
-    """Build the registered method's config from a `method` section ({name: lora, r: 8, ...})."""
+def method_values(method: dict) -> tuple[type, dict]:
+    """The method's config class and the `method` section's values coerced to its field types.
+
+    Raises:
+        DeltaConfigError: not a mapping, an unknown method or key, or a value of the wrong form.
+    """
     check(isinstance(method, dict), "method", method, "must be a mapping with at least `name`")
     values = dict(method)
     name = values.pop("name", "lora")
     check(isinstance(name, str), "method.name", name, "must be a method name, e.g. lora")
     cls = config_class(name, source="method.name")
     fields = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
     for key in values:
         if key not in fields:
             raise DeltaConfigError(
                 f"unknown key method.{key} for {cls.peft_type}{_suggest(key, fields, 'method.')}"
             )
+        # ints stay ints (lora_alpha: 16 is written back as 16, the way peft writes it)
+        values[key] = coerce(f"method.{key}", values[key], hints.get(key, Any), keep_ints=True)
+    return cls, values
+
+
+def build_method_config(method: dict):
+    """Build the registered method's config from a `method` section ({name: lora, r: 8, ...})."""
+    cls, values = method_values(method)
     values.setdefault("task_type", "CAUSAL_LM")
     try:
         return cls(**values)

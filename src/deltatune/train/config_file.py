@@ -7,7 +7,6 @@ nearest valid key, searched in its own section and, for a misplaced key, in the 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -15,34 +14,8 @@ from typing import Any
 import yaml
 
 from ..core.config import DeltaConfigError
-from .config import SECTIONS, RunConfig, _suggest, build_method_config, check
+from .config import SECTIONS, RunConfig, _suggest, check, coerce, method_values
 from .files import BUNDLED_PREFIX
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Convert YAML / command-line values to the field's type (YAML reads `1e-3` as a string)."""
-    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    if value is None:
-        check(type(None) in args, key, value, "must not be null")
-        return None
-    for kind in (bool, int, float, str):
-        if kind not in args:
-            continue
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is float and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    names = " or ".join("null" if a is type(None) else a.__name__ for a in args)
-    raise DeltaConfigError(f"{key}={value!r}: must be {names}")
 
 
 def _build_section(name: str, cls: type, values: Any):
@@ -55,8 +28,15 @@ def _build_section(name: str, cls: type, values: Any):
                 f"unknown key {name}.{key}{_suggest(key, list(hints), name + '.')}; "
                 f"valid keys: {sorted(hints)}"
             )
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one clause: the problem and its line:column."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -64,7 +44,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise DeltaConfigError(f"override {text!r}: expected key=value, e.g. training.lr=1e-3")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise DeltaConfigError(
+            f"override {text!r}: the value is not valid YAML ({yaml_problem(err)}); expected "
+            f"{key.strip()}=VALUE with a YAML value, e.g. 1e-3, true, [q_proj, v_proj] or 'quoted text'"
+        ) from None
+    return key.strip().split("."), value
 
 
 def apply_override(raw: dict, path: list[str], value: Any) -> None:
@@ -94,8 +81,10 @@ def from_dict(raw: dict, source: str = "config") -> RunConfig:
     method = raw.get("method") or {"name": "lora"}
     output_dir = raw.get("output_dir", "runs/deltatune")
     check(isinstance(output_dir, str) and output_dir, "output_dir", output_dir, "must be a directory path")
+    _, values = method_values(method)  # validate now, long before a model loads
+    method = {"name": method.get("name", "lora"), **values}  # values as the method's field types
     config = RunConfig(method=method, output_dir=output_dir, **sections)
-    build_method_config(method)  # validate now, long before a model loads
+    config.method_config()
     return config
 
 
@@ -116,7 +105,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            raise DeltaConfigError(f"{path}: not valid YAML ({err})") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise DeltaConfigError(
+                f"{where}: not valid YAML ({yaml_problem(err)}); expected sections of key: value lines"
+            ) from None
         if not isinstance(raw, dict):
             raise DeltaConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         for key in ("train", "eval"):

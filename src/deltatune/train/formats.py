@@ -113,6 +113,11 @@ def to_sample(row: Row, fmt: str, chat: bool = True) -> Sample:
     """
     if fmt == "messages":
         name = "messages" if "messages" in row.data else "conversations"
+        if name not in row.data:
+            raise DataError(
+                f"{row.where}: missing field 'messages' (a list of {{role, content}} messages, or "
+                f"ShareGPT's 'conversations'); row has {sorted(row.data)}"
+            )
         messages = _messages(row, row.data.get(name), name)
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{row.where}: {name} has no assistant message to learn from")
@@ -168,7 +173,28 @@ def to_sample(row: Row, fmt: str, chat: bool = True) -> Sample:
 
 
 def to_samples(rows: list[Row], fmt: str = "auto", chat: bool = True) -> tuple[list[Sample], str]:
-    """Convert every row; with fmt="auto" the first row decides and every row must agree."""
-    if fmt == "auto":
-        fmt = detect_format(rows[0])
-    return [to_sample(row, fmt, chat) for row in rows], fmt
+    """Convert every row; with fmt="auto" the first row decides and every row must agree.
+
+    Raises:
+        DataError: `file:line: ...` for the first row that does not convert; a row that fits another
+            format than the first row's says so, rather than naming a field of the first row's format.
+    """
+    if fmt != "auto":
+        return [to_sample(row, fmt, chat) for row in rows], fmt
+    fmt = detect_format(rows[0])
+    samples = []
+    for row in rows:
+        try:
+            samples.append(to_sample(row, fmt, chat))
+        except DataError:
+            try:
+                own = detect_format(row)
+            except DataError:
+                own = fmt
+            if own == fmt:
+                raise
+            raise DataError(
+                f"{row.where}: a {own} row (keys {sorted(row.data)}) in a file whose first row "
+                f"({rows[0].where}) is {fmt}; expected every row in the {fmt} format"
+            ) from None
+    return samples, fmt

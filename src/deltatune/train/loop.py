@@ -31,8 +31,10 @@ from .build import (
     stored_model_name,
     tokenize_samples,
 )
-from .checkpoint import CHECKPOINTS, checkpoint_folders, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (CHECKPOINTS, checkpoint_folders, list_checkpoints, load_checkpoint, save_checkpoint,
+                         saved_settings)
 from .config import RunConfig
+from .divergence import DivergenceError, check_step, gradient_norm
 from .evaluate import eval_loss, token_loss_sum
 from .finish import TrainResult, finish_run
 from .metrics import MetricsLog, peak_memory_mb
@@ -41,6 +43,7 @@ from .output_dir import claim_output_dir, clear_previous_run, is_main_rank
 from .runtime import enable_gradient_checkpointing, make_accelerator
 from .schedule import make_scheduler
 from .packing import check_packing_isolates
+from .resume_check import SCHEDULE_FIELDS, file_fingerprint, point_schedule, resume_changes, resume_note
 from .tokenize import collate, target_count
 
 
@@ -88,7 +91,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     eval_samples = eval_samples[: config.eval.max_samples] if eval_samples else None
     method_config = config.method_config()
     method_config.base_model_name_or_path = stored_model_name(config.model.name_or_path)
-    checkpoint = None
+    train_data = file_fingerprint(config.data.train)
+    checkpoint, changed = None, {}
     if resume:
         found = list_checkpoints(out)
         if not found:
@@ -96,6 +100,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             raise DeltaConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS}"
                                    + (f" (incomplete, not used: {', '.join(broken)})" if broken else ""))
         checkpoint = found[-1]
+        saved = saved_settings(checkpoint)
+        changed = resume_changes(saved, config, train_data, checkpoint)  # refuses before any load
     accelerator = make_accelerator(tc.precision)
     main = accelerator.is_main_process
 
@@ -106,6 +112,15 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
         log(f"train data: {train_set.stats.summary()}")
         if eval_set:
             log(f"eval data: {eval_set.stats.summary()}")
+    world = accelerator.num_processes
+    global_batch = tc.batch_size * tc.grad_accum * world
+    steps = tc.max_steps or math.ceil(tc.epochs * len(train_set.examples) / global_batch)
+    if checkpoint is not None and saved["step"] >= steps:
+        length = f"max_steps={tc.max_steps}" if tc.max_steps else f"epochs={tc.epochs} ({steps} steps)"
+        raise DeltaConfigError(
+            f"--resume: training.{length} ends at or before {checkpoint.name}; "
+            f"expected a run longer than {saved['step']} steps"
+        )
 
     torch.manual_seed(tc.seed)  # the adapter's initial weights: identical on every rank
     model = get_peft_model(base[0] if base else load_base(config.model)[0], method_config)
@@ -119,9 +134,6 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / total:.4f}"
         )
-    world = accelerator.num_processes
-    global_batch = tc.batch_size * tc.grad_accum * world
-    steps = tc.max_steps or math.ceil(tc.epochs * len(train_set.examples) / global_batch)
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     # methods with a learning-rate shape of their own (ReLoRA's re-warmup) multiply into the schedule
     scheduler = make_scheduler(
@@ -142,13 +154,21 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     start = 0
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, inner, optimizer, scheduler)["step"]
+        if any(key in changed for key in SCHEDULE_FIELDS):
+            point_schedule(optimizer, scheduler, tc.lr)
         if main:
             log(f"resuming from {checkpoint} (step {start} of {steps})")
+            if changed:
+                log(resume_note(checkpoint, start, changed))
     elif main:  # a fresh run (output_dir was empty, or --overwrite): nothing of an earlier run stays
         clear_previous_run(out)
     if main:
-        write_text(out / "run_config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        header = f"# {resume_note(checkpoint, start, changed)}\n" if changed else ""
+        write_text(out / "run_config.yaml", header + yaml.safe_dump(config.to_dict(), sort_keys=False))
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if checkpoint else None)
+    if main and changed:
+        resumed = {"step": start, "resumed": checkpoint.name}
+        metrics.write({**resumed, "changed": {key: list(values) for key, values in changed.items()}})
     if main and checkpoint is None:
         metrics.write(
             {
@@ -185,17 +205,26 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
                     loss = loss + regulariser / tc.grad_accum
                 accelerator.backward(loss)
             step_loss += loss_sum.detach()
-        if tc.max_grad_norm:
-            accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+        clipped = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
+        grad_norm = gradient_norm(params, clipped)
         inner.before_optimizer_step(step)  # training-time methods: gradient masks (Child-Tuning), ...
         optimizer.step()
         inner.after_optimizer_step(step, optimizer)  # rank budgets (AdaLoRA), merge-and-reset (ReLoRA)
-        step_lr = scheduler.get_last_lr()[0]  # the rate this step used
+        step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        window_loss += float(accelerator.reduce(step_loss, "sum")) / step_targets
+        # the one host read per step (the log needs the loss); the gradient norm rides along
+        read = torch.stack([accelerator.reduce(step_loss, "sum"), grad_norm.to(step_loss)])
+        step_total, norm = read.tolist()
+        # raises before this step is logged, checkpointed or saved (the NaN update stays in memory only)
+        try:
+            check_step(done, step_total / step_targets, norm, accelerator.optimizer_step_was_skipped, out, tc.lr)
+        except DivergenceError:
+            bar.close()  # so the error starts a line of its own
+            raise
+        window_loss += step_total / step_targets
         window_tokens += sum(len(examples[i].input_ids) for i in step_ids)
         bar.update(1)
         if done % tc.log_every == 0 or done == steps:
@@ -225,7 +254,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             model.train()
         if tc.save_every and done % tc.save_every == 0 and done < steps:
             if main:
-                extra = {"config": config.to_dict()}
+                extra = {"config": config.to_dict(), "data_train": train_data}
                 save_checkpoint(out, done, inner, optimizer, scheduler, extra, keep=tc.keep_checkpoints)
             accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after:

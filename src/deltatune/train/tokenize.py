@@ -131,9 +131,10 @@ def encode(
         stats.target_tokens += sum(label != IGNORE for label in labels[1:])
         out.append(Encoded(ids, labels))
     if not out:
+        source = samples[0].where.rsplit(":", 1)[0] if samples else "data"
         raise DataError(
-            "no usable rows: every row was empty or lost its completion to truncation "
-            "(raise data.max_length?)"
+            f"{source}: no usable rows: every row has no answer token within data.max_length={max_length} "
+            "(empty, or cut off); expected rows whose answer starts within max_length tokens"
         )
     return out, stats
 

@@ -1,0 +1,125 @@
+"""`--resume` with the config a checkpoint was trained with: which fields may change, and applying them.
+
+A resumed run must be the run the files say it is. A field that shapes the adapter, the data or the
+optimization so far (method.*, model.*, data.train's content, batch size, seed, schedule shape ...)
+cannot change mid-run: the checkpoint's tensors, optimizer moments and sample order were made under the
+old value, so it is refused by name, with the old and the new value, before any model loads. The
+fields in SAFE_ON_RESUME may change and then really apply from the resumed step on; each change is
+written to metrics.jsonl and to the header of run_config.yaml.
+
+The training data file is compared by content (SHA-256 of the whole file, read once per start; the
+loop parses the whole file anyway), so a moved or renamed file with the same rows resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from ..core.config import DeltaConfigError
+from .config import RunConfig, build_method_config
+from .files import resolve_data_path
+
+SAFE_ON_RESUME = {
+    "training.max_steps": "the run's length; the schedule stretches to it",
+    "training.epochs": "the run's length; the schedule stretches to it",
+    "training.lr": "the peak learning rate, from the resumed step on",
+    "training.max_grad_norm": "gradient clipping, from the resumed step on",
+    "training.log_every": "bookkeeping",
+    "training.eval_every": "bookkeeping",
+    "training.save_every": "bookkeeping",
+    "training.keep_checkpoints": "bookkeeping",
+    "training.gradient_checkpointing": "memory only: the same gradients",
+    "training.offload_checkpoints": "memory only: the same gradients",
+    "data.eval": "evaluation only",
+    "eval.*": "evaluation only",
+    "output_dir": "the run folder may move",
+}
+# fields that, changed, need the restored optimizer and scheduler pointed at the new values
+SCHEDULE_FIELDS = ("training.max_steps", "training.epochs", "training.lr")
+
+
+def may_change(field: str) -> bool:
+    return field in SAFE_ON_RESUME or f"{field.split('.')[0]}.*" in SAFE_ON_RESUME
+
+
+def file_fingerprint(path: str) -> dict:
+    """SHA-256 and size of a data file's whole content (bundled `deltatune:` names resolved)."""
+    resolved = resolve_data_path(path)
+    digest = hashlib.sha256()
+    with open(resolved, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"sha256": digest.hexdigest(), "bytes": resolved.stat().st_size}
+
+
+def flat_settings(config: dict) -> dict[str, Any]:
+    """A RunConfig.to_dict() as {dotted field: value}; the method section as its built config (so
+    `lora` and `LORA`, or a default written out, compare equal)."""
+    out = {"output_dir": config.get("output_dir")}
+    for section in ("model", "data", "training", "eval"):
+        out.update({f"{section}.{key}": value for key, value in (config.get(section) or {}).items()})
+    try:
+        method = build_method_config(config.get("method") or {}).to_dict()
+        method.pop("base_model_name_or_path", None)
+        method["name"] = method.pop("peft_type")
+    except DeltaConfigError:  # a stored section this version no longer reads: compare it as written
+        method = dict(config.get("method") or {})
+    out.update({f"method.{key}": value for key, value in method.items()})
+    return out
+
+
+def resume_changes(saved: dict, config: RunConfig, train_data: dict, checkpoint: Path) -> dict[str, tuple]:
+    """The fields that differ between the checkpoint's run and `config`, as {field: (old, new)}.
+
+    Args:
+        saved: what the checkpoint stored besides tensors (`config`, `data_train` fingerprint).
+        config: the config of the run about to resume.
+        train_data: file_fingerprint of config.data.train.
+        checkpoint: the checkpoint folder (for the message).
+
+    Raises:
+        DeltaConfigError: naming every changed field outside SAFE_ON_RESUME, with old and new values.
+    """
+    if "config" not in saved:  # written before checkpoints kept their config: nothing to compare
+        return {}
+    old, new = flat_settings(saved["config"]), flat_settings(config.to_dict())
+    changed = {
+        key: (old.get(key), new.get(key))
+        for key in sorted(set(old) | set(new))
+        if key != "data.train" and old.get(key) != new.get(key)
+    }
+    before = saved.get("data_train")
+    if before and before != train_data:
+        changed["data.train"] = (
+            f"sha256 {before['sha256'][:12]} ({before['bytes']} bytes)",
+            f"sha256 {train_data['sha256'][:12]} ({train_data['bytes']} bytes)",
+        )
+    refused = [f"{key} {a!r} -> {b!r}" for key, (a, b) in changed.items() if not may_change(key)]
+    if refused:
+        raise DeltaConfigError(
+            f"--resume: {checkpoint} was trained with other values of {', '.join(refused)}; these cannot "
+            f"change within a run (fields that may: {', '.join(SAFE_ON_RESUME)}); expected the old values, "
+            "or a fresh run in another output_dir"
+        )
+    return changed
+
+
+def point_schedule(optimizer, scheduler, lr: float) -> None:
+    """After a checkpoint restored `optimizer` and `scheduler`: make the next step use this config's
+    peak rate `lr` and schedule (its length included) at the restored step, as a run started with
+    them would. The restored values are the old config's; LambdaLR keeps no copy of its lambdas."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+
+
+def resume_note(checkpoint: Path, step: int, changed: dict[str, tuple]) -> str:
+    """One line for the log and run_config.yaml's header: what changed on this resume."""
+    shown = "; ".join(f"{key} {a!r} -> {b!r}" for key, (a, b) in changed.items())
+    return (
+        f"resumed at step {step} from {checkpoint.name} with {shown} "
+        f"(steps 1-{step} ran with the earlier values)"
+    )

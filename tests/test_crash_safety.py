@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from tiny_models import tiny_llama
 
 import deltatune as dt
+import deltatune.io.adapter_files as adapter_files
 import deltatune.io.atomic as atomic
 import deltatune.train.checkpoint as checkpoint
 from deltatune.core.config import DeltaConfigError
@@ -108,18 +109,19 @@ def test_a_failed_checkpoint_save_names_the_file_says_the_disk_is_full_and_keeps
 
 def test_a_full_disk_on_the_final_adapter_is_one_clear_line_and_resume_finishes(files, monkeypatch):
     path = config_file(files, "full_at_end")
-    real_save = atomic.save_file
+    real_write = atomic.write_bytes
 
-    def full(tensors, target, *args, **kwargs):
-        if "checkpoints" not in str(target):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(tensors, target, *args, **kwargs)
+    def no_space(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(atomic, "save_file", full)
+    def full(target, data):  # the final adapter's write meets a full disk; checkpoints still fit
+        return real_write(target, data) if "checkpoints" in str(target) else atomic.atomic_write(target, no_space)
+
+    monkeypatch.setattr(adapter_files, "write_bytes", full)
     message = r"full_at_end/adapter_model.safetensors: could not write it: the disk is full"
     with pytest.raises(WriteError, match=message):
         train(load_config(path, []), show_progress=False, log=lambda *_: None)
-    monkeypatch.setattr(atomic, "save_file", real_save)
+    monkeypatch.setattr(adapter_files, "write_bytes", real_write)
     assert not (files["root"] / "full_at_end" / "adapter_model.safetensors").exists()
     assert not [p for p in (files["root"] / "full_at_end").iterdir() if p.name.endswith(".tmp")]
     assert train(load_config(path, []), resume=True, show_progress=False, log=lambda *_: None).steps == STEPS

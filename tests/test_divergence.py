@@ -61,8 +61,8 @@ def test_diverging_run_stops_at_the_first_bad_step(files, max_grad_norm):
     assert len(losses) == step - 1 and all(math.isfinite(v) for v in losses)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").exists() else []
     assert kept[-1:] == ([f"step-{2 * ((step - 1) // 2):06d}"] if step > 2 else [])
-    for name in kept:  # no NaN reached a checkpoint
-        tensors = load_file(str(out / "checkpoints" / name / "trainable.safetensors"))
+    for folder in kept:  # no NaN reached a checkpoint
+        tensors = load_file(str(out / "checkpoints" / folder / "trainable.safetensors"))
         assert all(torch.isfinite(t).all() for t in tensors.values())
     if step > 1:  # the same run, stopped just before: every parameter finite, the loss too
         before = train(load_config(path, [f"output_dir={files['root'] / (name + '_before')}"]),

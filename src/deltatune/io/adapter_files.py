@@ -5,9 +5,9 @@ for the others. Only safetensors is read unless the caller passes allow_pickle=T
 and checked before the model is touched; a failed load leaves the model as it was.
 
 The two files of an adapter are replaced one after the other, so a save is journaled: first
-`.adapter_save.json` records the sha256 of the new config, then the weights (whose metadata carry the
-same sha256) and the config are each renamed into place, then the journal goes. A folder that still
-has a journal was killed part way; it loads only if its weights and config belong to the same save.
+`.adapter_save.json` records the sha256 of both files as they were and as the save writes them, then
+the weights and the config are each renamed into place, then the journal goes. A folder that still has
+a journal was killed part way; it loads only if its two files are the previous save or the new one.
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
 from ..core.model import check_adapter_name
-from .atomic import json_text, write_json, write_safetensors, write_text
+from .atomic import json_text, safetensors_bytes, write_bytes, write_json, write_text
 from .keymap import adapter_slots, base_weight_slots
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 JOURNAL_NAME = ".adapter_save.json"
-CONFIG_HASH = "deltatune_config_sha256"  # safetensors metadata key: the config saved with these weights
+CONFIG_HASH, WEIGHTS_HASH = "config_sha256", "weights_sha256"  # the journal's keys
 
 
 class AdapterFileError(ValueError):
@@ -60,10 +60,11 @@ def save_adapters(model, save_directory: str | os.PathLike, selected_adapters: l
         if not tensors:
             raise AdapterFileError(f"adapter {name!r} has no tensors to save")
         config_text = json_text(config_to_json(model, model.peft_config[name]))
-        config_hash = hashlib.sha256(config_text.encode("utf-8")).hexdigest()
-        write_json(target / JOURNAL_NAME, {CONFIG_HASH: config_hash})
+        weights = safetensors_bytes(tensors)
+        write_json(target / JOURNAL_NAME, {"new": file_hashes(config_text.encode("utf-8"), weights),
+                                           "previous": saved_hashes(target)})
         try:
-            write_safetensors(target / WEIGHTS_NAME, tensors, metadata={CONFIG_HASH: config_hash})
+            write_bytes(target / WEIGHTS_NAME, weights)
         except Exception:  # nothing was replaced: the folder holds the previous save, whole
             (target / JOURNAL_NAME).unlink(missing_ok=True)
             raise
@@ -81,6 +82,19 @@ def config_to_json(model, config: DeltaConfig) -> dict:
     return data
 
 
+def file_hashes(config: bytes | None, weights: bytes | None) -> dict[str, str | None]:
+    """sha256 of an adapter's two files (None for a missing one), as its save journal records them."""
+    return {name: hashlib.sha256(data).hexdigest() if data is not None else None
+            for name, data in ((CONFIG_HASH, config), (WEIGHTS_HASH, weights))}
+
+
+def saved_hashes(folder: Path) -> dict[str, str | None]:
+    """file_hashes of the adapter files now in `folder`."""
+    config, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    return file_hashes(config.read_bytes() if config.is_file() else None,
+                       weights.read_bytes() if weights.is_file() else None)
+
+
 def check_save_finished(path: Path) -> None:
     """Refuse a folder whose save was killed between renaming the weights and renaming the config.
 
@@ -91,13 +105,11 @@ def check_save_finished(path: Path) -> None:
     if not journal.is_file() or not weights.is_file() or not config.is_file():
         return
     try:
-        expected = json.loads(journal.read_text(encoding="utf-8"))[CONFIG_HASH]
-        with safe_open(str(weights), framework="pt") as handle:
-            weights_new = (handle.metadata() or {}).get(CONFIG_HASH) == expected
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
-        return  # an unreadable journal or weights file: read_weights/read_config name the fault
-    config_new = hashlib.sha256(config.read_bytes()).hexdigest() == expected
-    if weights_new != config_new:
+        journal_data = json.loads(journal.read_text(encoding="utf-8"))
+        whole_saves = (journal_data["new"], journal_data["previous"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an unreadable journal: read_weights/read_config name any fault of the files
+    if saved_hashes(path) not in whole_saves:
         raise AdapterFileError(f"{path}: a save was interrupted between {WEIGHTS_NAME} and {CONFIG_NAME}, so "
                                "they come from different saves; save the adapter again (a training run: "
                                "`deltatune train CONFIG --resume`)")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 # what atomic_write leaves behind when killed: .NAME.XXXXXXXX.tmp (mkstemp's 8 random characters)
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
@@ -96,8 +96,21 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
     write_text(path, json_text(data))
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> None:
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+    atomic_write(path, write)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The safetensors file for `tensors`, in memory (one metadata key, so the same tensors always give
+    the same bytes: safetensors does not order several metadata keys)."""
     # clone: safetensors refuses tensors that share storage (tied weights, views)
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(owned, tmp, metadata={"format": "pt", **(metadata or {})}))
+    return save(owned, metadata={"format": "pt"})
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    write_bytes(path, safetensors_bytes(tensors))

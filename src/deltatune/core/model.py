@@ -18,6 +18,8 @@ from torch import nn
 
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing
+from .merging import shared_parameters
+from .originals import BaseValues
 from .targeting import adaptable_modules, canonical_name, canonical_param_name, name_matches, select_targets
 
 WRAPPER_TYPES = (DeltaLayer, ModulesToSave)
@@ -85,6 +87,7 @@ class DeltaModel(nn.Module):
         self.active_adapters: list[str] = []
         self._routing = Routing()
         self._disabled = False
+        self._base_values = BaseValues()  # base values of parameters adapters train in place (`bias`)
         self.inject(adapter_name, config, weights, source)
         self.set_adapter(adapter_name)
 
@@ -162,6 +165,7 @@ class DeltaModel(nn.Module):
                 layer.add(adapter_name, adapter)
             self._add_modules_to_save(adapter_name, config.modules_to_save or [], candidates)
             self.peft_config[adapter_name] = config
+            self._base_values.record(adapter_name, self.bias_parameters(adapter_name).values())
             if weights is not None:
                 from ..io.adapter_files import assign_weights
 
@@ -219,6 +223,7 @@ class DeltaModel(nn.Module):
         if adapter_name in self.model_adapters:
             del self.model_adapters[adapter_name]
         self.peft_config.pop(adapter_name, None)
+        self._base_values.release(adapter_name)
 
     def _refresh_trainable(self) -> None:
         """Only the active adapters' parameters (and the biases their config asks for) train."""
@@ -264,13 +269,16 @@ class DeltaModel(nn.Module):
             layer.disabled = True
         self._disabled = True
         try:
-            yield
+            with self._base_values.base_values():  # biases trained in place hold their base values
+                yield
         finally:
             self._disabled = False
+            layers = [layer for name, layer in self.delta_layers() if merged.get(name)]
+            shared = shared_parameters(self.model, layers)
             for name, layer in self.delta_layers():
                 layer.disabled = False
                 if merged.get(name):
-                    layer.merge(merged[name])
+                    layer.merge(merged[name], shared=shared.get(layer))
 
     @exclusive
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -284,11 +292,14 @@ class DeltaModel(nn.Module):
             if not getattr(self.model_adapters[name], "mergeable", True) if name in self.model_adapters else False:
                 raise MergeError(f"adapter {name!r} ({self.peft_config[name].peft_type}) cannot be merged")
         layers = [layer for _, layer in self.delta_layers() if isinstance(layer, DeltaLayer)]
+        shared = shared_parameters(self.model, layers)  # tied weights: untied before a merge writes them
+        for layer in layers:  # refuse (MergeError) before any weight is written
+            layer.check_merge(names, shared.get(layer))
         if not safe_merge:
             for layer in layers:
-                layer.merge(names)
+                layer.merge(names, shared=shared.get(layer))
             return
-        plans = [(layer, *layer.plan_merge(names)) for layer in layers]
+        plans = [(layer, *layer.plan_merge(names, shared.get(layer))) for layer in layers]
         for layer, todo, weight in plans:
             if todo and not torch.isfinite(weight).all():
                 raise MergeError(f"merging adapter(s) {todo} into {layer.module_name} gives NaN/inf weights; "
@@ -313,11 +324,16 @@ class DeltaModel(nn.Module):
 
             to_float(self.model)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        untied = any(isinstance(layer, DeltaLayer) and layer._tied for _, layer in self.delta_layers())
+        config = getattr(self.model, "config", None)
+        if untied and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False  # so saving and reloading keeps the untied, merged head
         return self._unload(keep_trained_heads=True)
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging and return the plain model (original heads)."""
+        """Remove every adapter without merging and return the plain model (original heads and biases)."""
         self.unmerge_adapter()
+        self._base_values.restore_all()
         return self._unload(keep_trained_heads=False)
 
     @exclusive

@@ -57,12 +57,28 @@ def dora_output(base_out: torch.Tensor, base_result: torch.Tensor, lora_out: tor
     return base_out + (scale - 1) * base_result + scale * lora_out
 
 
-def merged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The merged out-first weight and the norm needed to unmerge it exactly."""
+def merged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
+           plain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged out-first weight (m/n) (W + delta), n = ||plain + delta||_c, and the norm n (needed to
+    unmerge exactly). `plain` is the unmerged base weight the forward takes the norm of; it differs from
+    `weight` when other adapters on the layer merged first (their update is rescaled, not renormed)."""
     combined = weight + delta
-    norm = channel_norm(combined)
+    norm = channel_norm(combined if plain is None else plain + delta)
     scale = (magnitude.reshape(-1).float() / norm).view(-1, *[1] * (weight.dim() - 1))
     return combined * scale, norm
+
+
+def merged_bias(bias: torch.Tensor, plain_bias: torch.Tensor, magnitude: torch.Tensor,
+                norm: torch.Tensor) -> torch.Tensor:
+    """b0 + (m/n) (b - b0): the forward rescales the output so far minus the base bias b0, so what
+    earlier adapters added to the bias (BitFit, IA3) is rescaled too."""
+    return plain_bias + (magnitude.reshape(-1).float() / norm) * (bias - plain_bias)
+
+
+def unmerged_bias(bias: torch.Tensor, plain_bias: torch.Tensor, magnitude: torch.Tensor,
+                  norm: torch.Tensor) -> torch.Tensor:
+    """Inverse of `merged_bias`."""
+    return plain_bias + (norm / magnitude.reshape(-1).float()) * (bias - plain_bias)
 
 
 def unmerged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,

@@ -22,7 +22,7 @@ import deltatune as dt
 from deltatune import MergeError
 from merge_checks import (assert_disable_is_base, assert_merged_equals_unmerged, assert_unload_is_base,
                           base_parameters, model_output)
-from tiny_models import tiny_gpt2, tiny_llama, token_batch
+from tiny_models import tiny_convnet, tiny_gpt2, tiny_llama, token_batch
 
 
 @torch.no_grad()
@@ -57,6 +57,20 @@ def test_two_and_three_dora_adapters_merge_to_the_unmerged_output():
         assert relative < 1e-5, (count, relative)
 
 
+@pytest.mark.parametrize("kind", ["conv", "embedding"])
+def test_several_dora_adapters_on_conv_and_embedding_layers(kind):
+    if kind == "conv":
+        builder, inputs, target = tiny_convnet, torch.randn(2, 3, 8, 8), ["conv2d", "conv1d", "fc"]
+    else:
+        builder, inputs, target = tiny_llama, {"input_ids": token_batch()}, ["embed_tokens", "q_proj"]
+    methods = {"dora": (dt.LoraConfig, dict(r=2, use_dora=True)), "lora": (dt.LoraConfig, dict(r=2))}
+    # the tiny Llama's embeddings are N(0, 0.02): noise of that size keeps DoRA's m/n away from 0, where
+    # the unmerge (a division by m/n) would magnify float rounding
+    model, _ = add_random_adapters(builder, methods, ["dora", "lora", "dora"], {"*": dict(target_modules=target)}, 5,
+                                   scale=0.2 if kind == "conv" else 0.02)
+    assert_merged_equals_unmerged(model, inputs, atol=1e-5, rtol=1e-5)
+
+
 def linear_methods(features: int = 12) -> dict:
     """Every registered mergeable method that adapts an nn.Linear, with small settings."""
     ff = dict(feedforward_modules=["0"])
@@ -80,9 +94,10 @@ def linear_methods(features: int = 12) -> dict:
     }
 
 
-def add_random_adapters(model_builder, methods: dict, picks: list[str], target: dict, seed: int):
-    """A DeltaModel with one adapter per entry of `picks` (methods may repeat), each randomized, all
-    active in the order given."""
+def add_random_adapters(model_builder, methods: dict, picks: list[str], target: dict, seed: int,
+                        scale: float = 0.2):
+    """A DeltaModel with one adapter per entry of `picks` (methods may repeat), each randomized (noise of
+    std `scale`), all active in the order given."""
     model = None
     names = []
     for i, method in enumerate(picks):
@@ -94,7 +109,7 @@ def add_random_adapters(model_builder, methods: dict, picks: list[str], target: 
         else:
             model.add_adapter(name, config)
         names.append(name)
-        randomize(model, name, seed * 100 + i)
+        randomize(model, name, seed * 100 + i, scale)
     model.set_adapter(names)
     return model.eval(), names
 

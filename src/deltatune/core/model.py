@@ -274,7 +274,7 @@ class DeltaModel(nn.Module):
         finally:
             self._disabled = False
             layers = [layer for name, layer in self.delta_layers() if merged.get(name)]
-            shared = shared_parameters(self.model, layers)
+            shared = shared_parameters(self.model, layers) if layers else {}
             for name, layer in self.delta_layers():
                 layer.disabled = False
                 if merged.get(name):
@@ -302,6 +302,8 @@ class DeltaModel(nn.Module):
         plans = [(layer, *layer.plan_merge(names, shared.get(layer))) for layer in layers]
         for layer, todo, weight in plans:
             if todo and not torch.isfinite(weight).all():
+                for planned, _, _ in plans:  # ties again what planning untied (nothing merged there)
+                    planned.unmerge(keep=len(planned.merged))
                 raise MergeError(f"merging adapter(s) {todo} into {layer.module_name} gives NaN/inf weights; "
                                  "no base weight was changed")
         for layer, todo, weight in plans:

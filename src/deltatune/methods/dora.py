@@ -88,6 +88,35 @@ def unmerged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
     return weight * scale - delta
 
 
+@torch.no_grad()
+def merged_adapter_weight(adapter: nn.Module, base: nn.Module, weight: torch.Tensor, reference: dict) -> torch.Tensor:
+    """One DoRA adapter's (a LoraAdapter) merge on a layer where other adapters may have merged before
+    it, as the forward composes: out = b0 + (m/n) (y - b0 + delta x), y the output so far,
+    n = ||W0 + delta||_c of the plain base weight W0 = reference["weight"], b0 = reference["bias"]. So
+    the weight so far becomes (m/n) (W + delta) and, when earlier adapters moved the bias (BitFit, IA3),
+    the bias b becomes b0 + (m/n) (b - b0), written here. The norm (and b0) are kept for the unmerge.
+    Weights are in the base's layout."""
+    delta, magnitude = adapter._delta_out_first().float(), adapter.lora_magnitude_vector
+    new, norm = merged(adapter._out_first(weight), delta, magnitude, adapter._out_first(reference["weight"]))
+    bias, plain_bias = getattr(base, "bias", None), reference.get("bias")
+    if bias is None or plain_bias is None or torch.equal(bias.detach().float(), plain_bias):
+        plain_bias = None  # the bias is untouched
+    else:
+        bias.copy_(merged_bias(bias.detach().float(), plain_bias, magnitude, norm).to(bias.dtype))
+    adapter._merge_state = (norm, plain_bias)
+    return adapter._from_out_first(new)
+
+
+@torch.no_grad()
+def unmerged_adapter_weight(adapter: nn.Module, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """Inverse of `merged_adapter_weight` (restores the bias in place); the weight before the merge."""
+    (norm, plain_bias), magnitude = adapter._merge_state, adapter.lora_magnitude_vector
+    if plain_bias is not None:
+        base.bias.copy_(unmerged_bias(base.bias.detach().float(), plain_bias, magnitude, norm).to(base.bias.dtype))
+    delta = adapter._delta_out_first().float()
+    return adapter._from_out_first(unmerged(adapter._out_first(weight), delta, magnitude, norm))
+
+
 class DoraLinearFunction(ReplaysAutocast):
     """The linear DoRA branch as one autograd function, the same formula as `dora_output`:
 

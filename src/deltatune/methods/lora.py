@@ -161,7 +161,7 @@ class LoraAdapter(nn.Module):
             # PEFT stores conv magnitudes as (1, out, 1, ...); keep its shape so files interchange.
             shape = (1, -1) + (1,) * (weight.dim() - 2) if self.kind == "conv" else (-1,)
             self.lora_magnitude_vector = nn.Parameter(norm.to(factory["dtype"]).reshape(shape))
-        self._merge_norm: torch.Tensor | None = None
+        self.merge_rule = "sequential" if use_dora else "additive"  # how merges compose (core/merging.py)
 
     # ---------------------------------------------------------------- factors
     @property
@@ -282,41 +282,18 @@ class LoraAdapter(nn.Module):
         return mixed_lora_linear(factors, x, base_out, index, owner=base)
 
     # ---------------------------------------------------------------- merge (DoRA is not additive)
-    merge_uses_reference = True  # DoRA's norm is of the plain base weight, as in the forward
-
-    @property
-    def merge_rule(self) -> str:
-        """LoRA adds its update; DoRA rescales the output so far (core/merging.py)."""
-        return "sequential" if self.use_dora else "additive"
+    merge_uses_reference = True  # DoRA's norm is of the plain base weight W0, as in the forward
 
     def merged_weight(self, base: nn.Module, weight: torch.Tensor, reference: dict | None = None) -> torch.Tensor:
-        """W + s B A; DoRA: (m / ||W0 + s B A||_c) (W + s B A), W0 = reference["weight"] (the plain base
-        weight the forward reads; `weight` when not given). DoRA also rescales what earlier adapters
-        added to the bias (the forward scales the output so far minus the base bias), see dora.py."""
-        delta = self._delta_out_first().float()
-        if not self.use_dora:
-            return weight + self._from_out_first(delta)
-        plain = self._out_first(reference["weight"] if reference is not None else weight)
-        new, self._merge_norm = dora.merged(self._out_first(weight), delta, self.lora_magnitude_vector, plain)
-        bias = getattr(base, "bias", None)
-        self._merge_bias = None
-        if reference is not None and bias is not None and not torch.equal(bias.detach().float(), reference["bias"]):
-            self._merge_bias = reference["bias"]
-            bias.data.copy_(dora.merged_bias(bias.detach().float(), self._merge_bias, self.lora_magnitude_vector,
-                                             self._merge_norm).to(bias.dtype))
-        return self._from_out_first(new)
+        """W + s B A; DoRA: dora.merged_adapter_weight (`reference`: the plain base parameters by name)."""
+        if self.use_dora:
+            return dora.merged_adapter_weight(self, base, weight, reference or {"weight": weight})
+        return weight + self.delta_weight(base).float()
 
     def unmerged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        delta = self._delta_out_first().float()
-        if not self.use_dora:
-            return weight - self._from_out_first(delta)
-        if getattr(self, "_merge_bias", None) is not None:
-            restored_bias = dora.unmerged_bias(base.bias.detach().float(), self._merge_bias,
-                                               self.lora_magnitude_vector, self._merge_norm)
-            base.bias.data.copy_(restored_bias.to(base.bias.dtype))
-            self._merge_bias = None
-        restored = dora.unmerged(self._out_first(weight), delta, self.lora_magnitude_vector, self._merge_norm)
-        return self._from_out_first(restored)
+        if self.use_dora:
+            return dora.unmerged_adapter_weight(self, base, weight)
+        return weight - self.delta_weight(base).float()
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"

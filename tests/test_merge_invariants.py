@@ -344,3 +344,26 @@ def test_shared_bias_keeps_its_base_value_until_the_last_adapter_that_trains_it_
                            base_params["transformer.h.0.attn.c_attn.bias"])  # "b" still trains it
     assert_disable_is_base(model, base_out, inputs)
     assert_unload_is_base(model, base_params, base_out, inputs)
+
+
+def test_relora_folds_are_not_seen_by_disable_or_unload():
+    """ReLoRA folds its update into the base weight every `relora_steps`: disable and unload still give
+    the base exactly; merge_and_unload keeps every fold and the live LoRA."""
+    base = tiny_llama()
+    inputs = {"input_ids": token_batch()}
+    base_out, base_params = model_output(base, inputs), base_parameters(base)
+    model = dt.get_peft_model(base, dt.ReLoraConfig(r=2, target_modules=["q_proj", "v_proj"], relora_steps=2,
+                                                    relora_warmup_steps=1))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for step in range(4):  # two folds, each after the adapter has moved
+        randomize(model, "default", step)
+        model.after_optimizer_step(step, optimizer)
+    randomize(model, "default", 9)
+    model.eval()
+    adapted = model_output(model, inputs)
+    assert (adapted - base_out).abs().max() > 1e-3
+    assert_disable_is_base(model, base_out, inputs)
+    torch.testing.assert_close(model_output(model, inputs), adapted, atol=0, rtol=0)
+    merged = model_output(copy.deepcopy(model).merge_and_unload(), inputs)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    assert_unload_is_base(model, base_params, base_out, inputs)

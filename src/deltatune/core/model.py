@@ -254,6 +254,11 @@ class DeltaModel(nn.Module):
         return {canonical_param_name(n): p for n, p in self.model.named_parameters()
                 if n.endswith("bias") and not any(s in n for s in skip)}
 
+    def keep_base_values(self, adapter_name: str, params) -> None:
+        """Adapter `adapter_name` is about to change base parameters `params` in place (ReLoRA's folds):
+        keep their base values for disable_adapter(), unload() and delete_adapter() (core/originals.py)."""
+        self._base_values.record(adapter_name, params)
+
     # ------------------------------------------------------------------ disable / merge / unload
     @contextlib.contextmanager
     def disable_adapter(self):

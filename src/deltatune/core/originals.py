@@ -1,10 +1,11 @@
 """The base values of parameters that adapters train in place.
 
 Options such as LoRA's `bias="all"` / `"lora_only"` train the base model's own bias tensors rather than a
-copy (as Hugging Face PEFT does, so files interchange). The base values are kept here, once per tensor,
-from the moment the first adapter that trains it is added, so that `disable_adapter()` runs the exact base
+copy (as Hugging Face PEFT does, so files interchange), and ReLoRA folds its updates into the base weight.
+The base values are kept here, once per tensor, from the moment the first adapter that changes it is
+added (biases) or first changes it (ReLoRA's first fold), so that `disable_adapter()` runs the exact base
 model and `unload()` returns it (DESIGN.md: disable == base exactly, unload returns the base).
-Memory: one copy of each such tensor (biases: a vector per layer).
+Memory: one copy of each such tensor (biases: a vector per layer; ReLoRA: each targeted weight).
 """
 
 from __future__ import annotations
@@ -55,16 +56,16 @@ class BaseValues:
             param.copy_(base)
         self.entries = []
 
+    def _swap(self) -> None:
+        """Exchange each parameter's data with the kept tensor (no copy, however big the weight)."""
+        for entry in self.entries:
+            entry[0].data, entry[1] = entry[1], entry[0].data
+
     @contextlib.contextmanager
     def base_values(self) -> Iterator[None]:
         """Inside, the tensors hold their base values; the trained values come back afterwards."""
-        trained = [param.detach().clone() for param, _, _ in self.entries]
-        with torch.no_grad():
-            for param, base, _ in self.entries:
-                param.copy_(base)
+        self._swap()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for (param, _, _), value in zip(self.entries, trained):
-                    param.copy_(value)
+            self._swap()

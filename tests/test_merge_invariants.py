@@ -367,3 +367,13 @@ def test_relora_folds_are_not_seen_by_disable_or_unload():
     merged = model_output(copy.deepcopy(model).merge_and_unload(), inputs)
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
     assert_unload_is_base(model, base_params, base_out, inputs)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_init_that_rewrites_a_tied_weight_is_refused_before_anything_changes(init):
+    base = tied_llama()
+    before = base_parameters(base)
+    with pytest.raises(dt.DeltaConfigError, match=r"'lm_head' shares its weight with \['model.embed_tokens.weight'\]"):
+        dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=init))
+    after = base_parameters(base)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -80,16 +80,37 @@ def check_merge(layer: "DeltaLayer", todo: list[str]) -> None:
                          "adapters together (merge_adapter()) or deactivate the others first")
 
 
-def shared_parameters(model: nn.Module, layers: list["DeltaLayer"]) -> dict["DeltaLayer", dict[str, list[str]]]:
-    """For each layer whose base module's own parameters other modules of `model` also hold (tied input
-    embeddings and output head, one module used at two places): {parameter name: the other holders'
-    paths}. Found by parameter identity over the whole model."""
+def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every path it is reachable at in `model` (tied or reused parameters have several)."""
     holders: dict[int, list[str]] = {}
-    own: dict[int, set[str]] = {id(layer): set() for layer in layers}  # each layer's own path(s) to its base
     for path, module in model.named_modules(remove_duplicate=False):
         for name, param in module._parameters.items():
             if param is not None:
                 holders.setdefault(id(param), []).append(f"{path}.{name}" if path else name)
+    return holders
+
+
+def refuse_shared_targets(model: nn.Module, bases: dict[str, nn.Module], what: str) -> None:
+    """Raise DeltaConfigError if a target's weight (`bases`: module name -> base module) is also held by
+    another module: `what` (an init that rewrites the weight) would change that module too."""
+    from .config import DeltaConfigError
+
+    holders = parameter_holders(model)
+    for name, base in bases.items():
+        own = {f"{name}.weight", f"{name}.base_layer.weight"}
+        others = [p for p in holders.get(id(getattr(base, "weight", None)), []) if p not in own]
+        if others:
+            raise DeltaConfigError(f"target module {name!r} shares its weight with {others}: {what} rewrites "
+                                   "that weight and would change them too; leave it out of target_modules")
+
+
+def shared_parameters(model: nn.Module, layers: list["DeltaLayer"]) -> dict["DeltaLayer", dict[str, list[str]]]:
+    """For each layer whose base module's own parameters other modules of `model` also hold (tied input
+    embeddings and output head, one module used at two places): {parameter name: the other holders'
+    paths}. Found by parameter identity over the whole model."""
+    holders = parameter_holders(model)
+    own: dict[int, set[str]] = {id(layer): set() for layer in layers}  # each layer's own path(s) to its base
+    for path, module in model.named_modules(remove_duplicate=False):
         if id(module) in own:
             own[id(module)].add(f"{path}.base_layer" if path else "base_layer")
     shared = {}

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing
-from .merging import shared_parameters
+from .merging import refuse_shared_targets, shared_parameters
 from .originals import BaseValues
 from .targeting import adaptable_modules, canonical_name, canonical_param_name, name_matches, select_targets
 
@@ -149,6 +149,8 @@ class DeltaModel(nn.Module):
                  for name in targets}
         for name, base in bases.items():  # every target checked before the model is touched
             config.validate_target(base, name)
+        if config.changes_base_weights:
+            refuse_shared_targets(self.model, bases, f"init_lora_weights={getattr(config, 'init_lora_weights', None)!r}")
         snapshot = {name: base.weight.detach().clone() for name, base in bases.items()} \
             if config.changes_base_weights else {}
         try:

@@ -150,7 +150,8 @@ class DeltaModel(nn.Module):
         for name, base in bases.items():  # every target checked before the model is touched
             config.validate_target(base, name)
         if config.changes_base_weights:
-            refuse_shared_targets(self.model, bases, f"init_lora_weights={getattr(config, 'init_lora_weights', None)!r}")
+            init = getattr(config, "init_lora_weights", None)
+            refuse_shared_targets(self.model, bases, f"init_lora_weights={init!r}")
         snapshot = {name: base.weight.detach().clone() for name, base in bases.items()} \
             if config.changes_base_weights else {}
         try:

@@ -295,6 +295,11 @@ class DeltaLayer(nn.Module):
         self._tied = (module,)
         self.base_layer = private
 
+    @property
+    def untied(self) -> bool:
+        """Whether a merge gave this layer its own copy of parameters other modules share."""
+        return self._tied is not None
+
     def _retie(self) -> None:
         self.base_layer, self._tied = self._tied[0], None  # the original module, with the shared parameters
 

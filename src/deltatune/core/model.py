@@ -334,7 +334,7 @@ class DeltaModel(nn.Module):
 
             to_float(self.model)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        untied = any(isinstance(layer, DeltaLayer) and layer._tied for _, layer in self.delta_layers())
+        untied = any(isinstance(layer, DeltaLayer) and layer.untied for _, layer in self.delta_layers())
         config = getattr(self.model, "config", None)
         if untied and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False  # so saving and reloading keeps the untied, merged head

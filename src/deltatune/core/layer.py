@@ -7,16 +7,16 @@ only provides a single-adapter module that follows `DeltaAdapter`.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from .merging import MergeError, check_merge, merge_order, merge_rule
+
 BASE_ADAPTER = "__base__"  # the name that selects the plain model for a sample in a mixed batch
-
-
-class MergeError(RuntimeError):
-    """A merge would write NaN/inf into the base weights; nothing was written."""
 
 
 @runtime_checkable
@@ -26,7 +26,9 @@ class DeltaAdapter(Protocol):
     forward(x, base_out, base) -> the layer output with this adapter applied on top of `base_out`
     (x is the module's first input; for a block that returns a tuple, base_out is its first element).
     delta_weight(base) -> additive update in the base weight's layout (mergeable, additive methods);
-    non-additive methods (DoRA, IA3, OFT) provide merged_weight(base, w) / unmerged_weight(base, w).
+    non-additive methods (DoRA, IA3, OFT) provide merged_weight(base, w) / unmerged_weight(base, w) and
+    say how they compose with other adapters on the layer as `merge_rule` (core/merging.py); one with
+    `merge_uses_reference = True` gets merged_weight(base, w, reference=...), the plain base parameters.
     An adapter with `uses_routing = True` also gets `routing=` (per-call data such as task ids); one with
     `adds_in_place = True` gets `owns_base_out=True` when base_out is the layer's own fresh output, which
     it may then update in place (other callers, such as fusion or X-LoRA, reuse base_out across calls).
@@ -129,6 +131,10 @@ class DeltaLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []
+        self._merged_deltas: dict[str, torch.Tensor] = {}  # f(W0) - W0 of reads_base adapters not merged first
+        self._planned_deltas: dict[str, torch.Tensor] = {}
+        # (original base module,) while a merge writes into a private copy; a tuple, so it is no submodule
+        self._tied: tuple[nn.Module] | None = None
         self.module_name = module_name
         self.routing = routing
         self.train(base_layer.training)
@@ -199,16 +205,50 @@ class DeltaLayer(nn.Module):
                 out[rows] = self._call(adapter, x[rows], base_out[rows], self.routing.rows(rows, x.shape[0]))
         return out
 
-    # ---------------------------------------------------------------- merge
-    def plan_merge(self, names: list[str]) -> tuple[list[str], torch.Tensor | None]:
-        """The adapters still to merge and the float32 base weight with them merged; writes nothing.
-        Already merged adapters are skipped, so merging twice is a no-op."""
-        todo = [n for n in dict.fromkeys(names) if n not in self.merged and n in self.adapters]
+    # ---------------------------------------------------------------- merge (order and rules: merging.py)
+    def check_merge(self, names: list[str], shared: dict[str, list[str]] | None = None) -> None:
+        """Raise MergeError if merging `names` cannot equal the unmerged forward; writes nothing.
+        `shared`: this base module's parameters other modules hold (merging.shared_parameters)."""
+        todo = self._todo(names)
+        if not todo:
+            return
+        check_merge(self, todo)
+        if shared and "weight" in shared and self._tied is None and _quant_backend(self.base_layer) is not None:
+            raise MergeError(f"{self.module_name}.weight is quantized and shared with {shared['weight']}: merging "
+                             f"{todo} would change those too, and a quantized weight cannot be copied to untie "
+                             "it; nothing was written")
+
+    def _todo(self, names: list[str]) -> list[str]:
+        return [n for n in dict.fromkeys(names) if n not in self.merged and n in self.adapters]
+
+    @torch.no_grad()
+    def plan_merge(self, names: list[str], shared: dict[str, list[str]] | None = None
+                   ) -> tuple[list[str], torch.Tensor | None]:
+        """The adapters still to merge, in the order they merge, and the float32 base weight with them
+        merged. Already merged adapters are skipped, so merging twice is a no-op. Parameters other
+        modules hold (`shared`, see merging.shared_parameters) are untied first: this layer gets its own
+        copies, and unmerging ties them again."""
+        todo = self._todo(names)
         if not todo:
             return todo, None
-        weight = read_weight(self.base_layer)
-        for name in todo:
-            weight = self._merged_weight(self.adapters[name], weight)
+        self.check_merge(todo, shared)
+        if shared and self._tied is None:
+            self._untie(shared)
+        todo = merge_order(self, todo)
+        reference = {"weight": read_weight(self.base_layer)}
+        for name, param in self.base_layer.named_parameters(recurse=False):
+            if name != "weight":
+                reference[name] = param.detach().float().clone()
+        weight = reference["weight"].clone()
+        self._planned_deltas = {}
+        for position, name in enumerate(todo):
+            adapter = self.adapters[name]
+            if merge_rule(adapter) == "reads_base" and position > 0:  # its forward adds f(W0) - W0
+                delta = self._merged_weight(adapter, reference["weight"].clone(), reference) - reference["weight"]
+                self._planned_deltas[name] = delta
+                weight = weight + delta
+            else:
+                weight = self._merged_weight(adapter, weight, reference)
         return todo, weight
 
     def apply_merge(self, todo: list[str], weight: torch.Tensor, safe_merge: bool = False) -> None:
@@ -218,30 +258,64 @@ class DeltaLayer(nn.Module):
                              "the base weights were left unchanged")
         write_weight(self.base_layer, weight)
         self.merged.extend(todo)
+        self._merged_deltas.update(self._planned_deltas)
+        self._planned_deltas = {}
 
-    def merge(self, names: list[str], safe_merge: bool = False) -> None:
-        todo, weight = self.plan_merge(names)
+    def merge(self, names: list[str], safe_merge: bool = False, shared: dict[str, list[str]] | None = None) -> None:
+        todo, weight = self.plan_merge(names, shared)
         if todo:
             self.apply_merge(todo, weight, safe_merge)
 
+    @torch.no_grad()
     def unmerge(self, keep: int = 0) -> None:
         """Undo merges newest first, leaving the first `keep` merged."""
         while len(self.merged) > keep:
-            adapter = self.adapters[self.merged.pop()]
+            name = self.merged.pop()
+            adapter = self.adapters[name]
             weight = read_weight(self.base_layer)
-            if hasattr(adapter, "unmerged_weight"):
+            if name in self._merged_deltas:
+                weight = weight - self._merged_deltas.pop(name)
+            elif hasattr(adapter, "unmerged_weight"):
                 weight = adapter.unmerged_weight(self.base_layer, weight)
             else:
                 weight = weight - adapter.delta_weight(self.base_layer).float()
             write_weight(self.base_layer, weight)
+        if not self.merged and self._tied is not None:
+            self._retie()
 
-    def _merged_weight(self, adapter: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    def _merged_weight(self, adapter: nn.Module, weight: torch.Tensor, reference: dict) -> torch.Tensor:
         if hasattr(adapter, "merged_weight"):
+            if getattr(adapter, "merge_uses_reference", False):
+                return adapter.merged_weight(self.base_layer, weight, reference=reference)
             return adapter.merged_weight(self.base_layer, weight)
         delta = adapter.delta_weight(self.base_layer)
         if delta is None:
             raise MergeError(f"{self.module_name}: adapter {type(adapter).__name__} cannot be merged")
         return weight + delta.float()
+
+    def _untie(self, shared: dict[str, list[str]]) -> None:
+        """Give the base module its own copies of the parameters other modules hold (`shared`: name ->
+        their paths), so a merge leaves those modules alone. `_retie` undoes it exactly: the shared
+        parameters are never written."""
+        module = self.base_layer
+        held = "; ".join(f"{self.module_name}.{name} is also {', '.join(paths)}" for name, paths in shared.items())
+        warnings.warn(f"{held}: merging gives {self.module_name} its own copy (untied), so the others keep "
+                      "the base values; unmerging ties them again", stacklevel=4)
+        private = copy.copy(module)  # shallow: a module used at several places stays shared elsewhere
+        private._parameters = dict(module._parameters)
+        for name in shared:
+            param = module._parameters[name]
+            private._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        self._tied = (module,)
+        self.base_layer = private
+
+    @property
+    def untied(self) -> bool:
+        """Whether a merge gave this layer its own copy of parameters other modules share."""
+        return self._tied is not None
+
+    def _retie(self) -> None:
+        self.base_layer, self._tied = self._tied[0], None  # the original module, with the shared parameters
 
     # ---------------------------------------------------------------- bookkeeping
     def add(self, name: str, adapter: nn.Module) -> None:

@@ -18,6 +18,8 @@ from torch import nn
 
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing, is_quantized
+from .merging import refuse_shared_targets, shared_parameters
+from .originals import BaseValues
 from .targeting import adaptable_modules, canonical_name, canonical_param_name, name_matches, select_targets
 
 WRAPPER_TYPES = (DeltaLayer, ModulesToSave)
@@ -104,6 +106,7 @@ class DeltaModel(nn.Module):
         self._routing = Routing()
         self._disabled = 0  # depth of nested disable_adapter() blocks
         self._remerge: dict[str, list[str]] = {}  # per layer: the merges the outermost block re-applies
+        self._base_values = BaseValues()  # base values of parameters adapters train in place (`bias`)
         self.inject(adapter_name, config, weights, source)
         self.set_adapter(adapter_name)
 
@@ -174,6 +177,9 @@ class DeltaModel(nn.Module):
                  for name in targets}
         for name, base in bases.items():  # every target checked before the model is touched
             config.validate_target(base, name)
+        if config.changes_base_weights:
+            init = getattr(config, "init_lora_weights", None)
+            refuse_shared_targets(self.model, bases, f"init_lora_weights={init!r}")
         snapshot = {name: base.weight.detach().clone() for name, base in bases.items()} \
             if config.changes_base_weights else {}
         try:
@@ -190,6 +196,7 @@ class DeltaModel(nn.Module):
                 layer.add(adapter_name, adapter)
             self._add_modules_to_save(adapter_name, config.modules_to_save or [], candidates)
             self.peft_config[adapter_name] = config
+            self._base_values.record(adapter_name, self.bias_parameters(adapter_name).values())
             if weights is not None:
                 from ..io.adapter_files import assign_weights
 
@@ -259,6 +266,7 @@ class DeltaModel(nn.Module):
         if adapter_name in self.model_adapters:
             del self.model_adapters[adapter_name]
         self.peft_config.pop(adapter_name, None)
+        self._base_values.release(adapter_name)
 
     def _refresh_trainable(self) -> None:
         """Only the active adapters' parameters (and the biases their config asks for) train."""
@@ -289,6 +297,11 @@ class DeltaModel(nn.Module):
         return {canonical_param_name(n): p for n, p in self.model.named_parameters()
                 if n.endswith("bias") and not any(s in n for s in skip)}
 
+    def keep_base_values(self, adapter_name: str, params) -> None:
+        """Adapter `adapter_name` is about to change base parameters `params` in place (ReLoRA's folds):
+        keep their base values for disable_adapter(), unload() and delete_adapter() (core/originals.py)."""
+        self._base_values.record(adapter_name, params)
+
     # ------------------------------------------------------------------ disable / merge / unload
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -300,23 +313,30 @@ class DeltaModel(nn.Module):
             yield from self._disabled_block()
 
     def _disabled_block(self):
-        if not self._disabled:
-            merged = {name: list(layer.merged) for name, layer in self.delta_layers()
-                      if isinstance(layer, DeltaLayer) and layer.merged}
-            self.unmerge_adapter()
-            self._remerge = merged
-            self._routing.disabled = True
-        self._disabled += 1
+        if self._disabled:  # nested: the outermost block keeps adapters off and restores them
+            self._disabled += 1
+            try:
+                yield
+            finally:
+                self._disabled -= 1
+            return
+        self._remerge = {name: list(layer.merged) for name, layer in self.delta_layers()
+                         if isinstance(layer, DeltaLayer) and layer.merged}
+        self.unmerge_adapter()
+        self._routing.disabled = True
+        self._disabled = 1
         try:
-            yield
+            with self._base_values.base_values():  # biases trained in place hold their base values
+                yield
         finally:
-            self._disabled -= 1
-            if not self._disabled:
-                self._routing.disabled = False
-                remerge, self._remerge = self._remerge, {}
-                for name, layer in self.delta_layers():
-                    if isinstance(layer, DeltaLayer) and remerge.get(name):
-                        layer.merge(remerge[name])
+            self._disabled = 0
+            self._routing.disabled = False
+            remerge, self._remerge = self._remerge, {}
+            layers = [layer for name, layer in self.delta_layers() if remerge.get(name)]
+            shared = shared_parameters(self.model, layers) if layers else {}
+            for name, layer in self.delta_layers():
+                if remerge.get(name):
+                    layer.merge(remerge[name], shared=shared.get(layer))
 
     @exclusive
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -332,13 +352,18 @@ class DeltaModel(nn.Module):
             if not getattr(self.model_adapters[name], "mergeable", True) if name in self.model_adapters else False:
                 raise MergeError(f"adapter {name!r} ({self.peft_config[name].peft_type}) cannot be merged")
         layers = [layer for _, layer in self.delta_layers() if isinstance(layer, DeltaLayer)]
+        shared = shared_parameters(self.model, layers)  # tied weights: untied before a merge writes them
+        for layer in layers:  # refuse (MergeError) before any weight is written
+            layer.check_merge(names, shared.get(layer))
         if not safe_merge:
             for layer in layers:
-                layer.merge(names)
+                layer.merge(names, shared=shared.get(layer))
             return
-        plans = [(layer, *layer.plan_merge(names)) for layer in layers]
+        plans = [(layer, *layer.plan_merge(names, shared.get(layer))) for layer in layers]
         for layer, todo, weight in plans:
             if todo and not torch.isfinite(weight).all():
+                for planned, _, _ in plans:  # ties again what planning untied (nothing merged there)
+                    planned.unmerge(keep=len(planned.merged))
                 raise MergeError(f"merging adapter(s) {todo} into {layer.module_name} gives NaN/inf weights; "
                                  "no base weight was changed")
         for layer, todo, weight in plans:
@@ -362,11 +387,16 @@ class DeltaModel(nn.Module):
 
             to_float(self.model)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        untied = any(isinstance(layer, DeltaLayer) and layer.untied for _, layer in self.delta_layers())
+        config = getattr(self.model, "config", None)
+        if untied and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False  # so saving and reloading keeps the untied, merged head
         return self._unload(keep_trained_heads=True)
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging and return the plain model (original heads)."""
+        """Remove every adapter without merging and return the plain model (original heads and biases)."""
         self.unmerge_adapter()
+        self._base_values.restore_all()
         return self._unload(keep_trained_heads=False)
 
     @exclusive

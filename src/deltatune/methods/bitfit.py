@@ -88,6 +88,7 @@ class BitFitConfig(DeltaConfig):
 
 class BitFitAdapter(nn.Module):
     """One delta bias for one layer."""
+    merge_rule = "additive"  # adds to the bias, whatever came before (core/merging.py)
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()

@@ -120,6 +120,7 @@ class BOFTConfig(DeltaConfig):
 
 class BOFTAdapter(nn.Module):
     """One BOFT adapter for one nn.Linear / nn.Conv2d."""
+    merge_rule = "reads_base"  # the forward adds f(W) x - W x, W the base weight (core/merging.py)
 
     def __init__(self, base: nn.Module, block_num: int, block_size: int, extra: int, config: BOFTConfig) -> None:
         super().__init__()

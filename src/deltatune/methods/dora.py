@@ -57,12 +57,28 @@ def dora_output(base_out: torch.Tensor, base_result: torch.Tensor, lora_out: tor
     return base_out + (scale - 1) * base_result + scale * lora_out
 
 
-def merged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The merged out-first weight and the norm needed to unmerge it exactly."""
+def merged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
+           plain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged out-first weight (m/n) (W + delta), n = ||plain + delta||_c, and the norm n (needed to
+    unmerge exactly). `plain` is the unmerged base weight the forward takes the norm of; it differs from
+    `weight` when other adapters on the layer merged first (their update is rescaled, not renormed)."""
     combined = weight + delta
-    norm = channel_norm(combined)
+    norm = channel_norm(combined if plain is None else plain + delta)
     scale = (magnitude.reshape(-1).float() / norm).view(-1, *[1] * (weight.dim() - 1))
     return combined * scale, norm
+
+
+def merged_bias(bias: torch.Tensor, plain_bias: torch.Tensor, magnitude: torch.Tensor,
+                norm: torch.Tensor) -> torch.Tensor:
+    """b0 + (m/n) (b - b0): the forward rescales the output so far minus the base bias b0, so what
+    earlier adapters added to the bias (BitFit, IA3) is rescaled too."""
+    return plain_bias + (magnitude.reshape(-1).float() / norm) * (bias - plain_bias)
+
+
+def unmerged_bias(bias: torch.Tensor, plain_bias: torch.Tensor, magnitude: torch.Tensor,
+                  norm: torch.Tensor) -> torch.Tensor:
+    """Inverse of `merged_bias`."""
+    return plain_bias + (norm / magnitude.reshape(-1).float()) * (bias - plain_bias)
 
 
 def unmerged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
@@ -70,6 +86,35 @@ def unmerged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
     """Inverse of `merged` given the norm it returned."""
     scale = (norm / magnitude.reshape(-1).float()).view(-1, *[1] * (weight.dim() - 1))
     return weight * scale - delta
+
+
+@torch.no_grad()
+def merged_adapter_weight(adapter: nn.Module, base: nn.Module, weight: torch.Tensor, reference: dict) -> torch.Tensor:
+    """One DoRA adapter's (a LoraAdapter) merge on a layer where other adapters may have merged before
+    it, as the forward composes: out = b0 + (m/n) (y - b0 + delta x), y the output so far,
+    n = ||W0 + delta||_c of the plain base weight W0 = reference["weight"], b0 = reference["bias"]. So
+    the weight so far becomes (m/n) (W + delta) and, when earlier adapters moved the bias (BitFit, IA3),
+    the bias b becomes b0 + (m/n) (b - b0), written here. The norm (and b0) are kept for the unmerge.
+    Weights are in the base's layout."""
+    delta, magnitude = adapter._delta_out_first().float(), adapter.lora_magnitude_vector
+    new, norm = merged(adapter._out_first(weight), delta, magnitude, adapter._out_first(reference["weight"]))
+    bias, plain_bias = getattr(base, "bias", None), reference.get("bias")
+    if bias is None or plain_bias is None or torch.equal(bias.detach().float(), plain_bias):
+        plain_bias = None  # the bias is untouched
+    else:
+        bias.copy_(merged_bias(bias.detach().float(), plain_bias, magnitude, norm).to(bias.dtype))
+    adapter._merge_state = (norm, plain_bias)
+    return adapter._from_out_first(new)
+
+
+@torch.no_grad()
+def unmerged_adapter_weight(adapter: nn.Module, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """Inverse of `merged_adapter_weight` (restores the bias in place); the weight before the merge."""
+    (norm, plain_bias), magnitude = adapter._merge_state, adapter.lora_magnitude_vector
+    if plain_bias is not None:
+        base.bias.copy_(unmerged_bias(base.bias.detach().float(), plain_bias, magnitude, norm).to(base.bias.dtype))
+    delta = adapter._delta_out_first().float()
+    return adapter._from_out_first(unmerged(adapter._out_first(weight), delta, magnitude, norm))
 
 
 class DoraLinearFunction(ReplaysAutocast):

@@ -13,9 +13,9 @@ type, as PEFT does (`fan_in_fan_out` is kept for its files). Layers: nn.Linear (
 Conv1D. Feed-forward modules are matched with PEFT's rule (a list entry matches a name that ends with it,
 no dot needed), so both libraries give each tensor the same shape.
 
-Several IA3 adapters active on one layer: output scalings multiply (as merged); input scalings of
-feed-forward modules add their first-order terms, W((l1 + l2 - 1) x), since each adapter only sees the
-output of the one before it (the merged weight uses the product l1 * l2; both agree to first order).
+Several IA3 adapters active on one layer: output scalings multiply; input scalings of feed-forward
+modules add their terms, W((l1 + l2 - 1) x), since each adapter only sees the output of the one before
+it. The merged weight is the same (core/merging.py plans merges from what the forward computes).
 """
 
 from __future__ import annotations
@@ -102,6 +102,11 @@ class IA3Config(DeltaConfig):
 
 class IA3Adapter(nn.Module):
     """One IA3 scaling vector for one Linear / Conv1D layer."""
+
+    @property
+    def merge_rule(self) -> str:
+        """Output scaling rescales the output so far; input scaling adds W ((l - 1) x) (core/merging.py)."""
+        return "reads_base" if self.feedforward else "sequential"
 
     def __init__(self, base: nn.Module, feedforward: bool, init_ones: bool) -> None:
         super().__init__()

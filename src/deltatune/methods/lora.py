@@ -161,7 +161,7 @@ class LoraAdapter(nn.Module):
             # PEFT stores conv magnitudes as (1, out, 1, ...); keep its shape so files interchange.
             shape = (1, -1) + (1,) * (weight.dim() - 2) if self.kind == "conv" else (-1,)
             self.lora_magnitude_vector = nn.Parameter(norm.to(factory["dtype"]).reshape(shape))
-        self._merge_norm: torch.Tensor | None = None
+        self.merge_rule = "sequential" if use_dora else "additive"  # how merges compose (core/merging.py)
 
     # ---------------------------------------------------------------- factors
     @property
@@ -282,19 +282,18 @@ class LoraAdapter(nn.Module):
         return mixed_lora_linear(factors, x, base_out, index, owner=base)
 
     # ---------------------------------------------------------------- merge (DoRA is not additive)
-    def merged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        delta = self._delta_out_first().float()
-        if not self.use_dora:
-            return weight + self._from_out_first(delta)
-        new, self._merge_norm = dora.merged(self._out_first(weight), delta, self.lora_magnitude_vector)
-        return self._from_out_first(new)
+    merge_uses_reference = True  # DoRA's norm is of the plain base weight W0, as in the forward
+
+    def merged_weight(self, base: nn.Module, weight: torch.Tensor, reference: dict | None = None) -> torch.Tensor:
+        """W + s B A; DoRA: dora.merged_adapter_weight (`reference`: the plain base parameters by name)."""
+        if self.use_dora:
+            return dora.merged_adapter_weight(self, base, weight, reference or {"weight": weight})
+        return weight + self.delta_weight(base).float()
 
     def unmerged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        delta = self._delta_out_first().float()
-        if not self.use_dora:
-            return weight - self._from_out_first(delta)
-        restored = dora.unmerged(self._out_first(weight), delta, self.lora_magnitude_vector, self._merge_norm)
-        return self._from_out_first(restored)
+        if self.use_dora:
+            return dora.unmerged_adapter_weight(self, base, weight)
+        return weight - self.delta_weight(base).float()
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"

@@ -185,6 +185,7 @@ class OFTRotation(nn.Module):
 
 class OFTAdapter(nn.Module):
     """One OFT adapter for one nn.Linear / nn.Conv2d."""
+    merge_rule = "reads_base"  # the forward adds W (R x - x), W the base weight (core/merging.py)
 
     def __init__(self, base: nn.Module, r: int, block_size: int, config: OFTConfig) -> None:
         super().__init__()

@@ -82,6 +82,8 @@ class ReLoraConfig(LoraConfig):
                              "model.after_optimizer_step(step, optimizer) with the optimizer")
         for path, layer in model.delta_layers():
             if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters:
+                if layer.base_layer.weight.is_floating_point():  # disable / unload give W0, exactly
+                    model.keep_base_values(adapter_name, [layer.base_layer.weight])
                 merge_and_reinit(layer, adapter_name, self.init_lora_weights)
                 reset_optimizer_state(optimizer, layer.adapters[adapter_name].parameters(),
                                       self.optimizer_reset, self.prune_ratio)

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .checkpointing import gradients_through_checkpoints
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing
 from .targeting import adaptable_modules, canonical_name, canonical_param_name, name_matches, select_targets
@@ -385,7 +386,7 @@ class DeltaModel(nn.Module):
                 **kwargs):
         """The wrapped model's forward; `adapter_names` gives one adapter (or "__base__") per sample and
         `task_ids` one task per sample for task-conditioned methods."""
-        with self._route(adapter_names, task_ids):
+        with self._route(adapter_names, task_ids), gradients_through_checkpoints(self.model):
             hook = self._model_level()
             return hook.forward_model(self.model, *args, **kwargs) if hook else self.model(*args, **kwargs)
 

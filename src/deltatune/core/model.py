@@ -19,7 +19,8 @@ from torch import nn
 from .checkpointing import gradients_through_checkpoints
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing
-from .targeting import adaptable_modules, canonical_name, canonical_param_name, name_matches, select_targets
+from .targeting import (adaptable_modules, canonical_name, canonical_param_name, check_every_key_matches, name_matches,
+                        select_targets)
 
 WRAPPER_TYPES = (DeltaLayer, ModulesToSave)
 
@@ -143,6 +144,8 @@ class DeltaModel(nn.Module):
         candidates = self._candidates()
         modules = dict(candidates)
         targets = select_targets(self.model, config, candidates, _is_linear) if config.targets_layers else []
+        if config.targets_layers:  # a file being loaded may carry keys peft ignored: warn there, refuse here
+            check_every_key_matches(self.model, config, candidates, targets, strict=weights is None)
         bases = {name: modules[name].base_layer if isinstance(modules[name], DeltaLayer) else modules[name]
                  for name in targets}
         for name, base in bases.items():  # every target checked before the model is touched

@@ -81,14 +81,16 @@ def gradients_through_checkpoints(model: nn.Module):
         DeltaConfigError: reentrant checkpointing is on around trainable parameters and the model has no
             input embeddings to hook.
     """
-    blocks = reentrant_blocks(model) if torch.is_grad_enabled() else []
+    active = model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    blocks = reentrant_blocks(model) if active else []  # inference and eval forwards pay nothing
     if not blocks:
         yield
         return
     embeddings = input_embeddings(model)
     if not embeddings:
         raise DeltaConfigError(
-            f"gradient checkpointing with use_reentrant=True is on in {blocks[:3]} of {type(model).__name__}, "
+            f"gradient checkpointing with use_reentrant=True is on in {blocks[:3]} of "
+            f"{type(model).__name__}, "
             "which has no input embeddings (get_input_embeddings) to make require grad, so the adapters "
             "inside those blocks would get no gradient; enable it with "
             "gradient_checkpointing_kwargs={'use_reentrant': False}")

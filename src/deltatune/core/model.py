@@ -19,8 +19,8 @@ from torch import nn
 from .checkpointing import gradients_through_checkpoints
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing
-from .targeting import (adaptable_modules, canonical_name, canonical_param_name, check_every_key_matches, name_matches,
-                        select_targets)
+from .targeting import (adaptable_modules, canonical_name, canonical_param_name, check_every_key_matches,
+                        name_matches, select_targets)
 
 WRAPPER_TYPES = (DeltaLayer, ModulesToSave)
 

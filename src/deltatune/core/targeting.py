@@ -188,8 +188,9 @@ def check_every_key_matches(model: nn.Module, config: DeltaConfig, modules: list
     rank_pattern) a module this adapter targets; a key that selects nothing would be silently ignored.
 
     rank_pattern and alpha_pattern keys (any config) are checked with peft's rule; a method whose field
-    means something else overrides it in module_keys() (AdaLoRA). Exempt: "all-linear", a method's own default target list (it names modules of several architectures)
-    and the task heads the task type adds (peft writes both "classifier" and "score").
+    means something else overrides it in module_keys() (AdaLoRA). Exempt: "all-linear", a method's own
+    default target list (it names modules of several architectures) and the task heads the task type
+    adds (peft writes both "classifier" and "score").
 
     Raises:
         DeltaConfigError naming every such key with the nearest module names; with `strict=False` (a file
@@ -228,7 +229,8 @@ def check_every_key_matches(model: nn.Module, config: DeltaConfig, modules: list
             if index not in found:
                 problems.append(f"layers_to_transform entry {index!r} is no layer of the model "
                                 f"(layers found: {sorted(found)})")
-    per_module = pattern_key_fields(config, *(f for f in PATTERN_FIELDS if isinstance(getattr(config, f, None), dict)))
+    dict_fields = [f for f in PATTERN_FIELDS if isinstance(getattr(config, f, None), dict)]
+    per_module = pattern_key_fields(config, *dict_fields)
     for field, (keys, matches) in {**per_module, **config.module_keys()}.items():
         for key in keys:
             check(field, key, targets, matches)

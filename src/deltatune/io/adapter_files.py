@@ -36,7 +36,8 @@ def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
 
 
 def save_adapters(model, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                  is_main_process: bool = True, save_embedding_layers: bool | str = "auto", **_: object) -> None:
+                  is_main_process: bool = True, save_embedding_layers: bool | str = "auto",
+                  **_: object) -> None:
     """Write adapter_config.json and adapter_model.safetensors per adapter; other files are left alone.
     `save_embedding_layers` ("auto", True, False) decides whether the input embeddings and output head
     go into the file in full, as in peft (io/vocabulary.py: resized vocabularies)."""

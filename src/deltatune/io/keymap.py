@@ -65,7 +65,9 @@ def embedding_layers(model) -> list[tuple[str, torch.nn.Module]]:
             module = get() if callable(get) else None
         except (NotImplementedError, AttributeError):
             module = None
-        path = next((n for n, m in model.model.named_modules() if m is module), None) if module is not None else None
+        if module is None:
+            continue
+        path = next((n for n, m in model.model.named_modules() if m is module), None)
         if path:
             found.setdefault(canonical_name(path), module)
     return list(found.items())
@@ -79,7 +81,8 @@ def embedding_layer_slots(model) -> dict[str, torch.Tensor]:
     for path, module in embedding_layers(model):
         if isinstance(module, ModulesToSave):
             continue
-        owner, prefix = (module.base_layer, f"{path}.base_layer") if isinstance(module, DeltaLayer) else (module, path)
+        wrapped = isinstance(module, DeltaLayer)
+        owner, prefix = (module.base_layer, f"{path}.base_layer") if wrapped else (module, path)
         for leaf in ("weight", "bias"):
             tensor = getattr(owner, leaf, None)
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():

@@ -31,8 +31,9 @@ MODES = ("auto", True, False)
 
 
 def original_vocab_size(model, config) -> tuple[int, str] | tuple[None, None]:
-    """(vocab_size, config file) of the base as it was published, from a local config.json, else (None, None)."""
-    sources = (config.base_model_name_or_path, getattr(getattr(model.model, "config", None), "_name_or_path", None))
+    """(vocab_size, config file) of the base as published, from a local config.json; else (None, None)."""
+    model_config = getattr(model.model, "config", None)
+    sources = (config.base_model_name_or_path, getattr(model_config, "_name_or_path", None))
     for source in sources:
         file = Path(source) / "config.json" if source else None
         if file is None or not file.is_file():
@@ -67,8 +68,13 @@ def resize_reason(model, adapter_name: str) -> tuple[str | None, bool]:
     return None, False
 
 
-def embedding_tensors(model, adapter_name: str, save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
-    """{disk key: tensor} of the full embedding layers the file of `adapter_name` carries (module docstring)."""
+def embedding_tensors(model, adapter_name: str,
+                      save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
+    """{disk key: tensor} of the full embedding layers the file of `adapter_name` carries (module docstring).
+
+    Raises:
+        ValueError: `save_embedding_layers` is not "auto", True or False.
+    """
     if save_embedding_layers not in MODES or not isinstance(save_embedding_layers, (bool, str)):
         raise ValueError(f"save_embedding_layers={save_embedding_layers!r}: must be 'auto', True or False")
     slots = embedding_layer_slots(model)
@@ -77,7 +83,8 @@ def embedding_tensors(model, adapter_name: str, save_embedding_layers: bool | st
     reason, known = resize_reason(model, adapter_name) if slots else (None, False)
     if reason is None:
         return {}
-    paths = sorted({key.removeprefix(DISK_PREFIX).rsplit(".", 1)[0].removesuffix(".base_layer") for key in slots})
+    owners = {key.removeprefix(DISK_PREFIX).rsplit(".", 1)[0] for key in slots}
+    paths = sorted({owner.removesuffix(".base_layer") for owner in owners})
     if save_embedding_layers is False:
         if known:
             warnings.warn(f"save_embedding_layers=False: {reason}, but the file leaves out {paths}; it gives "

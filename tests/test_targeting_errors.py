@@ -109,6 +109,10 @@ def test_every_per_module_key_that_matches_nothing_is_an_error(case):
 def test_layers_to_transform_index_that_is_no_layer():
     with pytest.raises(dt.DeltaConfigError, match=r"layers_to_transform entry 5 is no layer.*\[0, 1\]"):
         dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=TARGETS, layers_to_transform=[0, 5]))
+    # a layers_pattern that names no layer list: nothing is selected, and the error says where it looked
+    with pytest.raises(dt.DeltaConfigError, match=r"layers_pattern="):
+        dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=TARGETS, layers_to_transform=[0],
+                                                      layers_pattern="blocks"))
 
 
 def test_defaults_that_name_other_architectures_are_not_errors():

@@ -151,7 +151,9 @@ def select_targets(model: nn.Module, config: DeltaConfig, modules: list[tuple[st
         leaves = sorted({n.split(".")[-1] for n, m in modules if not list(m.children())})
         raise DeltaConfigError(
             f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}, "
-            f"layers_to_transform={config.layers_to_transform!r}) matches no module of "
+            f"layers_to_transform={config.layers_to_transform!r}"
+            + (f", layers_pattern={config.layers_pattern!r}" if config.layers_pattern else "")
+            + f") matches no module of "
             f"{type(model).__name__}; module names there include: {leaves[:20]}")
     return chosen
 
@@ -227,8 +229,9 @@ def check_every_key_matches(model: nn.Module, config: DeltaConfig, modules: list
         found = {layer_index(name, config.layers_pattern) for name in names} - {None}
         for index in config.layers_to_transform:
             if index not in found:
+                lists = f"after layers_pattern={config.layers_pattern!r}" if config.layers_pattern else "found"
                 problems.append(f"layers_to_transform entry {index!r} is no layer of the model "
-                                f"(layers found: {sorted(found)})")
+                                f"(layers {lists}: {sorted(found)})")
     dict_fields = [f for f in PATTERN_FIELDS if isinstance(getattr(config, f, None), dict)]
     per_module = pattern_key_fields(config, *dict_fields)
     for field, (keys, matches) in {**per_module, **config.module_keys()}.items():

@@ -34,7 +34,7 @@ TOL = 1e-5
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONVNET = ["conv2d", "conv1d", "fc"]
 UNET = ["conv_in", "down", "mid", "proj_in", "up", "conv_out"]
-VIT = ["projection", "query", "value", "dense"]
+VIT = ["projection", "q_proj", "v_proj", "o_proj", "fc1", "fc2"]  # ViT names in Transformers 5
 
 
 def tokens() -> dict:

@@ -12,7 +12,7 @@ import difflib
 import enum
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from torch import nn
 
@@ -50,6 +50,9 @@ class DeltaConfig:
     targets_layers: ClassVar[bool] = True  # False for methods that only act at model level (soft prompts)
     supports_quantized: ClassVar[bool] = True  # False: refuse a quantized base (reads W in full)
     saves_layer_selection: ClassVar[bool] = True  # False: unset layers_to_transform/pattern stay out of files
+    # A method's default target list, when it names modules of several architectures (entries a given model
+    # lacks are expected there, so they are not reported as matching nothing).
+    default_target_modules: ClassVar[tuple[str, ...]] = ()
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
@@ -99,6 +102,12 @@ class DeltaConfig:
             if is_quantized(base):
                 raise DeltaConfigError(f"target module {module_name!r} is quantized, and {self.peft_type} "
                                        "does not support quantized bases; adapt the float model instead")
+
+    def module_keys(self) -> dict[str, tuple[list[str], Callable[[str, str], bool]]]:
+        """Per-module fields whose every key must select a module this adapter targets, as
+        {field: (keys, matches(key, module_name))}: LoRA's rank_pattern and alpha_pattern, IA3's
+        feedforward_modules ... core/targeting.py checks them before the model is touched."""
+        return {}
 
     @property
     def changes_base_weights(self) -> bool:

@@ -16,11 +16,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .checkpointing import gradients_through_checkpoints
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing, is_quantized
 from .merging import refuse_shared_targets, shared_parameters
 from .originals import BaseValues
-from .targeting import adaptable_modules, canonical_name, canonical_param_name, name_matches, select_targets
+from .targeting import (adaptable_modules, canonical_name, canonical_param_name, check_every_key_matches,
+                        name_matches, select_targets)
 
 WRAPPER_TYPES = (DeltaLayer, ModulesToSave)
 
@@ -173,6 +175,8 @@ class DeltaModel(nn.Module):
         candidates = self._candidates()
         modules = dict(candidates)
         targets = select_targets(self.model, config, candidates, _is_linear) if config.targets_layers else []
+        if config.targets_layers:  # a file being loaded may carry keys peft ignored: warn there, refuse here
+            check_every_key_matches(self.model, config, candidates, targets, strict=weights is None)
         bases = {name: modules[name].base_layer if isinstance(modules[name], DeltaLayer) else modules[name]
                  for name in targets}
         for name, base in bases.items():  # every target checked before the model is touched
@@ -487,7 +491,8 @@ class DeltaModel(nn.Module):
                 **kwargs):
         """The wrapped model's forward; `adapter_names` gives one adapter (or "__base__") per sample and
         `task_ids` one task per sample for task-conditioned methods."""
-        with self._route(adapter_names, task_ids, self._input_rows(args, kwargs)):
+        with self._route(adapter_names, task_ids, self._input_rows(args, kwargs)), \
+                gradients_through_checkpoints(self.model):
             hook = self._model_level()
             return hook.forward_model(self.model, *args, **kwargs) if hook else self.model(*args, **kwargs)
 

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
 from ..core.model import check_adapter_name
 from .atomic import json_text, safetensors_bytes, write_bytes, write_json, write_text
-from .keymap import adapter_slots, base_weight_slots
+from .keymap import adapter_slots, base_weight_slots, embedding_layer_slots
+from .vocabulary import embedding_tensors, resize_hint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -43,8 +44,11 @@ def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
 
 
 def save_adapters(model, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                  is_main_process: bool = True, **_: object) -> None:
-    """Write adapter_config.json and adapter_model.safetensors per adapter; other files are left alone."""
+                  is_main_process: bool = True, save_embedding_layers: bool | str = "auto",
+                  **_: object) -> None:
+    """Write adapter_config.json and adapter_model.safetensors per adapter; other files are left alone.
+    `save_embedding_layers` ("auto", True, False) decides whether the input embeddings and output head
+    go into the file in full, as in peft (io/vocabulary.py: resized vocabularies)."""
     names = list(selected_adapters or model.peft_config)
     for name in names:
         check_adapter_name(name)
@@ -59,6 +63,7 @@ def save_adapters(model, save_directory: str | os.PathLike, selected_adapters: l
         tensors = adapter_slots(model, name)
         if not tensors:
             raise AdapterFileError(f"adapter {name!r} has no tensors to save")
+        tensors = {**embedding_tensors(model, name, save_embedding_layers), **tensors}
         config_text = json_text(config_to_json(model, model.peft_config[name]))
         weights = safetensors_bytes(tensors)
         write_json(target / JOURNAL_NAME, {"new": file_hashes(config_text.encode("utf-8"), weights),
@@ -160,7 +165,7 @@ def assign_weights(model, adapter_name: str, weights: dict[str, torch.Tensor], s
     """Copy file tensors into adapter `adapter_name`; every key must have a slot of the same shape and
     every slot a key. Checked in full before anything is copied."""
     slots = adapter_slots(model, adapter_name)
-    extras = base_weight_slots(model, adapter_name)
+    extras = {**embedding_layer_slots(model), **base_weight_slots(model, adapter_name)}
     unknown = [k for k in weights if k not in slots and k not in extras]
     if unknown:
         raise AdapterFileError(f"{source}: {len(unknown)} tensor(s) match no module of the model, e.g. "
@@ -172,8 +177,10 @@ def assign_weights(model, adapter_name: str, weights: dict[str, torch.Tensor], s
         slot = slots.get(key, extras.get(key))
         if tuple(slot.shape) != tuple(tensor.shape):
             module = key.removeprefix("base_model.model.")
+            hint = resize_hint(tensor.shape[0]) if key not in slots else ""
             raise AdapterFileError(f"{source}: shape mismatch for {module}: file has {tuple(tensor.shape)}, "
-                                   f"model expects {tuple(slot.shape)} (an adapter for a different base model?)")
+                                   f"model expects {tuple(slot.shape)} (an adapter for a different base model?)"
+                                   + hint)
     with torch.no_grad():
         for key, tensor in weights.items():
             slot = slots.get(key, extras.get(key))

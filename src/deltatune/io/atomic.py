@@ -110,7 +110,3 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     # clone: safetensors refuses tensors that share storage (tied weights, views)
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return save(owned, metadata={"format": "pt"})
-
-
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
-    write_bytes(path, safetensors_bytes(tensors))

@@ -6,6 +6,9 @@ Runtime (inside DeltaModel.model)             On disk
 <path>.copies.<adapter>.<param>         <->   base_model.model.<path>.<param>      (modules_to_save)
 <path>.base_layer.bias / <path>.bias    <->   base_model.model.<same>              (bias="all"/"lora_only")
 model_adapters.<adapter>.<local>        <->   <its disk_prefix><local>             (prompt_embeddings, ...)
+input embeddings / output head in full  <->   base_model.model.<path>.base_layer.weight when adapted,
+                                              base_model.model.<path>.weight when not (peft's
+                                              save_embedding_layers layout; resized vocabularies)
 
 `adapter_slots` builds the table for one adapter from the live model; saving reads the tensors it
 names and loading copies into them, so both directions come from the same place.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.layer import DeltaLayer
+from ..core.layer import DeltaLayer, ModulesToSave
 from ..core.targeting import canonical_name
 
 DISK_PREFIX = "base_model.model."
@@ -50,3 +53,38 @@ def base_weight_slots(model, adapter_name: str) -> dict[str, torch.Tensor]:
             for path, layer in model.delta_layers()
             if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters
             and isinstance(layer.base_layer, torch.nn.Embedding)}
+
+
+def embedding_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """(canonical path, module as it sits now: plain or wrapped) of the model's input embeddings and output
+    head (Transformers' get_input_embeddings / get_output_embeddings), each once."""
+    found: dict[str, torch.nn.Module] = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model.model, getter, None)
+        try:
+            module = get() if callable(get) else None
+        except (NotImplementedError, AttributeError):
+            module = None
+        if module is None:
+            continue
+        path = next((n for n, m in model.model.named_modules() if m is module), None)
+        if path:
+            found.setdefault(canonical_name(path), module)
+    return list(found.items())
+
+
+def embedding_layer_slots(model) -> dict[str, torch.Tensor]:
+    """{disk key: live tensor} of the input embeddings and output head in full, as peft saves embedding
+    layers: `<path>.base_layer.weight` (and bias) under an adapter, `<path>.weight` (and bias) when plain.
+    A layer trained in full (modules_to_save) is skipped: its copy is saved already."""
+    slots: dict[str, torch.Tensor] = {}
+    for path, module in embedding_layers(model):
+        if isinstance(module, ModulesToSave):
+            continue
+        wrapped = isinstance(module, DeltaLayer)
+        owner, prefix = (module.base_layer, f"{path}.base_layer") if wrapped else (module, path)
+        for leaf in ("weight", "bias"):
+            tensor = getattr(owner, leaf, None)
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                slots[f"{DISK_PREFIX}{prefix}.{leaf}"] = tensor
+    return slots

@@ -103,6 +103,10 @@ class AdaLoraConfig(DeltaConfig):
             raise DeltaConfigError(f"rank_pattern[{module_name + '.lora_E'!r}] has {len(kept)} entries, "
                                    f"init_r={self.init_r}")
 
+    def module_keys(self) -> dict:
+        # Not peft's LoRA rank_pattern: AdaLoRA's keys are "<module>.lora_E", the kept-triplet masks.
+        return {"rank_pattern": (list(self.rank_pattern or {}), lambda key, name: key == f"{name}.lora_E")}
+
     def make_adapter(self, base: nn.Module, module_name: str,
                      shared: nn.Module | None = None) -> AdaLoraAdapter:
         kept = (self.rank_pattern or {}).get(f"{module_name}.lora_E")

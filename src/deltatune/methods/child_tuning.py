@@ -81,6 +81,9 @@ class ChildTuningConfig(DeltaConfig):
             raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}; Child-Tuning "
                                    "adapts nn.Linear and Transformers Conv1D weight matrices")
 
+    def module_keys(self) -> dict:
+        return {"child_entries": (list(self.child_entries), lambda key, name: key == name)}
+
     def make_model_adapter(self, model: nn.Module, adapter_name: str) -> None:
         self._adapters: dict[str, ChildTuningAdapter] = {}  # this adapter's layers, for child_entries on save
         return None

@@ -20,7 +20,6 @@ it. The merged weight is the same (core/merging.py plans merges from what the fo
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
 from ..core.layer import MergeError
+from ..core.targeting import fullmatch
 
 # Hugging Face PEFT's default IA3 targets for Llama, GPT-2, BERT and T5 in one list: a name only
 # matches in the architecture that has it, so the union works on each of them unchanged.
@@ -48,14 +48,12 @@ def float_dtype(base: nn.Module) -> torch.dtype:
 
 
 def is_feedforward(patterns: list[str] | str | None, module_name: str) -> bool:
-    """PEFT's rule, kept so that files agree on each tensor's shape: a regex must match the whole name;
-    a list entry matches when the name ends with it."""
-    import re
-
+    """PEFT's rule, kept so that files agree on each tensor's shape: a regex must match the whole name
+    (time-bounded, core/targeting.py); a list entry matches when the name ends with it."""
     if not patterns:
         return False
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, module_name) is not None
+        return fullmatch(patterns, module_name, f"feedforward_modules={patterns!r}")
     return any(module_name.endswith(p) for p in patterns)
 
 
@@ -66,6 +64,7 @@ class IA3Config(DeltaConfig):
 
     peft_type = "IA3"
     saves_layer_selection = False
+    default_target_modules = tuple(DEFAULT_TARGETS)
     feedforward_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
     init_ia3_weights: bool = True
@@ -95,6 +94,14 @@ class IA3Config(DeltaConfig):
         if not self.supports(base):
             raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}; IA3 adapts "
                                    "nn.Linear and Transformers Conv1D layers")
+
+    def module_keys(self) -> dict:
+        ff = self.feedforward_modules
+        if not ff or ff == list(DEFAULT_FEEDFORWARD):  # the default names modules of several architectures
+            return {}
+        entries = [ff] if isinstance(ff, str) else ff
+        return {"feedforward_modules": (entries, lambda entry, name: is_feedforward(
+            entry if isinstance(ff, str) else [entry], name))}
 
     def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> "IA3Adapter":
         return IA3Adapter(base, is_feedforward(self.feedforward_modules, module_name), self.init_ia3_weights)

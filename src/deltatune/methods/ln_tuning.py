@@ -36,6 +36,7 @@ class LNTuningConfig(DeltaConfig):
 
     peft_type = "LN_TUNING"
     saves_layer_selection = False
+    default_target_modules = tuple(DEFAULT_TARGETS)
 
     def __post_init__(self) -> None:
         if self.target_modules is None:

@@ -22,7 +22,6 @@ import deltatune as dt
 from deltatune import MergeError
 from merge_checks import (assert_disable_is_base, assert_merged_equals_unmerged, assert_unload_is_base,
                           base_parameters, model_output)
-from test_conformance import METHODS, WEIGHT_INITS
 from tiny_models import tiny_convnet, tiny_gpt2, tiny_llama, token_batch
 
 
@@ -72,10 +71,24 @@ def test_several_dora_adapters_on_conv_and_embedding_layers(kind):
     assert_merged_equals_unmerged(model, inputs, atol=1e-5, rtol=1e-5)
 
 
+LINEAR_METHODS = {  # name: (config class, its settings); PiSSA/OLoRA rewrite the base weight, left out
+    "lora": (dt.LoraConfig, dict(r=4, lora_alpha=8)),
+    "rslora": (dt.LoraConfig, dict(r=4, lora_alpha=8, use_rslora=True)),
+    "dora": (dt.LoraConfig, dict(r=4, lora_alpha=8, use_dora=True)),
+    "loha": (dt.LoHaConfig, dict(r=4, alpha=8)),
+    "lokr": (dt.LoKrConfig, dict(r=4, alpha=8)),
+    "oft": (dt.OFTConfig, dict(r=0, oft_block_size=4)),
+    "boft": (dt.BOFTConfig, dict(boft_block_size=4)),
+    "vera": (dt.VeraConfig, dict(r=4)),
+    "adalora": (dt.AdaLoraConfig, dict(init_r=4, target_r=2, total_step=10, lora_alpha=8)),
+    "relora": (dt.ReLoraConfig, dict(r=4, lora_alpha=8, relora_steps=3, relora_warmup_steps=1)),
+    "ulora": (dt.ULoraConfig, dict(r=4, num_tasks=3, default_task=1)),
+}
+
+
 def linear_methods() -> dict:
-    """Every registered mergeable method that adapts an nn.Linear: the conformance table's (less the
-    inits that rewrite the base weight) and the methods it leaves out."""
-    methods = {name: entry for name, entry in METHODS.items() if name not in WEIGHT_INITS}
+    """Every registered mergeable method that adapts an nn.Linear."""
+    methods = dict(LINEAR_METHODS)
     methods.update({
         "ia3": (dt.IA3Config, dict(feedforward_modules=[])),
         "ia3_ff": (dt.IA3Config, dict(feedforward_modules=["0"])),

@@ -324,9 +324,10 @@ class DeltaModel(nn.Module):
             finally:
                 self._disabled -= 1
             return
-        self._remerge = {name: list(layer.merged) for name, layer in self.delta_layers()
-                         if isinstance(layer, DeltaLayer) and layer.merged}
-        self.unmerge_adapter()
+        merged = {name: list(layer.merged) for name, layer in self.delta_layers()
+                  if isinstance(layer, DeltaLayer) and layer.merged}
+        self.unmerge_adapter()  # (forgets any earlier re-merge plan)
+        self._remerge = merged
         self._routing.disabled = True
         self._disabled = 1
         try:

@@ -399,6 +399,8 @@ def test_active_pair_merged_equals_unmerged(first, second):
     with model.disable_adapter():
         torch.testing.assert_close(output(model, inputs), base_out, atol=TOL, rtol=TOL)
     model.unmerge_adapter()
+    # DoRA divides by m / ||W||, OFT multiplies by the inverse rotation: with random magnitudes the float32
+    # rounding of those inverses reaches a few 1e-6 on weights of size 0.06 (a wrong unmerge is off by 1e-2)
     for name, weight in base_params(model).items():
-        torch.testing.assert_close(weight, weights[name], atol=1e-6, rtol=1e-6, msg=name)
+        torch.testing.assert_close(weight, weights[name], atol=1e-5, rtol=1e-5, msg=name)
     torch.testing.assert_close(output(model, inputs), adapted, atol=TOL, rtol=TOL)

@@ -281,8 +281,12 @@ def test_padding_invariance(row_id, family, base):
         padded[1, real], mask[1, real] = ids[1, :length], 1
         inputs = {"input_ids": padded, "attention_mask": mask}
         extra = {"decoder_input_ids": ids[:, :3]} if decoder == "seq2seq" else {}
+        if side == "left":  # positions from the mask, as generate() gives them: prefixes and adaption
+            # prompts are keys without a position, so a query's absolute position counts there
+            extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         batch_out = output(model, {**inputs, **extra}, row_id)[1:]
-        alone = output(model, {**alone_inputs, **{k: v[1:] for k, v in extra.items()}}, row_id)
+        alone = output(model, {**alone_inputs, **{k: v[1:, -length:] if k == "position_ids" else v[1:]
+                                                   for k, v in extra.items()}}, row_id)
         if decoder == "causal":  # logits per token (after any virtual tokens): compare the real positions
             batch_out = batch_out[:, -ids.shape[1]:][:, real]
             alone = alone[:, -length:]

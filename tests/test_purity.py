@@ -107,3 +107,131 @@ def test_peft_bias_all_file_with_a_trained_classifier_loads(tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=1e-5)
         with loaded.disable_adapter():
             torch.testing.assert_close(loaded(**inputs).logits, tiny_bert_cls()(**inputs).logits, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------- a refused merge changes nothing
+def snapshot(model) -> dict:
+    """Every parameter and buffer by name (bitwise copies), and every module's type: what a refused merge
+    must leave exactly as it was (a created bias or a dequantized layer shows up too)."""
+    state = {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()}
+    return {"state": state, "types": [(n, type(m).__name__) for n, m in model.named_modules()]}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (a planted NaN equals itself)."""
+    flat = lambda t: t.detach().reshape(-1).contiguous().view(torch.uint8)  # noqa: E731
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(flat(a), flat(b))
+
+
+def assert_unchanged(model, before: dict) -> None:
+    after = snapshot(model)
+    assert after["types"] == before["types"], "module types changed (a dequantized or created module)"
+    assert after["state"].keys() == before["state"].keys(), sorted(after["state"].keys() ^ before["state"].keys())
+    changed = [n for n, t in before["state"].items() if not same_bits(after["state"][n], t)]
+    assert not changed, f"a refused merge changed {changed[:5]}"
+
+
+def plant_nan(model, suffix: str) -> None:
+    """Put one NaN into the adapter parameter whose name ends with `suffix`."""
+    (param,) = [p for n, p in model.named_parameters() if n.endswith(suffix)]
+    with torch.no_grad():
+        param.view(-1)[0] = float("nan")
+
+
+def random_trained(model, seed: int = 3) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".adapters." in name or ".copies." in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def test_ulora_without_default_task_is_refused_before_any_layer_is_merged():
+    """Replays the issue: LoRA "a" and ULoRA "u" (num_tasks=2, no default_task) on q_proj; merging both
+    without safe_merge used to merge "a" into layers.0.q_proj, then raise."""
+    import pytest
+
+    from deltatune.core.merging import MergeError
+
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="a")
+    model.add_adapter("u", dt.registered_methods()["ULORA"](r=2, num_tasks=2, target_modules=["q_proj"]))
+    random_trained(model)
+    before = snapshot(model)
+    with pytest.raises(MergeError) as refused:
+        model.merge_adapter(["a", "u"])
+    assert_unchanged(model, before)
+    assert "default_task" in str(refused.value) and "layers.0.self_attn.q_proj" in str(refused.value)
+    assert all(not layer.merged for _, layer in model.delta_layers())
+
+
+def gpt2_with_planning_side_effects() -> dt.DeltaModel:
+    """BitFit (writes biases), IA3 on outputs (scales biases) and LN tuning (writes norms) on every block
+    of tiny GPT-2, and LoRA on c_fc: all four active, so one merge plans them layer by layer."""
+    from tiny_models import tiny_gpt2
+
+    methods = dt.registered_methods()
+    model = dt.get_peft_model(tiny_gpt2(), methods["BITFIT"](target_modules=["c_attn", "c_fc"]), adapter_name="bf")
+    model.add_adapter("ia", methods["IA3"](target_modules=["c_attn"], feedforward_modules=[]))
+    model.add_adapter("ln", methods["LN_TUNING"](target_modules=["ln_1", "ln_2"]))
+    model.add_adapter("lo", dt.LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))
+    model.set_adapter(["bf", "ia", "ln", "lo"])
+    random_trained(model)
+    return model
+
+
+def test_refused_safe_merge_rolls_back_what_planning_wrote():
+    """NaN in the last block's LoRA, after good BitFit / IA3 / LN-tuning layers were planned: the
+    refused safe merge leaves every base parameter (biases, norms) bit-identical."""
+    import pytest
+
+    from deltatune.core.merging import MergeError
+
+    model = gpt2_with_planning_side_effects()
+    plant_nan(model, "transformer.h.1.mlp.c_fc.adapters.lo.lora_B.weight")
+    before = snapshot(model)
+    with pytest.raises(MergeError, match="h.1.mlp.c_fc"):
+        model.merge_adapter(["bf", "ia", "ln", "lo"], safe_merge=True)
+    assert_unchanged(model, before)
+    # after the refusal the good adapters still merge exactly as they would have
+    inputs = {"input_ids": token_batch()}
+    model.set_adapter(["bf", "ia", "ln"])
+    unmerged = model(**inputs).logits
+    model.merge_adapter(safe_merge=True)
+    torch.testing.assert_close(model(**inputs).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_nan_in_a_bias_writing_adapter_is_refused_before_any_layer_is_merged():
+    """BitFit's own NaN used to raise from inside the merge of its layer, after earlier layers merged."""
+    import pytest
+
+    from deltatune.core.merging import MergeError
+
+    model = gpt2_with_planning_side_effects()
+    plant_nan(model, "transformer.h.1.mlp.c_fc.adapters.bf.bitfit_bias")
+    before = snapshot(model)
+    with pytest.raises(MergeError, match="NaN"):
+        model.merge_adapter(["bf", "ia", "ln", "lo"])
+    assert_unchanged(model, before)
+
+
+def test_refused_dequantizing_merge_leaves_the_base_quantized():
+    """merge_and_unload(dequantize=True) used to dequantize first, so a refused merge had already turned
+    the base to float. Refusals: an adapter that cannot merge, and (safe_merge) a NaN merged weight."""
+    import pytest
+
+    from conformance_rows import llama64
+    from deltatune import quant
+    from deltatune.core.merging import MergeError
+
+    model = dt.get_peft_model(quant.quantize(llama64(), "nf4"), dt.LoraConfig(r=2, target_modules=["q_proj"]),
+                              adapter_name="a")
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    random_trained(model)
+    plant_nan(model, "model.layers.1.self_attn.v_proj.adapters.b.lora_B.weight")
+    before = snapshot(model)
+    with pytest.raises(MergeError, match="v_proj"):
+        model.merge_and_unload(safe_merge=True, adapter_names=["a", "b"], dequantize=True)
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.merge_and_unload(adapter_names=["a", "nope"], dequantize=True)
+    assert_unchanged(model, before)

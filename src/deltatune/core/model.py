@@ -407,9 +407,9 @@ class DeltaModel(nn.Module):
             from ..quant import dequantize as to_float
 
             names = list(adapter_names or self.active_adapters)
-            layers, shared = self._check_merge(names, quantized_ties=False)
-            if safe_merge:
-                for layer, _, _ in self._safe_merge_plans(names, layers, shared):
+            layers, _ = self._check_merge(names, quantized_ties=False)
+            if safe_merge:  # the NaN/inf check too (planned twice: here on the quantized base, no untying)
+                for layer, _, _ in self._safe_merge_plans(names, layers, {}):
                     layer.discard_plan()
             to_float(self.model)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)

@@ -159,7 +159,7 @@ class OFTConfig(DeltaConfig):
 
     def after_optimizer_step(self, model: nn.Module, adapter_name: str, step: int, optimizer=None) -> None:
         """COFT: pull the trained Q back into its eps-ball after each step (the parameter stays inside)."""
-        if self.coft:
+        if self.coft and not self.inference_mode:
             for _, layer in model.delta_layers():
                 if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters:
                     layer.adapters[adapter_name].project_()

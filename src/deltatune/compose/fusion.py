@@ -158,6 +158,9 @@ class FusionAdapter(nn.Module):
         weights = torch.softmax(scores, dim=-1).unsqueeze(-1)  # (..., n, 1)
         return (weights * self.fusion_value(outs)).sum(dim=-2).to(base_out.dtype)  # (..., d)
 
+    def merge_refusal(self) -> str:
+        return "AdapterFusion's attention over adapter outputs depends on the input"
+
     def delta_weight(self, base: nn.Module) -> None:
         return None  # not mergeable
 

@@ -133,6 +133,8 @@ class DeltaLayer(nn.Module):
         self.merged: list[str] = []
         self._merged_deltas: dict[str, torch.Tensor] = {}  # f(W0) - W0 of reads_base adapters not merged first
         self._planned_deltas: dict[str, torch.Tensor] = {}
+        # the base's other parameters as the current plan found them (discard_plan); None: no plan
+        self._planned_restore: dict | None = None
         # (original base module,) while a merge writes into a private copy; a tuple, so it is no submodule
         self._tied: tuple[nn.Module] | None = None
         self.module_name = module_name
@@ -234,6 +236,10 @@ class DeltaLayer(nn.Module):
         self.check_merge(todo, shared)
         if shared and self._tied is None:
             self._untie(shared)
+        # BitFit, IA3 and LN tuning write the bias / norm parameters while planning: kept so a refused
+        # plan (discard_plan) puts back every bit
+        self._planned_restore = {name: (param, None if param is None else param.detach().clone())
+                                 for name, param in self.base_layer._parameters.items() if name != "weight"}
         todo = merge_order(self, todo)
         reference = {"weight": read_weight(self.base_layer)}
         for name, param in self.base_layer.named_parameters(recurse=False):
@@ -251,20 +257,39 @@ class DeltaLayer(nn.Module):
                 weight = self._merged_weight(adapter, weight, reference)
         return todo, weight
 
+    @torch.no_grad()
+    def discard_plan(self) -> None:
+        """Undo what `plan_merge` wrote without merging: the base's other parameters (biases, norms) get
+        their exact values back, a bias a plan created is removed, and untied parameters are tied again."""
+        restore, self._planned_restore, self._planned_deltas = self._planned_restore, None, {}
+        if restore is not None:
+            for name in [n for n in self.base_layer._parameters if n != "weight" and n not in restore]:
+                del self.base_layer._parameters[name]  # created by the plan (BitFit on a bias-free layer)
+            for name, (param, value) in restore.items():
+                self.base_layer._parameters[name] = param
+                if param is not None:
+                    param.data.copy_(value)
+        self.unmerge(keep=len(self.merged))  # nothing merged: only ties again what planning untied
+
     def apply_merge(self, todo: list[str], weight: torch.Tensor, safe_merge: bool = False) -> None:
         """Write a planned merge. The update was computed in float32 and is rounded to the base dtype once."""
         if safe_merge and not torch.isfinite(weight).all():
             raise MergeError(f"merging adapter(s) {todo} into {self.module_name} gives NaN/inf weights; "
                              "the base weights were left unchanged")
         write_weight(self.base_layer, weight)
+        self._planned_restore = None
         self.merged.extend(todo)
         self._merged_deltas.update(self._planned_deltas)
         self._planned_deltas = {}
 
     def merge(self, names: list[str], safe_merge: bool = False, shared: dict[str, list[str]] | None = None) -> None:
-        todo, weight = self.plan_merge(names, shared)
-        if todo:
-            self.apply_merge(todo, weight, safe_merge)
+        try:
+            todo, weight = self.plan_merge(names, shared)
+            if todo:
+                self.apply_merge(todo, weight, safe_merge)
+        except MergeError:
+            self.discard_plan()
+            raise
 
     @torch.no_grad()
     def unmerge(self, keep: int = 0) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -46,6 +47,13 @@ def merge_rule(adapter: nn.Module) -> str:
     return rule
 
 
+def nonfinite_refusal(adapter: nn.Module) -> str | None:
+    """`merge_refusal` of adapters that write base parameters besides the weight (BitFit, IA3, LN
+    tuning): trained values with NaN/inf are refused before any layer is merged."""
+    bad = [n for n, p in adapter.named_parameters() if not torch.isfinite(p).all()]
+    return f"its trained values {bad} hold NaN/inf" if bad else None
+
+
 def merge_order(layer: "DeltaLayer", todo: list[str]) -> list[str]:
     """The order `todo` is merged in: the layer's active order (the unmerged forward's), others after,
     with the reads_base adapters of the opening run of additive / reads_base ones moved to its front."""
@@ -63,7 +71,14 @@ def check_merge(layer: "DeltaLayer", todo: list[str]) -> None:
     """Raise MergeError, before anything is written, when merging `todo` into `layer` would give other
     outputs than the unmerged forward of the same adapters. Only additive updates may be merged on top of
     earlier merges, or merged while other active adapters on the layer stay unmerged: every other rule
-    reads the unmerged base weight or the output so far, which a merge changes."""
+    reads the unmerged base weight or the output so far, which a merge changes. An adapter says why it
+    cannot be merged at all through an optional `merge_refusal()` -> reason or None (asked here, so the
+    refusal comes before any layer is written)."""
+    for name in todo:  # an adapter may refuse on its own (no default task, NaN/inf trained values)
+        refusal = getattr(layer.adapters[name], "merge_refusal", None)
+        reason = refusal() if refusal is not None else None
+        if reason:
+            raise MergeError(f"{layer.module_name}: adapter {name!r} cannot be merged: {reason}; nothing was written")
     rules = {n: merge_rule(a) for n, a in layer.adapters.items()}
     after = layer.merged + todo
     if layer.merged:

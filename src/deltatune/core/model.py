@@ -351,6 +351,18 @@ class DeltaModel(nn.Module):
         if self._disabled:  # the block promises the base model's output until it exits
             raise RuntimeError("merge_adapter() inside disable_adapter() is refused; merge after the block")
         names = list(adapter_names or self.active_adapters)
+        layers, shared = self._check_merge(names)
+        if not safe_merge:
+            for layer in layers:
+                layer.merge(names, shared=shared.get(layer))
+            return
+        for layer, todo, weight in self._safe_merge_plans(names, layers, shared):
+            layer.apply_merge(todo, weight)
+
+    def _check_merge(self, names: list[str], quantized_ties: bool = True) -> tuple[list[DeltaLayer], dict]:
+        """Every refusal of merging `names` (MergeError / ValueError), before anything is written; returns
+        the layers and their shared parameters. `quantized_ties=False` skips the one check a dequantized
+        base no longer needs (a quantized weight shared with another module cannot be untied)."""
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"unknown adapter {name!r}; adapters: {list(self.peft_config)}")
@@ -359,21 +371,26 @@ class DeltaModel(nn.Module):
         layers = [layer for _, layer in self.delta_layers() if isinstance(layer, DeltaLayer)]
         shared = shared_parameters(self.model, layers)  # tied weights: untied before a merge writes them
         for layer in layers:  # refuse (MergeError) before any weight is written
-            layer.check_merge(names, shared.get(layer))
-        if not safe_merge:
+            layer.check_merge(names, shared.get(layer) if quantized_ties else None)
+        return layers, shared
+
+    def _safe_merge_plans(self, names: list[str], layers: list[DeltaLayer], shared: dict) -> list[tuple]:
+        """Plan every layer's merge and check the merged weights are finite; on a refusal every plan is
+        discarded (biases and norms that planning wrote get their exact values back) and MergeError raised.
+        Returns [(layer, todo, merged weight)] for the layers with something to merge."""
+        plans = []
+        try:
             for layer in layers:
-                layer.merge(names, shared=shared.get(layer))
-            return
-        plans = [(layer, *layer.plan_merge(names, shared.get(layer))) for layer in layers]
-        for layer, todo, weight in plans:
-            if todo and not torch.isfinite(weight).all():
-                for planned, _, _ in plans:  # ties again what planning untied (nothing merged there)
-                    planned.unmerge(keep=len(planned.merged))
-                raise MergeError(f"merging adapter(s) {todo} into {layer.module_name} gives NaN/inf weights; "
-                                 "no base weight was changed")
-        for layer, todo, weight in plans:
-            if todo:
-                layer.apply_merge(todo, weight)
+                todo, weight = layer.plan_merge(names, shared.get(layer))
+                plans.append((layer, todo, weight))
+                if todo and not torch.isfinite(weight).all():
+                    raise MergeError(f"merging adapter(s) {todo} into {layer.module_name} gives NaN/inf weights; "
+                                     "no base parameter was changed")
+        except MergeError:
+            for planned in layers[:len(plans) + 1]:  # the planned ones and the one that raised
+                planned.discard_plan()
+            raise
+        return [plan for plan in plans if plan[1]]
 
     @exclusive
     def unmerge_adapter(self) -> None:
@@ -387,9 +404,14 @@ class DeltaModel(nn.Module):
         """Merge the adapters into the base and return the plain model (trained heads kept). With
         `dequantize`, a quantized base is turned back into float first, so the merge loses nothing to
         requantization (a float export)."""
-        if dequantize:
+        if dequantize:  # refusals first: a refused merge leaves the base quantized, as it was
             from ..quant import dequantize as to_float
 
+            names = list(adapter_names or self.active_adapters)
+            layers, _ = self._check_merge(names, quantized_ties=False)
+            if safe_merge:  # the NaN/inf check too (planned twice: here on the quantized base, no untying)
+                for layer, _, _ in self._safe_merge_plans(names, layers, {}):
+                    layer.discard_plan()
             to_float(self.model)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         untied = any(isinstance(layer, DeltaLayer) and layer.untied for _, layer in self.delta_layers())

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
 from ..core.model import check_adapter_name
 from .atomic import json_text, safetensors_bytes, write_bytes, write_json, write_text
-from .keymap import adapter_slots, base_weight_slots, embedding_layer_slots
+from .keymap import adapter_slots, base_weight_slots, embedding_layer_slots, trained_head_bias_extras
 from .vocabulary import embedding_tensors, resize_hint
 
 CONFIG_NAME = "adapter_config.json"
@@ -165,7 +165,8 @@ def assign_weights(model, adapter_name: str, weights: dict[str, torch.Tensor], s
     """Copy file tensors into adapter `adapter_name`; every key must have a slot of the same shape and
     every slot a key. Checked in full before anything is copied."""
     slots = adapter_slots(model, adapter_name)
-    extras = {**embedding_layer_slots(model), **base_weight_slots(model, adapter_name)}
+    ignored = trained_head_bias_extras(model, adapter_name)  # peft's bias="all" copies of head biases
+    extras = {**embedding_layer_slots(model), **base_weight_slots(model, adapter_name), **ignored}
     unknown = [k for k in weights if k not in slots and k not in extras]
     if unknown:
         raise AdapterFileError(f"{source}: {len(unknown)} tensor(s) match no module of the model, e.g. "
@@ -183,6 +184,8 @@ def assign_weights(model, adapter_name: str, weights: dict[str, torch.Tensor], s
                                    + hint)
     with torch.no_grad():
         for key, tensor in weights.items():
+            if key in ignored:  # no adapter value in them (keymap.trained_head_bias_extras)
+                continue
             slot = slots.get(key, extras.get(key))
             slot.copy_(tensor.to(device=slot.device, dtype=slot.dtype))
 

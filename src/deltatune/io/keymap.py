@@ -88,3 +88,27 @@ def embedding_layer_slots(model) -> dict[str, torch.Tensor]:
             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
                 slots[f"{DISK_PREFIX}{prefix}.{leaf}"] = tensor
     return slots
+
+
+def trained_head_bias_extras(model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The extra keys `peft` writes, with bias="all", for each bias of a module trained in full
+    (modules_to_save) at <path>: bias="all" saves every parameter named *bias with the adapter name cut,
+    so besides the copy's `<path>.<bias>` it writes `<path>.modules_to_save.<bias>` (the copy's bias
+    again) and `<path>.original_module.<bias>` (the frozen original's, i.e. the base value).
+
+    Returns {key: live tensor of that shape}. Neither carries an adapter value: `peft` skips the first on
+    load (its copy loads from `<path>.<bias>`); the second is the base's own bias, which an adapter file
+    never changes here (disable_adapter() gives the base exactly). So the loader accepts them, checks
+    their shapes and copies nothing; we do not write them, and `peft` loads our files without them."""
+    if getattr(model.peft_config[adapter_name], "bias", "none") != "all":
+        return {}
+    extras: dict[str, torch.Tensor] = {}
+    for path, layer in model.delta_layers():
+        if not isinstance(layer, ModulesToSave) or adapter_name not in layer.copies:
+            continue
+        head = f"{DISK_PREFIX}{canonical_name(path)}"
+        for local, param in layer.original_module.named_parameters():
+            if local.endswith("bias"):
+                extras[f"{head}.original_module.{local}"] = param
+                extras[f"{head}.modules_to_save.{local}"] = param
+    return extras

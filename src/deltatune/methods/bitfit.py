@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
 from ..core.layer import MergeError
+from ..core.merging import nonfinite_refusal
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -89,6 +90,7 @@ class BitFitConfig(DeltaConfig):
 class BitFitAdapter(nn.Module):
     """One delta bias for one layer."""
     merge_rule = "additive"  # adds to the bias, whatever came before (core/merging.py)
+    merge_refusal = nonfinite_refusal  # NaN/inf refused before any layer is merged (core/merging.py)
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()

@@ -171,6 +171,9 @@ class BottleneckAdapter(nn.Module):
         z = self.bottleneck(x if self.parallel else base_out)
         return base_out + (self.scaling * z).to(base_out.dtype)
 
+    def merge_refusal(self) -> str:
+        return "the non-linearity keeps a bottleneck adapter out of any weight matrix"
+
     def delta_weight(self, base: nn.Module) -> None:
         return None  # not mergeable: the core turns this into a MergeError that names the layer
 

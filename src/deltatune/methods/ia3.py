@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
 from ..core.layer import MergeError
+from ..core.merging import nonfinite_refusal
 from ..core.targeting import fullmatch
 
 # Hugging Face PEFT's default IA3 targets for Llama, GPT-2, BERT and T5 in one list: a name only
@@ -109,6 +110,7 @@ class IA3Config(DeltaConfig):
 
 class IA3Adapter(nn.Module):
     """One IA3 scaling vector for one Linear / Conv1D layer."""
+    merge_refusal = nonfinite_refusal  # NaN/inf refused before any layer is merged (core/merging.py)
 
     @property
     def merge_rule(self) -> str:

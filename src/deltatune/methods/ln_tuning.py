@@ -22,6 +22,7 @@ from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, register_method
 from ..core.layer import MergeError
+from ..core.merging import nonfinite_refusal
 
 # Hugging Face PEFT's default LN-tuning targets for Llama, GPT-2, T5 (and BERT's "LayerNorm") in one list;
 # each name only matches in the architecture that has it.
@@ -58,6 +59,7 @@ class LNTuningConfig(DeltaConfig):
 
 class LNTuningAdapter(nn.Module):
     """A trainable copy of one normalisation layer."""
+    merge_refusal = nonfinite_refusal  # NaN/inf refused before any layer is merged (core/merging.py)
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()

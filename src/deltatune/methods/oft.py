@@ -7,8 +7,10 @@ R_i = (I - Q_i)(I + Q_i)^-1, or, with `use_cayley_neumann` (PEFT's default), by 
 series I + 2Q + 2Q^2 + ... + 2Q^(m-2) + Q^(m-1), m = num_cayley_neumann_terms (PEFT's exact terms; the
 series is orthogonal only to O(|Q|^m)). `r` blocks of size `oft_block_size` = in / r (give one of the two;
 values that do not divide `in` are adjusted to the nearest divisor, with a warning, as PEFT does).
-`block_share`: one Q for every block. COFT (`coft`): before each use, every Q_i is pulled back into the
-ball ||Q_i||_F <= eps / sqrt(n), as PEFT does (the projected weights are written back).
+`block_share`: one Q for every block. COFT (`coft`): every Q_i is kept in the ball ||Q_i||_F <= eps / sqrt(n):
+the forward projects functionally (PEFT writes the projection back inside forward; here a forward never
+changes a parameter, so repeated forwards are identical), and `after_optimizer_step` writes the projected
+Q back after each step (a fixed point of the projection, so PEFT reads the saved weight unchanged).
 `module_dropout` (training only): a random int(p * n) of the n blocks act as the identity for that step.
 Init rule: Q = 0, so R = I and the output starts equal to the base (init_weights=False: Q ~ N(0, 0.1)).
 
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
-from ..core.layer import read_weight
+from ..core.layer import DeltaLayer, read_weight
 
 BIAS_MODES = ("none", "all")
 NEUMANN_FORMAT_VERSION = "0.18.0"  # the PEFT release whose Cayley-Neumann terms this file implements
@@ -99,6 +101,12 @@ def multiplicative_dropout(blocks: torch.Tensor, p: float, training: bool) -> to
     return (1 - mask) * blocks + mask * eye
 
 
+def coft_radius(eps: float, blocks: int) -> torch.Tensor:
+    """COFT's ball radius eps / sqrt(n), computed as PEFT computes it (a float32 tensor), so a weight at
+    the boundary is inside or outside the same way in both."""
+    return eps * 1 / torch.sqrt(torch.tensor(blocks))
+
+
 def rotate_filters(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """W R^T for block-diagonal R: weight (out, n * b) flattened, blocks (n, b, b) -> (out, n * b)."""
     out_f = weight.shape[0]
@@ -148,6 +156,13 @@ class OFTConfig(DeltaConfig):
 
     def supports(self, base: nn.Module) -> bool:
         return oft_kind(base) is not None
+
+    def after_optimizer_step(self, model: nn.Module, adapter_name: str, step: int, optimizer=None) -> None:
+        """COFT: pull the trained Q back into its eps-ball after each step (the parameter stays inside)."""
+        if self.coft and not self.inference_mode:
+            for _, layer in model.delta_layers():
+                if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters:
+                    layer.adapters[adapter_name].project_()
 
     def validate_target(self, base: nn.Module, module_name: str) -> None:
         validate_rotation_target(base, module_name, "OFT")
@@ -201,20 +216,38 @@ class OFTAdapter(nn.Module):
             nn.init.normal_(self.oft_R.weight, mean=0.0, std=0.1)
 
     # ---------------------------------------------------------------- the rotation
-    @torch.no_grad()
-    def _project(self) -> None:
-        """COFT: pull each Q back into ||Q||_F <= eps / sqrt(n) (written back, as PEFT does)."""
+    def projected_skew(self) -> torch.Tensor:
+        """The Q blocks (n, b, b) used by the forward: with COFT, each pulled into the ball
+        ||Q_i||_F <= eps / sqrt(n) functionally, the parameter is not written (a forward stays pure).
+
+        Same expression and operation order as PEFT's `_project_batch`, so a weight inside the ball is
+        used unchanged and one outside gives PEFT's numbers."""
         skew = self.oft_R.skew(self.oft_R.weight)
-        radius = self.eps / math.sqrt(skew.shape[0])
-        norm = skew.norm(dim=(1, 2), keepdim=True)
-        skew = torch.where(norm <= radius, skew, radius * skew / norm)
+        if not self.coft:
+            return skew
+        radius = coft_radius(self.eps, skew.shape[0])
+        norm = torch.norm(skew, dim=(1, 2), keepdim=True)
+        # the clamp only guards the unselected branch (norm 0 -> 0/0 gradients); selected, norm > radius
+        return torch.where(norm <= radius, skew, radius * (skew / norm.clamp_min(radius)))
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """COFT after an optimizer step: write the projected Q back, shrunk until it is a fixed point of
+        the projection (rounding can leave ||Q_i|| an ulp above the radius), so later forwards here and
+        in PEFT use the saved weight exactly as stored."""
+        skew = self.projected_skew()
+        radius = coft_radius(self.eps, skew.shape[0])
+        shrink = 1 - torch.finfo(skew.dtype).eps
+        for _ in range(64):  # a few ulps at most; bounded so a NaN cannot loop forever
+            outside = torch.norm(skew, dim=(1, 2), keepdim=True) > radius
+            if not outside.any():
+                break
+            skew = torch.where(outside, skew * shrink, skew)
         self.oft_R.weight.copy_(skew[:, self.oft_R.rows, self.oft_R.cols])
 
     def blocks(self, dropout: bool = True) -> torch.Tensor:
         """The r rotation blocks (r, b, b); `dropout`: apply module_dropout when training."""
-        if self.coft:
-            self._project()
-        skew = self.oft_R.skew(self.oft_R.weight)
+        skew = self.projected_skew()
         if self.neumann_terms:
             rotation = _neumann_cayley(skew, self.neumann_terms)
         else:

@@ -114,6 +114,14 @@ class ULoraAdapter(nn.Module):
         hidden = hidden * gates.view(x.shape[0], *[1] * (hidden.dim() - 2), self.r)
         return base_out + (self.lora_B(hidden) * self.scaling).to(base_out.dtype)
 
+    def merge_refusal(self) -> str | None:
+        """Asked before any layer is merged (core/merging.py): without a default task there is no one
+        update to fold in."""
+        if self.default_task is None:
+            return (f"ULoRA with {len(self.ulora_task_vectors)} tasks has no default_task; set default_task "
+                    "in its config to merge that task's update")
+        return None
+
     def delta_weight(self, base: nn.Module) -> torch.Tensor | None:
         """s * B diag(v_default) A in the base weight's layout; None (not mergeable) without a
         default task."""

@@ -243,6 +243,9 @@ class XLoraAdapter(nn.Module):
             out = out + expert(x_mod, zeros, base) * weight
         return out
 
+    def merge_refusal(self) -> str:
+        return "the expert mix depends on the input"
+
     def delta_weight(self, base: nn.Module) -> None:
         return None  # the expert mix depends on the input
 

@@ -54,6 +54,17 @@ def bind_arguments(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def positions_from_mask(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Give a left-padded batch without `position_ids` the positions its attention mask implies, as
+    generate() does (cumsum - 1), so methods whose keys carry no position (prefixes, adaption prompts)
+    see each row at the positions it has alone. Other batches keep the model's own (the same numbers)."""
+    mask = kwargs.get("attention_mask")
+    if kwargs.get("position_ids") is not None or mask is None or mask.dim() != 2 or bool(mask[:, 0].all()):
+        return
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def batch_size(kwargs: dict[str, Any]) -> int:
     for name in ("input_ids", "inputs_embeds"):
         if kwargs.get(name) is not None:

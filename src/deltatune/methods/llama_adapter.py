@@ -31,6 +31,7 @@ from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, TaskType, register_method, require
 from ..core.targeting import canonical_name
+from ._placement import bind_arguments, positions_from_mask
 
 ATTENTION_NAMES = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}  # `peft`'s defaults
 # DeltaConfig fields `peft`'s AdaptionPromptConfig does not have.
@@ -146,8 +147,10 @@ class AdaptionPrompts(nn.Module):
         return add_adapter_attention
 
     def forward_model(self, model: nn.Module, *args, **kwargs):
+        kwargs = bind_arguments(args, dict(kwargs))
+        positions_from_mask(model, kwargs)  # the adaption prompt's keys carry no position
         with self.hooked():
-            return model(*args, **kwargs)
+            return model(**kwargs)
 
     def generate_model(self, model: nn.Module, *args, **kwargs):
         with self.hooked():

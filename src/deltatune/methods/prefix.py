@@ -34,6 +34,7 @@ from ._placement import (
     given_cache,
     input_embeddings,
     patched_prepare,
+    positions_from_mask,
     prefix_ones,
 )
 from ._virtual_tokens import (
@@ -153,6 +154,7 @@ def cache_forward(task_type: TaskType, layout: tuple[int, int], keyword: str, mo
         raise ValueError("prefix tuning puts its prefix in the model's cache; run the model without a cache "
                          "of your own (generate() continues from the prefix by itself)")
     tokens = table.shape[0]
+    positions_from_mask(model, kwargs)
     kwargs["attention_mask"] = prefix_ones(kwargs.get("attention_mask"), tokens)
     shift_positions(kwargs, tokens)
     if task_type == TaskType.CAUSAL_LM and kwargs.get("token_type_ids") is not None:

@@ -29,6 +29,12 @@ MODELS = {  # name: (builder, LoRA targets and task settings, batch with labels)
 }
 
 
+def assert_same_gradients(grads: dict, expected: dict) -> None:
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def enable(model, reentrant: bool) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
 
@@ -57,9 +63,7 @@ def test_every_adapter_gets_the_uncheckpointed_gradient(model_name, reentrant, w
     assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.modules())
     grads = assert_every_trainable_param_gets_grad(checkpointed, batch)
     plain = assert_every_trainable_param_gets_grad(wrapped(builder, config, None), batch)
-    assert grads.keys() == plain.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert_same_gradients(grads, plain)
 
 
 METHODS = {  # adapters of other kinds inside the checkpointed blocks of a ViT (no input_ids: the hard case)
@@ -79,8 +83,7 @@ def test_other_methods_train_under_reentrant_checkpointing(method):
     batch = {"pixel_values": image_batch(), "labels": torch.tensor([1, 2])}
     grads = assert_every_trainable_param_gets_grad(wrapped(tiny_vit, METHODS[method], "before"), batch)
     plain = assert_every_trainable_param_gets_grad(wrapped(tiny_vit, METHODS[method], None), batch)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert_same_gradients(grads, plain)
 
 
 def one_layer_vit() -> ViTForImageClassification:
@@ -127,3 +130,91 @@ def test_reentrant_checkpointing_without_input_embeddings_is_a_clear_error():
     model.eval()  # no training forward, nothing to check
     with torch.no_grad():
         assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
+# ---------------------------------------------------------------------- per-call state in the recompute
+# Both checkpoint variants run a block's forward again in backward, after the call that routed it has
+# returned. Before: ULoRA lost its task ids ("needs task_ids="), LLaMA-Adapter its hooks and X-LoRA its
+# gates (torch's CheckpointError: the recompute saved fewer tensors), and a mixed adapter_names batch was
+# recomputed with the active adapters on every row.
+ROWS3 = token_batch(batch=3, seed=4)
+
+
+@functools.cache
+def experts() -> dict[str, str]:
+    from conformance_rows import xlora_experts
+
+    return xlora_experts()
+
+
+STATEFUL = {  # name: (builder, config, forward keywords that set per-call state)
+    "ulora_task_ids_llama": (tiny_llama,
+                             lambda: dt.ULoraConfig(r=4, num_tasks=3, target_modules=["q_proj", "v_proj"]),
+                             {"task_ids": torch.tensor([2, 0, 2])}),
+    "ulora_task_ids_gpt2": (tiny_gpt2, lambda: dt.ULoraConfig(r=4, num_tasks=3, target_modules=["c_attn"]),
+                            {"task_ids": torch.tensor([1, 1, 0])}),
+    "adaption_prompt": (tiny_llama, lambda: dt.AdaptionPromptConfig(adapter_len=3, adapter_layers=2), {}),
+    "xlora": (tiny_llama, lambda: dt.XLoraConfig(adapters=experts(), hidden_size=16, xlora_depth=2,
+                                                 xlora_size=8, xlora_dropout_p=0.0), {}),
+}
+
+
+def checkpointed_and_plain_grads(make_model, call, when: str):
+    """{name: gradient} from one backward of `call(model)`, with checkpointing on ("before"/"after"
+    wrapping) and off, on two identically built and randomized models."""
+    grads = []
+    for checkpointing in (when, None):
+        torch.manual_seed(0)
+        model = make_model(checkpointing)
+        assert (checkpointing is not None) == any(getattr(m, "gradient_checkpointing", False)
+                                                  for m in model.modules())
+        grads.append(assert_every_trainable_param_gets_grad(model, None, lambda m, _: call(m)))
+    return grads
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_recompute_sees_the_call_state(name, reentrant, when):
+    builder, config, call_kwargs = STATEFUL[name]
+    checkpointed, plain = checkpointed_and_plain_grads(
+        lambda checkpointing: wrapped(builder, config(), checkpointing, reentrant),
+        lambda model: model(input_ids=ROWS3, labels=ROWS3, **call_kwargs).loss, when)
+    assert_same_gradients(checkpointed, plain)
+
+
+def two_adapters(builder, settings: dict, checkpointing: str | None, reentrant: bool) -> dt.DeltaModel:
+    model = wrapped(builder, dt.LoraConfig(r=2, lora_alpha=4, **settings), checkpointing, reentrant)
+    model.add_adapter("other", dt.LoraConfig(r=3, lora_alpha=3, **settings))
+    model.set_adapter(["default", "other"])  # both train
+    randomize_trainable(model, seed=7)
+    for module in model.modules():  # the per-row check below needs the same loss for a row alone
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "dropout", None), float):  # T5's attention keeps its rate as a float
+            module.dropout = 0.0
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("model_name", ["llama", "gpt2", "t5"])
+def test_mixed_adapter_batch_recompute_keeps_each_rows_adapter(model_name, reentrant, when):
+    builder, settings, batch = MODELS[model_name]
+    batch = {key: value[[0, 1, 0]] if value.dim() > 1 else value for key, value in batch.items()}
+    rows = {"adapter_names": ["other", "__base__", "default"]}
+    checkpointed, plain = checkpointed_and_plain_grads(
+        lambda checkpointing: two_adapters(builder, settings, checkpointing, reentrant),
+        lambda model: model(**batch, **rows).loss, when)
+    assert_same_gradients(checkpointed, plain)
+    # Independent of checkpointing: the rows of each adapter alone give the same gradient (row 1 is the
+    # base model, so only rows 0 and 2 train, each its own adapter).
+    model = two_adapters(builder, settings, when, reentrant)
+    for param in model.parameters():
+        param.grad = None
+    for row, name in ((0, "other"), (2, "default")):
+        single = {key: value[row:row + 1] for key, value in batch.items()}
+        (model(**single, adapter_names=[name]).loss / 3).backward()
+    assert_same_gradients({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, plain)

@@ -12,12 +12,20 @@ reentrantly and holds a trainable parameter, the input embeddings' output is mad
 that call (the same hook as Transformers'), which reconnects the graph whether checkpointing was turned
 on before or after wrapping. The non-reentrant variant needs nothing. Without input embeddings to hook,
 the call stops with an error that names the blocks and the fix.
+
+Both variants run a checkpointed block's forward a second time in backward, after the call that set its
+per-call state has returned: the routing (adapter per row, task ids, disabled), a model-level adapter's
+hooks (LLaMA-Adapter) or gate weights (X-LoRA). Given `capture`, every checkpointing module's checkpoint
+function is wrapped for the call so that the recompute replays the state captured when the block ran;
+tensors in that state that need a gradient (X-LoRA's gates) go in as explicit inputs of the checkpoint,
+so the reentrant variant hands their gradient back to the graph outside the block.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -36,18 +44,48 @@ def is_reentrant(checkpoint_function) -> bool:
     return True
 
 
-def reentrant_blocks(model: nn.Module) -> list[nn.Module]:
-    """The modules that will checkpoint reentrantly in a training forward and hold a trainable parameter.
-    Reads the flags Transformers sets (`gradient_checkpointing`, `_gradient_checkpointing_func`) from each
-    module's own attributes: about 2 ms per training forward for a model of 1,600 modules (SmolLM2's)."""
-    found = []
-    for module in model.modules():
-        state = module.__dict__
-        if state.get("gradient_checkpointing") is True and module.training \
-                and is_reentrant(state.get("_gradient_checkpointing_func")) \
-                and any(p.requires_grad for p in module.parameters()):
-            found.append(module)
-    return found
+def checkpointing_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules that will checkpoint in a training forward. Reads the flags Transformers sets
+    (`gradient_checkpointing`, `_gradient_checkpointing_func`) from each module's own attributes: about
+    2 ms per training forward for a model of 1,600 modules (SmolLM2's)."""
+    return [module for module in model.modules()
+            if module.__dict__.get("gradient_checkpointing") is True and module.training]
+
+
+def reentrant_blocks(model: nn.Module, checkpointing: list[nn.Module] | None = None) -> list[nn.Module]:
+    """Of `checkpointing` (default: checkpointing_modules(model)), those that checkpoint reentrantly and
+    hold a trainable parameter."""
+    modules = checkpointing_modules(model) if checkpointing is None else checkpointing
+    return [module for module in modules if is_reentrant(module.__dict__.get("_gradient_checkpointing_func"))
+            and any(p.requires_grad for p in module.parameters())]
+
+
+# capture() -> (tensors, replay): the per-call state at the moment a block runs; `replay(tensors)` is a
+# context manager that puts it back, with `tensors` standing for the captured ones (the checkpoint's copies).
+Capture = Callable[[], tuple[tuple[torch.Tensor, ...], Callable[[tuple[torch.Tensor, ...]], ContextManager]]]
+
+
+def replaying_checkpoint(checkpoint_function, capture: Capture):
+    """`checkpoint_function` (a module's `_gradient_checkpointing_func(function, *args, **kwargs)`) whose
+    recompute in backward runs under the per-call state captured when the block ran. The forward itself
+    runs as it is, inside its own call; the captured tensors ride along as extra inputs of the checkpoint."""
+
+    def run(function, *args, **kwargs):
+        tensors, replay = capture()
+        count, live = len(args), [True]
+
+        def block(*inputs, **block_kwargs):
+            if live[0]:  # the forward, inside the call that set the state
+                return function(*inputs[:count], **block_kwargs)
+            with replay(inputs[count:]):  # the recompute, in backward
+                return function(*inputs[:count], **block_kwargs)
+
+        try:
+            return checkpoint_function(block, *args, *tensors, **kwargs)
+        finally:
+            live[0] = False
+
+    return run
 
 
 def input_embeddings(model: nn.Module) -> list[nn.Module]:
@@ -73,21 +111,23 @@ def _output_requires_grad(module: nn.Module, inputs, output):
 
 
 @contextlib.contextmanager
-def gradients_through_checkpoints(model: nn.Module):
+def gradients_through_checkpoints(model: nn.Module, capture: Capture | None = None):
     """Around one forward of `model` (the user's model inside a DeltaModel): if a reentrant checkpoint
-    would cut its adapters off, make the input embeddings' output require grad for this call.
+    would cut its adapters off, make the input embeddings' output require grad for this call; with
+    `capture`, every checkpointed block's recompute replays the per-call state it ran with.
 
     Raises:
         DeltaConfigError: reentrant checkpointing is on around trainable parameters and the model has no
             input embeddings to hook.
     """
     active = model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    blocks = reentrant_blocks(model) if active else []  # inference and eval forwards pay nothing
-    if not blocks:
+    checkpointing = checkpointing_modules(model) if active else []  # inference and eval forwards pay nothing
+    if not checkpointing:
         yield
         return
-    embeddings = input_embeddings(model)
-    if not embeddings:
+    blocks = reentrant_blocks(model, checkpointing)
+    embeddings = input_embeddings(model) if blocks else []
+    if blocks and not embeddings:
         names = [name for name, module in model.named_modules() if any(module is b for b in blocks)]
         raise DeltaConfigError(
             f"gradient checkpointing with use_reentrant=True is on in {names[:3]} of "
@@ -96,8 +136,14 @@ def gradients_through_checkpoints(model: nn.Module):
             "inside those blocks would get no gradient; enable it with "
             "gradient_checkpointing_kwargs={'use_reentrant': False}")
     handles = [embedding.register_forward_hook(_output_requires_grad) for embedding in embeddings]
+    wrapped = [m for m in checkpointing if "_gradient_checkpointing_func" in m.__dict__] if capture else []
+    originals = [m.__dict__["_gradient_checkpointing_func"] for m in wrapped]
+    for module, original in zip(wrapped, originals):
+        module._gradient_checkpointing_func = replaying_checkpoint(original, capture)
     try:
         yield
     finally:
+        for module, original in zip(wrapped, originals):
+            module._gradient_checkpointing_func = original
         for handle in handles:
             handle.remove()

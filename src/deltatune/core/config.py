@@ -117,7 +117,10 @@ class DeltaConfig:
     def make_model_adapter(self, model: nn.Module, adapter_name: str) -> nn.Module | None:
         """A model-level module for this adapter (soft prompt, shared projections), or None. It is saved
         under `disk_prefix` + its state-dict names, and if it has `forward_model(model, *a, **kw)` /
-        `generate_model(...)` it takes over the wrapped model's forward and generate."""
+        `generate_model(...)` it takes over the wrapped model's forward and generate; per-call state it
+        sets there (hooks, gates) must also come back for a checkpointed block's recompute in backward:
+        `call_state() -> (tensors, replay)`, where `replay(tensors)` is a context manager that restores the
+        state with `tensors` in place of the captured ones (core/checkpointing.py)."""
         return None
 
     # -- training-time hooks, called by DeltaModel for the active adapters ---------------------------

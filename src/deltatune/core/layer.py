@@ -7,6 +7,7 @@ only provides a single-adapter module that follows `DeltaAdapter`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Protocol, runtime_checkable
@@ -47,6 +48,21 @@ class Routing:
         self.task_ids: torch.Tensor | None = None  # (batch,) for task-conditioned methods
         self.expand = 1  # how many times generate() repeats each input row (beams, num_return_sequences)
         self.disabled = False
+
+    def snapshot(self) -> "Routing":
+        """This call's routing, kept for a checkpointed block's recompute in backward (core/checkpointing.py).
+        Shallow: a call replaces the fields, never changes them in place."""
+        return copy.copy(self)
+
+    @contextlib.contextmanager
+    def replaying(self, saved: "Routing"):
+        """Route by `saved` inside (backward recomputes a checkpointed block after its call returned)."""
+        current = self.snapshot()
+        self.__dict__.update(saved.__dict__)
+        try:
+            yield
+        finally:
+            self.__dict__.update(current.__dict__)
 
     def rows(self, rows: torch.Tensor, batch: int) -> "Routing":
         """The per-sample data of some rows of a batch of `batch` (for adapters run on their own rows)."""

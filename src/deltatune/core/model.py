@@ -515,9 +515,23 @@ class DeltaModel(nn.Module):
         """The wrapped model's forward; `adapter_names` gives one adapter (or "__base__") per sample and
         `task_ids` one task per sample for task-conditioned methods."""
         with self._route(adapter_names, task_ids, self._input_rows(args, kwargs)), \
-                gradients_through_checkpoints(self.model):
+                gradients_through_checkpoints(self.model, self._call_state):
             hook = self._model_level()
             return hook.forward_model(self.model, *args, **kwargs) if hook else self.model(*args, **kwargs)
+
+    def _call_state(self):
+        """What backward's recompute of a checkpointed block must see again (core/checkpointing.py): this
+        call's routing, and the active model-level adapter's `call_state()` (its hooks, X-LoRA's gates)."""
+        routing, hook = self._routing.snapshot(), self._model_level()
+        tensors, replay_hook = hook.call_state() if hasattr(hook, "call_state") else ((), None)
+
+        @contextlib.contextmanager
+        def replay(replayed: tuple[torch.Tensor, ...]):
+            with self._routing.replaying(routing), \
+                    (replay_hook(replayed) if replay_hook else contextlib.nullcontext()):
+                yield
+
+        return tensors, replay
 
     @exclusive
     def generate(self, *args, adapter_names: list[str] | None = None, task_ids: torch.Tensor | None = None,

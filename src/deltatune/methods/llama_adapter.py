@@ -146,6 +146,11 @@ class AdaptionPrompts(nn.Module):
 
         return add_adapter_attention
 
+    def call_state(self):
+        """A checkpointed block's recompute in backward runs after forward_model removed the hooks: put
+        them back for it (see DeltaConfig.make_model_adapter)."""
+        return (), lambda tensors: self.hooked()
+
     def forward_model(self, model: nn.Module, *args, **kwargs):
         kwargs = bind_arguments(args, dict(kwargs))
         positions_from_mask(model, kwargs)  # the adaption prompt's keys carry no position

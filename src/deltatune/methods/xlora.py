@@ -19,6 +19,7 @@ the input); experts are frozen (`use_trainable_adapters` is not supported).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,19 @@ class XLoraClassifier(nn.Module):
         finally:
             handle.remove()
             self.scalings = None
+
+    def call_state(self):
+        """A checkpointed block's recompute in backward runs after this forward dropped its gates: give it
+        the same ones, as an input of the checkpoint so their gradient reaches the classifier."""
+        return (() if self.scalings is None else (self.scalings,)), self._gated
+
+    @contextlib.contextmanager
+    def _gated(self, tensors: tuple[torch.Tensor, ...]):
+        previous, self.scalings = self.scalings, (tensors[0] if tensors else None)
+        try:
+            yield
+        finally:
+            self.scalings = previous
 
     def forward_model(self, model: nn.Module, *args, **kwargs):
         return self._two_passes(model, lambda: model(*args, **kwargs))

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from tiny_models import tiny_llama
 
 import deltatune as dt
+import deltatune.io.adapter_files as adapter_files
 from deltatune.adapter_report import SOURCES, check_adapter, serving_compatibility
 from deltatune.cli import main
 from deltatune.core.config import DeltaConfigError
@@ -293,3 +294,41 @@ def test_a_saved_adapter_loads_and_inspects_clean(tmp_path, capsys):
     status, out, err = inspect(tmp_path / "a", capsys)
     assert status == 0 and err == "" and "rank:         4" in out
     assert dt.DeltaModel.from_pretrained(tiny_llama(), str(tmp_path / "a")) is not None
+
+
+def test_loader_and_inspect_agree_on_links_outside_and_torn_saves(tmp_path, capsys, monkeypatch):
+    """The loader refuses what inspect refuses (a config linked outside the folder), and inspect reports
+    what the loader refuses (a save interrupted between the weights and the config)."""
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "outside")
+    adapter = tmp_path / "linked"
+    model.save_pretrained(adapter)
+    (adapter / "adapter_config.json").unlink()
+    (adapter / "adapter_config.json").symlink_to(tmp_path / "outside" / "adapter_config.json")
+    with pytest.raises(AdapterFileError, match="outside the adapter directory"):
+        dt.DeltaModel.from_pretrained(tiny_llama(), adapter)
+
+    torn = tmp_path / "torn"
+    model.save_pretrained(torn)
+    model.peft_config["default"].lora_alpha = 64  # a second save, killed after its weights were renamed in
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(1.0)
+
+    def killed(path, text):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(adapter_files, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(torn)
+    monkeypatch.undo()
+    with pytest.raises(AdapterFileError, match="interrupted"):
+        dt.DeltaModel.from_pretrained(tiny_llama(), torn)
+    status, out, err = inspect(torn, capsys)
+    assert status == 2 and "interrupted" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules", "modules_to_save"])
+def test_a_list_field_of_the_wrong_type_names_the_field_and_form_in_the_python_api(field):
+    for config_class in (dt.LoraConfig, dt.LoHaConfig, dt.IA3Config):
+        with pytest.raises(DeltaConfigError, match=rf"^{field}=5: must be a list of strings or a string or null"):
+            config_class(**{field: 5})

@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from .core.config import DeltaConfig, DeltaConfigError, config_from_dict
-from .io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
+from .io.adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, check_save_finished, inside_directory
 from .io.serving import LORA_PAIR, SOURCES, AdapterInfo, Verdict, serving_compatibility
 
 __all__ = ["SOURCES", "AdapterInfo", "Verdict", "adapter_report", "check_adapter", "format_report",
@@ -27,17 +27,6 @@ __all__ = ["SOURCES", "AdapterInfo", "Verdict", "adapter_report", "check_adapter
 
 
 # ---------------------------------------------------------------- reading and checking
-def _inside(file: Path, root: Path) -> bool:
-    """Whether `file`, links followed, stays inside `root`, or is a blob of the Hugging Face cache
-    snapshot that `root` is (<repo>/snapshots/<revision>/x -> <repo>/blobs/<sha>). A link elsewhere could
-    make a reader open any file on the machine."""
-    target, root = file.resolve(), root.resolve()
-    if target.is_relative_to(root):
-        return True
-    return (target.parent.name == "blobs" and root.parent.name == "snapshots"
-            and target.parent.parent == root.parent.parent)
-
-
 def _field_problems(data: dict, source: str) -> list[str]:
     """The loader's config validation, one line per bad field: each field is checked on its own beside
     the fields that pass alone, so one bad field does not hide another."""
@@ -149,9 +138,13 @@ def _check(path: Path) -> tuple[AdapterInfo | None, list[str], list[str]]:
     for file in (config_file, weights):
         if not file.is_file():
             problems.append(f"{path}: no {file.name} found")
-        elif not _inside(file, path):
+        elif not inside_directory(file, path):
             problems.append(f"{file}: a link to {file.resolve()}, outside the adapter directory; refused "
                             "(copy the file in instead)")
+    try:
+        check_save_finished(path)
+    except AdapterFileError as err:
+        problems.append(str(err))
     if problems:
         return None, problems, []
     config, parsed, config_problems, notes = _read_config(config_file)

@@ -72,8 +72,8 @@ class DeltaConfig:
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
-                if not all(isinstance(v, str) for v in value):
-                    raise DeltaConfigError(f"{name} must be a string or a list of strings, got {value!r}")
+                if not isinstance(value, (list, tuple, set)) or not all(isinstance(v, str) for v in value):
+                    raise DeltaConfigError(f"{name}={value!r}: must be a list of strings or a string or null")
                 setattr(self, name, list(value))
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]

@@ -151,12 +151,32 @@ def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
     raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} found")
 
 
+def inside_directory(file: Path, root: Path) -> bool:
+    """Whether `file`, links followed, stays inside `root`, or is a blob of the Hugging Face cache
+    snapshot that `root` is (<repo>/snapshots/<revision>/x -> <repo>/blobs/<sha>). A link elsewhere could
+    make a reader open any file on the machine."""
+    target, root = file.resolve(), root.resolve()
+    if target.is_relative_to(root):
+        return True
+    return (target.parent.name == "blobs" and root.parent.name == "snapshots"
+            and target.parent.parent == root.parent.parent)
+
+
 def read_adapter(model_id: str | os.PathLike, allow_pickle: bool = False, subfolder: str | None = None,
                  **_: object) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
-    """Config and weights of the adapter in directory `model_id` (read and parsed, not yet applied)."""
+    """Config and weights of the adapter in directory `model_id` (read and parsed, not yet applied).
+
+    Raises:
+        AdapterFileError: a file is missing, unreadable, torn by an interrupted save, or a link that
+            leads outside the directory.
+    """
     path = Path(model_id) / subfolder if subfolder else Path(model_id)
     if not path.is_dir():
         raise AdapterFileError(f"{path}: adapter directory not found (deltatune loads local directories)")
+    for file in (path / CONFIG_NAME, path / WEIGHTS_NAME, path / PICKLE_NAME):
+        if file.exists() and not inside_directory(file, path):
+            raise AdapterFileError(f"{file}: a link to {file.resolve()}, outside the adapter directory; refused "
+                                   "(copy the file in instead)")
     check_save_finished(path)
     return read_config(path), read_weights(path, allow_pickle)
 

@@ -386,3 +386,12 @@ try:
 except Exception as err:
     print(type(err).__name__, err)
 """
+
+
+def test_the_refusal_counts_checkpoints_as_resume_does(tmp_path):
+    """An incomplete `step-*` folder (a crafted or torn one) is not reported as the newest checkpoint."""
+    from deltatune.train.output_dir import describe
+
+    (tmp_path / "checkpoints" / "step-000005").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000005" / "state.pt").write_bytes(b"not a checkpoint")
+    assert describe(tmp_path, ["checkpoints"]) == "0 checkpoint(s) in checkpoints/ and 1 incomplete one(s)"

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from ..core.config import DeltaConfigError
 from ..io.atomic import remove_stale_temporaries
-from .checkpoint import CHECKPOINTS, remove_checkpoint_temporaries
+from .checkpoint import CHECKPOINTS, checkpoint_folders, list_checkpoints, remove_checkpoint_temporaries
 
 LOCK_NAME = ".deltatune.lock"
 # what a run writes at the top of its folder; `overwrite` removes exactly these
@@ -98,11 +98,12 @@ def describe(out: Path, names: list[str]) -> str:
     parts = []
     if "adapter_model.safetensors" in names:
         parts.append("a trained adapter (adapter_model.safetensors)")
-    checkpoints = out / CHECKPOINTS
-    if checkpoints.is_dir():
-        steps = sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith("."))
-        newest = f" (newest {steps[-1]})" if steps else ""
-        parts.append(f"{len(steps)} checkpoint(s) in {CHECKPOINTS}/{newest}")
+    if (out / CHECKPOINTS).is_dir():  # counted as --resume counts them: complete ones only
+        complete, folders = list_checkpoints(out), checkpoint_folders(out)
+        newest = f" (newest {complete[-1].name})" if complete else ""
+        broken = len(folders) - len(complete)
+        parts.append(f"{len(complete)} checkpoint(s) in {CHECKPOINTS}/{newest}"
+                     + (f" and {broken} incomplete one(s)" if broken else ""))
     shown = [n for n in names if n not in ("adapter_model.safetensors", CHECKPOINTS)]
     parts.extend(shown[:5])
     if len(shown) > 5:

@@ -31,7 +31,6 @@ from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, TaskType, register_method, require
 from ..core.targeting import canonical_name
-from ._placement import bind_arguments, positions_from_mask
 
 ATTENTION_NAMES = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}  # `peft`'s defaults
 # DeltaConfig fields `peft`'s AdaptionPromptConfig does not have.
@@ -152,10 +151,10 @@ class AdaptionPrompts(nn.Module):
         return (), lambda tensors: self.hooked()
 
     def forward_model(self, model: nn.Module, *args, **kwargs):
-        kwargs = bind_arguments(args, dict(kwargs))
-        positions_from_mask(model, kwargs)  # the adaption prompt's keys carry no position
+        # no positions from the mask here (prefix tuning takes them): the zero-init gate promises the base
+        # model's output exactly, and a base with absolute positions (GPT-2) numbers a padded row from 0
         with self.hooked():
-            return model(**kwargs)
+            return model(*args, **kwargs)
 
     def generate_model(self, model: nn.Module, *args, **kwargs):
         with self.hooked():

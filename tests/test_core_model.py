@@ -1,7 +1,6 @@
 """DeltaModel behaviour beyond the life-cycle table: targeting rules, several active adapters,
 mixed-adapter batches in forward and generate, delete, and merging in half precision."""
 
-import copy
 
 import pytest
 import torch

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
+from ..core.config import DeltaConfig, config_from_dict
 from ..core.model import check_adapter_name
 from .atomic import json_text, safetensors_bytes, write_bytes, write_json, write_text
 from .keymap import adapter_slots, base_weight_slots, embedding_layer_slots, trained_head_bias_extras

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import functools
 import re
+import sys
 import threading
 from typing import Iterator
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from .checkpointing import gradients_through_checkpoints
+from .forward_signature import SignedForward
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing, is_quantized
 from .merging import refuse_shared_targets, shared_parameters
@@ -95,10 +97,17 @@ def exclusive(method):
 class DeltaModel(nn.Module):
     """A model with PEFT adapters. Create with `get_peft_model` or `DeltaModel.from_pretrained`."""
 
+    def __new__(cls, *args, **kwargs):
+        # Once `peft` is imported (Transformers' Trainer and TRL import it), a DeltaModel is also a
+        # `peft.PeftModel` to isinstance checks, so they save and resume it as an adapter (core/peft_face.py).
+        if cls is DeltaModel and "peft" in sys.modules:
+            from .peft_face import DeltaModel as cls
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default",
                  weights: dict[str, torch.Tensor] | None = None, source: str = "weights") -> None:
         """Wrap `model` with adapter `adapter_name`; `weights` (disk keys, read from `source`) fill it."""
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): in the peft face, PeftModel.__init__ comes next
         self._lock = ModelLock()
         self.model = model
         self.training = model.training
@@ -114,7 +123,7 @@ class DeltaModel(nn.Module):
 
     def __getattr__(self, name: str):
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)  # not super(): see __init__
         except AttributeError:
             if name == "model":
                 raise
@@ -518,6 +527,8 @@ class DeltaModel(nn.Module):
                 gradients_through_checkpoints(self.model, self._call_state):
             hook = self._model_level()
             return hook.forward_model(self.model, *args, **kwargs) if hook else self.model(*args, **kwargs)
+
+    forward = SignedForward(forward)  # shows the wrapped model's parameters (core/forward_signature.py)
 
     def _call_state(self):
         """What backward's recompute of a checkpointed block must see again (core/checkpointing.py): this

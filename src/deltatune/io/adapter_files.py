@@ -212,8 +212,24 @@ def assign_weights(model, adapter_name: str, weights: dict[str, torch.Tensor], s
 
 def load_adapter(model, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                  allow_pickle: bool = False, **kwargs) -> None:
-    """Add the adapter in directory `model_id` to a DeltaModel under `adapter_name`."""
+    """Add the adapter in directory `model_id` to a DeltaModel under `adapter_name`. If the model already
+    has an adapter of that name, its weights are replaced, as `peft` does (Trainer's resume from a
+    checkpoint loads into the adapter being trained); the saved config must then be the same.
+
+    Raises:
+        AdapterFileError: unreadable files, or (existing adapter) a config that differs from the model's.
+    """
     check_adapter_name(adapter_name)
     config, weights = read_adapter(model_id, allow_pickle=allow_pickle, **kwargs)
-    config.inference_mode = not is_trainable
-    model.inject(adapter_name, config, weights, source=str(model_id))
+    existing = model.peft_config.get(adapter_name)
+    if existing is None:
+        config.inference_mode = not is_trainable
+        model.inject(adapter_name, config, weights, source=str(model_id))
+        return
+    ignored = ("inference_mode", "base_model_name_or_path", "revision")
+    saved, current = config_to_json(model, config), config_to_json(model, existing)
+    differing = sorted(k for k in saved.keys() | current.keys() if k not in ignored and saved.get(k) != current.get(k))
+    if differing:
+        raise AdapterFileError(f"{model_id}: adapter {adapter_name!r} already exists with another config "
+                               f"({', '.join(differing)} differ); load it under a new adapter_name")
+    assign_weights(model, adapter_name, weights, source=str(model_id))

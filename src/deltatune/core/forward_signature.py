@@ -17,6 +17,8 @@ import inspect
 import types
 import weakref
 
+import torch
+
 OWN_KEYWORDS = ("adapter_names", "task_ids")
 _signed: "weakref.WeakKeyDictionary[object, types.FunctionType]" = weakref.WeakKeyDictionary()
 
@@ -49,7 +51,7 @@ class SignedForward:
         if obj is None:
             return self.function
         base = obj.__dict__.get("_modules", {}).get("model")
-        if base is None:  # still being built
+        if base is None or torch.compiler.is_compiling():  # still being built; or traced, where none reads it
             return types.MethodType(self.function, obj)
         base_forward = base.forward
         key = getattr(base_forward, "__func__", base_forward)

@@ -1,29 +1,35 @@
-"""Hugging Face `Trainer` with a DeltaModel.
+"""Hugging Face `Trainer` (and TRL's trainers, built on it) with a DeltaModel.
 
-A DeltaModel is a plain nn.Module, so the stock `Trainer` trains it as it is (pass
-`remove_unused_columns=False`: Trainer reads the columns to keep from `forward`'s signature, and
-DeltaModel.forward takes **kwargs). Saving is where the stock Trainer falls short: it only calls
-`save_pretrained` on its own model classes and `peft`'s, and otherwise writes the full state dict,
-which fails for models with tied embeddings (SmolLM2, Llama 3.2 ...). `DeltaTrainer` fixes both:
+The stock `transformers.Trainer` and TRL's `SFTTrainer` take a DeltaModel as they take a `peft` model:
+- the column filter (`remove_unused_columns=True`, the default) reads `model.forward`'s signature, which
+  shows the wrapped model's parameters (core/forward_signature.py);
+- saving and resuming: Trainer calls `save_pretrained` / `load_adapter` only on a `peft.PeftModel`; a
+  DeltaModel built once `peft` is imported (importing Trainer or TRL imports it) is one to isinstance
+  checks (core/peft_face.py), so checkpoint-N/ and `save_model()` hold adapter_config.json +
+  adapter_model.safetensors, and `trainer.train(resume_from_checkpoint=...)` loads them back.
+TRL's `peft_config=` takes only `peft.PeftConfig` objects and builds a model with `peft` itself, so with
+deltatune wrap first and pass the model: `SFTTrainer(model=get_peft_model(base, LoraConfig(...)), ...)`.
+
+`DeltaTrainer` adds two things:
+- installs without `peft`: the stock Trainer would save the full state dict (which fails for tied
+  embeddings, as in SmolLM2 and Llama 3.2); DeltaTrainer saves and resumes the adapter there too;
+- it takes a causal LM's loss straight from the hidden states (train/linear_loss.py: no full logits
+  tensor, the same value) when a batch holds only input_ids / attention_mask / position_ids / labels and
+  no label smoothing or custom loss function is set; otherwise the stock `compute_loss` runs.
 
     trainer = DeltaTrainer(model=delta_model, args=args, train_dataset=ds)
     trainer.train()        # checkpoint-N/ holds adapter_config.json + adapter_model.safetensors
     trainer.train(resume_from_checkpoint=True)      # resumes from them
-
-It also takes a causal LM's loss straight from the hidden states (train/linear_loss.py: no full logits
-tensor, the same value) when a batch holds only input_ids / attention_mask / position_ids / labels and no label
-smoothing or custom loss function is set; otherwise the stock `compute_loss` runs.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import _is_peft_model
 
-from ..io.adapter_files import assign_weights, read_adapter
 from .evaluate import token_loss_sum
 from .linear_loss import token_loss_parts
 
@@ -31,11 +37,14 @@ PLAIN_BATCH_KEYS = {"input_ids", "attention_mask", "position_ids", "labels"}  # 
 
 
 def _delta(model):
-    return model if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else None
+    """`model` if it is a DeltaModel that the stock Trainer does not see as a peft model, else None."""
+    plain = hasattr(model, "peft_config") and hasattr(model, "get_base_model") and not _is_peft_model(model)
+    return model if plain else None
 
 
 class DeltaTrainer(Trainer):
-    """`transformers.Trainer` that saves and resumes a DeltaModel as an adapter."""
+    """`transformers.Trainer` with the chunked causal-LM loss, saving and resuming a DeltaModel as an adapter
+    also where `peft` is not installed."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plain = (return_outputs or "labels" not in inputs or set(inputs) - PLAIN_BATCH_KEYS
@@ -50,13 +59,6 @@ class DeltaTrainer(Trainer):
         if self.args.average_tokens_across_devices and by_items:
             loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
         return loss
-
-    def _set_signature_columns_if_needed(self):
-        inner = _delta(self.accelerator.unwrap_model(self.model))
-        if self._signature_columns is None and inner is not None:
-            names = inspect.signature(inner.get_base_model().forward).parameters
-            self._signature_columns = list(dict.fromkeys([*names, "label", "label_ids", *self.label_names]))
-        super()._set_signature_columns_if_needed()
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         inner = _delta(self.accelerator.unwrap_model(self.model))
@@ -76,6 +78,5 @@ class DeltaTrainer(Trainer):
         inner = _delta(self.accelerator.unwrap_model(model or self.model))
         if inner is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        _, weights = read_adapter(resume_from_checkpoint)
-        assign_weights(inner, inner.active_adapter, weights, source=str(resume_from_checkpoint))
+        inner.load_adapter(resume_from_checkpoint, inner.active_adapter, is_trainable=True)  # replaces its weights
         return None

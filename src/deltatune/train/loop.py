@@ -114,6 +114,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             log(f"eval data: {eval_set.stats.summary()}")
     world = accelerator.num_processes
     global_batch = tc.batch_size * tc.grad_accum * world
+    if main and world > 1:
+        log(f"data-parallel: {world} processes, global batch {global_batch}")
     steps = tc.max_steps or math.ceil(tc.epochs * len(train_set.examples) / global_batch)
     if checkpoint is not None and saved["step"] >= steps:
         length = f"max_steps={tc.max_steps}" if tc.max_steps else f"epochs={tc.epochs} ({steps} steps)"

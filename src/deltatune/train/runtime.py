@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -33,7 +34,31 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     return torch.autocast(kind, dtype=dtype, enabled=dtype is not None)
 
 
+# set by every launcher that really starts several processes: torchrun / accelerate --multi_gpu, MPI
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def lone_launch_warning(environ=os.environ) -> str | None:
+    """The warning for a run that `accelerate launch` was asked to start in several processes but started
+    alone, else None.
+
+    Without `--multi_gpu` (or a multi-GPU / FSDP config) accelerate's simple launcher runs the script
+    once, whatever `--num_processes` says; on a machine without GPUs `accelerate launch --num_processes 2`
+    is that case. It marks its child with ACCELERATE_USE_CPU and, for more than one process, sets
+    MASTER_ADDR, but sets no WORLD_SIZE (accelerate 1.15, utils/launch.py:
+    prepare_simple_launcher_cmd_env); launchers that start the processes set WORLD_SIZE (or MPI's size).
+    """
+    simple_launch = "ACCELERATE_USE_CPU" in environ and "MASTER_ADDR" in environ
+    if not simple_launch or any(name in environ for name in WORLD_SIZE_VARS):
+        return None
+    return ("warning: accelerate launch was asked for several processes but started only this one (without "
+            "--multi_gpu it runs the script once); training goes on in 1 process. For N processes use "
+            "`accelerate launch --multi_gpu --num_processes N -m deltatune train ...` (also on CPU, with gloo) "
+            "or `torchrun --nproc-per-node N -m deltatune train ...`")
+
+
 def make_accelerator(precision: str):
+    """The run's Accelerator; warns on stderr when a launch meant for several processes started one."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, DistributedType
 
@@ -49,6 +74,9 @@ def make_accelerator(precision: str):
         AcceleratorState._reset_state()  # a second run in one process with another precision
     # accelerate treats a multi-process launch as distributed CPU (gloo) only when asked to use the CPU
     on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    warning = lone_launch_warning()
+    if warning:
+        print(warning, file=sys.stderr)
     return Accelerator(mixed_precision=mixed, cpu=on_cpu)
 
 

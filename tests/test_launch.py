@@ -46,11 +46,11 @@ def test_a_bare_accelerate_launch_of_two_processes_warns_in_the_one_it_starts(tm
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 def test_the_documented_accelerate_command_trains_in_two_processes(tmp_path):
-    """examples/README.md: `accelerate launch --multi_gpu --num_processes 2 -m deltatune train ...`, one step."""
+    """examples/README.md's `accelerate launch --multi_gpu --num_processes 2 -m deltatune train ...`."""
     model = make_tiny_model_dir(tmp_path / "model")
     data = write_jsonl(tmp_path / "train.jsonl", upper_rows(12))
-    config = write_config(tmp_path / "run.yaml", model, data, None, tmp_path / "run", max_steps=1, batch_size=2,
-                          save_every=0)
+    config = write_config(tmp_path / "run.yaml", model, data, None, tmp_path / "run", max_steps=1,
+                          batch_size=2, save_every=0)
     result = run_cli("--multi_gpu", "--num_processes", "2", "-m", "deltatune", "train", str(config),
                      module="accelerate.commands.launch")
     assert result.returncode == 0, result.stderr[-3000:]

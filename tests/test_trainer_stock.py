@@ -94,14 +94,15 @@ def test_forward_shows_the_wrapped_models_parameters():
 def test_peft_face_is_a_peft_model_that_answers_like_a_delta_model(monkeypatch):
     model = lora_gpt2()
     assert isinstance(model, peft.PeftModel) and isinstance(model, dt.DeltaModel)
-    assert model.base_model.model is model.get_base_model()  # peft's shape: Trainer's label smoothing, NEFTune
+    assert model.base_model.model is model.get_base_model()  # peft's shape: label smoothing, NEFTune
     monkeypatch.delitem(sys.modules, "peft")  # a process that never imported peft gets the plain class
     plain = lora_gpt2()
     monkeypatch.undo()
     assert type(plain) is plain_model.DeltaModel
     for name in peft_face._peft_only_names():  # peft's own attributes are hidden: the same answers as plain
         assert hasattr(model, name) == hasattr(plain, name), name
-    assert model.peft_config.keys() == plain.peft_config.keys() and model.active_adapters == plain.active_adapters
+    assert model.peft_config.keys() == plain.peft_config.keys()
+    assert model.active_adapters == plain.active_adapters
     ids = token_batch()
     torch.testing.assert_close(logits(model, ids), logits(plain, ids), rtol=0, atol=0)
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
@@ -197,9 +198,11 @@ def test_load_adapter_into_an_existing_adapter_replaces_its_weights(tmp_path):
     ids = token_batch()
     torch.testing.assert_close(logits(target, ids), logits(source, ids), rtol=0, atol=0)
     assert list(target.peft_config) == ["default"]
-    dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(str(tmp_path / "b"))
+    other = dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(r=2, target_modules=["c_attn"]))
+    other.save_pretrained(str(tmp_path / "b"))
     before = trained(target)
-    with pytest.raises(AdapterFileError, match=r"'default' already exists with another config \(r, target_modules"):
+    differ = r"'default' already exists with another config \(r, target_modules"
+    with pytest.raises(AdapterFileError, match=differ):
         target.load_adapter(str(tmp_path / "b"), "default")
     for name, value in trained(target).items():
         assert torch.equal(value, before[name]), name

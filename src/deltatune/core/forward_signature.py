@@ -44,9 +44,6 @@ class SignedForward:
         self.function = function
         self.__doc__ = function.__doc__
 
-    def __set_name__(self, owner, name) -> None:
-        self.name = name
-
     def __get__(self, obj, owner=None):
         if obj is None:
             return self.function
@@ -60,11 +57,12 @@ class SignedForward:
         except TypeError:  # a forward that cannot be weakly referenced: sign it on every access
             function, key = None, None
         if function is None:
-            function = types.FunctionType(self.function.__code__, self.function.__globals__, self.function.__name__,
-                                          self.function.__defaults__, self.function.__closure__)
-            function.__kwdefaults__ = self.function.__kwdefaults__
-            function.__dict__.update(self.function.__dict__)
-            function.__qualname__, function.__module__ = self.function.__qualname__, self.function.__module__
+            original = self.function
+            function = types.FunctionType(original.__code__, original.__globals__, original.__name__,
+                                          original.__defaults__, original.__closure__)
+            function.__kwdefaults__ = original.__kwdefaults__
+            function.__dict__.update(original.__dict__)
+            function.__qualname__, function.__module__ = original.__qualname__, original.__module__
             function.__signature__ = signature_like(base_forward)
             if key is not None:
                 _signed[key] = function

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .checkpointing import gradients_through_checkpoints
-from .forward_signature import SignedForward
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
+from .forward_signature import SignedForward
 from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing, is_quantized
 from .merging import refuse_shared_targets, shared_parameters
 from .originals import BaseValues

@@ -228,7 +228,8 @@ def load_adapter(model, model_id: str | os.PathLike, adapter_name: str, is_train
         return
     ignored = ("inference_mode", "base_model_name_or_path", "revision")
     saved, current = config_to_json(model, config), config_to_json(model, existing)
-    differing = sorted(k for k in saved.keys() | current.keys() if k not in ignored and saved.get(k) != current.get(k))
+    differing = sorted(key for key in saved.keys() | current.keys()
+                       if key not in ignored and saved.get(key) != current.get(key))
     if differing:
         raise AdapterFileError(f"{model_id}: adapter {adapter_name!r} already exists with another config "
                                f"({', '.join(differing)} differ); load it under a new adapter_name")

@@ -78,5 +78,6 @@ class DeltaTrainer(Trainer):
         inner = _delta(self.accelerator.unwrap_model(model or self.model))
         if inner is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        inner.load_adapter(resume_from_checkpoint, inner.active_adapter, is_trainable=True)  # replaces its weights
+        # an existing adapter's weights are replaced (io/adapter_files.load_adapter)
+        inner.load_adapter(resume_from_checkpoint, inner.active_adapter, is_trainable=True)
         return None

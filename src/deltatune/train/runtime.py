@@ -53,8 +53,8 @@ def lone_launch_warning(environ=os.environ) -> str | None:
         return None
     return ("warning: accelerate launch was asked for several processes but started only this one (without "
             "--multi_gpu it runs the script once); training goes on in 1 process. For N processes use "
-            "`accelerate launch --multi_gpu --num_processes N -m deltatune train ...` (also on CPU, with gloo) "
-            "or `torchrun --nproc-per-node N -m deltatune train ...`")
+            "`accelerate launch --multi_gpu --num_processes N -m deltatune train ...` (also on CPU, with "
+            "gloo) or `torchrun --nproc-per-node N -m deltatune train ...`")
 
 
 def make_accelerator(precision: str):

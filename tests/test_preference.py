@@ -20,8 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from trl import DPOConfig, KTOConfig
 from trl.trainer.utils import add_fused_lm_head
 
-from deltatune import LoraConfig, PromptTuningConfig, get_peft_model
-from deltatune.train.preference import DeltaDPOTrainer, DeltaKTOTrainer
+from deltatune import DeltaDPOTrainer, DeltaKTOTrainer, LoraConfig, PromptTuningConfig, get_peft_model
 
 TOKENIZER = make_tokenizer()
 PAIRS = {
@@ -63,16 +62,21 @@ def arguments(config_class, out, **extra):
     return config_class(**settings)
 
 
+def batches(trainer, ref_columns: list[str]):
+    """The trainer's own padded batches, in the order TRL precomputed the reference (no shuffling)."""
+    rows = trainer.train_dataset.remove_columns(ref_columns)
+    return DataLoader(rows, batch_size=trainer.args.per_device_train_batch_size,
+                      collate_fn=trainer.data_collator)
+
+
 def scored(model, trainer, ref_columns: list[str]) -> torch.Tensor:
-    """Completion log-probs of `model` on the trainer's own padded batches, in the order TRL precomputed
-    them, through TRL's fused LM head (the arithmetic TRL uses): (rows in the collator's order,)."""
+    """Completion log-probs of `model` on the trainer's batches through TRL's fused LM head, under the
+    trainer's autocast (the arithmetic TRL uses): (rows in the collator's order,)."""
     model = copy.deepcopy(model)  # add_fused_lm_head patches forward; keep the caller's model as it is
     add_fused_lm_head(model)
-    rows = trainer.train_dataset.remove_columns(ref_columns)
-    loader = DataLoader(rows, batch_size=trainer.args.per_device_train_batch_size, collate_fn=trainer.data_collator)
     sums = []
     with torch.no_grad(), trainer.accelerator.autocast():  # TRL's precision (bf16 autocast by default)
-        for batch in loader:
+        for batch in batches(trainer, ref_columns):
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                         fused_lm_head=True)
@@ -82,11 +86,9 @@ def scored(model, trainer, ref_columns: list[str]) -> torch.Tensor:
 
 def by_hand(model, trainer, ref_columns: list[str]) -> torch.Tensor:
     """The same log-probs from full logits with log_softmax (independent of TRL's fused kernel)."""
-    rows = trainer.train_dataset.remove_columns(ref_columns)
-    loader = DataLoader(rows, batch_size=trainer.args.per_device_train_batch_size, collate_fn=trainer.data_collator)
     sums = []
     with torch.no_grad():
-        for batch in loader:
+        for batch in batches(trainer, ref_columns):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
             sums.append((logps * batch["completion_mask"][:, 1:]).sum(-1))  # (rows,)
@@ -103,7 +105,8 @@ def dpo_reference(trainer) -> torch.Tensor:
 
 def frozen_and_adapter(model) -> tuple[dict, dict]:
     params = {name: param.detach().clone() for name, param in model.named_parameters()}
-    return ({n: p for n, p in params.items() if "lora_" not in n}, {n: p for n, p in params.items() if "lora_" in n})
+    adapter = {name: param for name, param in params.items() if "lora_" in name}
+    return {name: param for name, param in params.items() if name not in adapter}, adapter
 
 
 def check_trained_two_steps(trainer, model, untouched) -> None:
@@ -125,12 +128,13 @@ def check_trained_two_steps(trainer, model, untouched) -> None:
 
 
 def test_dpo_two_steps_fresh_adapter_starts_at_ln2(tmp_path):
-    """lora_B = 0: policy == reference, so every DPO margin is 0 and the first loss is -log sigmoid(0) = ln 2."""
+    """lora_B = 0: policy == reference, so every DPO margin is 0: the first loss is -log sigmoid(0) = ln 2."""
     untouched, model = base_and_policy(trained_adapter=False)
     args = arguments(DPOConfig, tmp_path)
     trainer = DeltaDPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(PAIRS),
                               processing_class=TOKENIZER)
-    assert trainer.ref_model is None and not args.precompute_ref_log_probs  # no second base; caller's args kept
+    assert trainer.ref_model is None  # no second copy of the base
+    assert not args.precompute_ref_log_probs  # the caller's args are left as given
     check_trained_two_steps(trainer, model, untouched)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2
@@ -203,11 +207,21 @@ def test_refuses_adapters_trl_would_skip(tmp_path, config, field):
     never train. Refused with one error naming it, before any dataset work."""
     model = get_peft_model(tiny_llama(), config)
     with pytest.raises(ValueError, match=field):
-        DeltaDPOTrainer(model=model, args=arguments(DPOConfig, tmp_path), train_dataset=Dataset.from_dict(PAIRS),
-                        processing_class=TOKENIZER)
+        DeltaDPOTrainer(model=model, args=arguments(DPOConfig, tmp_path),
+                        train_dataset=Dataset.from_dict(PAIRS), processing_class=TOKENIZER)
 
 
 def test_refuses_a_model_without_adapters(tmp_path):
     with pytest.raises(TypeError, match="DeltaModel"):
         DeltaDPOTrainer(model=tiny_llama(), args=arguments(DPOConfig, tmp_path),
                         train_dataset=Dataset.from_dict(PAIRS), processing_class=TOKENIZER)
+
+
+def test_import_deltatune_does_not_import_trl():
+    """trl is optional: `import deltatune` leaves it alone; the trainers load it on first use (this
+    module's own `from deltatune import DeltaDPOTrainer` is that first use)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", "import sys, deltatune; assert 'trl' not in sys.modules"], check=True)
+    assert DeltaDPOTrainer.__module__ == "deltatune.train.preference"

@@ -12,72 +12,83 @@ method inside `model.disable_adapter()` (which gives the base model's output exa
 in eval mode (as TRL runs a separate reference model), so:
 
     from trl import DPOConfig
-    from deltatune.train.preference import DeltaDPOTrainer
+    from deltatune import DeltaDPOTrainer, LoraConfig, get_peft_model
 
     model = get_peft_model(base, LoraConfig(r=16, target_modules="all-linear"))
     trainer = DeltaDPOTrainer(model=model, args=DPOConfig(output_dir="out", beta=0.1),
-                              train_dataset=pairs, processing_class=tokenizer)   # prompt/chosen/rejected
+                              train_dataset=pairs, processing_class=tokenizer)  # prompt/chosen/rejected
     trainer.train()
 
-The reference is the base model whatever the adapter holds when training starts (a fresh adapter, or one
-loaded to be trained further), the log-probs come from the same fused LM head TRL uses for the policy, and
-each example is scored once rather than once per epoch. Passing `ref_model=` keeps TRL's own behaviour.
-ORPO has no reference model: TRL's `trl.experimental.orpo.ORPOTrainer` takes a DeltaModel as it is.
+The reference is the base model whatever the adapter holds when training starts (a fresh adapter, or
+one loaded to be trained further); its log-probs come from the same fused LM head and autocast TRL uses
+for the policy, and each example is scored once rather than once per epoch. Passing `ref_model=` keeps
+TRL's own behaviour. ORPO has no reference model: TRL's `trl.experimental.orpo.ORPOTrainer` takes a
+DeltaModel as it is.
 
-Limits, as in TRL for `peft`: an adapter on the LM head (TRL's fused head reads `lm_head.weight` directly)
-and adapters that act on the whole model (prompt tuning, prefix tuning, LLaMA-Adapter, X-LoRA: TRL's fused
-head calls the backbone directly, past DeltaModel.forward) are refused here, before any work starts.
+Limits. As TRL does for `peft`, an adapter on the LM head is refused (TRL's fused head reads
+`lm_head.weight` directly); so are adapters that act on the whole model (prompt and prefix tuning,
+LLaMA-Adapter, X-LoRA), since TRL's fused head calls the backbone past DeltaModel.forward. Under FSDP
+TRL still loads its own reference model for the precompute (and frees it). A dataset passed to
+`evaluate()` after training started is refused by TRL (pass it as `eval_dataset` up front).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from ..core.layer import DeltaLayer, ModulesToSave
+from ..core.model import DeltaModel
+
+logger = logging.getLogger(__name__)
 
 
-def check_reference_ready(model) -> None:
-    """Refuse what TRL's fused LM head would silently skip on `model` (a DeltaModel).
+def check_reference_ready(model: DeltaModel) -> None:
+    """Refuse what TRL's fused LM head would silently skip on `model`.
 
     Raises:
-        ValueError: the output embedding (`lm_head`) carries an adapter, or an adapter acts on the whole
-            model (soft prompts, LLaMA-Adapter, X-LoRA), naming it.
+        ValueError: the output embedding (`lm_head`) carries an adapter, or an active adapter acts on
+            the whole model (soft prompts, LLaMA-Adapter, X-LoRA), naming it.
     """
-    head = model.get_output_embeddings()
-    if isinstance(head, (DeltaLayer, ModulesToSave)):
-        raise ValueError("preference tuning with TRL cannot train an adapter on the LM head (TRL scores tokens "
-                         "from lm_head.weight directly); remove 'lm_head' from target_modules/modules_to_save")
+    if isinstance(model.get_output_embeddings(), (DeltaLayer, ModulesToSave)):
+        raise ValueError("preference tuning with TRL cannot train an adapter on the LM head (TRL scores "
+                         "tokens from lm_head.weight directly); remove 'lm_head' from "
+                         "target_modules / modules_to_save")
+    adapters = model.model_adapters
     whole_model = sorted(name for name in model.active_adapters
-                         if name in model.model_adapters and hasattr(model.model_adapters[name], "forward_model"))
+                         if name in adapters and hasattr(adapters[name], "forward_model"))
     if whole_model:
-        raise ValueError(f"preference tuning with TRL cannot train adapters {whole_model}: they act on the whole "
-                         "model (prompts, gates) and TRL's fused LM head calls the backbone past them; "
-                         "use a layer method (LoRA, DoRA, LoHa, IA3 ...)")
+        raise ValueError(f"preference tuning with TRL cannot train adapters {whole_model}: they act on the "
+                         "whole model (prompts, gates) and TRL's fused LM head calls the backbone past "
+                         "them; use a layer method (LoRA, DoRA, LoHa, IA3 ...)")
 
 
 class _AdapterDisabledReference:
-    """Mixin for TRL trainers that precompute the reference log-probs with the adapter disabled."""
+    """Mixin for TRL trainers: the reference log-probs are precomputed with the adapter disabled."""
 
     _config_class: type = DPOConfig
 
     def __init__(self, model, ref_model=None, args=None, *rest, **kwargs) -> None:
-        if not (hasattr(model, "disable_adapter") and hasattr(model, "peft_config")):
-            raise TypeError(f"{type(self).__name__} trains a DeltaModel (deltatune.get_peft_model(base, config)); "
-                            f"got {type(model).__name__}")
+        if not isinstance(model, DeltaModel):
+            raise TypeError(f"{type(self).__name__} trains a DeltaModel (deltatune.get_peft_model(base, "
+                            f"config)); got {type(model).__name__}")
         check_reference_ready(model)
-        if args is None:  # TRL's own default, named the same way
-            args = self._config_class(f"{model.config._name_or_path.split('/')[-1]}-{self._config_class.__name__}")
+        if args is None:  # TRL's own default output_dir, "<model name>-<config class>"
+            name = model.config._name_or_path.split("/")[-1]
+            args = self._config_class(f"{name}-{self._config_class.__name__}")
         if ref_model is None and not args.precompute_ref_log_probs:
-            # the path on which TRL keeps no reference model; a copy so the caller's args stay as given
+            # TRL's path with no reference model in memory; a copy, so the caller's args stay as given
+            logger.info("reference log-probs: computed once before training, with the adapter disabled")
             args = copy.copy(args)
             args.precompute_ref_log_probs = True
         super().__init__(model, ref_model, args, *rest, **kwargs)
 
     def compute_ref_log_probs(self, model, inputs):
-        """TRL's reference log-probs for one padded batch, from the base: the adapter disabled, eval mode."""
-        if self.ref_model is not None:  # a reference model of the caller's (or TRL's under FSDP)
+        """TRL's reference log-probs of one padded batch, from the base: adapter disabled, eval mode
+        (as TRL runs a separate reference model)."""
+        if self.ref_model is not None:  # the caller's reference model (or TRL's own under FSDP)
             return super().compute_ref_log_probs(model, inputs)
         delta_model = self.accelerator.unwrap_model(self.model)
         was_training = delta_model.training
@@ -90,15 +101,15 @@ class _AdapterDisabledReference:
 
 
 class DeltaDPOTrainer(_AdapterDisabledReference, DPOTrainer):
-    """TRL's `DPOTrainer` for a DeltaModel; the reference is the base (the adapter disabled), scored once
-    before training (`precompute_ref_log_probs`), so no second copy of the base is held. Arguments as
-    `trl.DPOTrainer`."""
+    """TRL's `DPOTrainer` for a DeltaModel. The reference is the base (the adapter disabled), scored
+    once before training (`precompute_ref_log_probs`), so no second copy of the base is held.
+    Arguments as `trl.DPOTrainer`."""
 
     _config_class = DPOConfig
 
 
 class DeltaKTOTrainer(_AdapterDisabledReference, KTOTrainer):
-    """TRL's `KTOTrainer` for a DeltaModel; the reference (and its KL completions) come from the base,
+    """TRL's `KTOTrainer` for a DeltaModel. The reference (and its KL completions) come from the base,
     the adapter disabled, scored once before training. Arguments as `trl.KTOTrainer`."""
 
     _config_class = KTOConfig

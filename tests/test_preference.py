@@ -20,7 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from trl import DPOConfig, KTOConfig
 from trl.trainer.utils import add_fused_lm_head
 
-from deltatune import DeltaDPOTrainer, DeltaKTOTrainer, LoraConfig, PromptTuningConfig, get_peft_model
+from deltatune import (DeltaDPOTrainer, DeltaKTOTrainer, DeltaModel, LoraConfig, PromptTuningConfig,
+                       get_peft_model)
 
 TOKENIZER = make_tokenizer()
 PAIRS = {
@@ -142,6 +143,17 @@ def test_dpo_two_steps_fresh_adapter_starts_at_ln2(tmp_path):
     assert losses[1] != losses[0]
 
 
+def test_dpo_with_peft_config_wraps_the_base(tmp_path):
+    """TRL's `model=base, peft_config=...` form, with a deltatune config: the trainer wraps the base."""
+    base = tiny_llama()
+    untouched = copy.deepcopy(base)
+    trainer = DeltaDPOTrainer(model=base, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                              args=arguments(DPOConfig, tmp_path), train_dataset=Dataset.from_dict(PAIRS),
+                              processing_class=TOKENIZER)
+    assert isinstance(trainer.model, DeltaModel) and trainer.model.get_base_model() is base
+    check_trained_two_steps(trainer, trainer.model, untouched)
+
+
 def test_dpo_reference_is_the_base_bit_for_bit(tmp_path):
     """With an adapter that already changes the output, TRL's reference log-probs are still the base's:
     equal bit for bit to an untouched copy of the base, and unlike the policy's. In float32 (TRL's
@@ -223,5 +235,6 @@ def test_import_deltatune_does_not_import_trl():
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-c", "import sys, deltatune; assert 'trl' not in sys.modules"], check=True)
+    code = "import sys, deltatune; assert 'trl' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
     assert DeltaDPOTrainer.__module__ == "deltatune.train.preference"

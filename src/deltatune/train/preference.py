@@ -22,7 +22,8 @@ in eval mode (as TRL runs a separate reference model), so:
 The reference is the base model whatever the adapter holds when training starts (a fresh adapter, or
 one loaded to be trained further); its log-probs come from the same fused LM head and autocast TRL uses
 for the policy, and each example is scored once rather than once per epoch. Passing `ref_model=` keeps
-TRL's own behaviour. ORPO has no reference model: TRL's `trl.experimental.orpo.ORPOTrainer` takes a
+TRL's own behaviour. TRL's other form, `model=base, peft_config=deltatune.LoraConfig(...)`, works too.
+ORPO has no reference model: TRL's `trl.experimental.orpo.ORPOTrainer` takes a
 DeltaModel as it is.
 
 Limits. As TRL does for `peft`, an adapter on the LM head is refused (TRL's fused head reads
@@ -37,10 +38,12 @@ from __future__ import annotations
 import copy
 import logging
 
+from transformers import set_seed
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
+from ..core.config import DeltaConfig
 from ..core.layer import DeltaLayer, ModulesToSave
-from ..core.model import DeltaModel
+from ..core.model import DeltaModel, get_peft_model
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +73,22 @@ class _AdapterDisabledReference:
 
     _config_class: type = DPOConfig
 
-    def __init__(self, model, ref_model=None, args=None, *rest, **kwargs) -> None:
-        if not isinstance(model, DeltaModel):
-            raise TypeError(f"{type(self).__name__} trains a DeltaModel (deltatune.get_peft_model(base, "
-                            f"config)); got {type(model).__name__}")
-        check_reference_ready(model)
+    def __init__(self, model, ref_model=None, args=None, *rest, peft_config: DeltaConfig | None = None,
+                 **kwargs) -> None:
         if args is None:  # TRL's own default output_dir, "<model name>-<config class>"
             name = model.config._name_or_path.split("/")[-1]
             args = self._config_class(f"{name}-{self._config_class.__name__}")
+        if peft_config is not None:  # TRL's `model=base, peft_config=...` form, with a deltatune config
+            if not isinstance(peft_config, DeltaConfig) or isinstance(model, DeltaModel):
+                raise TypeError(f"peft_config must be a deltatune config (e.g. deltatune.LoraConfig) for a "
+                                f"model without adapters; got {type(peft_config).__name__} for "
+                                f"{type(model).__name__}")
+            set_seed(args.seed)  # as TRL does before wrapping: adapter init is random
+            model = get_peft_model(model, peft_config)
+        if not isinstance(model, DeltaModel):
+            raise TypeError(f"{type(self).__name__} trains a DeltaModel (deltatune.get_peft_model(base, "
+                            f"config), or model=base with peft_config=); got {type(model).__name__}")
+        check_reference_ready(model)
         if ref_model is None and not args.precompute_ref_log_probs:
             # TRL's path with no reference model in memory; a copy, so the caller's args stay as given
             logger.info("reference log-probs: computed once before training, with the adapter disabled")

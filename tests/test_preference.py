@@ -111,14 +111,14 @@ def frozen_and_adapter(model) -> tuple[dict, dict]:
 
 
 def check_trained_two_steps(trainer, model, untouched) -> None:
-    """Two optimizer steps ran, the adapter moved, the base weights are bit-for-bit the untouched base's,
-    and the adapter disabled gives the untouched base's logits (under the trainer's autocast, which
-    accelerate leaves on the trained model's forward)."""
+    """Two optimizer steps ran, every adapter parameter moved (each got a gradient), the base weights are
+    bit-for-bit the untouched base's, and the adapter disabled gives the untouched base's logits (under
+    the trainer's autocast, which accelerate leaves on the trained model's forward)."""
     before_base, before_adapter = frozen_and_adapter(model)
     trainer.train()
     after_base, after_adapter = frozen_and_adapter(model)
     assert trainer.state.global_step == 2
-    assert any(not torch.equal(before_adapter[n], after_adapter[n]) for n in before_adapter)
+    assert all(not torch.equal(before_adapter[n], after_adapter[n]) for n in before_adapter)
     assert all(torch.equal(before_base[n], after_base[n]) for n in before_base)
     with model.disable_adapter():
         ids = TOKENIZER(["The sky is blue"], return_tensors="pt").input_ids
@@ -144,12 +144,13 @@ def test_dpo_two_steps_fresh_adapter_starts_at_ln2(tmp_path):
 
 
 def test_dpo_with_peft_config_wraps_the_base(tmp_path):
-    """TRL's `model=base, peft_config=...` form, with a deltatune config: the trainer wraps the base."""
+    """TRL's `model=base, peft_config=...` form, with a deltatune config: the trainer wraps the base.
+    With gradient checkpointing, which TRL's fused LM head must not cut off from the adapter."""
     base = tiny_llama()
     untouched = copy.deepcopy(base)
     trainer = DeltaDPOTrainer(model=base, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
-                              args=arguments(DPOConfig, tmp_path), train_dataset=Dataset.from_dict(PAIRS),
-                              processing_class=TOKENIZER)
+                              args=arguments(DPOConfig, tmp_path, gradient_checkpointing=True),
+                              train_dataset=Dataset.from_dict(PAIRS), processing_class=TOKENIZER)
     assert isinstance(trainer.model, DeltaModel) and trainer.model.get_base_model() is base
     check_trained_two_steps(trainer, trainer.model, untouched)
 

@@ -224,6 +224,16 @@ def test_refuses_adapters_trl_would_skip(tmp_path, config, field):
                         train_dataset=Dataset.from_dict(PAIRS), processing_class=TOKENIZER)
 
 
+def test_refused_peft_config_leaves_the_base_as_it_was(tmp_path):
+    base = tiny_llama()
+    names = [name for name, _ in base.named_modules()]
+    with pytest.raises(ValueError, match="lm_head"):
+        DeltaDPOTrainer(model=base, peft_config=LoraConfig(r=4, target_modules=["lm_head"]),
+                        args=arguments(DPOConfig, tmp_path), train_dataset=Dataset.from_dict(PAIRS),
+                        processing_class=TOKENIZER)
+    assert [name for name, _ in base.named_modules()] == names
+
+
 def test_refuses_a_model_without_adapters(tmp_path):
     with pytest.raises(TypeError, match="DeltaModel"):
         DeltaDPOTrainer(model=tiny_llama(), args=arguments(DPOConfig, tmp_path),

@@ -85,6 +85,11 @@ class _AdapterDisabledReference:
                                 f"{type(model).__name__}")
             set_seed(args.seed)  # as TRL does before wrapping: adapter init is random
             model = get_peft_model(model, peft_config)
+            try:
+                check_reference_ready(model)
+            except ValueError:
+                model.unload()  # refused: hand the caller's base back as it was
+                raise
         if not isinstance(model, DeltaModel):
             raise TypeError(f"{type(self).__name__} trains a DeltaModel (deltatune.get_peft_model(base, "
                             f"config), or model=base with peft_config=); got {type(model).__name__}")

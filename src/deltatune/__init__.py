@@ -78,3 +78,15 @@ __all__ = [
     "to_cumulative_lora",
 ]
 __version__ = "0.1.0"
+
+# Trainers that need TRL (a test dependency, not a default one): imported on first use, so that
+# `import deltatune` never imports trl. Not in __all__, so `from deltatune import *` never needs trl.
+_NEEDS_TRL = {name: "deltatune.train.preference" for name in ("DeltaDPOTrainer", "DeltaKTOTrainer")}
+
+
+def __getattr__(name: str):
+    if name in _NEEDS_TRL:
+        import importlib
+
+        return getattr(importlib.import_module(_NEEDS_TRL[name]), name)
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")

@@ -48,13 +48,19 @@ def base_without_bias(base: nn.Module, weight: torch.Tensor, base_out: torch.Ten
     return F.linear(dropped, weight)
 
 
-def dora_output(base_out: torch.Tensor, base_result: torch.Tensor, lora_out: torch.Tensor,
-                scale: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """base_out + (m/n - 1) * (W x) + (m/n) * s*BAx, where base_result = W x without the bias.
+def dora_output(base_out: torch.Tensor, base_result: torch.Tensor, lora_result: torch.Tensor,
+                scale: torch.Tensor, channel_dim: int, scaling: float, embedding: bool = False) -> torch.Tensor:
+    """base_out + ((m/n - 1) * (W x) + (m/n) * BAx * s), where base_result = W x without the bias and
+    lora_result = BAx unscaled; an embedding (no bias): (m/n) * base_out + (m/n) * BAx * s.
 
-    Equivalent to the merged weight applied to x (plus the unchanged bias)."""
+    Equivalent to the merged weight applied to x (plus the unchanged bias). The operations run in peft's
+    order (peft/tuners/lora/dora.py, variants.py), so a file either library wrote gives the same float32
+    outputs in both: float32 rounding of a differently ordered sum moves SmolLM2's logits (~30) by 5e-5."""
     scale = broadcast_channels(scale.to(base_out.dtype), base_out, channel_dim)
-    return base_out + (scale - 1) * base_result + scale * lora_out
+    lora_part = scale * lora_result * scaling
+    if embedding:
+        return scale * base_out + lora_part
+    return base_out + ((scale - 1) * base_result + lora_part)
 
 
 def merged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
@@ -134,19 +140,19 @@ class DoraLinearFunction(ReplaysAutocast):
         norm = channel_norm(weight + scaling * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype)))
         scale = magnitude.reshape(-1) / norm
         base_flat = base_out.reshape(-1, out_f)
-        # out = base_out + (m/n - 1) W x~ + (m/n) s B A x~ = rest + (m/n) * combined, where
-        # combined = W x~ + s B A x~ and rest = base_out - W x~ (the bias when nothing is dropped)
-        if seed is not None:
-            base_result = (dropped @ weight.t().to(dropped.dtype)).mul_(rescale)  # W x~
-            rest = base_flat - base_result
+        if seed is not None:  # W x~, recomputed on the dropped input
+            base_result = (dropped @ weight.t().to(dropped.dtype)).mul_(rescale).to(base_flat.dtype)
         else:
-            base_result, rest = (base_flat - bias, bias) if bias is not None else (base_flat, None)
-        if base_result.dtype == hidden.dtype:
-            combined = torch.addmm(base_result, hidden, lora_b.t(), alpha=scaling)
-        else:  # autocast: keep the base part in its own precision
-            combined = base_result + (hidden @ lora_b.t()).mul_(scaling)
-        scale_out = scale.to(combined.dtype)
-        out = combined * scale_out if rest is None else torch.addcmul(rest, combined, scale_out)
+            base_result = base_flat - bias if bias is not None else base_flat
+        lora_result = (hidden @ lora_b.t()).to(base_result.dtype)  # B A x~, (N, out)
+        scale_out = scale.to(base_result.dtype)
+        # m's gradient is g * (W x~ + s B A x~) / n: keep that one (N, out) tensor for backward
+        combined = torch.add(base_result, lora_result, alpha=scaling)
+        # out = base_out + ((m/n - 1) W x~ + (m/n) B A x~ * s), in peft's order of operations, so a file
+        # either library wrote gives the same float32 outputs (dora_output); in place where we own the tensor
+        dora_part = (base_result.mul_(scale_out - 1) if base_result is not base_flat
+                     else base_flat * (scale_out - 1))
+        out = dora_part.add_(lora_result.mul_(scale_out).mul_(scaling)).add_(base_flat)
         ctx.save_for_backward(x, hidden, lora_a, lora_b, weight, norm, scale_out, combined)
         ctx.scaling, ctx.rescale, ctx.magnitude = scaling, rescale, (magnitude.shape, magnitude.dtype)
         ctx.mask = (seed, dropout)

@@ -140,19 +140,19 @@ class DoraLinearFunction(ReplaysAutocast):
         norm = channel_norm(weight + scaling * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype)))
         scale = magnitude.reshape(-1) / norm
         base_flat = base_out.reshape(-1, out_f)
-        if seed is not None:  # W x~, recomputed on the dropped input
-            base_result = (dropped @ weight.t().to(dropped.dtype)).mul_(rescale).to(base_flat.dtype)
+        # out = base_out + (m/n - 1) W x~ + (m/n) s B A x~ = rest + (m/n) * combined, where
+        # combined = W x~ + s B A x~ and rest = base_out - W x~ (the bias when nothing is dropped)
+        if seed is not None:
+            base_result = (dropped @ weight.t().to(dropped.dtype)).mul_(rescale)  # W x~
+            rest = base_flat - base_result
         else:
-            base_result = base_flat - bias if bias is not None else base_flat
-        lora_result = (hidden @ lora_b.t()).to(base_result.dtype)  # B A x~, (N, out)
-        scale_out = scale.to(base_result.dtype)
-        # m's gradient is g * (W x~ + s B A x~) / n: keep that one (N, out) tensor for backward
-        combined = torch.add(base_result, lora_result, alpha=scaling)
-        # out = base_out + ((m/n - 1) W x~ + (m/n) B A x~ * s), in peft's order of operations, so a file
-        # either library wrote gives the same float32 outputs (dora_output); in place where we own the tensor
-        dora_part = (base_result.mul_(scale_out - 1) if base_result is not base_flat
-                     else base_flat * (scale_out - 1))
-        out = dora_part.add_(lora_result.mul_(scale_out).mul_(scaling)).add_(base_flat)
+            base_result, rest = (base_flat - bias, bias) if bias is not None else (base_flat, None)
+        if base_result.dtype == hidden.dtype:
+            combined = torch.addmm(base_result, hidden, lora_b.t(), alpha=scaling)
+        else:  # autocast: keep the base part in its own precision
+            combined = base_result + (hidden @ lora_b.t()).mul_(scaling)
+        scale_out = scale.to(combined.dtype)
+        out = combined * scale_out if rest is None else torch.addcmul(rest, combined, scale_out)
         ctx.save_for_backward(x, hidden, lora_a, lora_b, weight, norm, scale_out, combined)
         ctx.scaling, ctx.rescale, ctx.magnitude = scaling, rescale, (magnitude.shape, magnitude.dtype)
         ctx.mask = (seed, dropout)
@@ -183,8 +183,18 @@ class DoraLinearFunction(ReplaysAutocast):
 def dora_linear(x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float,
                 dropout: float) -> torch.Tensor:
-    """A linear layer's DoRA output (see DoraLinearFunction); `weight` (out, in) and `bias` are frozen."""
+    """A linear layer's DoRA output; `weight` (out, in) and `bias` are frozen. Training goes through
+    DoraLinearFunction (fused passes, little memory); a forward that needs no gradient and drops nothing
+    runs the reference `dora_output`, in peft's order of operations, so an adapter either library wrote
+    gives the same float32 logits in both (the fused order moves SmolLM2's logits by up to 5e-5)."""
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    if dropout == 0 and not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, base_out, lora_a, lora_b, magnitude))):
+        norm = channel_norm(weight + scaling * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype)))
+        base_result = base_out if bias is None else base_out - bias
+        lora_result = F.linear(F.linear(x, lora_a), lora_b).to(base_out.dtype)  # B A x, (..., out)
+        scale = magnitude.reshape(-1) / norm
+        return dora_output(base_out, base_result, lora_result, scale, -1, scaling).to(base_out.dtype)
     out = DoraLinearFunction.apply(x, base_out.to(x.dtype), weight.detach(), None if bias is None else bias.detach(),
                                    lora_a, lora_b, magnitude, scaling, dropout)
     return out.to(base_out.dtype)

@@ -187,7 +187,7 @@ def test_dora_function_matches_the_reference_formula(dropout):
     layer = torch.nn.Linear(8, 10)
     layer.weight.data, layer.bias.data = weight, bias
     base_result = dora.base_without_bias(layer, weight, base, dropped if dropout else None, -1)
-    reference = dora.dora_output(base, base_result, 1.5 * dropped @ a.T @ b.T, scale, -1)
+    reference = dora.dora_output(base, base_result, dropped @ a.T @ b.T, scale, -1, 1.5)
     reference.square().sum().backward()
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)
     for got, want in zip(grads, (x.grad, a.grad, b.grad, m.grad)):

@@ -26,6 +26,23 @@ __all__ = ["SOURCES", "AdapterInfo", "Verdict", "adapter_report", "check_adapter
            "serving_compatibility"]
 
 
+# Where a saved key's module path ends and the adapter's own tensor begins: PEFT's local tensor names of
+# every layer-level method (the LoRA family with DoRA, AdaLoRA and ULoRA, LoHa, LoKr, OFT, BOFT, VeRA, IA3,
+# LN tuning, BitFit, bottleneck adapters and their fusion, Child-Tuning, LLaMA-Adapter). A new method's
+# names go here: tests/test_inspect_methods.py inspects a saved adapter of every registered method.
+ADAPTER_TENSOR = re.compile(
+    r"^(?:base_model\.model\.)?(.+?)\.(?:lora_\w+|hada_\w+|lokr_\w+|oft_\w+|boft_\w+|vera_lambda_\w+|ia3_l"
+    r"|ln_tuning_layers|bitfit_bias|adapter_down|adapter_up|fusion_\w+|child_\w+|ulora_\w+|adaption_\w+)(?:\..+)?$")
+# The config fields that say how large each method's update is, in the order `rank:` shows them: r and
+# alpha (LoRA family, LoHa, LoKr, VeRA), AdaLoRA's budget, ULoRA's tasks, OFT/BOFT blocks, bottleneck
+# sizes, Child-Tuning's share, soft-prompt lengths, LLaMA-Adapter's prompt, X-LoRA's experts, fusion's inputs.
+SIZE_FIELDS = ("r", "lora_alpha", "alpha", "init_r", "target_r", "num_tasks", "oft_block_size",
+               "boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "bottleneck_type",
+               "bottleneck_size", "reduction_factor", "child_tuning_mode", "reserve_p", "num_virtual_tokens",
+               "encoder_hidden_size", "adapter_len", "adapter_layers", "adapters", "adapter_names")
+UNSET_WHEN_ZERO = {"r", "oft_block_size", "boft_block_num"}  # OFT/BOFT: 0 = derived from the other setting
+
+
 # ---------------------------------------------------------------- reading and checking
 def _field_problems(data: dict, source: str) -> list[str]:
     """The loader's config validation, one line per bad field: each field is checked on its own beside
@@ -164,15 +181,56 @@ def _check(path: Path) -> tuple[AdapterInfo | None, list[str], list[str]]:
 
 
 # ---------------------------------------------------------------- the report
+def adapted_modules(info: AdapterInfo) -> list[str]:
+    """The module paths the file adapts (read from its tensor names), sorted."""
+    return sorted({found.group(1) for key in info.shapes if (found := ADAPTER_TENSOR.match(key))})
+
+
+def size_settings(config: dict) -> list[str]:
+    """The method's own size settings from its config, as "name value" (SIZE_FIELDS; unset ones left out)."""
+    shown = []
+    for name in SIZE_FIELDS:
+        value = config.get(name)
+        if value is None or value is False or value in ("", [], {}) or (name in UNSET_WHEN_ZERO and value == 0):
+            continue
+        if name == "reduction_factor" and config.get("bottleneck_size"):
+            continue  # the explicit size wins
+        if name == "encoder_hidden_size" and config.get("prefix_projection") is False:
+            continue  # prefix tuning uses it only with a projection
+        if isinstance(value, dict):  # X-LoRA's experts: name -> directory
+            value = f"{len(value)} ({', '.join(map(str, value))})"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
+        shown.append(f"{name} {value}")
+    return shown
+
+
+def rank_text(info: AdapterInfo) -> str:
+    """The ranks of the LoRA pairs in the file with the other size settings in brackets (LoRA family),
+    else the method's size settings, or "-" for methods without one (IA3, LN tuning, BitFit)."""
+    settings = size_settings(info.config)
+    if info.ranks:
+        others = [s for s in settings if not s.startswith("r ")]
+        return ", ".join(str(r) for r in sorted(info.ranks)) + (f" ({', '.join(others)})" if others else "")
+    return ", ".join(settings) or "-"
+
+
+def target_text(info: AdapterInfo) -> str:
+    modules = adapted_modules(info)
+    if not modules:  # soft prompts, X-LoRA's gate: the adapter sits at model level
+        keys = sorted(info.shapes)
+        return f"- (model level: {keys[0]}" + (f" and {len(keys) - 1} more tensors)" if len(keys) > 1 else ")")
+    names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    return f"{', '.join(names)} ({len(modules)} modules)"
+
+
 def format_report(info: AdapterInfo, notes: list[str] = ()) -> str:
-    targets = sorted({m.rsplit(".", 1)[-1] for m in info.modules})
-    ranks = ", ".join(str(r) for r in sorted(info.ranks)) or "-"
     lines = [
         f"adapter:      {info.path}",
         f"method:       {info.method}",
         f"base model:   {info.config.get('base_model_name_or_path') or '?'}",
-        f"rank:         {ranks} (lora_alpha {info.config.get('lora_alpha', '-')})",
-        f"targets:      {', '.join(targets) or '-'} ({len(info.modules)} modules)",
+        f"rank:         {rank_text(info)}",
+        f"targets:      {target_text(info)}",
         f"trainable:    {info.parameters:,d} parameters in {len(info.shapes)} tensors",
         f"file size:    {info.size_bytes / 2**20:.2f} MiB ({WEIGHTS_NAME})",
     ]

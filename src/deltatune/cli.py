@@ -104,8 +104,61 @@ def _convert(args) -> None:
     print(f"LoRA written to {args.out}")
 
 
+def _version() -> str:
+    """The installed package's version (its metadata); a source tree run without installing it gives
+    the package's own `__version__`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deltatune")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _yaml_value(value) -> str:
+    """A default as YAML writes it (null, true, false)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
+
+
+def config_keys_help() -> str:
+    """`train --help`'s list of config keys, generated from the RunConfig dataclasses (train/config.py),
+    so it lists every key with its form and default as the code has them."""
+    import dataclasses
+    import textwrap
+    import typing
+
+    from .core.config import registered_methods
+    from .train.config import RunConfig, describe
+
+    rows = []  # (key, form [default])
+    for section in dataclasses.fields(RunConfig):
+        kind = typing.get_type_hints(RunConfig)[section.name]
+        if section.name == "method":  # a dict: `name` picks the method, the rest are its config's fields
+            methods = ", ".join(sorted(name.lower() for name in registered_methods()))
+            rows.append(("method.name", f"a registered method: {methods} [{section.default_factory()['name']}]"))
+            rows.append(("method.<field>", "the chosen method's config fields, with peft's names "
+                                           "(method.r, method.lora_alpha, method.target_modules, ...)"))
+        elif dataclasses.is_dataclass(kind):
+            hints = typing.get_type_hints(kind)
+            for field in dataclasses.fields(kind):
+                default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+                rows.append((f"{section.name}.{field.name}", f"{describe(hints[field.name])} [{_yaml_value(default)}]"))
+        else:
+            rows.append((section.name, f"{describe(kind)} [{_yaml_value(section.default)}]"))
+    width = max(len(key) for key, _ in rows) + 2
+    lines = ["config keys (YAML sections; set any with section.key=value after CONFIG; defaults in brackets):"]
+    for key, text in rows:
+        lines += textwrap.wrap(text, 100, initial_indent=f"  {key:{width}}", subsequent_indent=" " * (width + 4))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"deltatune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="fine-tune the embedded SmolLM2 with LoRA on a bundled task, end to end")
@@ -114,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. training.max_steps=30")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("train", help="train an adapter from a YAML config")
+    p = sub.add_parser("train", help="train an adapter from a YAML config", epilog=config_keys_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.lr=1e-3")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")

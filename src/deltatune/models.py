@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .io.atomic import give_default_mode
+
 DEFAULT_ALIAS = "smollm2-135m"
 # Names that mean the embedded model, including its hub id (so `peft` adapters trained on it resolve).
 ALIASES = {DEFAULT_ALIAS, "smollm2-135m-instruct", "smollm2", "huggingfacetb/smollm2-135m-instruct"}
@@ -93,9 +95,9 @@ def ensure_default_model(verbose: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        tmp.chmod(0o755)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        give_default_mode(tmp)  # mkdtemp's 0700 and Transformers' 0600 weights, as mkdir/open would make them
         if target.exists():  # an incomplete earlier attempt
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -105,12 +107,30 @@ def ensure_default_model(verbose: bool = True) -> Path:
     return target
 
 
+def loadable_name(name_or_path: str | os.PathLike | None) -> str | None:
+    """What an adapter records as `base_model_name_or_path`: a name every reader of adapter_config.json
+    (peft's AutoPeftModelForCausalLM, vLLM, llama.cpp's convert_lora_to_gguf.py) loads with a plain
+    `from_pretrained(name)`. Our aliases for the embedded default become the converted Transformers
+    directory (config.json, tokenizer, safetensors): the GGUF file itself loads only with `gguf_file=`,
+    which those readers do not pass. A local directory becomes an absolute path; a hub id stays as it is.
+    An alias whose conversion has not run yet stays an alias (a save never starts the 30 s conversion;
+    our own readers resolve it either way)."""
+    if not name_or_path:
+        return None
+    name = str(name_or_path)
+    if name.lower() in ALIASES and "/" not in name and _is_complete(cache_dir()):
+        return str(cache_dir().resolve())
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """Map a model name to a local Transformers directory.
 
     Args:
-        name_or_path: the alias `smollm2-135m` (the embedded default) or a local directory that holds
-            a Transformers model (`config.json` plus weights).
+        name_or_path: the alias `smollm2-135m` (the embedded default, also as its cache path from
+            another machine) or a local directory that holds a Transformers model (`config.json` plus
+            weights).
 
     Returns:
         The directory to pass to `from_pretrained`.
@@ -119,9 +139,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         ModelNotFoundError: the name is not an alias and not a local model directory.
     """
     name = str(name_or_path)
-    if name.lower() in ALIASES:
-        return ensure_default_model()
     path = Path(name).expanduser()
+    # an adapter records the converted default as its cache path (loadable_name); on another machine, or
+    # with another $DELTATUNE_CACHE, that folder is missing and this one's cache stands in for it
+    if name.lower() in ALIASES or (not path.exists() and path.name == cache_dir().name):
+        return ensure_default_model()
     if not path.is_dir():
         raise ModelNotFoundError(
             f"model {name!r}: not a local directory and not a known alias ({sorted(ALIASES)}); "

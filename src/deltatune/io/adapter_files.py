@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from ..core.config import DeltaConfig, config_from_dict
 from ..core.model import check_adapter_name
+from ..models import loadable_name
 from .atomic import json_text, safetensors_bytes, write_bytes, write_json, write_text
 from .keymap import adapter_slots, base_weight_slots, embedding_layer_slots, trained_head_bias_extras
 from .vocabulary import embedding_tensors, resize_hint
@@ -79,8 +80,9 @@ def save_adapters(model, save_directory: str | os.PathLike, selected_adapters: l
 
 def config_to_json(model, config: DeltaConfig) -> dict:
     data = config.to_dict()
-    if data.get("base_model_name_or_path") is None:
-        data["base_model_name_or_path"] = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
+    # a name every reader of the file loads (models.loadable_name): never our alias, a relative path or ""
+    base = data.get("base_model_name_or_path") or getattr(getattr(model.model, "config", None), "_name_or_path", None)
+    data["base_model_name_or_path"] = loadable_name(base)
     data["inference_mode"] = True
     if isinstance(data.get("target_modules"), (set, tuple)):
         data["target_modules"] = sorted(data["target_modules"])

@@ -1,6 +1,10 @@
 """Every file deltatune writes goes to a temporary file in the same folder first and is then renamed
 over the target, so a crash never leaves a half-written file where a good one was. A write that fails
-raises WriteError naming the file, and says so when the disk is full."""
+raises WriteError naming the file, and says so when the disk is full.
+
+mkstemp / mkdtemp create their files 0600 and folders 0700 (private while being written); what is renamed
+into place gets the mode a plain open() / mkdir() would have given it (0666 / 0777 less the umask), so a
+serving process under another user reads adapters and merged models as it reads any other file."""
 
 from __future__ import annotations
 
@@ -44,6 +48,35 @@ def is_write_failure(err: BaseException) -> bool:
     return isinstance(err, OSError) or is_disk_full(err)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS shows it (Linux /proc/self/status);
+    elsewhere set and restored at once, the only portable way."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Give a temporary file, or a temporary folder and everything in it, the modes open() / mkdir() give
+    new ones: 0666 / 0777 less the umask. mkstemp makes files 0600, mkdtemp folders 0700, and other
+    writers do the same (Transformers 5 writes model.safetensors 0600). Call it before the rename."""
+    mask = current_umask()
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+    if os.path.isdir(path):
+        for folder, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, fsync, then rename tmp_path to `path`.
 
@@ -59,6 +92,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        give_default_mode(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

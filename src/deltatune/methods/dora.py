@@ -48,13 +48,19 @@ def base_without_bias(base: nn.Module, weight: torch.Tensor, base_out: torch.Ten
     return F.linear(dropped, weight)
 
 
-def dora_output(base_out: torch.Tensor, base_result: torch.Tensor, lora_out: torch.Tensor,
-                scale: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """base_out + (m/n - 1) * (W x) + (m/n) * s*BAx, where base_result = W x without the bias.
+def dora_output(base_out: torch.Tensor, base_result: torch.Tensor, lora_result: torch.Tensor,
+                scale: torch.Tensor, channel_dim: int, scaling: float, embedding: bool = False) -> torch.Tensor:
+    """base_out + ((m/n - 1) * (W x) + (m/n) * BAx * s), where base_result = W x without the bias and
+    lora_result = BAx unscaled; an embedding (no bias): (m/n) * base_out + (m/n) * BAx * s.
 
-    Equivalent to the merged weight applied to x (plus the unchanged bias)."""
+    Equivalent to the merged weight applied to x (plus the unchanged bias). The operations run in peft's
+    order (peft/tuners/lora/dora.py, variants.py), so a file either library wrote gives the same float32
+    outputs in both: float32 rounding of a differently ordered sum moves SmolLM2's logits (~30) by 5e-5."""
     scale = broadcast_channels(scale.to(base_out.dtype), base_out, channel_dim)
-    return base_out + (scale - 1) * base_result + scale * lora_out
+    lora_part = scale * lora_result * scaling
+    if embedding:
+        return scale * base_out + lora_part
+    return base_out + ((scale - 1) * base_result + lora_part)
 
 
 def merged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
@@ -177,8 +183,18 @@ class DoraLinearFunction(ReplaysAutocast):
 def dora_linear(x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float,
                 dropout: float) -> torch.Tensor:
-    """A linear layer's DoRA output (see DoraLinearFunction); `weight` (out, in) and `bias` are frozen."""
+    """A linear layer's DoRA output; `weight` (out, in) and `bias` are frozen. Training goes through
+    DoraLinearFunction (fused passes, little memory); a forward that needs no gradient and drops nothing
+    runs the reference `dora_output`, in peft's order of operations, so an adapter either library wrote
+    gives the same float32 logits in both (the fused order moves SmolLM2's logits by up to 5e-5)."""
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    if dropout == 0 and not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, base_out, lora_a, lora_b, magnitude))):
+        norm = channel_norm(weight + scaling * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype)))
+        base_result = base_out if bias is None else base_out - bias
+        lora_result = F.linear(F.linear(x, lora_a), lora_b).to(base_out.dtype)  # B A x, (..., out)
+        scale = magnitude.reshape(-1) / norm
+        return dora_output(base_out, base_result, lora_result, scale, -1, scaling).to(base_out.dtype)
     out = DoraLinearFunction.apply(x, base_out.to(x.dtype), weight.detach(), None if bias is None else bias.detach(),
                                    lora_a, lora_b, magnitude, scaling, dropout)
     return out.to(base_out.dtype)

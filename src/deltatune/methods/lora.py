@@ -244,11 +244,12 @@ class LoraAdapter(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def _lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """B A x, not yet scaled (DoRA scales it in peft's order)."""
         if self.kind == "embedding":
             hidden = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, base.max_norm,
                                  base.norm_type, base.scale_grad_by_freq, base.sparse)
-            return (hidden @ self.lora_embedding_B.T) * self.scaling
-        return self.lora_B(self.lora_A(x)) * self.scaling
+            return hidden @ self.lora_embedding_B.T
+        return self.lora_B(self.lora_A(x))
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module,
                 owns_base_out: bool = False) -> torch.Tensor:
@@ -262,12 +263,13 @@ class LoraAdapter(nn.Module):
         dropped = x if self.kind == "embedding" else self.dropout(x)
         lora_out = self._lora_out(dropped, base).to(base_out.dtype)
         if not self.use_dora:
-            return base_out + lora_out
+            return base_out + lora_out * self.scaling
         weight = self._out_first(read_weight(base, copy=False))
         scale = dora.magnitude_scale(self.lora_magnitude_vector, weight, self._delta_out_first())
         channel_dim = 1 if self.kind == "conv" else -1
         base_result = dora.base_without_bias(base, weight, base_out, None if dropped is x else dropped, channel_dim)
-        return dora.dora_output(base_out, base_result, lora_out, scale, channel_dim)
+        return dora.dora_output(base_out, base_result, lora_out, scale, channel_dim, self.scaling,
+                                embedding=self.kind == "embedding")
 
     @staticmethod
     def mixed_forward(adapters: list, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io.atomic import is_write_failure, write_error
+from ..io.atomic import give_default_mode, is_write_failure, write_error
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -127,6 +127,7 @@ def save_checkpoint(
                 os.fsync(handle.fileno())
         if final.exists():  # the same step saved again (a resumed run): move the old one aside first
             _discard(final)
+        give_default_mode(tmp)  # mkdtemp's 0700 (and any writer's 0600) as plain mkdir/open would make them
         tmp.rename(final)
     except BaseException as err:
         if tmp is not None:

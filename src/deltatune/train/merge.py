@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..io.atomic import give_default_mode
 from .build import load_adapted
 
 
@@ -45,7 +46,7 @@ def merge_adapter(
         tokenizer.save_pretrained(tmp)
         if out.exists():
             out.rmdir()
-        tmp.chmod(0o755)
+        give_default_mode(tmp)  # mkdtemp's 0700 and Transformers' 0600 weights would hide it from other users
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -222,3 +222,18 @@ def test_invalid_yaml_is_one_line_naming_the_place(tmp_path):
         f"{path}:3: not valid YAML (expected the node content, but found '<stream end>' at line 3, "
         "column 1); expected sections of key: value lines"
     )
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "own_data.yaml", "alpaca_plain_packed.yaml"])
+def test_example_configs_score_on_held_out_rows(name):
+    """An example's metric measures learning, not memorising: an eval file with no training row in it
+    (classification.yaml's eval split is issue 17 item 10)."""
+    from pathlib import Path
+
+    from deltatune.train.build import read_samples
+
+    config = load_config(Path(__file__).resolve().parents[1] / "examples" / name)
+    assert config.data.eval, f"{name}: no data.eval, so its run reports no task metric"
+    train = {repr(s.messages) for s in read_samples(config.data.train, config.data)[0]}
+    held_out = [s for s in read_samples(config.data.eval, config.data)[0] if repr(s.messages) not in train]
+    assert len(held_out) == len(read_samples(config.data.eval, config.data)[0])

@@ -3,7 +3,7 @@
 deltatune demo [--out DIR [--overwrite]] [key=value ...]
 deltatune train CONFIG.yaml [key=value ...] [--resume | --overwrite]
 deltatune eval  CONFIG.yaml [key=value ...] | --adapter DIR --data FILE
-deltatune generate --adapter DIR "prompt"
+deltatune generate --adapter DIR "prompt" | --chat [--system TEXT] [--temperature T --seed N]
 deltatune merge --adapter DIR --out DIR
 deltatune inspect DIR
 """
@@ -63,15 +63,29 @@ def _eval(args) -> None:
 
 
 def _generate(args) -> None:
-    from .train.run_eval import generate_text
+    from .core.config import DeltaConfigError
+    from .train.run_generate import TRAINING_SYSTEM, Generator, Sampling, chat_loop, generate_text
 
+    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
+    system = TRAINING_SYSTEM if args.system is None else args.system
+    chat = False if args.plain else None
+    if args.chat:
+        if args.base:
+            raise DeltaConfigError("--base compares single answers; it cannot be combined with --chat")
+        generator = Generator(args.adapter, args.model, chat, system, sampling, args.max_new_tokens)
+        chat_loop(generator, args.prompt)
+        return
+    if not args.prompt:
+        raise DeltaConfigError("generate needs a prompt (or --chat to read turns from standard input)")
     for answer in generate_text(
         args.adapter,
         args.prompt,
         model=args.model,
-        chat=not args.plain,
+        chat=chat,
         max_new_tokens=args.max_new_tokens,
         base_only=args.base,
+        system=system,
+        sampling=sampling,
     ):
         print(answer)
 
@@ -191,13 +205,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("generate", help="generate with an adapter")
+    p = sub.add_parser("generate", help="generate with an adapter (one answer per prompt, or --chat)")
     p.add_argument("--adapter", required=True, help="adapter directory (ours or written by peft)")
-    p.add_argument("prompt", nargs="+", help="prompt(s); each is sent as a user message")
+    p.add_argument("prompt", nargs="*", help="prompt(s); each is sent as a user message")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--plain", action="store_true", help="send the prompt as raw text, not a chat message")
     p.add_argument("--base", action="store_true", help="also print the base model's answer")
+    p.add_argument(
+        "--system",
+        help="system prompt (default: the one the training rows had, recorded in deltatune_prompt.json; "
+        "'' sends an empty one)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (with --temperature > 0)")
+    p.add_argument("--seed", type=int, help="seed for sampling: the same seed gives the same answer")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="chat: read user turns from standard input, one per line, keeping the conversation; "
+        "an empty line or end of input stops",
+    )
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("merge", help="merge an adapter into its base model and save a full model")

@@ -67,10 +67,12 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
+    sampling: dict | None = None,
 ) -> list[str]:
     """Greedy completions for `prompts` (already rendered text), batched with left padding.
 
     Prompts are sorted by length so each batch pads little; answers come back in the input order.
+    `sampling` replaces the greedy settings (do_sample, temperature, top_p, top_k) when given.
     """
     was_training = model.training
     model.eval()
@@ -90,12 +92,9 @@ def generate(
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 pad_token_id=pad_id,
                 eos_token_id=tokenizer.eos_token_id,
-                temperature=None,
-                top_p=None,
-                top_k=None,
+                **(sampling or {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}),
             )
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(chunk, texts):

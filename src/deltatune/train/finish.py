@@ -12,7 +12,9 @@ import torch
 from .build import Dataset
 from .config import RunConfig
 from .evaluate import eval_loss, score_generation
+from .formats import Sample
 from .metrics import MetricsLog, plot_loss
+from .run_generate import write_prompt_record
 
 
 @dataclass
@@ -33,8 +35,12 @@ def finish_run(
     metrics: MetricsLog,
     steps: int,
     log,
+    train_samples: list[Sample] = (),
 ) -> TrainResult:
-    """Save the adapter, evaluate once more (with generation), write the metrics and the loss plot."""
+    """Save the adapter, evaluate once more (with generation), write the metrics and the loss plot.
+
+    The training rows' template and shared system prompt are recorded next to the adapter, so that
+    `deltatune generate` prompts the way the adapter was trained (run_generate.py)."""
     out = Path(config.output_dir)
     model.eval()
     final: dict = {}
@@ -42,6 +48,7 @@ def finish_run(
     predictions: list[str] = []
     if accelerator.is_main_process:
         model.save_pretrained(str(out))
+        write_prompt_record(out, train_samples, config.data.template)
         if eval_set:
             final = eval_loss(
                 model,

@@ -265,7 +265,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     bar.close()
     if main:
         log(f"trained {steps - start} steps in {time.perf_counter() - train_started:.0f} s")
-    return finish_run(config, accelerator, inner, tokenizer, eval_set, metrics, steps, log)
+    return finish_run(config, accelerator, inner, tokenizer, eval_set, metrics, steps, log, train_samples)
 
 
 def training_batches(examples, batch_size: int, seed: int, pad_id: int, device):

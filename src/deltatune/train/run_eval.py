@@ -1,4 +1,4 @@
-"""`deltatune eval` and `deltatune generate`: score or query a saved adapter."""
+"""`deltatune eval`: score a saved adapter (generation for `deltatune generate` is in run_generate.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from ..core.config import DeltaConfigError
 from .build import check_data_files, load_adapted, read_samples, tokenize_samples
 from .config import DataSection
 from .config_file import load_config
-from .evaluate import eval_loss, generate, score_generation
-from .formats import Sample
-from .tokenize import ensure_chat_template, prompt_text
+from .evaluate import eval_loss, score_generation
 
 
 def _evaluate(
@@ -88,30 +86,3 @@ def evaluate_config(config_path: str, overrides: list[str] = ()) -> dict:
         config.eval.exact_match,
     )
 
-
-def generate_text(
-    adapter: str,
-    prompts: list[str],
-    model: str | None = None,
-    chat: bool = True,
-    max_new_tokens: int = 128,
-    base_only: bool = False,
-) -> list[str]:
-    """Greedy answers of the adapted model to `prompts` (sent as user messages unless `chat` is False).
-
-    With `base_only` (the CLI's --base), each answer is followed by the base model's answer.
-    """
-    wrapped, tokenizer = load_adapted(adapter, model)
-    if chat:
-        ensure_chat_template(tokenizer)
-    samples = [
-        Sample([{"role": "user", "content": p}, {"role": "assistant", "content": ""}], "prompt", "messages")
-        for p in prompts
-    ]
-    texts = [prompt_text(s, tokenizer, chat) for s in samples]
-    answers = generate(wrapped, tokenizer, texts, max_new_tokens)
-    if not base_only:
-        return answers
-    with wrapped.disable_adapter():
-        base_answers = generate(wrapped, tokenizer, texts, max_new_tokens)
-    return [f"adapter: {a}\nbase:    {b}" for a, b in zip(answers, base_answers)]

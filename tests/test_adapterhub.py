@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
-from deltatune import AdapterFileError, BottleneckConfig, DeltaConfigError, get_peft_model
+from deltatune import (AdapterFileError, BottleneckConfig, DeltaConfigError, get_peft_model, load_adapterhub,
+                       save_adapterhub)
 from deltatune.compose.fusion import add_fusion, stack_adapters
-from deltatune.io.adapterhub import load_adapterhub, save_adapterhub
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_PYTHON = ROOT / ".venv-adapters" / "bin" / "python"
@@ -205,3 +205,31 @@ def test_adapters_without_an_adapterhub_form_are_refused_before_writing(tmp_path
     with pytest.raises(DeltaConfigError, match=r"sits on 'encoder\.layer\.0\.attention\.output'.*no AdapterHub place"):
         save_adapterhub(block, tmp_path / "b")
     assert not (tmp_path / "p").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_converts_adapterhub_folders_both_ways(reference, tmp_path):
+    """`deltatune convert --from adapterhub` onto a causal LM saved on disk (their keys are LlamaModel's, ours
+    sit under `model.`), then `--to adapterhub` back: the same tensors under the same keys."""
+    from transformers import LlamaForCausalLM
+
+    from deltatune import DeltaModel
+    from deltatune.cli import main
+
+    root, _ = reference
+    folder = root / "float32" / "houlsby-llama"
+    causal = LlamaForCausalLM(LlamaConfig(**MODELS["llama"][2])).eval()
+    causal.model.load_state_dict(base_model("llama", "float32").state_dict())
+    causal.save_pretrained(tmp_path / "base")
+    assert main(["convert", "--from", "adapterhub", "--adapter", str(folder / "a"), "--base",
+                 str(tmp_path / "base"), "--out", str(tmp_path / "ours")]) == 0
+    delta = DeltaModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / "ours"))
+    with torch.no_grad():
+        hidden = delta.model.model(input_ids=torch.tensor(INPUT_IDS)).last_hidden_state
+    torch.testing.assert_close(hidden, their_output(folder), atol=2e-5, rtol=2e-5)
+    assert main(["convert", "--to", "adapterhub", "--adapter", str(tmp_path / "ours"), "--out",
+                 str(tmp_path / "back")]) == 0
+    original, back = (load_file(str(d / "adapter.safetensors")) for d in (folder / "a", tmp_path / "back"))
+    renamed = {k.replace(".adapters.a.", ".adapters.default."): v for k, v in original.items()}
+    assert renamed.keys() == back.keys() and all(torch.equal(renamed[k], back[k]) for k in back)
+    assert main(["convert", "--from", "adapterhub", "--adapter", str(folder / "a.bin"), "--base",
+                 str(tmp_path / "base"), "--out", str(tmp_path / "refused")]) == 2  # pickled: needs --allow-pickle

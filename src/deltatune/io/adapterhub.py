@@ -392,3 +392,39 @@ def fusion_files(model, name: str, config: AdapterFusionConfig, family: str, pre
             tensors[f"{theirs_of[(loc, before)].format(i=i)}.adapter_fusion_layer.{their_name}.{t}"] = state[o]
     meta = {**their_meta(model, their_name), "adapter_names": list(config.adapter_names)}
     return (FUSION_CONFIG_NAME, {"config": dict(FUSION_CONFIG), **meta}), (FUSION_WEIGHTS_NAME, tensors)
+
+
+# ---------------------------------------------------------------------------------------------- convert
+def convert_adapterhub(adapter: str | os.PathLike, out: str | os.PathLike, to: str,
+                       base_model: str | os.PathLike | None = None, allow_pickle: bool = False) -> Path:
+    """`deltatune convert --from adapterhub` (to="deltatune": an AdapterHub folder to our PEFT layout) and
+    `--to adapterhub` (one of our bottleneck adapters to an AdapterHub folder). The base model (an alias or a
+    local directory; for an AdapterHub folder required, its config names no loadable base) is loaded to
+    place and check the tensors: a causal LM for Llama-family models, the bare encoder for BERT-family ones.
+
+    Raises: DeltaConfigError / AdapterFileError as load_adapterhub and save_adapterhub; ModelNotFoundError
+    for a base that is no alias or local model directory.
+    """
+    from ..compose.extract import _load_weights_only
+    from .adapter_files import read_adapter
+
+    if to == "deltatune":
+        if base_model is None:
+            raise DeltaConfigError(f"{adapter}: an AdapterHub folder names no loadable base model; pass --base")
+        model_type = read_json(Path(adapter) / CONFIG_NAME).get("model_type") \
+            if (Path(adapter) / CONFIG_NAME).is_file() else None
+        task = "FEATURE_EXTRACTION" if FAMILIES.get(model_type) == "encoder" else None
+        delta = load_adapterhub(_load_weights_only(base_model, torch.float32, task), adapter, "default", allow_pickle)
+        delta.peft_config["default"].base_model_name_or_path = str(base_model)
+        delta.save_pretrained(str(out))
+        return Path(out)
+    if to != "adapterhub":
+        raise ValueError(f"to must be 'deltatune' or 'adapterhub', not {to!r}")
+    config, weights = read_adapter(adapter, allow_pickle=allow_pickle)
+    base_name = base_model or config.base_model_name_or_path
+    if not base_name:
+        raise DeltaConfigError(f"{adapter}: the adapter config has no base_model_name_or_path; pass --base")
+    config.inference_mode = True
+    delta = DeltaModel(_load_weights_only(base_name, torch.float32, config.task_type), config, "default",
+                       weights=weights, source=str(adapter))
+    return save_adapterhub(delta, out, "default")

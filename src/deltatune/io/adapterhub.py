@@ -1,4 +1,4 @@
-"""AdapterHub files: bottleneck adapters and AdapterFusion layers of the `adapters` package (1.3.0), both ways.
+"""AdapterHub files: the `adapters` package's (1.3.0) bottleneck adapters and AdapterFusion layers, both ways.
 
 Files (adapters/loading.py): an adapter is <dir>/adapter_config.json + adapter.safetensors
 (`model.save_adapter(dir, name, use_safetensors=True)`; the default writes a pickled pytorch_adapter.bin,
@@ -14,12 +14,12 @@ the residual, t the residual input, LN the post-norm model's LayerNorm (BERT) or
 deltatune's sequential bottleneck adds u(y) to the output y of the module it wraps, so the first is ours on
 the module that produces h, and the second, on Llama (no LN), ours on the whole decoder layer (y = h + t):
 
-    model      location        original_ln_before   their module path                  ours (wrapped)
-    llama      mh_adapter      false                layers.i.attention_adapters        layers.i.self_attn
-    llama      output_adapter  false                layers.i.output_adapters           layers.i.mlp
-    llama      output_adapter  true                 layers.i.output_adapters           layers.i
-    bert       mh_adapter      false                encoder.layer.i.attention.output   encoder.layer.i.attention.output.dense
-    bert       output_adapter  false                encoder.layer.i.output             encoder.layer.i.output.dense
+    model  location        original_ln_before  their module path                 ours (wrapped)
+    llama  mh_adapter      false               layers.i.attention_adapters       layers.i.self_attn
+    llama  output_adapter  false               layers.i.output_adapters          layers.i.mlp
+    llama  output_adapter  true                layers.i.output_adapters          layers.i
+    bert   mh_adapter      false               encoder.layer.i.attention.output  (same).dense
+    bert   output_adapter  false               encoder.layer.i.output            (same).dense
 
 (paths relative to the base model: LlamaModel, BertModel). Stacks (Stack) and fusions (Fuse, keys and
 values over the adapters' u, compose/fusion.py) follow from the same placement. Everything else is refused
@@ -55,8 +55,9 @@ from .keymap import DISK_PREFIX
 
 CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME = "adapter_config.json", "adapter.safetensors", "pytorch_adapter.bin"
 FUSION_CONFIG_NAME = "adapter_fusion_config.json"
-FUSION_WEIGHTS_NAME, FUSION_PICKLE_NAME = "model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin"
-VERSION = "adapters.1.3.0"  # the release whose layout this module writes (and tests/adapters_constraints.txt pins)
+FUSION_WEIGHTS_NAME = "model_adapter_fusion.safetensors"
+FUSION_PICKLE_NAME = "pytorch_model_adapter_fusion.bin"
+VERSION = "adapters.1.3.0"  # the release whose layout this writes (tests/adapters_constraints.txt pins it)
 
 FAMILIES = {"llama": "decoder", "mistral": "decoder", "bert": "encoder", "roberta": "encoder"}
 # (family, location, original_ln_before) -> (their module path, our wrapped module path), base-model relative
@@ -64,7 +65,8 @@ PLACES = {
     ("decoder", "mh_adapter", False): ("layers.{i}.attention_adapters", "layers.{i}.self_attn"),
     ("decoder", "output_adapter", False): ("layers.{i}.output_adapters", "layers.{i}.mlp"),
     ("decoder", "output_adapter", True): ("layers.{i}.output_adapters", "layers.{i}"),
-    ("encoder", "mh_adapter", False): ("encoder.layer.{i}.attention.output", "encoder.layer.{i}.attention.output.dense"),
+    ("encoder", "mh_adapter", False): ("encoder.layer.{i}.attention.output",
+                                       "encoder.layer.{i}.attention.output.dense"),
     ("encoder", "output_adapter", False): ("encoder.layer.{i}.output", "encoder.layer.{i}.output.dense"),
 }
 TENSORS = {"adapter_down.0.weight": "adapter_down.weight", "adapter_down.0.bias": "adapter_down.bias",
@@ -86,14 +88,18 @@ BN_DEFAULTS = {  # a full BnConfig as `adapters` writes it (SeqBnConfig's defaul
     "phm_bias": True, "phm_c_init": "normal", "phm_dim": 4, "phm_init_range": 0.0001, "phm_layer": False,
     "phm_rank": 1, "reduction_factor": 16, "residual_before_ln": True, "scaling": 1.0, "shared_W_phm": False,
     "shared_phm_rule": True, "stochastic_depth": 0.0, "use_gating": False}
-FUSION_CONFIG = {"dropout_prob": None, "key": True, "query": True, "query_before_ln": False, "regularization": True,
-                 "residual_before": False, "temperature": False, "value": True, "value_before_softmax": True,
-                 "value_initialized": True}  # their "dynamic" fusion, the one deltatune's fusion is
+FUSION_CONFIG = {"dropout_prob": None, "key": True, "query": True, "query_before_ln": False,
+                 "regularization": True, "residual_before": False, "temperature": False, "value": True,
+                 "value_before_softmax": True, "value_initialized": True}  # their "dynamic" fusion, the one deltatune's fusion is
 
 
 # ---------------------------------------------------------------------------------------------- the model
 def hf_model(model):
     return model.model if isinstance(model, DeltaModel) else model
+
+
+def hidden_model_width(model) -> int:
+    return hf_model(model).config.hidden_size
 
 
 def family_of(model, source: str) -> tuple[str, str, int]:
@@ -137,17 +143,20 @@ def bottleneck_places(conf: dict, family: str, layers: int, source: str) -> list
         refuse(source, "architecture", conf["architecture"], "only bottleneck adapters map onto deltatune's")
     for field, expected in REQUIRED.items():
         if conf.get(field, expected) != expected:
-            why = "a parallel adapter reads the residual stream t, which no module hands to the block beside it" \
-                if field == "is_parallel" else f"deltatune's bottleneck adapters reproduce only {field}: " \
-                                               f"{json.dumps(expected)}"
+            why = f"deltatune's bottleneck adapters reproduce only {field}: {json.dumps(expected)}"
+            if field == "is_parallel":
+                why = "a parallel adapter reads the residual stream t, which no module hands to the block " \
+                      "beside it"
             refuse(source, field, conf[field], why)
     before = bool(conf.get("original_ln_before", False))
     if before and conf.get("residual_before_ln", True) is not True:
         refuse(source, "residual_before_ln", conf["residual_before_ln"],
-               "with original_ln_before only `true` (the adapter's residual is the sub-block's output) is reproduced")
+               "with original_ln_before only `true` (the adapter's residual is the sub-block's output) "
+               "is reproduced")
     locations = [loc for loc in ("mh_adapter", "output_adapter") if conf.get(loc)]
     if not locations:
-        refuse(source, "mh_adapter", conf.get("mh_adapter"), "the config places no adapter (output_adapter is false too)")
+        refuse(source, "mh_adapter", conf.get("mh_adapter"),
+               "the config places no adapter (output_adapter is false too)")
     for location in locations:
         if (family, location, before) not in PLACES:
             refuse(source, "original_ln_before", before,
@@ -188,7 +197,8 @@ def their_tensors(weights: dict[str, torch.Tensor], wanted: list[str], source: s
         if len(hits) != 1:
             raise AdapterFileError(f"{source}: {'no' if not hits else 'several'} tensor(s) for {key!r}"
                                    + (f" ({hits})" if hits else ""))
-        found[key], _ = weights[hits[0]], used.add(hits[0])
+        found[key] = weights[hits[0]]
+        used.add(hits[0])
     extra = [k for k in weights if k not in used]
     if extra:
         raise AdapterFileError(f"{source}: {len(extra)} tensor(s) deltatune has no place for, e.g. {extra[:3]} "
@@ -236,10 +246,6 @@ def load_adapterhub(model, path: str | os.PathLike, adapter_name: str | None = N
                   str(folder), is_trainable)
 
 
-def hidden_model_width(model) -> int:
-    return hf_model(model).config.hidden_size
-
-
 def attach(model, name: str, config, weights: dict, source: str, is_trainable: bool):
     if isinstance(model, DeltaModel):
         model.inject(name, config, weights, source=source)
@@ -265,7 +271,8 @@ def load_fusion(model, folder: Path, adapter_name: str | None, allow_pickle: boo
     places = our_places(model, names[0], family, prefix)  # where the first fused adapter sits
     if conf.get("query_before_ln") and any(before for _, _, before, _ in places.values()):
         refuse(source, "query_before_ln", True, "at the decoder layer the query is the layer's output h + t")
-    ours_of = {PLACES[(family, loc, before)][0].format(i=i): path for path, (i, loc, before, _) in places.items()}
+    ours_of = {PLACES[(family, loc, before)][0].format(i=i): path  # their module path -> ours
+               for path, (i, loc, before, _) in places.items()}
     weights = read_weights(folder, allow_pickle, (FUSION_WEIGHTS_NAME, FUSION_PICKLE_NAME))
     marker = f".adapter_fusion_layer.{data['name']}."
     in_file = {k.split(marker)[0] for k in weights if marker in k}
@@ -306,7 +313,7 @@ def our_places(model, adapter_name: str, family: str, prefix: str) -> dict[str, 
         if place is None:
             allowed = sorted({ours for (fam, *_), (_, ours) in PLACES.items() if fam == family})
             raise DeltaConfigError(f"adapter {adapter_name!r} sits on {canonical_name(path)!r}, which has no "
-                                   f"AdapterHub place; target {allowed} (i = layer index, under {prefix!r}) instead")
+                                   f"AdapterHub place; target {allowed} (i = layer index, under {prefix!r})")
         found[canonical_name(path)] = (*place, layer.adapters[adapter_name])
     return found
 
@@ -344,8 +351,9 @@ def save_adapterhub(model, save_directory: str | os.PathLike, adapter_name: str 
 
 def bottleneck_files(model, name: str, config: BottleneckConfig, family: str, prefix: str, layers: int):
     if config.bottleneck_type == "parallel":
-        raise DeltaConfigError(f"adapter {name!r}: bottleneck_type 'parallel' reads the block's input, `adapters`' "
-                               "parallel adapter the residual stream; no AdapterHub config gives the same outputs")
+        raise DeltaConfigError(f"adapter {name!r}: bottleneck_type 'parallel' reads the block's input, "
+                               "`adapters`' parallel adapter the residual stream; no AdapterHub config gives "
+                               "the same outputs")
     places = our_places(model, name, family, prefix)
     befores = {before for _, _, before, _ in places.values()}
     if len(befores) != 1:
@@ -354,8 +362,8 @@ def bottleneck_files(model, name: str, config: BottleneckConfig, family: str, pr
                     for loc in ("mh_adapter", "output_adapter")}
     used = [v for v in per_location.values() if v]
     if len(used) == 2 and used[0] != used[1]:
-        raise DeltaConfigError(f"adapter {name!r}: `adapters` puts attention and feed-forward adapters in the same "
-                               f"layers; here {per_location}")
+        raise DeltaConfigError(f"adapter {name!r}: `adapters` puts attention and feed-forward adapters in "
+                               f"the same layers; here {per_location}")
     hidden = hidden_model_width(model)
     sizes = {a.adapter_down.out_features for *_, a in places.values()}
     if len(sizes) != 1 or any(a.adapter_down.in_features != hidden for *_, a in places.values()):
@@ -410,11 +418,12 @@ def convert_adapterhub(adapter: str | os.PathLike, out: str | os.PathLike, to: s
 
     if to == "deltatune":
         if base_model is None:
-            raise DeltaConfigError(f"{adapter}: an AdapterHub folder names no loadable base model; pass --base")
+            raise DeltaConfigError(f"{adapter}: an AdapterHub folder names no loadable base; pass --base")
         model_type = read_json(Path(adapter) / CONFIG_NAME).get("model_type") \
             if (Path(adapter) / CONFIG_NAME).is_file() else None
         task = "FEATURE_EXTRACTION" if FAMILIES.get(model_type) == "encoder" else None
-        delta = load_adapterhub(_load_weights_only(base_model, torch.float32, task), adapter, "default", allow_pickle)
+        base = _load_weights_only(base_model, torch.float32, task)
+        delta = load_adapterhub(base, adapter, "default", allow_pickle)
         delta.peft_config["default"].base_model_name_or_path = str(base_model)
         delta.save_pretrained(str(out))
         return Path(out)

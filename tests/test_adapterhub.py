@@ -10,8 +10,8 @@ whole module. Both sides build the tiny base model from the same config and the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -133,8 +133,10 @@ def reference(tmp_path_factory):
             folder.mkdir(parents=True)
             jobs.append({**common(model), "add": [{"name": "a", "config": config}], "save": str(folder)})
     (root / "jobs.json").write_text(json.dumps(jobs))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of ours or the main venv there
     run = subprocess.run([str(REFERENCE_PYTHON), str(ROOT / "tests" / "adapterhub_reference.py"),
-                          str(root / "jobs.json")], capture_output=True, text=True, timeout=300)
+                          str(root / "jobs.json")], capture_output=True, text=True, timeout=300,
+                         env={**env, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     return root, ours
 

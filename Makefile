@@ -2,6 +2,8 @@
 # Both create .venv and install what they need at the tested versions in constraints.txt (the CPU
 # build of torch first, so pip never pulls a multi-GB CUDA build on a CPU machine).
 # `make test-latest` runs the same tests on the newest releases, in .venv-latest, to see drift early.
+# `make test` also builds .venv-adapters, the `adapters` package (AdapterHub) at the versions in
+# tests/adapters_constraints.txt: it needs transformers 4.57, so tests/test_adapterhub.py runs it by subprocess.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,9 +14,12 @@ CONSTRAINTS := constraints.txt
 PINNED := -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS)
 TORCH := $(shell grep '^torch==' $(CONSTRAINTS))
 LATEST := .venv-latest
+ADAPTERS_VENV := .venv-adapters
+ADAPTERS_CONSTRAINTS := tests/adapters_constraints.txt
+ADAPTERS_STAMP := $(ADAPTERS_VENV)/.adapters-installed
 PY_LATEST := $(LATEST)/bin/python
 
-.PHONY: install demo test test-latest lint bench clean
+.PHONY: install demo test test-latest lint bench clean adapters-venv
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,16 +31,25 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 
 install: $(STAMP)
 
+# The reference environment for the AdapterHub tests (CPU torch first, as above); about 1-3 minutes once.
+$(ADAPTERS_STAMP): $(ADAPTERS_CONSTRAINTS)
+	test -x $(ADAPTERS_VENV)/bin/python || $(PYTHON) -m venv $(ADAPTERS_VENV)
+	$(ADAPTERS_VENV)/bin/python -m pip install -q -c $(ADAPTERS_CONSTRAINTS) torch
+	$(ADAPTERS_VENV)/bin/python -m pip install -q -c $(ADAPTERS_CONSTRAINTS) adapters
+	touch $(ADAPTERS_STAMP)
+
+adapters-venv: $(ADAPTERS_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m deltatune demo
 
-test: $(STAMP)
+test: $(STAMP) $(ADAPTERS_STAMP)
 	$(PY) -m pytest
 
 # The newest release of every dependency except torch, which stays on the pinned CPU wheel: the newest
 # torch on the package index is the CUDA build, which pulls several GB of CUDA libraries (and a newer
 # CPU wheel is not on the index). Prints the versions that differ from constraints.txt, then tests.
-test-latest:
+test-latest: $(ADAPTERS_STAMP)
 	test -x $(PY_LATEST) || $(PYTHON) -m venv $(LATEST)
 	$(PY_LATEST) -m pip install -q --upgrade pip
 	$(PY_LATEST) -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH)" -e ".[test]"
@@ -52,4 +66,4 @@ bench: $(STAMP)  # the ratio benchmarks (minutes); benchmarks/methods.py (about 
 	$(PY) benchmarks/packing.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(ADAPTERS_VENV) .pytest_cache

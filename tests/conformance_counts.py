@@ -84,7 +84,7 @@ def per_layer(peft_type: str, settings: dict, family: str, name: str, module: nn
         down_in = width_in if settings["bottleneck_type"] == "parallel" else width_out
         return down_in * size + size + size * width_out + width_out  # down (size, in) + b, up (out, size) + b
     if peft_type == "BOTTLENECK_FUSION":
-        return 3 * (hidden ** 2 + hidden)  # query, key, value: (d, d) + (d,) each
+        return 3 * hidden ** 2 + 2 * hidden  # query, key, value: (d, d) each; biases on query and key only
     raise KeyError(peft_type)
 
 

@@ -56,12 +56,13 @@ def test_fusion_formula_by_hand():
     x = torch.randn(2, 3, 16)
     with torch.no_grad():
         h = mlp.base_layer(x)
-        outs = [h + a.adapter_up(torch.relu(a.adapter_down(h))),
-                h + b.adapter_up(torch.nn.functional.gelu(b.adapter_down(h)))]
+        # keys and values over each adapter's update (its up-projection), the residual h added after
+        updates = [a.adapter_up(torch.relu(a.adapter_down(h))), b.adapter_up(torch.nn.functional.gelu(b.adapter_down(h)))]
         q = fusion.fusion_query(h)
-        scores = torch.stack([(fusion.fusion_key(o) * q).sum(-1) for o in outs], -1)  # (2, 3, n)
+        scores = torch.stack([(fusion.fusion_key(u) * q).sum(-1) for u in updates], -1)  # (2, 3, n)
         probs = torch.softmax(scores / fusion.temperature, -1)
-        expected = sum(probs[..., i:i + 1] * fusion.fusion_value(o) for i, o in enumerate(outs))
+        expected = h + sum(probs[..., i:i + 1] * fusion.fusion_value(u) for i, u in enumerate(updates))
+        assert fusion.fusion_value.bias is None  # `adapters`' value projection has none
         torch.testing.assert_close(mlp(x), expected)
     attn = model.model.model.layers[0].self_attn  # only "a" sits there: no fusion
     assert "ab" not in attn.adapters

@@ -4,6 +4,7 @@ from .core.config import DeltaConfig, DeltaConfigError, TaskType, registered_met
 from .core.layer import MergeError
 from .core.model import DeltaModel, get_peft_model
 from .io.adapter_files import AdapterFileError
+from .io.adapterhub import load_adapterhub, save_adapterhub
 from . import methods  # noqa: F401  (registers every method)
 from .compose.extract import convert_to_lora, extract_lora, extract_lora_from_finetune
 from .compose.fusion import AdapterFusionConfig, add_fusion, stack_adapters
@@ -69,11 +70,13 @@ __all__ = [
     "extract_lora_from_finetune",
     "get_peft_model",
     "hotswap_adapter",
+    "load_adapterhub",
     "prepare_model_for_hotswap",
     "proxy_generate",
     "quantize",
     "registered_methods",
     "relora_lr_multiplier",
+    "save_adapterhub",
     "stack_adapters",
     "to_cumulative_lora",
 ]

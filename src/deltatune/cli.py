@@ -112,6 +112,22 @@ def _inspect(args) -> int:
 def _convert(args) -> None:
     from .compose.extract import convert_to_lora
 
+    if "adapterhub" in (args.source, args.to):  # AdapterHub bottleneck adapters, either way (io/adapterhub.py)
+        from .core.config import DeltaConfigError
+        from .io.adapterhub import convert_adapterhub
+
+        if args.adapter is None or args.source == args.to:
+            raise DeltaConfigError("convert --from adapterhub / --to adapterhub takes --adapter DIR "
+                                   "(and --base MODEL)")
+        convert_adapterhub(args.adapter, args.out, "deltatune" if args.source == "adapterhub" else "adapterhub",
+                           args.base, allow_pickle=args.allow_pickle)
+        written = "AdapterHub" if args.to == "adapterhub" else "deltatune (PEFT layout)"
+        print(f"{written} adapter written to {args.out}")
+        return
+    if args.rank is None:
+        from .core.config import DeltaConfigError
+
+        raise DeltaConfigError("convert --to lora needs --rank N")
     report = convert_to_lora(out=args.out, rank=args.rank, adapter=args.adapter, finetuned=args.finetuned,
                              base_model=args.base)
     print(report)
@@ -235,9 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("convert", help="turn a mergeable adapter (or a full fine-tune) into a LoRA by SVD")
-    p.add_argument("--to", choices=["lora"], default="lora", help="target format (LoRA, which every server reads)")
-    p.add_argument("--rank", type=int, required=True, help="rank of the LoRA")
+    p = sub.add_parser("convert", help="turn a mergeable adapter (or a full fine-tune) into a LoRA by SVD; "
+                                       "AdapterHub bottleneck adapters to and from our layout")
+    p.add_argument("--to", choices=["lora", "adapterhub"], default="lora",
+                   help="target format (LoRA, which every server reads; adapterhub: the `adapters` package's)")
+    p.add_argument("--from", dest="source", choices=["deltatune", "adapterhub"], default="deltatune",
+                   help="adapterhub: --adapter is a folder the `adapters` package saved (written in our layout)")
+    p.add_argument("--allow-pickle", action="store_true", help="read a pickled pytorch_adapter.bin")
+    p.add_argument("--rank", type=int, help="rank of the LoRA (--to lora)")
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--adapter", help="adapter directory to convert (LoHa, LoKr, OFT, IA3, DoRA, ...)")
     p.add_argument("--finetuned", help="a fully fine-tuned model directory (with --base)")

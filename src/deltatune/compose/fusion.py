@@ -5,19 +5,22 @@ arXiv:2005.00247). Several trained bottleneck adapters stay frozen; at every pla
 sit, a fusion layer attends over their outputs and only the fusion layer trains:
 
     h = block(x)                          (the frozen block's output, the query)
-    o_i = adapter_i(x, h)                 (..., n, d)   each adapter's output, residual included
-    a = softmax_i( (Q h) . (K o_i) / T )  (..., n)
-    out = sum_i a_i * (V o_i)             (..., d)
+    u_i = adapter_i(x, h) - h             (..., n, d)   each adapter's update s * W_up act(W_down .)
+    a = softmax_i( (Q h) . (K u_i) / T )  (..., n)
+    out = h + sum_i a_i * (V u_i)         (..., d)      V has no bias
 
-Init rule: Q = 0, K ~ N(0, 0.02^2), V = identity, all biases 0, so the fused model starts at the plain
-average of its adapters' outputs (the paper initialises V to the identity for the same reason; Q = 0
+This is the `adapters` package's (AdapterHub's) BertFusion with its default "dynamic" config: keys and
+values are the adapters' up-projections (`bottleneck_up`), the residual is added after the attention
+(`residual_before: false`), so io/adapterhub.py maps a fusion layer both ways weight for weight.
+Init rule: Q = 0, K ~ N(0, 0.02^2), V = identity, Q and K biases 0, so the fused model starts at the
+plain average of its adapters' outputs (the paper initialises V to the identity for the same reason; Q = 0
 makes the start exact while K still receives gradient through Q's first step).
 
 Stacking needs no new module: several bottleneck adapters active at once apply one after the other
 (`stack_adapters(model, ["lang", "task"])`: out = task(lang(h))).
 
 Files: the fusion is an adapter of its own (`peft_type` "BOTTLENECK_FUSION", keys `fusion_query.*`,
-`fusion_key.*`, `fusion_value.*` per layer); `adapter_names` in its config names the adapters it fuses,
+`fusion_key.*`, `fusion_value.weight` per layer); `adapter_names` in its config names the adapters it fuses,
 which must be loaded first. Not mergeable, like the adapters it fuses.
 
     add_fusion(model, ["a", "b"], "ab")         # adds and activates the fusion; only it trains
@@ -135,12 +138,12 @@ class FusionAdapter(nn.Module):
         factory = {"device": like.device, "dtype": like.dtype}
         self.fusion_query = nn.Linear(width, width, **factory)
         self.fusion_key = nn.Linear(width, width, **factory)
-        self.fusion_value = nn.Linear(width, width, **factory)
+        self.fusion_value = nn.Linear(width, width, bias=False, **factory)  # as in `adapters`
         with torch.no_grad():
             self.fusion_query.weight.zero_()
             nn.init.normal_(self.fusion_key.weight, std=0.02)
             self.fusion_value.weight.copy_(torch.eye(width, **factory))
-            for linear in (self.fusion_query, self.fusion_key, self.fusion_value):
+            for linear in (self.fusion_query, self.fusion_key):
                 linear.bias.zero_()
         self.adapter_names = list(adapter_names)
         self.temperature = temperature
@@ -151,12 +154,13 @@ class FusionAdapter(nn.Module):
         missing = [n for n in self.adapter_names if n not in adapters]
         if missing:
             raise RuntimeError(f"fusion over {self.adapter_names}: adapter(s) {missing} were deleted")
-        outs = torch.stack([adapters[n](x, base_out, base) for n in self.adapter_names], dim=-2)  # (..., n, d)
-        outs = outs.to(self.fusion_key.weight.dtype)
-        query = self.fusion_query(base_out.to(outs.dtype)).unsqueeze(-1)  # (..., d, 1)
-        scores = (self.fusion_key(outs) @ query).squeeze(-1) / self.temperature  # (..., n)
+        updates = torch.stack([adapters[n].update(x, base_out) for n in self.adapter_names], dim=-2)  # (..., n, d)
+        updates = updates.to(self.fusion_key.weight.dtype)
+        query = self.fusion_query(base_out.to(updates.dtype)).unsqueeze(-1)  # (..., d, 1)
+        scores = (self.fusion_key(updates) @ query).squeeze(-1) / self.temperature  # (..., n)
         weights = torch.softmax(scores, dim=-1).unsqueeze(-1)  # (..., n, 1)
-        return (weights * self.fusion_value(outs)).sum(dim=-2).to(base_out.dtype)  # (..., d)
+        fused = (weights * self.fusion_value(updates)).sum(dim=-2)  # (..., d)
+        return base_out + fused.to(base_out.dtype)
 
     def merge_refusal(self) -> str:
         return "AdapterFusion's attention over adapter outputs depends on the input"

@@ -135,8 +135,11 @@ def read_config(path: Path) -> DeltaConfig:
     return config_from_dict(data, source=str(file))
 
 
-def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    safe, pickled = path / WEIGHTS_NAME, path / PICKLE_NAME
+def read_weights(path: Path, allow_pickle: bool = False, names: tuple[str, str] = (WEIGHTS_NAME, PICKLE_NAME)
+                 ) -> dict[str, torch.Tensor]:
+    """The tensors of folder `path`: `names` = (safetensors file, pickled file); the pickled one only with
+    `allow_pickle=True` (and then with weights_only=True). Other formats' folders pass their own names."""
+    safe, pickled = path / names[0], path / names[1]
     if safe.is_file():
         try:
             return load_file(str(safe))
@@ -150,7 +153,7 @@ def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
             return torch.load(str(pickled), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several kinds for a bad pickle
             raise AdapterFileError(f"{pickled}: could not be loaded ({err})") from None
-    raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} found")
+    raise AdapterFileError(f"{path}: no {names[0]} found")
 
 
 def inside_directory(file: Path, root: Path) -> bool:

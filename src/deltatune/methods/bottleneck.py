@@ -167,9 +167,13 @@ class BottleneckAdapter(nn.Module):
         """W_up act(W_down z + b_down) + b_up."""
         return self.adapter_up(self.act(self.adapter_down(z.to(self.adapter_down.weight.dtype))))
 
+    def update(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """s * adapter(.), what this adapter adds to base_out, in the adapter's dtype (AdapterFusion attends
+        over these updates, compose/fusion.py)."""
+        return self.scaling * self.bottleneck(x if self.parallel else base_out)
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        z = self.bottleneck(x if self.parallel else base_out)
-        return base_out + (self.scaling * z).to(base_out.dtype)
+        return base_out + self.update(x, base_out).to(base_out.dtype)
 
     def merge_refusal(self) -> str:
         return "the non-linearity keeps a bottleneck adapter out of any weight matrix"

@@ -19,7 +19,8 @@ from helpers_train import CHATML, ROOT, make_tiny_model_dir, make_tokenizer, upp
 
 from deltatune.core.config import DeltaConfigError
 from deltatune.train import config_reference
-from deltatune.train.build import hold_out, read_eval_samples, read_samples, read_train_eval, tokenize_samples
+from deltatune.train.build import (hold_out, load_adapted, read_eval_samples, read_samples, read_train_eval,
+                                   tokenize_samples)
 from deltatune.train.config import DataSection, ModelSection
 from deltatune.train.config_file import load_config
 from deltatune.train.files import DataError, read_rows
@@ -244,6 +245,10 @@ def hub_cache(root, model_dir, repo="org/tiny", revision="0123456789abcdef012345
     return snapshot
 
 
+QA_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+              "{% if add_generation_prompt %}assistant: {% endif %}"
+
+
 def test_hub_id_in_the_local_cache_trains_offline_from_parquet(tmp_path):
     """The user's steps: a model fetched earlier into the HF cache, a Parquet file with their own column
     names, no eval file: `deltatune train` with HF_HUB_CACHE set and the network off."""
@@ -254,7 +259,7 @@ def test_hub_id_in_the_local_cache_trains_offline_from_parquet(tmp_path):
         "model": {"name_or_path": "org/tiny"},
         "method": {"name": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"]},
         "data": {"train": "qa.parquet", "columns": {"prompt": "question", "completion": "answer"},
-                 "val_split": 3, "max_length": 64},
+                 "val_split": 3, "max_length": 64, "chat_template": QA_TEMPLATE},
         "training": {"max_steps": 2, "batch_size": 4},
         "eval": {"max_new_tokens": 2},
         "output_dir": str(tmp_path / "run"),
@@ -269,6 +274,8 @@ def test_hub_id_in_the_local_cache_trains_offline_from_parquet(tmp_path):
     assert "eval data: 3 rows" in result.stdout and "train data: 9 rows" in result.stdout
     adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "org/tiny"  # loadable again from the same cache
+    _, tokenizer = load_adapted(tmp_path / "run", str(model_dir))  # generate/eval render prompts as training
+    assert tokenizer.chat_template == QA_TEMPLATE
 
 
 def test_a_hub_id_not_in_the_cache_is_a_clear_error(tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ from .config import DataSection, ModelSection
 from .files import DataError, data_paths, read_rows
 from .formats import Sample, map_columns, to_samples
 from .packing import pack
-from .tokenize import Encoded, EncodeStats, apply_chat_template_choice, encode, resolve_chat_template
+from .tokenize import (TEMPLATE_FILE, Encoded, EncodeStats, apply_chat_template_choice, encode,
+                       resolve_chat_template)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -166,6 +167,9 @@ def load_adapted(adapter_dir: str | os.PathLike, model_name: str | None = None, 
         raise DeltaConfigError(f"{adapter_dir}: adapter_config.json names no base model; pass --model")
     section = ModelSection(name_or_path=name, dtype=dtype, trust_remote_code=trust_remote_code)
     base, tokenizer = load_base(section)
+    template = Path(adapter_dir) / TEMPLATE_FILE  # the run's data.chat_template, when it chose one
+    if template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
     model = DeltaModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
     return model, tokenizer

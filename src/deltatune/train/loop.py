@@ -44,7 +44,7 @@ from .runtime import enable_gradient_checkpointing, make_accelerator
 from .schedule import make_scheduler
 from .packing import check_packing_isolates
 from .resume_check import SCHEDULE_FIELDS, file_fingerprint, point_schedule, resume_changes, resume_note
-from .tokenize import collate, target_count
+from .tokenize import TEMPLATE_FILE, collate, target_count
 
 
 def train(
@@ -165,6 +165,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     if main:
         header = f"# {resume_note(checkpoint, start, changed)}\n" if changed else ""
         write_text(out / "run_config.yaml", header + yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if config.data.chat_template:  # so generate/eval/serve on the adapter render prompts as training did
+            write_text(out / TEMPLATE_FILE, tokenizer.chat_template)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if checkpoint else None)
     if main and changed:
         resumed = {"step": start, "resumed": checkpoint.name}

@@ -173,6 +173,26 @@ def test_datasetdict_split_choice(tmp_path):
         read_samples(str(tmp_path / "ab"), DataSection(split="c"))
 
 
+def test_a_folder_laid_out_in_splits_gives_one_split(tmp_path):
+    """A dataset folder as the hub lays it out (data/train-*.parquet, data/test-*.parquet): training
+    reads the train files only, eval the test files, never both mixed."""
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    (tmp_path / "hub" / "README.md").write_text("---\nlicense: mit\n---\n")
+    datasets.Dataset.from_list(PC[:8]).to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(PC[8:]).to_parquet(str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet"))
+    data = DataSection(train=str(tmp_path / "hub"), eval=str(tmp_path / "hub"))
+    train, _, held, _ = read_train_eval(data)
+    assert messages(train) == jsonl_reference(tmp_path, PC[:8])[0]
+    assert messages(held) == jsonl_reference(tmp_path, PC[8:])[0]
+    chosen, _ = read_samples(str(tmp_path / "hub"), DataSection(split="test"))
+    assert messages(chosen) == messages(held)
+    (tmp_path / "two").mkdir()
+    write_jsonl(tmp_path / "two" / "dev.jsonl", PC[:2])
+    write_jsonl(tmp_path / "two" / "test.jsonl", PC[2:4])
+    with pytest.raises(DataError, match=r"holds the splits \['validation', 'test'\]; set data.split"):
+        read_samples(str(tmp_path / "two"), DataSection())
+
+
 def test_no_code_from_a_data_folder_runs_and_datasets_stays_offline(tmp_path, monkeypatch):
     marker = tmp_path / "ran"
     script = f"open({str(marker)!r}, 'w').write('script ran')\n"

@@ -113,9 +113,10 @@ def check_data_files(data: DataSection, need_train: bool = True) -> None:
             "data.train is required: a .jsonl, .json, .csv, .parquet or .arrow file, a folder, a glob, "
             "a save_to_disk folder, or a list of these"
         )
-    for path in (data.train if need_train or (data.val_split and not data.eval) else None, data.eval):
-        if path:
-            data_paths(path)
+    if data.train and (need_train or (data.val_split and not data.eval)):
+        data_paths(data.train, data.split)
+    if data.eval:
+        data_paths(data.eval, None, EVAL_SPLITS)
     if data.chat_template:
         resolve_chat_template(data.chat_template)
 

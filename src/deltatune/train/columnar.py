@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .files import DataError, Row
+from .files import DataError, Row, pick_split
 
 BUILDERS = {"parquet": "parquet", "arrow": "arrow"}  # our file kind -> datasets' packaged builder
 
@@ -62,28 +62,6 @@ def read_table_rows(path: Path, kind: str) -> list[Row]:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DataError(f"{path}: not a readable {kind} file ({reason})") from None
         return _rows(dataset, str(path))
-
-
-def pick_split(splits: list[str], wanted: str | None, preferred: tuple[str, ...], folder: Path) -> str:
-    """The split of a saved DatasetDict to read: `wanted` (data.split), else the first of `preferred`
-    that exists, else the only split.
-
-    Raises:
-        DataError: `wanted` is not a split, or the choice is ambiguous (the message lists the splits).
-    """
-    if wanted is not None:
-        if wanted not in splits:
-            raise DataError(f"{folder}: data.split={wanted!r} is not a split here; the splits are {splits}")
-        return wanted
-    for name in preferred:
-        if name in splits:
-            return name
-    if len(splits) == 1:
-        return splits[0]
-    raise DataError(
-        f"{folder}: a DatasetDict with splits {splits}; set data.split to one of them "
-        f"(or point at the split's own folder, e.g. {folder / splits[0]})"
-    )
 
 
 def read_saved_rows(folder: Path, split: str | None, preferred: tuple[str, ...]) -> list[Row]:

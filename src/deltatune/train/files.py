@@ -59,7 +59,7 @@ def resolve_data_path(path: str | Path) -> Path:
     text = str(path)
     resolved = BUNDLED_DIR / text[len(BUNDLED_PREFIX) :] if text.startswith(BUNDLED_PREFIX) else Path(text)
     if not (resolved.is_file() or resolved.is_dir()):
-        raise DataError(f"{text}: data file not found (looked for {resolved.absolute()})")
+        raise DataError(f"{text}: data file not found")
     return resolved
 
 
@@ -73,24 +73,67 @@ def _folder_files(folder: Path) -> list[Path]:
         if is_saved_dataset(entry):
             found.append(entry)
         elif entry.is_dir():
-            found += _folder_files(entry) if any(entry.iterdir()) else []
+            found += _folder_files(entry)
         elif entry.suffix.lower() in SUFFIXES:
             found.append(entry)
     return found
 
 
-def _folder_entries(folder: Path) -> list[Path]:
-    found = _folder_files(folder)
+def pick_split(splits: list[str], wanted: str | None, preferred: tuple[str, ...], folder: Path) -> str:
+    """The split to read from a folder that holds several: `wanted` (data.split), else the first of
+    `preferred` that exists, else the only split.
+
+    Raises:
+        DataError: `wanted` is not a split, or the choice is ambiguous (the message lists the splits).
+    """
+    if wanted is not None:
+        if wanted not in splits:
+            raise DataError(f"{folder}: data.split={wanted!r} is not a split here; the splits are {splits}")
+        return wanted
+    for name in preferred:
+        if name in splits:
+            return name
+    if len(splits) == 1:
+        return splits[0]
+    raise DataError(
+        f"{folder}: holds the splits {splits}; set data.split to one of them "
+        "(or name one split's files or folder directly)"
+    )
+
+
+def _split_files(folder: Path, split: str | None, splits: tuple[str, ...]) -> list[Path] | None:
+    """The files of one split when a folder's file names follow the hub's split conventions
+    (`data/train-00000-of-00001.parquet`, `test.jsonl`, `validation/` ...), as `datasets` infers them;
+    None when they do not (every file is then read)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = {str(name): value for name, value in get_data_patterns(str(folder)).items()}
+    except Exception:  # datasets' EmptyDatasetError and the like: no split layout to follow
+        return None
+    if list(patterns.values()) == [["**"]]:  # datasets' catch-all: no split names in the file names
+        return None
+    name = pick_split(list(patterns), split, splits, folder)
+    files = DataFilesDict.from_patterns({name: patterns[name]}, base_path=str(folder))[name]
+    return [Path(file) for file in files if Path(file).suffix.lower() in SUFFIXES]
+
+
+def _folder_entries(folder: Path, split: str | None, splits: tuple[str, ...]) -> list[Path]:
+    found = _split_files(folder, split, splits)
+    if found is None:
+        found = _folder_files(folder)
     if not found:
         raise DataError(f"{folder}: the folder holds no data files ({', '.join(sorted(SUFFIXES))})")
     return found
 
 
-def data_paths(spec: str | Path | list) -> list[Path]:
+def data_paths(spec: str | Path | list, split: str | None = None, splits: tuple[str, ...] = ("train",)
+               ) -> list[Path]:
     """Every file (or saved `datasets` folder) a data path names, in reading order.
 
     Args:
         spec: a path, a glob, a folder, `deltatune:NAME`, or a list of these.
+        split, splits: which split a folder laid out in splits gives (see read_rows).
 
     Raises:
         DataError: a path that names nothing, a glob that matches nothing, an empty folder or list.
@@ -107,11 +150,12 @@ def data_paths(spec: str | Path | list) -> list[Path]:
                 where = Path(text).parent.absolute()
                 raise DataError(f"{text}: no file matches this pattern (looked in {where})")
             for match in matches:
-                out += _folder_entries(match) if match.is_dir() and not is_saved_dataset(match) else [match]
+                plain_folder = match.is_dir() and not is_saved_dataset(match)
+                out += _folder_entries(match, split, splits) if plain_folder else [match]
             continue
         resolved = resolve_data_path(text)
         if resolved.is_dir() and not is_saved_dataset(resolved):
-            out += _folder_entries(resolved)
+            out += _folder_entries(resolved, split, splits)
         else:
             out.append(resolved)
     return out
@@ -201,15 +245,16 @@ def read_rows(
     Args:
         path: a `.jsonl`/`.ndjson`, `.json` (an array of objects), `.csv`, `.parquet` or `.arrow`
             file, a folder, a glob, a `save_to_disk` folder, `deltatune:NAME`, or a list of these.
-        split: the split to read from a saved DatasetDict (`data.split`).
-        splits: the splits tried, in order, when `split` is None and a DatasetDict has several.
+        split: the split to read from a saved DatasetDict or a folder whose file names carry split
+            names (`train-00000-of-00001.parquet`, `test.jsonl` ...): `data.split`.
+        splits: the splits tried, in order, when `split` is None and there are several.
 
     Raises:
         DataError: a path names nothing, a file is unreadable or of an unknown type, a row is not an
             object, a DatasetDict's split is ambiguous or missing, or there are no rows at all.
     """
     rows = []
-    for resolved in data_paths(path):
+    for resolved in data_paths(path, split, splits):
         rows += _file_rows(resolved, split, splits)
     for row in rows:
         if not isinstance(row.data, dict):

@@ -176,10 +176,11 @@ def test_datasetdict_split_choice(tmp_path):
 def test_a_folder_laid_out_in_splits_gives_one_split(tmp_path):
     """A dataset folder as the hub lays it out (data/train-*.parquet, data/test-*.parquet): training
     reads the train files only, eval the test files, never both mixed."""
-    (tmp_path / "hub" / "data").mkdir(parents=True)
+    shards = tmp_path / "hub" / "data"
+    shards.mkdir(parents=True)
     (tmp_path / "hub" / "README.md").write_text("---\nlicense: mit\n---\n")
-    datasets.Dataset.from_list(PC[:8]).to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
-    datasets.Dataset.from_list(PC[8:]).to_parquet(str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(PC[:8]).to_parquet(str(shards / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(PC[8:]).to_parquet(str(shards / "test-00000-of-00001.parquet"))
     data = DataSection(train=str(tmp_path / "hub"), eval=str(tmp_path / "hub"))
     train, _, held, _ = read_train_eval(data)
     assert messages(train) == jsonl_reference(tmp_path, PC[:8])[0]

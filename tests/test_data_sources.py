@@ -305,7 +305,7 @@ def test_a_hub_id_not_in_the_cache_is_a_clear_error(tmp_path, monkeypatch):
     from deltatune.models import ModelNotFoundError, resolve_model
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ModelNotFoundError, match=r"'org/absent'.*not a hub id in the local Hugging Face"):
+    with pytest.raises(ModelNotFoundError, match=r"'org/absent'.*nor a hub id in the local Hugging Face"):
         resolve_model("org/absent")
     hub_cache(tmp_path, make_tiny_model_dir(tmp_path / "model"), repo="org/here")
     assert (resolve_model("org/here") / "config.json").is_file()

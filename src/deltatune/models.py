@@ -152,7 +152,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         from huggingface_hub import constants
 
         raise ModelNotFoundError(
-            f"model {name!r}: not a local directory, not a known alias ({sorted(ALIASES)}) and not a hub "
+            f"model {name!r}: not a local directory and not a known alias ({sorted(ALIASES)}), nor a hub "
             f"id in the local Hugging Face cache ({constants.HF_HUB_CACHE}); deltatune never downloads, "
             "so pass a local Transformers directory or fetch it first (`hf download ORG/NAME`)"
         )

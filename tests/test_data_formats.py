@@ -149,8 +149,11 @@ def test_bad_rows_name_file_and_line(tmp_path, lines, message):
 def test_bad_files(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         read_rows(tmp_path / "nope.jsonl")
-    (tmp_path / "d.parquet").write_text("x")
+    (tmp_path / "d.xlsx").write_text("x")
     with pytest.raises(DataError, match="unknown data file type"):
+        read_rows(tmp_path / "d.xlsx")
+    (tmp_path / "d.parquet").write_text("x")  # parquet is read (through datasets), but this is not one
+    with pytest.raises(DataError, match="d.parquet: not a readable parquet file"):
         read_rows(tmp_path / "d.parquet")
     (tmp_path / "d.csv").write_text("text,label\na,b,c\n")
     with pytest.raises(DataError, match=r"d.csv:2: more values than the 2 header columns"):

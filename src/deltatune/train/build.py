@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -9,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from ..models import load_model, resolve_model
+from ..models import load_model
 from .config import DataSection, ModelSection
-from .files import read_rows, resolve_data_path
-from .formats import Sample, to_samples
+from .files import DataError, data_paths, read_rows
+from .formats import Sample, map_columns, to_samples
 from .packing import pack
-from .tokenize import Encoded, EncodeStats, encode, ensure_chat_template
+from .tokenize import (TEMPLATE_FILE, Encoded, EncodeStats, apply_chat_template_choice, encode,
+                       resolve_chat_template)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,9 +31,64 @@ class Dataset:
     format: str
 
 
-def read_samples(path: str, data: DataSection) -> tuple[list[Sample], str]:
-    """Parse and check every row of a data file (no tokenizer needed, so it runs before any load)."""
-    return to_samples(read_rows(path), data.format, chat=data.template == "chat")
+EVAL_SPLITS = ("validation", "test")  # tried when data.eval names a DatasetDict folder
+
+
+def read_samples(path, data: DataSection, eval_data: bool = False) -> tuple[list[Sample], str]:
+    """Parse and check every row of the data `path` names, columns renamed by `data.columns` (no
+    tokenizer needed, so it runs before any load). A DatasetDict folder gives data.split (training
+    data; default its train split) or, for `eval_data`, its validation or test split."""
+    if eval_data:
+        rows = read_rows(path, None, EVAL_SPLITS)
+    else:
+        rows = read_rows(path, data.split, ("train",))
+    rows = map_columns(rows, data.columns)
+    return to_samples(rows, data.format, chat=data.template == "chat")
+
+
+def hold_out(samples: list[Sample], val_split: int | float) -> tuple[list[Sample], list[Sample]]:
+    """Split samples into (train, held out) for `data.val_split`, both in file order.
+
+    The held-out rows are those with the smallest SHA-256 of their content (ties by position): the
+    same data gives the same split on every run and machine, whatever `training.seed` or the file
+    order, so runs with different seeds are scored on the same rows. A fraction holds out
+    round(fraction * rows) rows, at least one.
+
+    Raises:
+        DataError: the split would leave no training row.
+    """
+    count = val_split if isinstance(val_split, int) else max(1, round(val_split * len(samples)))
+    if count >= len(samples):
+        raise DataError(f"data.val_split={val_split!r}: holds out {count} of {len(samples)} rows of "
+                        "data.train, leaving none to train on; expected fewer")
+
+    def key(item: tuple[int, Sample]) -> tuple[str, int]:
+        text = json.dumps(["deltatune-val-split", item[1].messages], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest(), item[0]
+
+    held = {index for index, _ in sorted(enumerate(samples), key=key)[:count]}
+    return ([s for i, s in enumerate(samples) if i not in held],
+            [s for i, s in enumerate(samples) if i in held])
+
+
+def read_train_eval(data: DataSection) -> tuple[list[Sample], str, list[Sample] | None, str | None]:
+    """(train samples, format, eval samples or None, format): data.eval, or the rows `data.val_split`
+    holds out of data.train."""
+    train, fmt = read_samples(data.train, data)
+    if data.eval:
+        return (train, fmt, *read_samples(data.eval, data, eval_data=True))
+    if data.val_split:
+        train, held = hold_out(train, data.val_split)
+        return train, fmt, held, fmt
+    return train, fmt, None, None
+
+
+def read_eval_samples(data: DataSection) -> tuple[list[Sample], str]:
+    """The evaluation samples: data.eval, or the rows `data.val_split` holds out of data.train."""
+    if data.eval:
+        return read_samples(data.eval, data, eval_data=True)
+    train, fmt = read_samples(data.train, data)
+    return hold_out(train, data.val_split)[1], fmt
 
 
 def tokenize_samples(
@@ -39,7 +96,7 @@ def tokenize_samples(
 ) -> Dataset:
     chat = data.template == "chat"
     if chat:
-        ensure_chat_template(tokenizer)
+        apply_chat_template_choice(tokenizer, data.chat_template)
     examples, stats = encode(samples, tokenizer, data.max_length, chat, data.train_on_prompt)
     if packing:
         examples = pack(examples, data.max_length)
@@ -48,28 +105,31 @@ def tokenize_samples(
 
 
 def check_data_files(data: DataSection, need_train: bool = True) -> None:
-    """Fail fast on missing data files."""
+    """Fail fast on missing data files and a chat template that names nothing."""
     if need_train and not data.train:
         from ..core.config import DeltaConfigError
 
-        raise DeltaConfigError("data.train is required: the path of a .jsonl, .json or .csv file")
-    for path in (data.train if need_train else None, data.eval):
-        if path:
-            resolve_data_path(path)
+        raise DeltaConfigError(
+            "data.train is required: a .jsonl, .json, .csv, .parquet or .arrow file, a folder, a glob, "
+            "a save_to_disk folder, or a list of these"
+        )
+    if data.train and (need_train or (data.val_split and not data.eval)):
+        data_paths(data.train, data.split)
+    if data.eval:
+        data_paths(data.eval, None, EVAL_SPLITS)
+    if data.chat_template:
+        resolve_chat_template(data.chat_template)
 
 
-def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from ..models import load_tokenizer as load
 
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(name_or_path)))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load(name_or_path, trust_remote_code)
 
 
 def load_base(model: ModelSection):
     """The base model (eval mode) and its tokenizer, from an alias or a local directory."""
-    base, tokenizer = load_model(model.name_or_path, DTYPE[model.dtype])
+    base, tokenizer = load_model(model.name_or_path, DTYPE[model.dtype], model.trust_remote_code)
     if model.quantize:
         from ..quant import quantize
 
@@ -93,7 +153,8 @@ def adapter_base_name(adapter_dir: str | os.PathLike) -> str | None:
     return json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
 
 
-def load_adapted(adapter_dir: str | os.PathLike, model_name: str | None = None, dtype: str = "float32"):
+def load_adapted(adapter_dir: str | os.PathLike, model_name: str | None = None, dtype: str = "float32",
+                 trust_remote_code: bool = False):
     """The base model named by the adapter (or `model_name`) with the adapter loaded, and the tokenizer.
 
     A `peft` adapter for `HuggingFaceTB/SmolLM2-135M-Instruct` resolves to the embedded default model.
@@ -105,7 +166,11 @@ def load_adapted(adapter_dir: str | os.PathLike, model_name: str | None = None, 
         from ..core.config import DeltaConfigError
 
         raise DeltaConfigError(f"{adapter_dir}: adapter_config.json names no base model; pass --model")
-    base, tokenizer = load_base(ModelSection(name_or_path=name, dtype=dtype))
+    section = ModelSection(name_or_path=name, dtype=dtype, trust_remote_code=trust_remote_code)
+    base, tokenizer = load_base(section)
+    template = Path(adapter_dir) / TEMPLATE_FILE  # the run's data.chat_template, when it chose one
+    if template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
     model = DeltaModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
     return model, tokenizer

@@ -1,8 +1,9 @@
 """Run configuration schema: one validated dataclass per section (config_file.py reads YAML into it).
 
-    model:    name_or_path, dtype, quantize
+    model:    name_or_path, dtype, quantize, trust_remote_code
     method:   name (a registered method, e.g. lora) + that method's config fields (r, lora_alpha, ...)
-    data:     train, eval, format, max_length, packing, train_on_prompt, template
+    data:     train, eval, format, max_length, packing, train_on_prompt, template, columns, split,
+              val_split, chat_template
     training: max_steps | epochs, batch_size, grad_accum, lr, schedule, warmup_steps, ...
     eval:     max_samples, exact_match, max_new_tokens, batch_size
     output_dir
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.config import DeltaConfigError, config_class
-from .formats import FORMATS
+from .formats import COLUMN_KEYS, FORMATS
 
 DTYPES = {
     "float32": "float32",
@@ -143,6 +144,7 @@ class ModelSection:
     name_or_path: str = "smollm2-135m"
     dtype: str = "float32"
     quantize: str | dict | None = None  # "nf4" | "fp4" | "int8" or {type, double_quant, blocksize, skip}
+    trust_remote_code: bool = False  # run Python code shipped with the model (auto_map); opt-in only
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "model")
@@ -159,16 +161,41 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str | None = None
-    eval: str | None = None
+    train: str | list[str] | None = None  # file, folder, glob, save_to_disk folder, or a list of them
+    eval: str | list[str] | None = None
     format: str = "auto"
     max_length: int = 512
     packing: bool = False  # padding-free: examples share rows, each with its own positions and attention
     train_on_prompt: bool = False
     template: str = "chat"  # chat: the tokenizer's chat template; plain: prompt + completion as text
+    columns: dict | None = None  # {our name: your column}, e.g. {prompt: question, completion: answer}
+    split: str | None = None  # the DatasetDict split data.train reads (default: train, or the only one)
+    val_split: int | float | None = None  # hold out a fraction (0-1) or a count of train rows as eval
+    chat_template: str | None = None  # chatml, Jinja text, a .jinja file, or a model folder's template
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "data")
+        for key in ("train", "eval"):
+            value = getattr(self, key)
+            check(not isinstance(value, list) or (value and all(isinstance(v, str) and v for v in value)),
+                  f"data.{key}", value, "must be a path or a non-empty list of paths")
+        check(self.columns is None or isinstance(self.columns, dict), "data.columns", self.columns,
+              "must be a mapping {our name: your column}, e.g. {prompt: question, completion: answer}")
+        for ours, theirs in (self.columns or {}).items():
+            check(ours in COLUMN_KEYS, f"data.columns.{ours}", theirs, f"{ours!r} is not a name the data "
+                  f"formats read; expected one of {list(COLUMN_KEYS)}")
+            check(isinstance(theirs, str) and bool(theirs), f"data.columns.{ours}", theirs,
+                  "must be the name of a column in your data")
+        if self.val_split is not None:
+            fraction = isinstance(self.val_split, float) and 0 < self.val_split < 1
+            count = float(self.val_split).is_integer() and self.val_split >= 1
+            check(fraction or count, "data.val_split", self.val_split,
+                  "must be a fraction between 0 and 1 or a whole number of rows >= 1")
+            self.val_split = self.val_split if fraction else int(self.val_split)
+            check(self.eval is None, "data.val_split", self.val_split,
+                  "holds rows of data.train out for evaluation, but data.eval is set too; use one of them")
+        check(self.chat_template is None or self.template == "chat", "data.chat_template",
+              self.chat_template, "needs data.template=chat (plain joins text without a template)")
         check(
             self.format in FORMATS + ("auto",),
             "data.format",

@@ -88,6 +88,13 @@ def from_dict(raw: dict, source: str = "config") -> RunConfig:
     return config
 
 
+def _relative_to(config_path: Path, value: Any) -> Any:
+    """A relative data path in the YAML as a path from the YAML's folder (other values as they are)."""
+    if isinstance(value, str) and not Path(value).is_absolute() and not value.startswith(BUNDLED_PREFIX):
+        return str(config_path.parent / value)
+    return value
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply `key=value` overrides, validate, and resolve data paths.
 
@@ -112,14 +119,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             ) from None
         if not isinstance(raw, dict):
             raise DeltaConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        for key in ("train", "eval"):
+        for key in ("train", "eval", "chat_template"):
             value = (raw.get("data") or {}).get(key) if isinstance(raw.get("data"), dict) else None
-            if (
-                isinstance(value, str)
-                and not Path(value).is_absolute()
-                and not value.startswith(BUNDLED_PREFIX)
-            ):
-                raw["data"][key] = str(path.parent / value)
+            if value is None:
+                continue
+            if isinstance(value, list):  # several data paths: each relative to the YAML's folder
+                raw["data"][key] = [_relative_to(path, v) for v in value]
+            elif key != "chat_template" or (isinstance(value, str) and (path.parent / value).exists()):
+                raw["data"][key] = _relative_to(path, value)  # a template name or Jinja text stays as is
     for text in overrides:
         apply_override(raw, *parse_override(text))
     return from_dict(raw, source=str(path) if path else "config")

@@ -1,18 +1,33 @@
-"""Reading data files: JSON lines, JSON (a list of objects) and CSV, each row with its line number.
+"""Reading data files: JSON lines, JSON (a list of objects) and CSV, each row with its line number;
+Parquet, Arrow and `datasets` directories (`save_to_disk`) through the `datasets` library (columnar.py),
+each row with its index.
 
-A path `deltatune:NAME` names a file bundled with the package (src/deltatune/data/NAME).
+A data path is one file, a list of paths, a glob (`data/*.parquet`), a folder (every data file under
+it, by name) or a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`. A path
+`deltatune:NAME` names a file bundled with the package (src/deltatune/data/NAME).
+JSON and CSV keep our own readers: they report the line a bad row is on, which `datasets` cannot.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 BUNDLED_PREFIX = "deltatune:"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data"
-SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
+SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
+# files `save_to_disk` writes: a Dataset folder holds state.json, a DatasetDict folder dataset_dict.json
+SAVED_MARKERS = ("state.json", "dataset_dict.json")
 
 
 class DataError(ValueError):
@@ -25,20 +40,125 @@ class Row:
 
     data: dict
     file: str
-    line: int
+    line: int  # the line a text file's row starts on; the 0-based row index (`ds[i]`) in a table
+    unit: str = "line"  # "line" or "row"
 
     @property
     def where(self) -> str:
-        return f"{self.file}:{self.line}"
+        return f"{self.file}:{self.line}" if self.unit == "line" else f"{self.file}:row {self.line}"
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """True for a folder written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
+    return path.is_dir() and any((path / marker).is_file() for marker in SAVED_MARKERS)
 
 
 def resolve_data_path(path: str | Path) -> Path:
-    """The file a data path names (bundled files by `deltatune:NAME`); a clear error if it is missing."""
+    """The file or folder a data path names (bundled files by `deltatune:NAME`); a clear error if it
+    is missing."""
     text = str(path)
     resolved = BUNDLED_DIR / text[len(BUNDLED_PREFIX) :] if text.startswith(BUNDLED_PREFIX) else Path(text)
-    if not resolved.is_file():
+    if not (resolved.is_file() or resolved.is_dir()):
         raise DataError(f"{text}: data file not found")
     return resolved
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Data files under `folder` by path; a `save_to_disk` folder inside counts as one entry (its
+    state.json and shards are not data files of their own); hidden files and folders are skipped."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if is_saved_dataset(entry):
+            found.append(entry)
+        elif entry.is_dir():
+            found += _folder_files(entry)
+        elif entry.suffix.lower() in SUFFIXES:
+            found.append(entry)
+    return found
+
+
+def pick_split(splits: list[str], wanted: str | None, preferred: tuple[str, ...], folder: Path) -> str:
+    """The split to read from a folder that holds several: `wanted` (data.split), else the first of
+    `preferred` that exists, else the only split.
+
+    Raises:
+        DataError: `wanted` is not a split, or the choice is ambiguous (the message lists the splits).
+    """
+    if wanted is not None:
+        if wanted not in splits:
+            raise DataError(f"{folder}: data.split={wanted!r} is not a split here; the splits are {splits}")
+        return wanted
+    for name in preferred:
+        if name in splits:
+            return name
+    if len(splits) == 1:
+        return splits[0]
+    raise DataError(
+        f"{folder}: holds the splits {splits}; set data.split to one of them "
+        "(or name one split's files or folder directly)"
+    )
+
+
+def _split_files(folder: Path, split: str | None, splits: tuple[str, ...]) -> list[Path] | None:
+    """The files of one split when a folder's file names follow the hub's split conventions
+    (`data/train-00000-of-00001.parquet`, `test.jsonl`, `validation/` ...), as `datasets` infers them;
+    None when they do not (every file is then read)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = {str(name): value for name, value in get_data_patterns(str(folder)).items()}
+    except Exception:  # datasets' EmptyDatasetError and the like: no split layout to follow
+        return None
+    if list(patterns.values()) == [["**"]]:  # datasets' catch-all: no split names in the file names
+        return None
+    name = pick_split(list(patterns), split, splits, folder)
+    files = DataFilesDict.from_patterns({name: patterns[name]}, base_path=str(folder))[name]
+    return [Path(file) for file in files if Path(file).suffix.lower() in SUFFIXES]
+
+
+def _folder_entries(folder: Path, split: str | None, splits: tuple[str, ...]) -> list[Path]:
+    found = _split_files(folder, split, splits)
+    if found is None:
+        found = _folder_files(folder)
+    if not found:
+        raise DataError(f"{folder}: the folder holds no data files ({', '.join(sorted(SUFFIXES))})")
+    return found
+
+
+def data_paths(spec: str | Path | list, split: str | None = None, splits: tuple[str, ...] = ("train",)
+               ) -> list[Path]:
+    """Every file (or saved `datasets` folder) a data path names, in reading order.
+
+    Args:
+        spec: a path, a glob, a folder, `deltatune:NAME`, or a list of these.
+        split, splits: which split a folder laid out in splits gives (see read_rows).
+
+    Raises:
+        DataError: a path that names nothing, a glob that matches nothing, an empty folder or list.
+    """
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not items:
+        raise DataError("the list of data files is empty")
+    out: list[Path] = []
+    for item in items:
+        text = str(item)
+        if any(c in text for c in "*?[") and not text.startswith(BUNDLED_PREFIX):
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
+            if not matches:
+                where = Path(text).parent.absolute()
+                raise DataError(f"{text}: no file matches this pattern (looked in {where})")
+            for match in matches:
+                plain_folder = match.is_dir() and not is_saved_dataset(match)
+                out += _folder_entries(match, split, splits) if plain_folder else [match]
+            continue
+        resolved = resolve_data_path(text)
+        if resolved.is_dir() and not is_saved_dataset(resolved):
+            out += _folder_entries(resolved, split, splits)
+        else:
+            out.append(resolved)
+    return out
 
 
 def _jsonl_rows(path: Path, text: str) -> list[Row]:
@@ -95,30 +215,53 @@ def _csv_rows(path: Path, text: str) -> list[Row]:
     return rows
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    """All records of a data file, in order.
+def _file_rows(resolved: Path, split: str | None, splits: tuple[str, ...]) -> list[Row]:
+    if resolved.is_dir():  # a save_to_disk folder (data_paths passes no other folder)
+        from .columnar import read_saved_rows
 
-    Args:
-        path: a `.jsonl`/`.ndjson`, `.json` (an array of objects) or `.csv` file, or `deltatune:NAME`.
-
-    Raises:
-        DataError: the file is missing, unreadable, has an unknown suffix, holds a row that is not an
-            object, or holds no rows at all.
-    """
-    resolved = resolve_data_path(path)
+        return read_saved_rows(resolved, split, splits)
     kind = SUFFIXES.get(resolved.suffix.lower())
     if kind is None:
-        raise DataError(f"{path}: unknown data file type {resolved.suffix!r}; use one of {sorted(SUFFIXES)}")
+        raise DataError(
+            f"{resolved}: unknown data file type {resolved.suffix!r}; use one of {sorted(SUFFIXES)} "
+            "or a folder written by save_to_disk"
+        )
+    if kind in ("parquet", "arrow"):
+        from .columnar import read_table_rows
+
+        return read_table_rows(resolved, kind)
     try:
         text = resolved.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    rows = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows}[kind](resolved, text)
+        raise DataError(f"{resolved}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows}[kind](resolved, text)
+
+
+def read_rows(
+    path: str | Path | list, split: str | None = None, splits: tuple[str, ...] = ("train",)
+) -> list[Row]:
+    """All records of the data a path names, file after file, in order.
+
+    Args:
+        path: a `.jsonl`/`.ndjson`, `.json` (an array of objects), `.csv`, `.parquet` or `.arrow`
+            file, a folder, a glob, a `save_to_disk` folder, `deltatune:NAME`, or a list of these.
+        split: the split to read from a saved DatasetDict or a folder whose file names carry split
+            names (`train-00000-of-00001.parquet`, `test.jsonl` ...): `data.split`.
+        splits: the splits tried, in order, when `split` is None and there are several.
+
+    Raises:
+        DataError: a path names nothing, a file is unreadable or of an unknown type, a row is not an
+            object, a DatasetDict's split is ambiguous or missing, or there are no rows at all.
+    """
+    rows = []
+    for resolved in data_paths(path, split, splits):
+        rows += _file_rows(resolved, split, splits)
     for row in rows:
         if not isinstance(row.data, dict):
             raise DataError(
                 f"{row.where}: expected an object with named fields, got {type(row.data).__name__}"
             )
     if not rows:
-        raise DataError(f"{path}: the data file has no rows")
+        name = path if not isinstance(path, (list, tuple)) else ", ".join(map(str, path))
+        raise DataError(f"{name}: the data file has no rows")
     return rows

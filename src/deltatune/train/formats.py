@@ -7,6 +7,9 @@
     classification     {"text": ..., "label": ...}   the label is the completion; scored by accuracy
     text               {"text": ...}                  plain language modelling, loss on every token
 
+Columns named otherwise are renamed first by `data.columns` (map_columns): `{prompt: question,
+completion: answer}`, `{messages: conversation, role: from, content: text}` (keys inside each message).
+
 With `template: plain` the prompt and completion are joined as text (no chat template), the way
 `prompt_completion` data is usually meant; the alpaca format then uses the Alpaca prompt.
 """
@@ -27,6 +30,10 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
     "tool": "tool",
 }
+# the names data.columns may map onto: every field a format reads, and the keys inside a message
+COLUMN_KEYS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "text",
+               "label", "role", "content")
+MESSAGE_KEYS = ("role", "content")
 ALPACA_HEADER = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n"
@@ -65,6 +72,49 @@ def detect_format(row: Row) -> str:
         f"{row.where}: cannot tell the data format from keys {sorted(keys)}; expected "
         "messages, prompt+completion, instruction+output (alpaca), text+label or text"
     )
+
+
+def map_columns(rows: list[Row], columns: dict[str, str] | None) -> list[Row]:
+    """Rows with their columns renamed to the names the formats read (`data.columns`).
+
+    Args:
+        rows: rows as read from the files.
+        columns: {our name: the data's column}, e.g. {"prompt": "question", "completion": "answer"};
+            `role`/`content` rename the keys inside each message of a messages column.
+
+    Raises:
+        DataError: a row lacks a mapped column (naming the row, the `data.columns` key and the row's
+            columns); an optional column (`input`) may be absent.
+    """
+    if not columns:
+        return rows
+    fields = {ours: theirs for ours, theirs in columns.items() if ours not in MESSAGE_KEYS}
+    inner = {ours: theirs for ours, theirs in columns.items() if ours in MESSAGE_KEYS}
+    out = []
+    for row in rows:
+        data = {key: value for key, value in row.data.items() if key not in fields.values()}
+        for ours, theirs in fields.items():
+            if theirs in row.data:
+                data[ours] = row.data[theirs]
+            elif ours != "input":
+                raise DataError(
+                    f"{row.where}: data.columns.{ours}={theirs!r}, but the row has no column {theirs!r} "
+                    f"(it has {sorted(row.data)})"
+                )
+        if inner:
+            for name in ("messages", "conversations"):
+                if isinstance(data.get(name), list):
+                    data[name] = [_rename_message(m, inner) for m in data[name]]
+        out.append(Row(data, row.file, row.line, row.unit))
+    return out
+
+
+def _rename_message(message, inner: dict[str, str]):
+    if not isinstance(message, dict):
+        return message  # _messages names the row and the item
+    renamed = {key: value for key, value in message.items() if key not in inner.values()}
+    renamed.update({ours: message[theirs] for ours, theirs in inner.items() if theirs in message})
+    return renamed
 
 
 def _field(row: Row, name: str, optional: bool = False, kinds: tuple = (str,)):

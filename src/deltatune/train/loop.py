@@ -27,7 +27,7 @@ from .build import (
     check_data_files,
     load_base,
     load_tokenizer,
-    read_samples,
+    read_train_eval,
     stored_model_name,
     tokenize_samples,
 )
@@ -44,7 +44,7 @@ from .runtime import enable_gradient_checkpointing, make_accelerator
 from .schedule import make_scheduler
 from .packing import check_packing_isolates
 from .resume_check import SCHEDULE_FIELDS, file_fingerprint, point_schedule, resume_changes, resume_note
-from .tokenize import collate, target_count
+from .tokenize import TEMPLATE_FILE, collate, target_count
 
 
 def train(
@@ -86,8 +86,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
 
     tc, out = config.training, Path(config.output_dir)
     check_data_files(config.data)
-    train_samples, fmt = read_samples(config.data.train, config.data)
-    eval_samples, eval_fmt = read_samples(config.data.eval, config.data) if config.data.eval else (None, None)
+    # eval: data.eval, or the rows data.val_split holds out of data.train
+    train_samples, fmt, eval_samples, eval_fmt = read_train_eval(config.data)
     eval_samples = eval_samples[: config.eval.max_samples] if eval_samples else None
     method_config = config.method_config()
     method_config.base_model_name_or_path = stored_model_name(config.model.name_or_path)
@@ -105,7 +105,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     accelerator = make_accelerator(tc.precision)
     main = accelerator.is_main_process
 
-    tokenizer = base[1] if base else load_tokenizer(config.model.name_or_path)
+    tokenizer = base[1] if base else load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     train_set = tokenize_samples(train_samples, fmt, tokenizer, config.data, config.data.packing)
     eval_set = tokenize_samples(eval_samples, eval_fmt, tokenizer, config.data) if eval_samples else None
     if main:
@@ -167,6 +167,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     if main:
         header = f"# {resume_note(checkpoint, start, changed)}\n" if changed else ""
         write_text(out / "run_config.yaml", header + yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if config.data.chat_template:  # so generate/eval/serve on the adapter render prompts as training did
+            write_text(out / TEMPLATE_FILE, tokenizer.chat_template)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if checkpoint else None)
     if main and changed:
         resumed = {"step": start, "resumed": checkpoint.name}

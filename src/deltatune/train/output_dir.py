@@ -29,6 +29,7 @@ RUN_FILES = (
     "metrics.jsonl",
     "loss.png",
     "run_config.yaml",
+    "chat_template.jinja",  # written when data.chat_template chose the template
     CHECKPOINTS,
 )
 

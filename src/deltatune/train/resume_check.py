@@ -14,12 +14,13 @@ loop parses the whole file anyway), so a moved or renamed file with the same row
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from ..core.config import DeltaConfigError
 from .config import RunConfig, build_method_config
-from .files import resolve_data_path
+from .files import data_paths
 
 SAFE_ON_RESUME = {
     "training.max_steps": "the run's length; the schedule stretches to it",
@@ -44,14 +45,29 @@ def may_change(field: str) -> bool:
     return field in SAFE_ON_RESUME or f"{field.split('.')[0]}.*" in SAFE_ON_RESUME
 
 
-def file_fingerprint(path: str) -> dict:
-    """SHA-256 and size of a data file's whole content (bundled `deltatune:` names resolved)."""
-    resolved = resolve_data_path(path)
+def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(resolved, "rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return {"sha256": digest.hexdigest(), "bytes": resolved.stat().st_size}
+    return digest.hexdigest()
+
+
+def file_fingerprint(path) -> dict:
+    """SHA-256 and size of the training data's whole content (bundled `deltatune:` names resolved).
+
+    One plain file hashes as its bytes (as before lists and folders were read); several files, a
+    folder or a `save_to_disk` folder hash as the list of (name, SHA-256) of every file, in order.
+    """
+    paths = data_paths(path)
+    if len(paths) == 1 and paths[0].is_file():
+        return {"sha256": _file_digest(paths[0]), "bytes": paths[0].stat().st_size}
+    # names relative to each entry's folder: moving the data elsewhere does not count as a change
+    files = [(str(f.relative_to(p.parent)), f) for p in paths
+             for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))]
+    listing = json.dumps([[name, _file_digest(f)] for name, f in files])
+    return {"sha256": hashlib.sha256(listing.encode("utf-8")).hexdigest(),
+            "bytes": sum(f.stat().st_size for _, f in files)}
 
 
 def flat_settings(config: dict) -> dict[str, Any]:

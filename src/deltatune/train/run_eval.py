@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.config import DeltaConfigError
-from .build import check_data_files, load_adapted, read_samples, tokenize_samples
+from .build import check_data_files, load_adapted, read_eval_samples, tokenize_samples
 from .config import DataSection
 from .config_file import load_config
 from .evaluate import eval_loss, score_generation
@@ -20,7 +20,7 @@ def _evaluate(
     batch_size: int = 16,
     exact: bool = True,
 ) -> dict:
-    samples, fmt = read_samples(data.eval, data)
+    samples, fmt = read_eval_samples(data)  # data.eval, or the rows data.val_split holds out
     samples = samples[:max_samples]
     dataset = tokenize_samples(samples, fmt, tokenizer, data)
     metrics = eval_loss(model, dataset.examples, tokenizer.pad_token_id, batch_size)
@@ -30,7 +30,7 @@ def _evaluate(
         )
         metrics.update(scores)
     print(
-        f"{data.eval}: "
+        f"{data.eval or f'{data.train} (rows held out by data.val_split={data.val_split})'}: "
         + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
     )
     return metrics
@@ -58,7 +58,7 @@ def evaluate_adapter(
     """
     data = DataSection(eval=data_file, format=data_format, max_length=max_length)
     check_data_files(data, need_train=False)
-    read_samples(data_file, data)  # bad rows stop us before the model loads
+    read_eval_samples(data)  # bad rows stop us before the model loads
     wrapped, tokenizer = load_adapted(adapter, model)
     return _evaluate(wrapped, tokenizer, data, max_samples or None, max_new_tokens, exact=max_samples != 0)
 
@@ -66,16 +66,17 @@ def evaluate_adapter(
 def evaluate_config(config_path: str, overrides: list[str] = ()) -> dict:
     """Evaluate the adapter a config trained (in its `output_dir`) on the config's `data.eval`."""
     config = load_config(config_path, overrides)
-    if not config.data.eval:
-        raise DeltaConfigError("data.eval is required to evaluate: the path of a held-out data file")
+    if not config.data.eval and not config.data.val_split:
+        raise DeltaConfigError("data.eval (a held-out data file) or data.val_split is required to evaluate")
     check_data_files(config.data, need_train=False)
     adapter = Path(config.output_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise DeltaConfigError(
             f"output_dir={str(adapter)!r}: no trained adapter there yet; run deltatune train"
         )
-    read_samples(config.data.eval, config.data)
-    wrapped, tokenizer = load_adapted(adapter, config.model.name_or_path, config.model.dtype)
+    read_eval_samples(config.data)
+    wrapped, tokenizer = load_adapted(adapter, config.model.name_or_path, config.model.dtype,
+                                      config.model.trust_remote_code)
     return _evaluate(
         wrapped,
         tokenizer,

@@ -7,8 +7,10 @@ own. The prompt therefore tokenizes exactly as it will at generation time (one p
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -49,6 +51,51 @@ class EncodeStats:
         if self.packed_rows:
             text += f"; packed into {self.packed_rows} rows"
         return text
+
+
+NAMED_TEMPLATES = {"chatml": CHATML}
+TEMPLATE_FILE = "chat_template.jinja"  # the name Transformers saves a tokenizer's template under
+
+
+def resolve_chat_template(value: str) -> str:
+    """The Jinja text `data.chat_template` names.
+
+    Args:
+        value: a name (`chatml`); Jinja text itself (holds `{{` or `{%`); a template file (`.jinja`,
+            `.j2`, any text file); or a model/tokenizer folder, whose `chat_template.jinja` or
+            `tokenizer_config.json` "chat_template" is used (to borrow another model's template).
+
+    Raises:
+        DataError: the value is none of these, naming `data.chat_template` and what was looked for.
+    """
+    if value.lower() in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[value.lower()]
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if path.is_dir():
+        if (path / TEMPLATE_FILE).is_file():
+            return (path / TEMPLATE_FILE).read_text(encoding="utf-8")
+        config = path / "tokenizer_config.json"
+        saved = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+        template = saved.get("chat_template")
+        if isinstance(template, str) and template:
+            return template
+        raise DataError(f"data.chat_template={value!r}: the folder has no {TEMPLATE_FILE} and its "
+                        "tokenizer_config.json no chat_template")
+    raise DataError(
+        f"data.chat_template={value!r}: not a template name ({sorted(NAMED_TEMPLATES)}), not Jinja text "
+        f"and not an existing file or folder (looked for {path.absolute()})"
+    )
+
+
+def apply_chat_template_choice(tokenizer, chat_template: str | None) -> None:
+    """Give the tokenizer the chosen template (data.chat_template), or its own, or ChatML."""
+    if chat_template:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
+    ensure_chat_template(tokenizer)
 
 
 def ensure_chat_template(tokenizer) -> None:

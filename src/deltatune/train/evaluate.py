@@ -44,12 +44,15 @@ def eval_loss(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     autocast=nullcontext,
+    progress: bool = True,
 ) -> dict[str, float]:
-    """Mean loss per labelled token over `examples`, and its perplexity."""
+    """Mean loss per labelled token over `examples`, and its perplexity (a progress bar on stderr)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc="eval loss", unit="batch", disable=not progress, leave=False,
+                      dynamic_ncols=True):
         batch = collate(examples[start : start + batch_size], pad_id, device)
         with autocast():
             loss, n = token_loss_sum(model, batch)
@@ -67,10 +70,13 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
+    progress: bool = True,
 ) -> list[str]:
     """Greedy completions for `prompts` (already rendered text), batched with left padding.
 
-    Prompts are sorted by length so each batch pads little; answers come back in the input order.
+    Prompts are sorted by length so each batch pads little; answers come back in the input order. The
+    progress bar (stderr) counts answers and shows the tokens generated so far in the current batch, so a
+    long batch visibly moves.
     """
     was_training = model.training
     model.eval()
@@ -79,9 +85,10 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bar = tqdm(total=len(prompts), desc="generate", unit="answer", disable=not progress, leave=False,
+               dynamic_ncols=True)
     try:
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 2, leave=False):
+        for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             enc = tokenizer(
                 [prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False
@@ -96,25 +103,69 @@ def generate(
                 temperature=None,
                 top_p=None,
                 top_k=None,
+                **({"streamer": _TokenTicker(bar)} if progress else {}),
             )
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(chunk, texts):
                 answers[i] = text.strip()
+            bar.update(len(chunk))
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return answers
+
+
+class _TokenTicker:
+    """A `generate(streamer=...)` that shows on the bar how many tokens the current batch has so far
+    (generate hands it the prompt first, then each new token column)."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.calls = bar, 0
+
+    def put(self, value) -> None:
+        if self.calls:
+            self.bar.set_postfix_str(f"token {self.calls}", refresh=self.calls % 8 == 0)
+        self.calls += 1
+
+    def end(self) -> None:
+        self.calls = 0
+
+
+def is_exact(prediction: str, reference: str) -> bool:
+    """The exact-match rule: equal after stripping surrounding whitespace."""
+    return prediction.strip() == reference.strip()
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """Percentage of predictions equal to their reference after stripping surrounding whitespace."""
     if not references:
         return 0.0
-    return 100.0 * sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+    return 100.0 * sum(is_exact(p, r) for p, r in zip(predictions, references)) / len(references)
+
+
+def prediction_rows(samples: list[Sample], predictions: list[str], tokenizer, chat: bool) -> list[dict]:
+    """One record per scored sample, for `predictions.jsonl`: where the row came from, the prompt exactly
+    as the model saw it (chat template included), the reference, the answer and whether they match.
+
+    `predictions` are score_generation's, one per sample that has a reference, in order.
+    """
+    scored = [s for s in samples if s.reference is not None]
+    return [
+        {
+            "where": s.where,
+            "prompt": prompt_text(s, tokenizer, chat),
+            "reference": s.reference,
+            "answer": answer,
+            "exact_match": is_exact(answer, s.reference),
+        }
+        for s, answer in zip(scored, predictions)
+    ]
 
 
 def score_generation(
-    model, tokenizer, samples: list[Sample], chat: bool, max_new_tokens: int, batch_size: int, device="cpu"
+    model, tokenizer, samples: list[Sample], chat: bool, max_new_tokens: int, batch_size: int, device="cpu",
+    progress: bool = True,
 ) -> tuple[dict[str, float], list[str]]:
     """Generate an answer for each sample with a reference and score it.
 
@@ -125,7 +176,7 @@ def score_generation(
     if not scored:
         return {}, []
     prompts = [prompt_text(s, tokenizer, chat) for s in scored]
-    predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, device)
+    predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, progress)
     name = "accuracy" if scored[0].kind == "classification" else "exact_match"
     score = exact_match(predictions, [s.reference for s in scored])
     return {name: score, "eval_samples": len(scored)}, predictions

@@ -11,8 +11,8 @@ import torch
 
 from .build import Dataset
 from .config import RunConfig
-from .evaluate import eval_loss, score_generation
-from .metrics import MetricsLog, plot_loss
+from .evaluate import eval_loss, prediction_rows, score_generation
+from .metrics import PREDICTIONS, MetricsLog, plot_loss, write_predictions
 
 
 @dataclass
@@ -63,12 +63,16 @@ def finish_run(
                         accelerator.device,
                     )
                 final.update(scores)
+                if predictions:
+                    rows = prediction_rows(eval_set.samples, predictions, tokenizer, config.data.template == "chat")
+                    write_predictions(out / PREDICTIONS, rows)
             metrics.write({"step": steps, **final})
             shown = ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()
             )
             log(f"eval: {shown} ({time.perf_counter() - started:.0f} s)")
         plot_loss(metrics.records(), out / "loss.png")
-        log(f"adapter, metrics.jsonl and loss.png written to {out}")
+        written = "metrics.jsonl, predictions.jsonl" if predictions else "metrics.jsonl"
+        log(f"adapter, {written} and loss.png written to {out}")
     accelerator.wait_for_everyone()
     return TrainResult(model, tokenizer, final, predictions, steps)

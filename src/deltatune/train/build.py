@@ -14,7 +14,7 @@ from .config import DataSection, ModelSection
 from .files import read_rows, resolve_data_path
 from .formats import Sample, to_samples
 from .packing import pack
-from .tokenize import Encoded, EncodeStats, encode, ensure_chat_template
+from .tokenize import Encoded, EncodeStats, encode, encode_classes, ensure_chat_template
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,9 +34,20 @@ def read_samples(path: str, data: DataSection) -> tuple[list[Sample], str]:
     return to_samples(read_rows(path), data.format, chat=data.template == "chat")
 
 
+def class_labels(samples: list[Sample]) -> list[str]:
+    """The class names of {text, label} training rows, sorted (class id = position): the head of a
+    sequence classifier gets one output per name."""
+    return sorted({s.reference for s in samples if s.reference is not None})
+
+
 def tokenize_samples(
-    samples: list[Sample], fmt: str, tokenizer, data: DataSection, packing: bool = False
+    samples: list[Sample], fmt: str, tokenizer, data: DataSection, packing: bool = False,
+    labels: list[str] | None = None,
 ) -> Dataset:
+    """Tokenize for a causal LM, or with `labels` for a sequence classifier (tokenize.encode_classes)."""
+    if labels is not None:
+        examples, stats = encode_classes(samples, tokenizer, data.max_length, {n: i for i, n in enumerate(labels)})
+        return Dataset(samples, examples, stats, fmt)
     chat = data.template == "chat"
     if chat:
         ensure_chat_template(tokenizer)
@@ -67,9 +78,10 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_base(model: ModelSection):
-    """The base model (eval mode) and its tokenizer, from an alias or a local directory."""
-    base, tokenizer = load_model(model.name_or_path, DTYPE[model.dtype])
+def load_base(model: ModelSection, labels: list[str] | None = None):
+    """The base model (eval mode) with the head `model.task` names, and its tokenizer, from an alias or a
+    local directory; `labels` are a sequence classifier's class names."""
+    base, tokenizer = load_model(model.name_or_path, DTYPE[model.dtype], model.task, labels)
     if model.quantize:
         from ..quant import quantize
 
@@ -93,19 +105,30 @@ def adapter_base_name(adapter_dir: str | os.PathLike) -> str | None:
     return json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
 
 
-def load_adapted(adapter_dir: str | os.PathLike, model_name: str | None = None, dtype: str = "float32"):
+def load_adapted(
+    adapter_dir: str | os.PathLike, model_name: str | None = None, dtype: str = "float32",
+    labels: list[str] | None = None,
+):
     """The base model named by the adapter (or `model_name`) with the adapter loaded, and the tokenizer.
 
-    A `peft` adapter for `HuggingFaceTB/SmolLM2-135M-Instruct` resolves to the embedded default model.
+    A `peft` adapter for `HuggingFaceTB/SmolLM2-135M-Instruct` resolves to the embedded default model. A
+    sequence-classification adapter (task_type SEQ_CLS) needs the class names it was trained with, which
+    only its run config knows (`labels`, from the training file).
     """
     from .. import DeltaModel
+    from ..core.config import DeltaConfigError
 
     name = model_name or adapter_base_name(adapter_dir)
     if not name:
-        from ..core.config import DeltaConfigError
-
         raise DeltaConfigError(f"{adapter_dir}: adapter_config.json names no base model; pass --model")
-    base, tokenizer = load_base(ModelSection(name_or_path=name, dtype=dtype))
+    saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    task = "sequence_classification" if saved.get("task_type") == "SEQ_CLS" else "causal_lm"
+    if task == "sequence_classification" and not labels:
+        raise DeltaConfigError(
+            f"{adapter_dir}: a sequence-classification adapter; evaluate it with `deltatune eval CONFIG.yaml` "
+            "(the run config names the training file its class names come from)"
+        )
+    base, tokenizer = load_base(ModelSection(name_or_path=name, dtype=dtype, task=task), labels)
     model = DeltaModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
     return model, tokenizer

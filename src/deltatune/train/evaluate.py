@@ -29,6 +29,9 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), head.weight, head.bias, targets.flatten())
         return loss, int((targets != IGNORE).sum())
     logits = model(**model_inputs(batch)).logits
+    if logits.dim() == 2:  # (B, classes): a sequence classifier; one class id per row (encode_classes)
+        classes = batch["labels"][batch["labels"] != IGNORE]  # (B,), row order
+        return F.cross_entropy(logits.float(), classes, reduction="sum"), int(classes.numel())
     logits = logits[:, -batch["input_ids"].shape[1]:]  # soft prompts prepend virtual positions
     loss = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
@@ -144,17 +147,19 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return 100.0 * sum(is_exact(p, r) for p, r in zip(predictions, references)) / len(references)
 
 
-def prediction_rows(samples: list[Sample], predictions: list[str], tokenizer, chat: bool) -> list[dict]:
+def prediction_rows(samples: list[Sample], predictions: list[str], tokenizer, chat: bool,
+                    classifier: bool = False) -> list[dict]:
     """One record per scored sample, for `predictions.jsonl`: where the row came from, the prompt exactly
-    as the model saw it (chat template included), the reference, the answer and whether they match.
+    as the model saw it (chat template included; a classifier's input text), the reference, the answer
+    and whether they match.
 
-    `predictions` are score_generation's, one per sample that has a reference, in order.
+    `predictions` are score_answers', one per sample that has a reference, in order.
     """
     scored = [s for s in samples if s.reference is not None]
     return [
         {
             "where": s.where,
-            "prompt": prompt_text(s, tokenizer, chat),
+            "prompt": s.messages[0]["content"] if classifier else prompt_text(s, tokenizer, chat),
             "reference": s.reference,
             "answer": answer,
             "exact_match": is_exact(answer, s.reference),
@@ -180,3 +185,52 @@ def score_generation(
     name = "accuracy" if scored[0].kind == "classification" else "exact_match"
     score = exact_match(predictions, [s.reference for s in scored])
     return {name: score, "eval_samples": len(scored)}, predictions
+
+
+def _transformers_model(model):
+    from ..core.model import DeltaModel
+
+    return model.model if isinstance(model, DeltaModel) else model
+
+
+def is_sequence_classifier(model) -> bool:
+    """Whether `model` (a DeltaModel or a plain Transformers model) ends in a sequence-classification head."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    base = _transformers_model(model)
+    config = getattr(base, "config", None)
+    return config is not None and type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING and (
+        type(base) is MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+    )
+
+
+@torch.no_grad()
+def score_classes(
+    model, examples: list[Encoded], pad_id: int, batch_size: int, device="cpu", progress: bool = True
+) -> tuple[dict[str, float], list[str]]:
+    """Accuracy of a sequence classifier's argmax class against each example's class id
+    (tokenize.encode_classes), and the predicted class names (the model config's id2label)."""
+    was_training = model.training
+    model.eval()
+    id2label = _transformers_model(model).config.id2label
+    predicted, correct = [], 0
+    for start in tqdm(range(0, len(examples), batch_size), desc="classify", unit="batch", disable=not progress,
+                      leave=False, dynamic_ncols=True):
+        batch = collate(examples[start : start + batch_size], pad_id, device)
+        logits = model(**model_inputs(batch)).logits  # (B, classes)
+        classes = batch["labels"][batch["labels"] != IGNORE]
+        best = logits.argmax(-1)
+        correct += int((best == classes).sum())
+        predicted += [id2label[int(i)] for i in best]
+    model.train(was_training)
+    return {"accuracy": 100.0 * correct / max(len(examples), 1), "eval_samples": len(examples)}, predicted
+
+
+def score_answers(
+    model, tokenizer, dataset, chat: bool, max_new_tokens: int, batch_size: int, device="cpu"
+) -> tuple[dict[str, float], list[str]]:
+    """Score a tokenized eval set (build.Dataset): a sequence classifier by its argmax class, any other
+    model by generating an answer per sample (score_generation)."""
+    if is_sequence_classifier(model):
+        return score_classes(model, dataset.examples, tokenizer.pad_token_id, batch_size, device)
+    return score_generation(model, tokenizer, dataset.samples, chat, max_new_tokens, batch_size, device)

@@ -11,7 +11,7 @@ import torch
 
 from .build import Dataset
 from .config import RunConfig
-from .evaluate import eval_loss, prediction_rows, score_generation
+from .evaluate import eval_loss, is_sequence_classifier, prediction_rows, score_answers
 from .metrics import PREDICTIONS, MetricsLog, plot_loss, write_predictions
 
 
@@ -53,10 +53,10 @@ def finish_run(
             )
             if config.eval.exact_match:
                 with accelerator.autocast():
-                    scores, predictions = score_generation(
+                    scores, predictions = score_answers(
                         model,
                         tokenizer,
-                        eval_set.samples,
+                        eval_set,
                         config.data.template == "chat",
                         config.eval.max_new_tokens,
                         config.eval.batch_size,
@@ -64,7 +64,8 @@ def finish_run(
                     )
                 final.update(scores)
                 if predictions:
-                    rows = prediction_rows(eval_set.samples, predictions, tokenizer, config.data.template == "chat")
+                    rows = prediction_rows(eval_set.samples, predictions, tokenizer, config.data.template == "chat",
+                                           classifier=is_sequence_classifier(model))
                     write_predictions(out / PREDICTIONS, rows)
             metrics.write({"step": steps, **final})
             shown = ", ".join(

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from ..core.config import DeltaConfigError
 from ..io.atomic import write_json
-from .build import adapter_base_name, check_data_files, load_adapted, read_samples, tokenize_samples
+from .build import adapter_base_name, check_data_files, class_labels, load_adapted, read_samples, tokenize_samples
 from .config import DataSection
 from .config_file import load_config
-from .evaluate import eval_loss, generate, prediction_rows, score_generation
+from .evaluate import eval_loss, generate, prediction_rows, score_answers
 from .metrics import EVAL_METRICS, EVAL_PREDICTIONS, write_predictions
 from .formats import Sample
 from .tokenize import ensure_chat_template, prompt_text
@@ -26,17 +26,18 @@ def _evaluate(
     exact: bool = True,
     out: Path | None = None,
     source: dict | None = None,
+    labels: list[str] | None = None,
 ) -> dict:
-    """Score on `data.eval`; with `out`, write eval_metrics.json and eval_predictions.jsonl there."""
+    """Score on `data.eval`; with `out`, write eval_metrics.json and eval_predictions.jsonl there.
+    `labels`: a sequence classifier's class names."""
     samples, fmt = read_samples(data.eval, data)
     samples = samples[:max_samples]
-    dataset = tokenize_samples(samples, fmt, tokenizer, data)
+    dataset = tokenize_samples(samples, fmt, tokenizer, data, labels=labels)
     metrics = eval_loss(model, dataset.examples, tokenizer.pad_token_id, batch_size)
     predictions: list[str] = []
     if exact:
-        scores, predictions = score_generation(
-            model, tokenizer, samples, data.template == "chat", max_new_tokens, batch_size
-        )
+        scores, predictions = score_answers(model, tokenizer, dataset, data.template == "chat", max_new_tokens,
+                                            batch_size)
         metrics.update(scores)
     print(
         f"{data.eval}: "
@@ -45,7 +46,8 @@ def _evaluate(
     if out is not None:
         answers = out / EVAL_PREDICTIONS
         if predictions:
-            write_predictions(answers, prediction_rows(samples, predictions, tokenizer, data.template == "chat"))
+            rows = prediction_rows(samples, predictions, tokenizer, data.template == "chat", labels is not None)
+            write_predictions(answers, rows)
         else:  # loss only: an earlier run's answers would no longer match these metrics
             answers.unlink(missing_ok=True)
         write_json(out / EVAL_METRICS, {**(source or {}), "data": str(data.eval), **metrics})
@@ -117,8 +119,12 @@ def evaluate_config(config_path: str, overrides: list[str] = (), out: str | None
             f"output_dir={str(adapter)!r}: no trained adapter there yet; run deltatune train"
         )
     read_samples(config.data.eval, config.data)
+    labels = None  # a classifier's class names come from its training file, as in training
+    if config.model.task == "sequence_classification":
+        check_data_files(config.data)
+        labels = class_labels(read_samples(config.data.train, config.data)[0])
     folder = writable_folder(out or adapter, "--out" if out else "output_dir")
-    wrapped, tokenizer = load_adapted(adapter, config.model.name_or_path, config.model.dtype)
+    wrapped, tokenizer = load_adapted(adapter, config.model.name_or_path, config.model.dtype, labels)
     return _evaluate(
         wrapped,
         tokenizer,
@@ -129,6 +135,7 @@ def evaluate_config(config_path: str, overrides: list[str] = (), out: str | None
         config.eval.exact_match,
         out=folder,
         source={"adapter": str(adapter), "config": str(config_path)},
+        labels=labels,
     )
 
 

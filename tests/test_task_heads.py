@@ -105,3 +105,7 @@ def test_task_settings_are_checked(clone):
         load_config("examples/classification.yaml", ["model.task=regression"])
     with pytest.raises(DeltaConfigError, match="data.packing=True: packs token sequences"):
         load_config("examples/classification.yaml", ["model.task=sequence_classification", "data.packing=true"])
+    with pytest.raises(DeltaConfigError, match=r"method.task_type='SEQ_CLS': disagrees with model.task=causal_lm"):
+        load_config("examples/classification.yaml", ["method.task_type=SEQ_CLS"])
+    config = load_config("examples/classification.yaml", ["model.task=sequence_classification"])
+    assert config.method_config().task_type.value == "SEQ_CLS"

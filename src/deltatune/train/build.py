@@ -125,8 +125,8 @@ def load_adapted(
     task = "sequence_classification" if saved.get("task_type") == "SEQ_CLS" else "causal_lm"
     if task == "sequence_classification" and not labels:
         raise DeltaConfigError(
-            f"{adapter_dir}: a sequence-classification adapter; evaluate it with `deltatune eval CONFIG.yaml` "
-            "(the run config names the training file its class names come from)"
+            f"{adapter_dir}: a sequence-classification adapter (task_type SEQ_CLS), whose class names only its "
+            "run config knows; evaluate it with `deltatune eval CONFIG.yaml`"
         )
     base, tokenizer = load_base(ModelSection(name_or_path=name, dtype=dtype, task=task), labels)
     model = DeltaModel.from_pretrained(base, str(adapter_dir), is_trainable=False)

@@ -279,6 +279,12 @@ class RunConfig:
             "data.packing", self.data.packing, "packs token sequences for a causal LM; model.task="
             f"{self.model.task} classifies each row on its own: set data.packing=false",
         )
+        given = str(self.method.get("task_type", TASK_TYPES[self.model.task])).upper()
+        check(
+            given == TASK_TYPES[self.model.task], "method.task_type", self.method.get("task_type"),
+            f"disagrees with model.task={self.model.task} (which sets it); set model.task to "
+            f"{[t for t, v in TASK_TYPES.items() if v == given] or list(TASK_TYPES)} instead",
+        )
 
     def method_config(self):
         """The method's config dataclass (e.g. LoraConfig) built from the `method` section, for the task

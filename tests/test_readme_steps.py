@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers_train import ROOT, make_tiny_model_dir
+from helpers_train import fresh_clone, make_tiny_model_dir
 
 from deltatune.cli import main
 from deltatune.core.config import DeltaConfigError
@@ -26,10 +26,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def clone(tmp_path, monkeypatch):
-    """A folder laid out like a fresh clone (examples/ only), as the current directory."""
-    shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    return fresh_clone(tmp_path, monkeypatch)
 
 
 def test_copied_example_finds_its_data(clone):

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import string
 
 import pytest
 import torch
-from helpers_train import ROOT
+from helpers_train import fresh_clone
 from safetensors.torch import load_file
 
 from deltatune.cli import main
@@ -45,9 +44,7 @@ def bert(tmp_path_factory):
 
 @pytest.fixture
 def clone(tmp_path, monkeypatch):
-    shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    return fresh_clone(tmp_path, monkeypatch)
 
 
 def records(path):

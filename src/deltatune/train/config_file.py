@@ -1,7 +1,9 @@
 """Reading a run config: a YAML file plus `key=value` overrides, validated before any model is loaded.
 
 Values are coerced to each field's type (YAML reads `1e-3` as a string); an unknown key stops with the
-nearest valid key, searched in its own section and, for a misplaced key, in the others.
+nearest valid key, searched in its own section and, for a misplaced key, in the others. Command-line
+overrides follow what a user means by them (load_config lists the rules): `key=null` unsets a key, a
+stopping rule replaces the file's other one, and a new `method.name` drops the file's keys it lacks.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ def _switch_method(raw: dict, yaml_method: dict, cli_keys: set[str], notes: list
     method = raw.get("method")
     if "method.name" not in cli_keys or not isinstance(method, dict) or not isinstance(yaml_method, dict):
         return
+    if not isinstance(method.get("name", "lora"), str):
+        return  # from_dict names the bad value
     new = config_class(method.get("name", "lora"), source="method.name")
     try:
         old = config_class(yaml_method.get("name", "lora"), source="method.name")

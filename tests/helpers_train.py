@@ -128,3 +128,13 @@ def run_cli(*args: str, timeout: int = 240, module: str = "deltatune", launcher:
     )
     command = [sys.executable, *(launcher or []), "-m", module, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def fresh_clone(tmp_path: Path, monkeypatch) -> Path:
+    """A folder laid out like a fresh clone (a copy of examples/), made the current directory, for
+    tests that follow the README's commands literally."""
+    import shutil
+
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -21,6 +21,7 @@ def write(tmp_path, text: str):
 
 def test_defaults_and_yaml_types(tmp_path):
     path = write(tmp_path, "data:\n  train: t.jsonl\ntraining:\n  lr: 1e-3\n  max_steps: 5\n")
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n')
     config = load_config(path)
     assert config.training.lr == pytest.approx(1e-3)  # YAML reads 1e-3 as a string; we coerce it
     assert config.training.max_steps == 5 and config.training.epochs is None
@@ -69,7 +70,6 @@ def test_overrides(tmp_path):
         ("data.format=parquet", r"data.format='parquet'"),
         ("data.max_length=2", r"data.max_length=2"),
         ("model.dtype=float8", r"model.dtype='float8'"),
-        ("training.epochs=2", r"set either training.max_steps or training.epochs"),
         ("training.gradient_checkpointing=maybe", r"training.gradient_checkpointing='maybe': must be true or false$"),
     ],
 )
@@ -109,11 +109,12 @@ def test_fp16_on_cpu_is_refused_before_loading(tmp_path):
 @pytest.mark.parametrize(
     "name", ["demo.yaml", "own_data.yaml", "alpaca_plain_packed.yaml", "classification.yaml"]
 )
-def test_example_configs_are_valid(name):
+def test_example_configs_are_valid(name, monkeypatch):
     from pathlib import Path
 
     from deltatune.train.build import check_data_files, read_samples
 
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # where the command in its first line runs
     path = Path(__file__).resolve().parents[1] / "examples" / name
     assert path.read_text().startswith(f"# deltatune train examples/{name}\n")  # the command that runs it
     config = load_config(path)
@@ -189,7 +190,6 @@ def test_non_finite_values_inside_mappings_and_python_sections():
         ("training.lr=abc", "training.lr='abc': must be a number"),
         ("training.max_steps=1.5", "training.max_steps=1.5: must be an integer or null"),
         ("data.packing=3", "data.packing=3: must be true or false"),
-        ("training.schedule=null", "training.schedule=None: must be a string, not null"),
     ],
 )
 def test_wrong_types_name_the_field_and_the_expected_form(tmp_path, override, message):

@@ -55,9 +55,10 @@ def _eval(args) -> None:
             data_format=args.format,
             max_samples=args.max_samples,
             max_new_tokens=args.max_new_tokens,
+            out=args.out,
         )
     elif args.config:
-        evaluate_config(args.config, args.overrides)
+        evaluate_config(args.config, args.overrides, out=args.out)
     else:
         raise SystemExit("error: eval needs a CONFIG.yaml or --adapter DIR --data FILE")
 
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the first N rows (default all); 0: loss only, no generation",
     )
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--out", help="folder for eval_metrics.json and eval_predictions.jsonl "
+                   "(default: the adapter's folder)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="generate with an adapter (one answer per prompt, or --chat)")

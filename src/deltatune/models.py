@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .io.atomic import give_default_mode
+from .core.config import DeltaConfigError
 
 DEFAULT_ALIAS = "smollm2-135m"
 # Names that mean the embedded model, including its hub id (so `peft` adapters trained on it resolve).
@@ -192,8 +193,6 @@ def _from_pretrained(loader, name: str, path: Path, trust_remote_code: bool, **k
     except ValueError as err:
         if trust_remote_code or "trust_remote_code" not in str(err):
             raise
-        from .core.config import DeltaConfigError
-
         raise DeltaConfigError(
             f"model.trust_remote_code=false: model {name!r} needs Python code shipped with it "
             f"(auto_map in {path / 'config.json'}); set model.trust_remote_code=true to run that code, "
@@ -212,14 +211,50 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
     return tokenizer
 
 
+# model.task -> the Transformers auto class that builds the model with that head, and its model-type table
+TASK_CLASSES = {
+    "causal_lm": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING"),
+    "sequence_classification": ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING"),
+}
+
+
+def _checkpoint_classes(path: Path) -> list[str]:
+    import json
+
+    return json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+
+
+def _refuse_fresh_lm_head(name: str, path: Path, model, missing: list[str]) -> None:
+    """A causal LM built from a checkpoint without its language-modelling head (an encoder such as BERT)
+    would train a random head from scratch: the loss starts near ln(vocab) and the base's knowledge never
+    reaches the output. Refused, naming the checkpoint's class and the weights that would start random."""
+    if not missing:
+        return
+    stored = _checkpoint_classes(path)
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    raise DeltaConfigError(
+        f"model.name_or_path={name!r} holds a {stored[0] if stored else 'model'}, not a causal language "
+        f"model: as model.task=causal_lm it loads as {type(model).__name__} with {shown} not in the "
+        "checkpoint (random, trained from scratch); for {text, label} rows set model.task: "
+        "sequence_classification"
+    )
+
+
 def load_model(
-    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    task: str = "causal_lm",
+    labels: list[str] | None = None,
+    trust_remote_code: bool = False,
 ):
-    """Load a causal LM and its tokenizer from an alias, a local directory or a cached hub id.
+    """Load a model with the head `task` names, and its tokenizer, from an alias, a local directory or a
+    cached hub id.
 
     Args:
         name_or_path: see `resolve_model`.
         dtype: the dtype of the loaded weights.
+        task: "causal_lm" (the default) or "sequence_classification".
+        labels: the class names of a sequence classifier (its new head gets one output per label).
         trust_remote_code: run Python code shipped with the model (its config's `auto_map`); passed to
             `from_pretrained`. Off by default.
 
@@ -228,14 +263,42 @@ def load_model(
 
     Raises:
         ModelNotFoundError: see `resolve_model`.
-        DeltaConfigError: the model ships its own code and `trust_remote_code` is False (naming
-            `model.trust_remote_code`).
+        DeltaConfigError: as a causal LM, a checkpoint without its LM head (an encoder such as BERT),
+            which would silently train a random head; a model type with no head for `task`; a model that
+            ships its own code while `trust_remote_code` is False (naming `model.trust_remote_code`).
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
 
+    if task not in TASK_CLASSES:
+        raise DeltaConfigError(f"model.task={task!r}: must be one of {list(TASK_CLASSES)}")
     path = resolve_model(name_or_path)
-    model = _from_pretrained(AutoModelForCausalLM, str(name_or_path), path, trust_remote_code, dtype=dtype)
-    return model, load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    extra = {}
+    if task == "sequence_classification":
+        if not labels:
+            raise DeltaConfigError("model.task=sequence_classification: no labels (the training rows' `label`)")
+        extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                 "label2id": {label: i for i, label in enumerate(labels)}}
+    auto_name, table = TASK_CLASSES[task]
+    config = _from_pretrained(AutoConfig, str(name_or_path), path, trust_remote_code)
+    remote = auto_name in (getattr(config, "auto_map", None) or {})  # the model's own code brings the head
+    if type(config) not in getattr(modeling_auto, table) and not remote:
+        stored = _checkpoint_classes(path)
+        raise DeltaConfigError(
+            f"model.task={task}: model.name_or_path={str(name_or_path)!r} holds a "
+            f"{stored[0] if stored else config.model_type}, and Transformers has no {task} head for "
+            f"{config.model_type!r} models ({auto_name})"
+        )
+    auto = getattr(transformers, auto_name)
+    model, info = _from_pretrained(auto, str(name_or_path), path, trust_remote_code, dtype=dtype,
+                                   output_loading_info=True, **extra)
+    if task == "causal_lm":
+        _refuse_fresh_lm_head(str(name_or_path), path, model, sorted(info["missing_keys"]))
+    elif model.config.pad_token_id is None:  # decoder classifiers find each row's last token by it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
 
 
 def load_default(dtype: torch.dtype = torch.float32):

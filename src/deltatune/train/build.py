@@ -15,7 +15,7 @@ from .config import DataSection, ModelSection
 from .files import DataError, data_paths, read_rows
 from .formats import Sample, map_columns, to_samples
 from .packing import pack
-from .tokenize import (TEMPLATE_FILE, Encoded, EncodeStats, apply_chat_template_choice, encode,
+from .tokenize import (TEMPLATE_FILE, Encoded, EncodeStats, apply_chat_template_choice, encode, encode_classes,
                        resolve_chat_template)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,9 +91,20 @@ def read_eval_samples(data: DataSection) -> tuple[list[Sample], str]:
     return hold_out(train, data.val_split)[1], fmt
 
 
+def class_labels(samples: list[Sample]) -> list[str]:
+    """The class names of {text, label} training rows, sorted (class id = position): the head of a
+    sequence classifier gets one output per name."""
+    return sorted({s.reference for s in samples if s.reference is not None})
+
+
 def tokenize_samples(
-    samples: list[Sample], fmt: str, tokenizer, data: DataSection, packing: bool = False
+    samples: list[Sample], fmt: str, tokenizer, data: DataSection, packing: bool = False,
+    labels: list[str] | None = None,
 ) -> Dataset:
+    """Tokenize for a causal LM, or with `labels` for a sequence classifier (tokenize.encode_classes)."""
+    if labels is not None:
+        examples, stats = encode_classes(samples, tokenizer, data.max_length, {n: i for i, n in enumerate(labels)})
+        return Dataset(samples, examples, stats, fmt)
     chat = data.template == "chat"
     if chat:
         apply_chat_template_choice(tokenizer, data.chat_template)
@@ -127,9 +138,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return load(name_or_path, trust_remote_code)
 
 
-def load_base(model: ModelSection):
-    """The base model (eval mode) and its tokenizer, from an alias or a local directory."""
-    base, tokenizer = load_model(model.name_or_path, DTYPE[model.dtype], model.trust_remote_code)
+def load_base(model: ModelSection, labels: list[str] | None = None):
+    """The base model (eval mode) with the head `model.task` names, and its tokenizer, from an alias, a
+    local directory or a hub id in the local cache; `labels` are a sequence classifier's class names."""
+    base, tokenizer = load_model(model.name_or_path, DTYPE[model.dtype], model.task, labels, model.trust_remote_code)
     if model.quantize:
         from ..quant import quantize
 
@@ -153,21 +165,31 @@ def adapter_base_name(adapter_dir: str | os.PathLike) -> str | None:
     return json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
 
 
-def load_adapted(adapter_dir: str | os.PathLike, model_name: str | None = None, dtype: str = "float32",
-                 trust_remote_code: bool = False):
+def load_adapted(
+    adapter_dir: str | os.PathLike, model_name: str | None = None, dtype: str = "float32",
+    labels: list[str] | None = None, trust_remote_code: bool = False,
+):
     """The base model named by the adapter (or `model_name`) with the adapter loaded, and the tokenizer.
 
-    A `peft` adapter for `HuggingFaceTB/SmolLM2-135M-Instruct` resolves to the embedded default model.
+    A `peft` adapter for `HuggingFaceTB/SmolLM2-135M-Instruct` resolves to the embedded default model. A
+    sequence-classification adapter (task_type SEQ_CLS) needs the class names it was trained with, which
+    only its run config knows (`labels`, from the training file).
     """
     from .. import DeltaModel
+    from ..core.config import DeltaConfigError
 
     name = model_name or adapter_base_name(adapter_dir)
     if not name:
-        from ..core.config import DeltaConfigError
-
         raise DeltaConfigError(f"{adapter_dir}: adapter_config.json names no base model; pass --model")
-    section = ModelSection(name_or_path=name, dtype=dtype, trust_remote_code=trust_remote_code)
-    base, tokenizer = load_base(section)
+    saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    task = "sequence_classification" if saved.get("task_type") == "SEQ_CLS" else "causal_lm"
+    if task == "sequence_classification" and not labels:
+        raise DeltaConfigError(
+            f"{adapter_dir}: a sequence-classification adapter (task_type SEQ_CLS), whose class names only its "
+            "run config knows; evaluate it with `deltatune eval CONFIG.yaml`"
+        )
+    section = ModelSection(name_or_path=name, dtype=dtype, task=task, trust_remote_code=trust_remote_code)
+    base, tokenizer = load_base(section, labels)
     template = Path(adapter_dir) / TEMPLATE_FILE  # the run's data.chat_template, when it chose one
     if template.is_file():
         tokenizer.chat_template = template.read_text(encoding="utf-8")

@@ -139,15 +139,21 @@ def coerce(key: str, value: Any, annotation: Any, keep_ints: bool = False) -> An
     raise DeltaConfigError(f"{key}={value!r}: must be {describe(annotation)}")
 
 
+# model.task -> the adapter's task_type (SEQ_CLS also trains and saves the new classifier head)
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}
+
+
 @dataclass
 class ModelSection:
     name_or_path: str = "smollm2-135m"
     dtype: str = "float32"
     quantize: str | dict | None = None  # "nf4" | "fp4" | "int8" or {type, double_quant, blocksize, skip}
     trust_remote_code: bool = False  # run Python code shipped with the model (auto_map); opt-in only
+    task: str = "causal_lm"  # or sequence_classification: a classifier head over {text, label} rows
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "model")
+        check(self.task in TASK_TYPES, "model.task", self.task, f"must be one of {list(TASK_TYPES)}")
         check(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {sorted(DTYPES)}")
         self.dtype = DTYPES[self.dtype]
         from ..core.config import DeltaConfigError
@@ -294,9 +300,23 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     output_dir: str = "runs/deltatune"
 
+    def __post_init__(self) -> None:
+        check(
+            self.model.task == "causal_lm" or not self.data.packing,
+            "data.packing", self.data.packing, "packs token sequences for a causal LM; model.task="
+            f"{self.model.task} classifies each row on its own: set data.packing=false",
+        )
+        given = str(self.method.get("task_type", TASK_TYPES[self.model.task])).upper()
+        check(
+            given == TASK_TYPES[self.model.task], "method.task_type", self.method.get("task_type"),
+            f"disagrees with model.task={self.model.task} (which sets it); set model.task to "
+            f"{[t for t, v in TASK_TYPES.items() if v == given] or list(TASK_TYPES)} instead",
+        )
+
     def method_config(self):
-        """The method's config dataclass (e.g. LoraConfig) built from the `method` section."""
-        return build_method_config(self.method)
+        """The method's config dataclass (e.g. LoraConfig) built from the `method` section, for the task
+        `model.task` names."""
+        return build_method_config(self.method, TASK_TYPES[self.model.task])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -330,10 +350,10 @@ def method_values(method: dict) -> tuple[type, dict]:
     return cls, values
 
 
-def build_method_config(method: dict):
+def build_method_config(method: dict, task_type: str = "CAUSAL_LM"):
     """Build the registered method's config from a `method` section ({name: lora, r: 8, ...})."""
     cls, values = method_values(method)
-    values.setdefault("task_type", "CAUSAL_LM")
+    values.setdefault("task_type", task_type)
     try:
         return cls(**values)
     except DeltaConfigError as err:

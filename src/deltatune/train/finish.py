@@ -11,9 +11,9 @@ import torch
 
 from .build import Dataset
 from .config import RunConfig
-from .evaluate import eval_loss, score_generation
+from .evaluate import eval_loss, is_sequence_classifier, prediction_rows, score_answers
 from .formats import Sample
-from .metrics import MetricsLog, plot_loss
+from .metrics import PREDICTIONS, MetricsLog, plot_loss, write_predictions
 from .run_generate import write_prompt_record
 
 
@@ -60,22 +60,27 @@ def finish_run(
             )
             if config.eval.exact_match:
                 with accelerator.autocast():
-                    scores, predictions = score_generation(
+                    scores, predictions = score_answers(
                         model,
                         tokenizer,
-                        eval_set.samples,
+                        eval_set,
                         config.data.template == "chat",
                         config.eval.max_new_tokens,
                         config.eval.batch_size,
                         accelerator.device,
                     )
                 final.update(scores)
+                if predictions:
+                    rows = prediction_rows(eval_set.samples, predictions, tokenizer, config.data.template == "chat",
+                                           classifier=is_sequence_classifier(model))
+                    write_predictions(out / PREDICTIONS, rows)
             metrics.write({"step": steps, **final})
             shown = ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()
             )
             log(f"eval: {shown} ({time.perf_counter() - started:.0f} s)")
         plot_loss(metrics.records(), out / "loss.png")
-        log(f"adapter, metrics.jsonl and loss.png written to {out}")
+        written = "metrics.jsonl, predictions.jsonl" if predictions else "metrics.jsonl"
+        log(f"adapter, {written} and loss.png written to {out}")
     accelerator.wait_for_everyone()
     return TrainResult(model, tokenizer, final, predictions, steps)

@@ -25,6 +25,7 @@ from ..core.config import DeltaConfigError
 from ..io.atomic import write_text
 from .build import (
     check_data_files,
+    class_labels,
     load_base,
     load_tokenizer,
     read_train_eval,
@@ -89,6 +90,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     # eval: data.eval, or the rows data.val_split holds out of data.train
     train_samples, fmt, eval_samples, eval_fmt = read_train_eval(config.data)
     eval_samples = eval_samples[: config.eval.max_samples] if eval_samples else None
+    # a classifier's head gets one output per training label (sorted); a causal LM has none
+    labels = class_labels(train_samples) if config.model.task == "sequence_classification" else None
     method_config = config.method_config()
     method_config.base_model_name_or_path = stored_model_name(config.model.name_or_path)
     train_data = file_fingerprint(config.data.train)
@@ -106,8 +109,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     main = accelerator.is_main_process
 
     tokenizer = base[1] if base else load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
-    train_set = tokenize_samples(train_samples, fmt, tokenizer, config.data, config.data.packing)
-    eval_set = tokenize_samples(eval_samples, eval_fmt, tokenizer, config.data) if eval_samples else None
+    train_set = tokenize_samples(train_samples, fmt, tokenizer, config.data, config.data.packing, labels)
+    eval_set = tokenize_samples(eval_samples, eval_fmt, tokenizer, config.data, labels=labels) if eval_samples else None
     if main:
         log(f"train data: {train_set.stats.summary()}")
         if eval_set:
@@ -125,7 +128,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
         )
 
     torch.manual_seed(tc.seed)  # the adapter's initial weights: identical on every rank
-    model = get_peft_model(base[0] if base else load_base(config.model)[0], method_config)
+    model = get_peft_model(base[0] if base else load_base(config.model, labels)[0], method_config)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=tc.offload_checkpoints)
     model.train()

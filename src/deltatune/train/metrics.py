@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 
-from ..io.atomic import atomic_write, write_error
+from ..io.atomic import atomic_write, write_error, write_text
+
+
+PREDICTIONS = "predictions.jsonl"  # the final evaluation's answers, next to metrics.jsonl
+EVAL_PREDICTIONS = "eval_predictions.jsonl"  # `deltatune eval`'s answers, next to its eval_metrics.json
+EVAL_METRICS = "eval_metrics.json"
 
 
 def peak_memory_mb() -> float:
@@ -57,6 +62,12 @@ class MetricsLog:
             if isinstance(record, dict):
                 found.append(record)
         return found
+
+
+def write_predictions(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """Write generated answers as JSON lines (evaluate.prediction_rows), replacing the file whole."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return Path(path)
 
 
 def plot_loss(records: list[dict], path: str | os.PathLike) -> bool:

@@ -27,6 +27,9 @@ RUN_FILES = (
     "adapter_config.json",
     "adapter_model.safetensors",
     "metrics.jsonl",
+    "predictions.jsonl",
+    "eval_metrics.json",  # from `deltatune eval` on an earlier adapter here
+    "eval_predictions.jsonl",
     "loss.png",
     "run_config.yaml",
     "chat_template.jinja",  # written when data.chat_template chose the template

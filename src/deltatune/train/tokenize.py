@@ -225,3 +225,39 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
 def target_count(example: Encoded) -> int:
     """Tokens this example contributes to the loss (labels are shifted by one)."""
     return sum(label != IGNORE for label in example.labels[1:])
+
+
+def encode_classes(
+    samples: list[Sample], tokenizer, max_length: int, label_ids: dict[str, int]
+) -> tuple[list[Encoded], EncodeStats]:
+    """Tokenize {text, label} samples for a sequence classifier (model.task=sequence_classification).
+
+    The text is tokenized with the tokenizer's own special tokens ([CLS] ... [SEP] for BERT). The class id
+    sits at the last position of an otherwise IGNORE label row, so collate, the sample order and the
+    loop's target count (one per example) work unchanged; `evaluate.token_loss_sum` reads it back.
+
+    Raises:
+        DataError: a row that is not {text, label}, or a label the training file does not have.
+    """
+    stats, out = EncodeStats(), []
+    for sample in samples:
+        if sample.kind != "classification":
+            raise DataError(
+                f"{sample.where}: model.task=sequence_classification needs {{text, label}} rows "
+                f"(data.format: classification), not {sample.kind}"
+            )
+        label = sample.reference
+        if label not in label_ids:
+            raise DataError(f"{sample.where}: label {label!r} is not among the training labels {list(label_ids)}")
+        ids = tokenizer(sample.messages[0]["content"], add_special_tokens=True)["input_ids"]
+        stats.rows += 1
+        if len(ids) > max_length:
+            stats.truncated += 1
+            if len(stats.examples) < 3:
+                stats.examples.append(sample.where)
+            ids = ids[:max_length]
+        ids = ids if len(ids) >= 2 else ids + [tokenizer.pad_token_id]  # target_count skips position 0
+        stats.tokens += len(ids)
+        stats.target_tokens += 1
+        out.append(Encoded(ids, [IGNORE] * (len(ids) - 1) + [label_ids[label]]))
+    return out, stats

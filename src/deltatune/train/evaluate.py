@@ -180,7 +180,7 @@ def score_generation(
     if not scored:
         return {}, []
     prompts = [prompt_text(s, tokenizer, chat) for s in scored]
-    predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, progress)
+    predictions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, progress=progress)
     name = "accuracy" if scored[0].kind == "classification" else "exact_match"
     score = exact_match(predictions, [s.reference for s in scored])
     return {name: score, "eval_samples": len(scored)}, predictions

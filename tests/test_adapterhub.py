@@ -50,7 +50,7 @@ OUR_TARGETS = {"bert": r".*(attention\.output|layer\.\d+\.output)\.dense", "llam
 OURS = [(f"ours-{kind}-{model}", model, kind) for model in MODELS for kind in ("houlsby", "stack", "fuse")]
 OURS += [("ours-pfeiffer-llama", "llama", "pfeiffer")]
 DTYPES = ("float32", "float64")
-TOLERANCE = {"float32": 2e-5, "float64": 1e-11}
+TOLERANCE = {"float32": 1e-5, "float64": 1e-12}  # measured: 4.8e-7 and 0 (bitwise equal)
 
 
 def base_model(model: str, dtype: str):
@@ -184,7 +184,7 @@ def test_a_pickled_bin_loads_only_with_allow_pickle(reference):
     with pytest.raises(AdapterFileError, match=r"pytorch_adapter\.bin.*allow_pickle=True"):
         load_adapterhub(base_model("llama", "float32"), folder / "a.bin")
     delta = load_adapterhub(base_model("llama", "float32"), folder / "a.bin", allow_pickle=True)
-    torch.testing.assert_close(forward(delta), their_output(folder), atol=2e-5, rtol=2e-5)
+    assert_equal_outputs(forward(delta), their_output(folder), forward(base_model("llama", "float32")), "float32")
 
 
 @pytest.mark.parametrize("folder,model,field", [
@@ -204,7 +204,7 @@ def test_adapters_without_an_adapterhub_form_are_refused_before_writing(tmp_path
     with pytest.raises(DeltaConfigError, match="bottleneck_type 'parallel'"):
         save_adapterhub(parallel, tmp_path / "p")
     block = get_peft_model(base_model("bert", "float32"), BottleneckConfig(bottleneck_type="houlsby"))
-    with pytest.raises(DeltaConfigError, match=r"sits on 'encoder\.layer\.0\.attention\.output'.*no AdapterHub place"):
+    with pytest.raises(DeltaConfigError, match=r"'encoder\.layer\.0\.attention\.output'.*no AdapterHub place"):
         save_adapterhub(block, tmp_path / "b")
     assert not (tmp_path / "p").exists() and not (tmp_path / "b").exists()
 
@@ -227,7 +227,7 @@ def test_cli_converts_adapterhub_folders_both_ways(reference, tmp_path):
     delta = DeltaModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / "ours"))
     with torch.no_grad():
         hidden = delta.model.model(input_ids=torch.tensor(INPUT_IDS)).last_hidden_state
-    torch.testing.assert_close(hidden, their_output(folder), atol=2e-5, rtol=2e-5)
+    assert_equal_outputs(hidden, their_output(folder), forward(base_model("llama", "float32")), "float32")
     assert main(["convert", "--to", "adapterhub", "--adapter", str(tmp_path / "ours"), "--out",
                  str(tmp_path / "back")]) == 0
     original, back = (load_file(str(d / "adapter.safetensors")) for d in (folder / "a", tmp_path / "back"))
@@ -235,3 +235,16 @@ def test_cli_converts_adapterhub_folders_both_ways(reference, tmp_path):
     assert renamed.keys() == back.keys() and all(torch.equal(renamed[k], back[k]) for k in back)
     assert main(["convert", "--from", "adapterhub", "--adapter", str(folder / "a.bin"), "--base",
                  str(tmp_path / "base"), "--out", str(tmp_path / "refused")]) == 2  # pickled: needs --allow-pickle
+
+
+@pytest.mark.parametrize("field,value", [("ln_before", True), ("use_gating", True), ("phm_layer", True),
+                                         ("original_ln_after", False), ("scaling", "learned"),
+                                         ("reduction_factor", {"0": 2, "default": 4}), ("non_linearity", "gelu_new")])
+def test_every_field_we_cannot_reproduce_is_named(tmp_path, field, value):
+    """A config as `adapters` writes it (double_seq_bn) with one field changed: refused by that field's name
+    before any file is read or the model is touched."""
+    conf = {"mh_adapter": True, "output_adapter": True, "reduction_factor": 4, "non_linearity": "swish",
+            "original_ln_before": False, field: value}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"config": conf, "name": "a"}))
+    with pytest.raises(DeltaConfigError, match=f"`{field}: {json.dumps(value)}` cannot be loaded"):
+        load_adapterhub(base_model("llama", "float32"), tmp_path)

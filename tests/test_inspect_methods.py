@@ -40,7 +40,8 @@ def expected_rank(peft_type: str) -> str:
         "BOFT": pick("boft_block_size") + ", boft_n_butterfly_factor 1",  # the default
         "BOTTLENECK": pick("bottleneck_type", "bottleneck_size"),
         "CHILD_TUNING": "child_tuning_mode F, reserve_p 0.3",
-        "PROMPT_TUNING": pick("num_virtual_tokens"), "P_TUNING": pick("num_virtual_tokens", "encoder_hidden_size"),
+        "PROMPT_TUNING": pick("num_virtual_tokens"),
+        "P_TUNING": pick("num_virtual_tokens", "encoder_hidden_size"),
         "PREFIX_TUNING": pick("num_virtual_tokens"), "ADAPTION_PROMPT": pick("adapter_len", "adapter_layers"),
         "XLORA": "adapters 2 (0, 1)", "BOTTLENECK_FUSION": "adapter_names a, b",
         "IA3": "-", "LN_TUNING": "-", "BITFIT": "-",  # one vector or bias per module: no size setting

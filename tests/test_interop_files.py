@@ -97,7 +97,8 @@ def test_alias_is_kept_until_the_default_is_converted_and_a_moved_cache_path_sti
     path recorded on another machine (missing here) resolves to this machine's default."""
     monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "empty-cache"))
     assert models.loadable_name("smollm2-135m") == "smollm2-135m"
-    assert models.loadable_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"  # loadable wherever a hub or its cache is
+    assert models.loadable_name(hub_id) == hub_id
     assert models.loadable_name(None) is None and models.loadable_name("") is None
     monkeypatch.setattr(models, "ensure_default_model", lambda: tmp_path / "converted")
     assert models.resolve_model("/elsewhere/.cache/deltatune/smollm2-135m-instruct") == tmp_path / "converted"

@@ -31,8 +31,10 @@ __all__ = ["SOURCES", "AdapterInfo", "Verdict", "adapter_report", "check_adapter
 # LN tuning, BitFit, bottleneck adapters and their fusion, Child-Tuning, LLaMA-Adapter). A new method's
 # names go here: tests/test_inspect_methods.py inspects a saved adapter of every registered method.
 ADAPTER_TENSOR = re.compile(
-    r"^(?:base_model\.model\.)?(.+?)\.(?:lora_\w+|hada_\w+|lokr_\w+|oft_\w+|boft_\w+|vera_lambda_\w+|ia3_l"
-    r"|ln_tuning_layers|bitfit_bias|adapter_down|adapter_up|fusion_\w+|child_\w+|ulora_\w+|adaption_\w+)(?:\..+)?$")
+    r"^(?:base_model\.model\.)?(.+?)\.(?:lora_\w+|hada_\w+|lokr_\w+|oft_\w+|boft_\w+|vera_lambda_\w+"
+    r"|ia3_l|ln_tuning_layers|bitfit_bias|adapter_down|adapter_up|fusion_\w+|child_\w+|ulora_\w+"
+    r"|adaption_\w+)"
+    r"(?:\..+)?$")
 # The config fields that say how large each method's update is, in the order `rank:` shows them: r and
 # alpha (LoRA family, LoHa, LoKr, VeRA), AdaLoRA's budget, ULoRA's tasks, OFT/BOFT blocks, bottleneck
 # sizes, Child-Tuning's share, soft-prompt lengths, LLaMA-Adapter's prompt, X-LoRA's experts, fusion's inputs.
@@ -191,7 +193,9 @@ def size_settings(config: dict) -> list[str]:
     shown = []
     for name in SIZE_FIELDS:
         value = config.get(name)
-        if value is None or value is False or value in ("", [], {}) or (name in UNSET_WHEN_ZERO and value == 0):
+        if value is None or value is False or value in ("", [], {}):
+            continue
+        if name in UNSET_WHEN_ZERO and value == 0:
             continue
         if name == "reduction_factor" and config.get("bottleneck_size"):
             continue  # the explicit size wins
@@ -219,7 +223,8 @@ def target_text(info: AdapterInfo) -> str:
     modules = adapted_modules(info)
     if not modules:  # soft prompts, X-LoRA's gate: the adapter sits at model level
         keys = sorted(info.shapes)
-        return f"- (model level: {keys[0]}" + (f" and {len(keys) - 1} more tensors)" if len(keys) > 1 else ")")
+        more = f" and {len(keys) - 1} more tensors" if len(keys) > 1 else ""
+        return f"- (model level: {keys[0]}{more})"
     names = sorted({m.rsplit(".", 1)[-1] for m in modules})
     return f"{', '.join(names)} ({len(modules)} modules)"
 

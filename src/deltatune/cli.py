@@ -170,20 +170,24 @@ def config_keys_help() -> str:
         kind = typing.get_type_hints(RunConfig)[section.name]
         if section.name == "method":  # a dict: `name` picks the method, the rest are its config's fields
             methods = ", ".join(sorted(name.lower() for name in registered_methods()))
-            rows.append(("method.name", f"a registered method: {methods} [{section.default_factory()['name']}]"))
+            default = section.default_factory()["name"]
+            rows.append(("method.name", f"a registered method: {methods} [{default}]"))
             rows.append(("method.<field>", "the chosen method's config fields, with peft's names "
                                            "(method.r, method.lora_alpha, method.target_modules, ...)"))
         elif dataclasses.is_dataclass(kind):
             hints = typing.get_type_hints(kind)
             for field in dataclasses.fields(kind):
-                default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-                rows.append((f"{section.name}.{field.name}", f"{describe(hints[field.name])} [{_yaml_value(default)}]"))
+                unset = field.default is dataclasses.MISSING
+                default = field.default_factory() if unset else field.default
+                form = f"{describe(hints[field.name])} [{_yaml_value(default)}]"
+                rows.append((f"{section.name}.{field.name}", form))
         else:
             rows.append((section.name, f"{describe(kind)} [{_yaml_value(section.default)}]"))
     width = max(len(key) for key, _ in rows) + 2
-    lines = ["config keys (YAML sections; set any with section.key=value after CONFIG; defaults in brackets):"]
+    lines = ["config keys (YAML sections; set any with section.key=value after CONFIG; default in brackets):"]
     for key, text in rows:
-        lines += textwrap.wrap(text, 100, initial_indent=f"  {key:{width}}", subsequent_indent=" " * (width + 4))
+        lines += textwrap.wrap(text, 100, initial_indent=f"  {key:{width}}",
+                               subsequent_indent=" " * (width + 4))
     return "\n".join(lines)
 
 

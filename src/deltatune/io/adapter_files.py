@@ -81,7 +81,8 @@ def save_adapters(model, save_directory: str | os.PathLike, selected_adapters: l
 def config_to_json(model, config: DeltaConfig) -> dict:
     data = config.to_dict()
     # a name every reader of the file loads (models.loadable_name): never our alias, a relative path or ""
-    base = data.get("base_model_name_or_path") or getattr(getattr(model.model, "config", None), "_name_or_path", None)
+    base = (data.get("base_model_name_or_path")
+            or getattr(getattr(model.model, "config", None), "_name_or_path", None))
     data["base_model_name_or_path"] = loadable_name(base)
     data["inference_mode"] = True
     if isinstance(data.get("target_modules"), (set, tuple)):

@@ -49,7 +49,8 @@ def base_without_bias(base: nn.Module, weight: torch.Tensor, base_out: torch.Ten
 
 
 def dora_output(base_out: torch.Tensor, base_result: torch.Tensor, lora_result: torch.Tensor,
-                scale: torch.Tensor, channel_dim: int, scaling: float, embedding: bool = False) -> torch.Tensor:
+                scale: torch.Tensor, channel_dim: int, scaling: float,
+                embedding: bool = False) -> torch.Tensor:
     """base_out + ((m/n - 1) * (W x) + (m/n) * BAx * s), where base_result = W x without the bias and
     lora_result = BAx unscaled; an embedding (no bias): (m/n) * base_out + (m/n) * BAx * s.
 

@@ -12,7 +12,9 @@ import torch
 from .build import Dataset
 from .config import RunConfig
 from .evaluate import eval_loss, score_generation
-from .metrics import MetricsLog, plot_loss
+from .metrics import MetricsLog
+from .plot import plot_loss
+from .trackers import log_record
 
 
 @dataclass
@@ -22,6 +24,31 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)  # the final evaluation
     predictions: list[str] = field(default_factory=list)  # generated answers for the eval samples
     steps: int = 0
+
+
+def evaluate_run(
+    config: RunConfig, accelerator, model, tokenizer, eval_set: Dataset, generation: bool
+) -> tuple[dict, list[str]]:
+    """Eval loss and perplexity on `eval_set`, plus exact match (or accuracy) when `generation`; and the
+    generated answers. Leaves `model` in the mode it found it in."""
+    metrics = eval_loss(
+        model, eval_set.examples, tokenizer.pad_token_id, config.eval.batch_size, accelerator.device,
+        accelerator.autocast,
+    )
+    predictions: list[str] = []
+    if generation:
+        with accelerator.autocast():
+            scores, predictions = score_generation(
+                model, tokenizer, eval_set.samples, config.data.template == "chat", config.eval.max_new_tokens,
+                config.eval.batch_size, accelerator.device,
+            )
+        metrics.update(scores)
+    return metrics, predictions
+
+
+def shown(metrics: dict) -> str:
+    """Metrics as one line: `eval_loss 1.234, exact_match 50`."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
 def finish_run(
@@ -43,32 +70,17 @@ def finish_run(
     if accelerator.is_main_process:
         model.save_pretrained(str(out))
         if eval_set:
-            final = eval_loss(
-                model,
-                eval_set.examples,
-                tokenizer.pad_token_id,
-                config.eval.batch_size,
-                accelerator.device,
-                accelerator.autocast,
-            )
-            if config.eval.exact_match:
-                with accelerator.autocast():
-                    scores, predictions = score_generation(
-                        model,
-                        tokenizer,
-                        eval_set.samples,
-                        config.data.template == "chat",
-                        config.eval.max_new_tokens,
-                        config.eval.batch_size,
-                        accelerator.device,
-                    )
-                final.update(scores)
+            final, predictions = evaluate_run(config, accelerator, model, tokenizer, eval_set,
+                                              config.eval.exact_match)
             metrics.write({"step": steps, **final})
-            shown = ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()
-            )
-            log(f"eval: {shown} ({time.perf_counter() - started:.0f} s)")
-        plot_loss(metrics.records(), out / "loss.png")
-        log(f"adapter, metrics.jsonl and loss.png written to {out}")
+            log_record(accelerator, {"step": steps, **final}, "eval")
+            log(f"eval: {shown(final)} ({time.perf_counter() - started:.0f} s)")
+        title = f"{out.resolve().name} ({config.method.get('name', 'lora')})"
+        if plot_loss(metrics.records(), out / "loss.png", title):
+            log(f"adapter, metrics.jsonl and loss.png written to {out}")
+        else:  # matplotlib can be uninstalled after the default install put it there
+            log(f"adapter and metrics.jsonl written to {out}; no loss.png: matplotlib is not installed "
+                "(pip install matplotlib)")
+    accelerator.end_training()  # closes the trackers' runs (main process only; a no-op without trackers)
     accelerator.wait_for_everyone()
     return TrainResult(model, tokenizer, final, predictions, steps)

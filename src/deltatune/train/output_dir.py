@@ -30,6 +30,9 @@ RUN_FILES = (
     "loss.png",
     "run_config.yaml",
     CHECKPOINTS,
+    "tensorboard",  # training.report_to's local files (trackers.py)
+    "mlruns",
+    "wandb",
 )
 
 

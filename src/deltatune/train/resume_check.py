@@ -30,6 +30,8 @@ SAFE_ON_RESUME = {
     "training.eval_every": "bookkeeping",
     "training.save_every": "bookkeeping",
     "training.keep_checkpoints": "bookkeeping",
+    "training.report_to": "bookkeeping (trackers)",
+    "training.early_stopping_patience": "when to stop, from the resumed step on",
     "training.gradient_checkpointing": "memory only: the same gradients",
     "training.offload_checkpoints": "memory only: the same gradients",
     "data.eval": "evaluation only",

@@ -33,7 +33,8 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     return torch.autocast(kind, dtype=dtype, enabled=dtype is not None)
 
 
-def make_accelerator(precision: str):
+def make_accelerator(precision: str, **options):
+    """The Accelerator for a resolved `precision`; `options` go to it as they are (trackers: log_with)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, DistributedType
 
@@ -49,7 +50,7 @@ def make_accelerator(precision: str):
         AcceleratorState._reset_state()  # a second run in one process with another precision
     # accelerate treats a multi-process launch as distributed CPU (gloo) only when asked to use the CPU
     on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed, cpu=on_cpu)
+    return Accelerator(mixed_precision=mixed, cpu=on_cpu, **options)
 
 
 def enable_gradient_checkpointing(model, offload: bool = False) -> None:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
+from helpers_train import make_tiny_model_dir, run_cli, upper_rows, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from deltatune.core.config import DeltaConfigError
@@ -77,7 +77,8 @@ def test_tracker_counts_evaluations_without_improvement():
                     (False, True), (True, False)]
     assert tracker.best_step == 7 and tracker.best_weights["weight"].eq(7.0).all()
     scores = BestTracker("exact_match", patience=1)
-    assert scores.update(1, {"exact_match": 50.0}, model) and not scores.update(2, {"exact_match": 25.0}, model)
+    assert scores.update(1, {"exact_match": 50.0}, model)
+    assert not scores.update(2, {"exact_match": 25.0}, model)
     assert scores.should_stop and scores.best_weights == {}  # weights only kept for load_best_at_end
 
 
@@ -160,7 +161,8 @@ def test_a_generation_metric_is_measured_during_training(files, monkeypatch):
          "training.load_best_at_end=true: RELORA changes the model between optimizer steps"),
     ],
 )
-def test_settings_that_cannot_work_are_refused_before_loading(files, monkeypatch, overrides, with_eval, message):
+def test_settings_that_cannot_work_are_refused_before_loading(files, monkeypatch, overrides, with_eval,
+                                                               message):
     def refuse(*_, **__):
         raise AssertionError("a model or tokenizer was loaded before the config was checked")
 
@@ -181,3 +183,21 @@ def test_settings_that_cannot_work_are_refused_before_loading(files, monkeypatch
 def test_config_errors_name_the_key(files, override, message):
     with pytest.raises(DeltaConfigError, match=message):
         config_for(files, "bad", [override])
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_processes_stop_at_the_same_step(files, tmp_path):
+    """Only rank 0 evaluates; its decision reaches rank 1 (accelerate's trigger), so both processes stop
+    after step 2 and the run ends instead of hanging in the next step's all-reduce."""
+    out = tmp_path / "ddp"
+    config = write_config(tmp_path / "ddp.yaml", files["model"], files["train"], files["eval"], out,
+                          max_steps=6, batch_size=2, eval_every=1, early_stopping_patience=1,
+                          early_stopping_threshold=100.0, load_best_at_end=True)
+    launched = run_cli("--standalone", "--nproc-per-node", "2", "-m", "deltatune", "train", str(config),
+                       "eval.exact_match=false", module="torch.distributed.run", timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    found = records(out)
+    assert max(r["step"] for r in found if "loss" in r) == 2
+    (best,) = [r["best"] for r in found if "best" in r]
+    assert best["best_step"] == 1 and best["stopped_early"]
+    assert "stopped early at step 2 of 6" in launched.stdout

@@ -117,8 +117,8 @@ def test_resume_restores_any_optimizer(files, optimizer):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("training.optimizer=lion", r"training.optimizer='lion': must be one of \['adamw', 'adamw_8bit', 'sgd', "
-         r"'adafactor'\]"),
+        ("training.optimizer=lion",
+         r"training.optimizer='lion': must be one of \['adamw', 'adamw_8bit', 'sgd', 'adafactor'\]"),
         ("training.momentum=0.9", "training.momentum=0.9: training.optimizer='adamw' does not use it "
          r"\(it reads training.adam_beta1, training.adam_beta2, training.adam_epsilon\)"),
         ("training.adam_beta2=1.5", r"training.adam_beta2=1.5: must be in \[0, 1\)"),
@@ -130,12 +130,12 @@ def test_option_errors_name_the_key(files, override, message):
     with pytest.raises(DeltaConfigError, match=message):
         config_for(files, "bad", [override])
     both = ["training.optimizer=sgd", "training.adam_beta1=0.9"]
-    with pytest.raises(DeltaConfigError, match="training.adam_beta1=0.9: training.optimizer='sgd' does not use"):
+    with pytest.raises(DeltaConfigError, match="training.adam_beta1=0.9: training.optimizer='sgd' does not"):
         config_for(files, "bad", both)
 
 
 def test_transformers_optimizer_names_are_accepted(files):
-    assert config_for(files, "alias", ["training.optimizer=adamw_bnb_8bit"]).training.optimizer == "adamw_8bit"
+    assert config_for(files, "a", ["training.optimizer=adamw_bnb_8bit"]).training.optimizer == "adamw_8bit"
     assert config_for(files, "alias", ["training.optimizer=adamw_torch"]).training.optimizer == "adamw"
 
 
@@ -143,9 +143,10 @@ def test_missing_bitsandbytes_is_refused_before_loading(files, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     refuse_loading(monkeypatch)
-    with pytest.raises(DeltaConfigError, match="training.optimizer='adamw_8bit': needs the bitsandbytes package"):
+    with pytest.raises(DeltaConfigError, match="training.optimizer='adamw_8bit': needs the bitsandbytes"):
         train(config_for(files, "no_bnb", optimizer="adamw_8bit"), **QUIET)
 
 
@@ -211,8 +212,8 @@ def test_tensorboard_events_hold_loss_and_lr(files):
 def test_a_tracker_not_installed_is_refused_before_loading(files, monkeypatch, tracker):
     refuse_loading(monkeypatch)
     config = config_for(files, f"no_{tracker}", report_to=["tensorboard", tracker])
-    with pytest.raises(DeltaConfigError, match=f"training.report_to='{tracker}': the {tracker} package is not "
-                       f"installed \\(pip install {tracker}"):
+    expected = f"training.report_to='{tracker}': the {tracker} package is not installed \\(pip install "
+    with pytest.raises(DeltaConfigError, match=expected):
         train(config, **QUIET)
     assert not (files["root"] / f"no_{tracker}" / "metrics.jsonl").exists()
 
@@ -261,8 +262,11 @@ def test_a_run_titles_its_plot(files, monkeypatch):
 
     titles = []
     original = plot.loss_figure
-    monkeypatch.setattr(plot, "loss_figure", lambda records, title=None: titles.append(title) or original(records,
-                                                                                                           title))
+    def spy(records, title=None):
+        titles.append(title)
+        return original(records, title)
+
+    monkeypatch.setattr(plot, "loss_figure", spy)
     train(config_for(files, "titled", max_steps=1), **QUIET)
     assert titles == ["titled (lora)"] and (files["root"] / "titled" / "loss.png").stat().st_size > 1000
 
@@ -280,19 +284,20 @@ def test_without_matplotlib_a_run_says_so_in_one_line(files, monkeypatch):
         train(config_for(files, "no_plot", max_steps=1), show_progress=False, log=lines.append)
     out = files["root"] / "no_plot"
     assert not (out / "loss.png").exists() and (out / "adapter_model.safetensors").is_file()
-    assert lines[-1] == (f"adapter and metrics.jsonl written to {out}; no loss.png: matplotlib is not installed "
-                         "(pip install matplotlib)")
+    assert lines[-1] == (f"adapter and metrics.jsonl written to {out}; no loss.png: matplotlib is not "
+                         "installed (pip install matplotlib)")
     assert not [w for w in caught if "matplotlib" in str(w.message)]
 
 
 def test_without_matplotlib_the_cli_prints_no_warning_source_line(files, tmp_path):
-    config = write_config(tmp_path / "c.yaml", files["model"], files["train"], None, tmp_path / "run", max_steps=1)
+    config = write_config(tmp_path / "c.yaml", files["model"], files["train"], None, tmp_path / "run",
+                          max_steps=1)
     code = ("import sys; sys.modules['matplotlib'] = None; from deltatune.cli import main; "
             f"sys.exit(main(['train', {str(config)!r}]))")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env,
-                            cwd=ROOT)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                            env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no loss.png: matplotlib is not installed (pip install matplotlib)" in result.stdout
     assert "warn" not in result.stderr.lower() and "matplotlib" not in result.stderr

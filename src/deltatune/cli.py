@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="output directory for the merged Transformers model")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+    dtypes = ["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]
+    p.add_argument("--dtype", default="fp32", choices=dtypes,
                    help="dtype of the saved model (the merge itself runs in float32; default fp32)")
     p.set_defaults(func=_merge)
 

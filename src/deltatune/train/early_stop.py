@@ -53,10 +53,13 @@ def check_best_run(training: Any, eval_samples: list | None, method_config: Delt
     if metric is None:
         return
     if not eval_samples:
-        raise DeltaConfigError(f"training.metric_for_best={metric!r}: needs data.eval (the rows it is measured on)")
+        raise DeltaConfigError(
+            f"training.metric_for_best={metric!r}: needs data.eval (the rows it is measured on)"
+        )
     if not training.eval_every:
         raise DeltaConfigError(
-            f"training.metric_for_best={metric!r}: needs training.eval_every > 0 (evaluations during training)"
+            f"training.metric_for_best={metric!r}: needs training.eval_every > 0 "
+            "(evaluations during training)"
         )
     if metric in GENERATION_METRICS:
         kind = "accuracy" if eval_samples[0].kind == "classification" else "exact_match"
@@ -75,7 +78,8 @@ class BestTracker:
     """The best value of one metric, its step, the evaluations since, and (optionally) its weights."""
 
     def __init__(self, metric: str, patience: int | None, threshold: float = 0.0, keep_weights: bool = False):
-        self.metric, self.patience, self.threshold, self.keep_weights = metric, patience, threshold, keep_weights
+        self.metric, self.patience, self.threshold = metric, patience, threshold
+        self.keep_weights = keep_weights
         self.greater_is_better = GREATER_IS_BETTER[metric]
         self.best_value: float | None = None
         self.best_step: int | None = None

@@ -14,7 +14,7 @@ from .config import RunConfig
 from .evaluate import eval_loss, score_generation
 from .metrics import MetricsLog
 from .plot import plot_loss
-from .trackers import log_record
+from .trackers import end_trackers, log_record
 
 
 @dataclass
@@ -39,8 +39,8 @@ def evaluate_run(
     if generation:
         with accelerator.autocast():
             scores, predictions = score_generation(
-                model, tokenizer, eval_set.samples, config.data.template == "chat", config.eval.max_new_tokens,
-                config.eval.batch_size, accelerator.device,
+                model, tokenizer, eval_set.samples, config.data.template == "chat",
+                config.eval.max_new_tokens, config.eval.batch_size, accelerator.device,
             )
         metrics.update(scores)
     return metrics, predictions
@@ -81,6 +81,6 @@ def finish_run(
         else:  # matplotlib can be uninstalled after the default install put it there
             log(f"adapter and metrics.jsonl written to {out}; no loss.png: matplotlib is not installed "
                 "(pip install matplotlib)")
-    accelerator.end_training()  # closes the trackers' runs (main process only; a no-op without trackers)
+    end_trackers(accelerator)
     accelerator.wait_for_everyone()
     return TrainResult(model, tokenizer, final, predictions, steps)

@@ -48,7 +48,8 @@ from .schedule import make_scheduler
 from .packing import check_packing_isolates
 from .resume_check import SCHEDULE_FIELDS, file_fingerprint, point_schedule, resume_changes, resume_note
 from .tokenize import collate, target_count
-from .trackers import accelerator_options, check_trackers_installed, log_record, start_trackers, tracker_names
+from .trackers import (accelerator_options, check_trackers_installed, end_trackers, log_record,
+                       start_trackers, tracker_names)
 
 
 def train(
@@ -264,7 +265,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
                 log_record(accelerator, record, "train")
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
         # with a best to track, the last step is evaluated too (it may be the best)
-        if eval_set and tc.eval_every and (done % tc.eval_every == 0 and done < steps or best is not None and done == steps):
+        due = done % tc.eval_every == 0 and done < steps if tc.eval_every else False
+        if eval_set and (due or best is not None and done == steps):
             if main:
                 result, _ = evaluate_run(config, accelerator, inner, tokenizer, eval_set,
                                          tc.metric_for_best in GENERATION_METRICS)
@@ -291,7 +293,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             bar.close()
             if noise is not None:
                 noise.remove()
-            accelerator.end_training()
+            end_trackers(accelerator)
             return TrainResult(inner, tokenizer, steps=done)
     bar.close()
     if noise is not None:

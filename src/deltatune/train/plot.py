@@ -40,7 +40,8 @@ def loss_figure(records: list[dict], title: str | None = None):
     ax.grid(alpha=0.3)
     if rates:
         lr_axis = ax.twinx()
-        lines += lr_axis.plot(*zip(*rates), color="tab:gray", linestyle="--", linewidth=1, label="learning rate")
+        lines += lr_axis.plot(*zip(*rates), color="tab:gray", linestyle="--", linewidth=1,
+                              label="learning rate")
         lr_axis.set_ylabel("learning rate")
         lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     if title:

@@ -109,3 +109,11 @@ def log_record(accelerator, record: dict, kind: str) -> None:
         values[f"{kind}/{key.removeprefix('eval_')}"] = value
     if values:
         accelerator.log(values, step=record["step"])
+
+
+def end_trackers(accelerator) -> None:
+    """Close each tracker's run (flush TensorBoard's events, end the mlflow/wandb run). Not through
+    `accelerator.end_training()`, which also tears down the process group that the run still uses."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers.clear()

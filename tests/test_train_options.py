@@ -301,3 +301,16 @@ def test_without_matplotlib_the_cli_prints_no_warning_source_line(files, tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no loss.png: matplotlib is not installed (pip install matplotlib)" in result.stdout
     assert "warn" not in result.stderr.lower() and "matplotlib" not in result.stderr
+
+
+def test_a_checkpoint_from_before_these_options_resumes(files):
+    """A checkpoint whose stored config predates a field ran with that field's default: --resume takes
+    it (it used to be refused as `training.optimizer None -> 'adamw'`)."""
+    config = config_for(files, "older", max_steps=4, save_every=2)
+    train(config, stop_after=3, **QUIET)
+    state_file = files["root"] / "older" / "checkpoints" / "step-000002" / "state.json"
+    stored = json.loads(state_file.read_text())
+    for key in ("optimizer", "neftune_noise_alpha", "report_to", "metric_for_best", "load_best_at_end"):
+        del stored["state"]["config"]["training"][key]
+    state_file.write_text(json.dumps(stored))
+    assert train(config, resume=True, **QUIET).steps == 4

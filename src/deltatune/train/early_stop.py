@@ -125,3 +125,23 @@ class BestTracker:
         self.best_step, self.best_value = state["best_step"], state["best_value"]
         self.evals_without_improvement = state["evals_without_improvement"]
         self.best_weights = dict(state["best_weights"])
+
+
+def finish_best(best: BestTracker, training: Any, model: torch.nn.Module, done: int, steps: int,
+                metrics=None, log=None) -> None:
+    """After the last step (`done` of `steps`): restore the best adapter when `training.load_best_at_end`,
+    and, on the main process (`metrics`, `log` given), record the outcome as metrics.jsonl's
+    `{"step": done, "best": {...}}` line and one log line."""
+    if training.load_best_at_end:
+        best.restore_best(model)  # the main process holds the copy (it evaluates), and it saves
+    if metrics is None:
+        return
+    metrics.write({"step": done, "best": {**best.summary(), "stopped_early": done < steps,
+                                           "loaded_best": training.load_best_at_end}})
+    stopped = ""
+    if done < steps:
+        stopped = (f"stopped early at step {done} of {steps} ({training.early_stopping_patience} evaluations "
+                   "without improvement); ")
+    saved = ("saving that adapter" if training.load_best_at_end
+             else "saving the last step's adapter (training.load_best_at_end=true saves the best)")
+    log(f"{stopped}best {best.metric} {best.best_value:.4g} at step {best.best_step}; {saved}")

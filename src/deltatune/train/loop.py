@@ -36,7 +36,7 @@ from .checkpoint import (CHECKPOINTS, checkpoint_folders, list_checkpoints, load
 from .config import RunConfig
 from .divergence import DivergenceError, check_step, gradient_norm
 from .evaluate import token_loss_sum
-from .early_stop import GENERATION_METRICS, BestTracker, check_best_run
+from .early_stop import GENERATION_METRICS, BestTracker, check_best_run, finish_best
 from .finish import TrainResult, evaluate_run, finish_run, shown
 from .metrics import MetricsLog, peak_memory_mb
 from .neftune import add_neftune
@@ -274,8 +274,10 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
                 log_record(accelerator, {"step": done, **result}, "eval")
                 note = ""
                 if best is not None:
-                    note = " (best)" if best.update(done, result, inner) else (
-                        f" (best {best.best_value:.4g} at step {best.best_step})")
+                    if best.update(done, result, inner):
+                        note = " (best)"
+                    else:
+                        note = f" (best {best.best_value:.4g} at step {best.best_step})"
                     if best.should_stop:
                         accelerator.set_trigger()
                 bar.write(f"step {done}: {shown(result)}{note}")
@@ -303,21 +305,6 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     if best is not None:
         finish_best(best, tc, inner, done, steps, metrics if main else None, log if main else None)
     return finish_run(config, accelerator, inner, tokenizer, eval_set, metrics, done, log)
-
-
-def finish_best(best: BestTracker, tc, model, done: int, steps: int, metrics: MetricsLog | None, log) -> None:
-    """After the last step: restore the best adapter (load_best_at_end) and record the outcome in
-    metrics.jsonl (`{"step": N, "best": {...}}`) and the log (main process: `metrics` and `log` given)."""
-    if tc.load_best_at_end:
-        best.restore_best(model)  # the main process holds the copy (it evaluates), and it saves
-    outcome = {**best.summary(), "stopped_early": done < steps, "loaded_best": tc.load_best_at_end}
-    if metrics is None:
-        return
-    metrics.write({"step": done, "best": outcome})
-    stop = f"stopped early at step {done} of {steps} ({tc.early_stopping_patience} evaluations without " \
-        "improvement); " if done < steps else ""
-    kept = "saving" if tc.load_best_at_end else "the saved adapter is the last step's, not"
-    log(f"{stop}best {best.metric} {best.best_value:.4g} at step {best.best_step}; {kept} that adapter")
 
 
 def training_batches(examples, batch_size: int, seed: int, pad_id: int, device):

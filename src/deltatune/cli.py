@@ -94,7 +94,7 @@ def _generate(args) -> None:
 def _merge(args) -> None:
     from .train.merge import merge_adapter
 
-    out = merge_adapter(args.adapter, args.out, model=args.model)
+    out = merge_adapter(args.adapter, args.out, model=args.model, dtype=args.dtype)
     print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
 
 
@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="output directory for the merged Transformers model")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    dtypes = ["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]
+    p.add_argument("--dtype", default="fp32", choices=dtypes,
+                   help="dtype of the saved model (the merge itself runs in float32; default fp32)")
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("convert", help="turn a mergeable adapter (or a full fine-tune) into a LoRA by SVD; "

@@ -226,4 +226,4 @@ def saved_settings(path: str | Path) -> dict:
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
     return {key: decode_state(value, {}) for key, value in state.items()
-            if key not in ("optimizer", "scheduler", "rng")}
+            if key not in ("optimizer", "scheduler", "rng", "best")}  # "best": early_stop.py's tensors

@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.config import DeltaConfigError, config_class
+from .early_stop import check_best_settings
 from .formats import COLUMN_KEYS, FORMATS
+from .optim import check_optimizer_settings, optimizer_name
+from .trackers import tracker_names
 
 DTYPES = {
     "float32": "float32",
@@ -231,6 +234,17 @@ class TrainingSection:
     save_every: int = 0  # 0: no intermediate checkpoints
     log_every: int = 1
     keep_checkpoints: int = 2
+    optimizer: str = "adamw"  # adamw | adamw_8bit | sgd | adafactor (optim.py)
+    adam_beta1: float | None = None  # adamw, adamw_8bit; null: 0.9
+    adam_beta2: float | None = None  # adamw, adamw_8bit; null: 0.999
+    adam_epsilon: float | None = None  # adamw, adamw_8bit; null: 1e-8
+    momentum: float | None = None  # sgd; null: 0
+    neftune_noise_alpha: float | None = None  # NEFTune noise on the input embeddings (neftune.py)
+    report_to: str | list[str] = "none"  # tensorboard | mlflow | wandb | trackio, or a list (trackers.py)
+    metric_for_best: str | None = None  # eval_loss | eval_ppl | exact_match | accuracy (early_stop.py)
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    early_stopping_threshold: float = 0.0
+    load_best_at_end: bool = False  # the saved adapter is the best evaluation's
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "training")
@@ -267,6 +281,16 @@ class TrainingSection:
             self.max_grad_norm,
             "must be > 0 (or null to disable clipping)",
         )
+        self.optimizer = optimizer_name(self.optimizer)
+        check_optimizer_settings(self)
+        check(
+            self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0,
+            "training.neftune_noise_alpha",
+            self.neftune_noise_alpha,
+            "must be > 0 (or null for no noise); the paper uses 5-15",
+        )
+        tracker_names(self.report_to)
+        check_best_settings(self)
 
 
 @dataclass

@@ -13,8 +13,10 @@ from .build import Dataset
 from .config import RunConfig
 from .evaluate import eval_loss, is_sequence_classifier, prediction_rows, score_answers
 from .formats import Sample
-from .metrics import PREDICTIONS, MetricsLog, plot_loss, write_predictions
+from .metrics import PREDICTIONS, MetricsLog, write_predictions
+from .plot import plot_loss
 from .run_generate import write_prompt_record
+from .trackers import end_trackers, log_record
 
 
 @dataclass
@@ -24,6 +26,31 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)  # the final evaluation
     predictions: list[str] = field(default_factory=list)  # generated answers for the eval samples
     steps: int = 0
+
+
+def evaluate_run(
+    config: RunConfig, accelerator, model, tokenizer, eval_set: Dataset, generation: bool
+) -> tuple[dict, list[str]]:
+    """Eval loss and perplexity on `eval_set`, plus exact match (or accuracy) when `generation`; and the
+    generated answers. Leaves `model` in the mode it found it in."""
+    metrics = eval_loss(
+        model, eval_set.examples, tokenizer.pad_token_id, config.eval.batch_size, accelerator.device,
+        accelerator.autocast,
+    )
+    predictions: list[str] = []
+    if generation:
+        with accelerator.autocast():
+            scores, predictions = score_answers(
+                model, tokenizer, eval_set, config.data.template == "chat",
+                config.eval.max_new_tokens, config.eval.batch_size, accelerator.device,
+            )
+        metrics.update(scores)
+    return metrics, predictions
+
+
+def shown(metrics: dict) -> str:
+    """Metrics as one line: `eval_loss 1.234, exact_match 50`."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
 def finish_run(
@@ -50,37 +77,22 @@ def finish_run(
         model.save_pretrained(str(out))
         write_prompt_record(out, train_samples, config.data.template)
         if eval_set:
-            final = eval_loss(
-                model,
-                eval_set.examples,
-                tokenizer.pad_token_id,
-                config.eval.batch_size,
-                accelerator.device,
-                accelerator.autocast,
-            )
-            if config.eval.exact_match:
-                with accelerator.autocast():
-                    scores, predictions = score_answers(
-                        model,
-                        tokenizer,
-                        eval_set,
-                        config.data.template == "chat",
-                        config.eval.max_new_tokens,
-                        config.eval.batch_size,
-                        accelerator.device,
-                    )
-                final.update(scores)
-                if predictions:
-                    rows = prediction_rows(eval_set.samples, predictions, tokenizer, config.data.template == "chat",
-                                           classifier=is_sequence_classifier(model))
-                    write_predictions(out / PREDICTIONS, rows)
+            final, predictions = evaluate_run(config, accelerator, model, tokenizer, eval_set,
+                                              config.eval.exact_match)
+            if predictions:
+                rows = prediction_rows(eval_set.samples, predictions, tokenizer, config.data.template == "chat",
+                                       classifier=is_sequence_classifier(model))
+                write_predictions(out / PREDICTIONS, rows)
             metrics.write({"step": steps, **final})
-            shown = ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()
-            )
-            log(f"eval: {shown} ({time.perf_counter() - started:.0f} s)")
-        plot_loss(metrics.records(), out / "loss.png")
+            log_record(accelerator, {"step": steps, **final}, "eval")
+            log(f"eval: {shown(final)} ({time.perf_counter() - started:.0f} s)")
+        title = f"{out.resolve().name} ({config.method.get('name', 'lora')})"
         written = "metrics.jsonl, predictions.jsonl" if predictions else "metrics.jsonl"
-        log(f"adapter, {written} and loss.png written to {out}")
+        if plot_loss(metrics.records(), out / "loss.png", title):
+            log(f"adapter, {written} and loss.png written to {out}")
+        else:  # matplotlib can be uninstalled after the default install put it there
+            log(f"adapter and {written} written to {out}; no loss.png: matplotlib is not installed "
+                "(pip install matplotlib)")
+    end_trackers(accelerator)
     accelerator.wait_for_everyone()
     return TrainResult(model, tokenizer, final, predictions, steps)

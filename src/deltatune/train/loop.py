@@ -36,9 +36,12 @@ from .checkpoint import (CHECKPOINTS, checkpoint_folders, list_checkpoints, load
                          saved_settings)
 from .config import RunConfig
 from .divergence import DivergenceError, check_step, gradient_norm
-from .evaluate import eval_loss, token_loss_sum
-from .finish import TrainResult, finish_run
+from .evaluate import token_loss_sum
+from .early_stop import GENERATION_METRICS, BestTracker, check_best_run, finish_best
+from .finish import TrainResult, evaluate_run, finish_run, shown
 from .metrics import MetricsLog, peak_memory_mb
+from .neftune import add_neftune
+from .optim import check_optimizer_installed, make_optimizer
 from .order import SampleOrder
 from .output_dir import claim_output_dir, clear_previous_run, is_main_rank
 from .runtime import enable_gradient_checkpointing, make_accelerator
@@ -46,6 +49,8 @@ from .schedule import make_scheduler
 from .packing import check_packing_isolates
 from .resume_check import SCHEDULE_FIELDS, file_fingerprint, point_schedule, resume_changes, resume_note
 from .tokenize import TEMPLATE_FILE, collate, target_count
+from .trackers import (accelerator_options, check_trackers_installed, end_trackers, log_record,
+                       start_trackers, tracker_names)
 
 
 def train(
@@ -87,6 +92,9 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
 
     tc, out = config.training, Path(config.output_dir)
     check_data_files(config.data)
+    trackers = tracker_names(tc.report_to)
+    check_trackers_installed(trackers)
+    check_optimizer_installed(tc.optimizer)
     # eval: data.eval, or the rows data.val_split holds out of data.train
     train_samples, fmt, eval_samples, eval_fmt = read_train_eval(config.data)
     eval_samples = eval_samples[: config.eval.max_samples] if eval_samples else None
@@ -94,6 +102,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     labels = class_labels(train_samples) if config.model.task == "sequence_classification" else None
     method_config = config.method_config()
     method_config.base_model_name_or_path = stored_model_name(config.model.name_or_path)
+    check_best_run(tc, eval_samples, method_config)
     train_data = file_fingerprint(config.data.train)
     checkpoint, changed = None, {}
     if resume:
@@ -105,7 +114,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
         checkpoint = found[-1]
         saved = saved_settings(checkpoint)
         changed = resume_changes(saved, config, train_data, checkpoint)  # refuses before any load
-    accelerator = make_accelerator(tc.precision)
+    accelerator = make_accelerator(tc.precision, **accelerator_options(trackers, out))
     main = accelerator.is_main_process
 
     tokenizer = base[1] if base else load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
@@ -139,7 +148,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / total:.4f}"
         )
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(params, tc)
     # methods with a learning-rate shape of their own (ReLoRA's re-warmup) multiply into the schedule
     scheduler = make_scheduler(
         optimizer, steps, tc.warmup_steps, tc.schedule, getattr(method_config, "lr_multiplier", None)
@@ -155,10 +164,18 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             training_batches(train_set.examples, tc.batch_size, tc.seed, tokenizer.pad_token_id, accelerator.device),
             mean_token_loss,
         )
+    noise = add_neftune(inner, tc.neftune_noise_alpha)  # after the checks above, which want clean outputs
+    best = None
+    if tc.metric_for_best:
+        best = BestTracker(tc.metric_for_best, tc.early_stopping_patience, tc.early_stopping_threshold,
+                           keep_weights=tc.load_best_at_end)
 
     start = 0
     if checkpoint is not None:
-        start = load_checkpoint(checkpoint, inner, optimizer, scheduler)["step"]
+        restored = load_checkpoint(checkpoint, inner, optimizer, scheduler)
+        start = restored["step"]
+        if best is not None and "best" in restored:
+            best.load_state_dict(restored["best"])
         if any(key in changed for key in SCHEDULE_FIELDS):
             point_schedule(optimizer, scheduler, tc.lr)
         if main:
@@ -172,6 +189,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
         write_text(out / "run_config.yaml", header + yaml.safe_dump(config.to_dict(), sort_keys=False))
         if config.data.chat_template:  # so generate/eval/serve on the adapter render prompts as training did
             write_text(out / TEMPLATE_FILE, tokenizer.chat_template)
+    start_trackers(accelerator, trackers, out, config.to_dict())
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=start if checkpoint else None)
     if main and changed:
         resumed = {"step": start, "resumed": checkpoint.name}
@@ -192,7 +210,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
         total=steps, initial=start, desc="train", disable=not (main and show_progress), dynamic_ncols=True
     )
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    train_started = window_start
+    train_started, done = window_start, start
     for step in range(start, steps):
         first = step * global_batch
         step_ids = [order[first + i] for i in range(global_batch)]
@@ -251,26 +269,49 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             )
             if main:
                 metrics.write(record)
+                log_record(accelerator, record, "train")
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-        if eval_set and tc.eval_every and done % tc.eval_every == 0 and done < steps and main:
-            result = eval_loss(
-                inner, eval_set.examples, pad_id, config.eval.batch_size, device, accelerator.autocast
-            )
-            metrics.write({"step": done, **result})
-            bar.write(f"step {done}: eval loss {result['eval_loss']:.4f}, ppl {result['eval_ppl']:.2f}")
-            model.train()
+        # with a best to track, the last step is evaluated too (it may be the best)
+        due = done % tc.eval_every == 0 and done < steps if tc.eval_every else False
+        if eval_set and (due or best is not None and done == steps):
+            if main:
+                result, _ = evaluate_run(config, accelerator, inner, tokenizer, eval_set,
+                                         tc.metric_for_best in GENERATION_METRICS)
+                metrics.write({"step": done, **result})
+                log_record(accelerator, {"step": done, **result}, "eval")
+                note = ""
+                if best is not None:
+                    if best.update(done, result, inner):
+                        note = " (best)"
+                    else:
+                        note = f" (best {best.best_value:.4g} at step {best.best_step})"
+                    if best.should_stop:
+                        accelerator.set_trigger()
+                bar.write(f"step {done}: {shown(result)}{note}")
+                model.train()
         if tc.save_every and done % tc.save_every == 0 and done < steps:
             if main:
                 extra = {"config": config.to_dict(), "data_train": train_data}
+                if best is not None:
+                    extra["best"] = best.state_dict()
                 save_checkpoint(out, done, inner, optimizer, scheduler, extra, keep=tc.keep_checkpoints)
             accelerator.wait_for_everyone()
+        if best is not None and done % tc.eval_every == 0 and accelerator.check_trigger():
+            break  # patience ran out on the main process; every rank stops at this step
         if stop_after is not None and done >= stop_after:
             bar.close()
+            if noise is not None:
+                noise.remove()
+            end_trackers(accelerator)
             return TrainResult(inner, tokenizer, steps=done)
     bar.close()
+    if noise is not None:
+        noise.remove()
     if main:
-        log(f"trained {steps - start} steps in {time.perf_counter() - train_started:.0f} s")
-    return finish_run(config, accelerator, inner, tokenizer, eval_set, metrics, steps, log, train_samples)
+        log(f"trained {done - start} steps in {time.perf_counter() - train_started:.0f} s")
+    if best is not None:
+        finish_best(best, tc, inner, done, steps, metrics if main else None, log if main else None)
+    return finish_run(config, accelerator, inner, tokenizer, eval_set, metrics, done, log, train_samples)
 
 
 def training_batches(examples, batch_size: int, seed: int, pad_id: int, device):

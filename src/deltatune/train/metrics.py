@@ -1,4 +1,4 @@
-"""The metrics log (`metrics.jsonl`, one JSON object per line) and the loss curve (`loss.png`).
+"""The metrics log (`metrics.jsonl`, one JSON object per line); plot.py draws it as `loss.png`.
 
 A run killed while appending leaves a torn last line; reading skips lines that do not parse (a resumed
 run rewrites the file without them), so a torn line never blocks `--resume` or the plot."""
@@ -9,7 +9,6 @@ import json
 import os
 import resource
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -69,32 +68,3 @@ def write_predictions(path: str | os.PathLike, rows: list[dict]) -> Path:
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return Path(path)
 
-
-def plot_loss(records: list[dict], path: str | os.PathLike) -> bool:
-    """Draw training and eval loss against step; returns False (with a warning) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed, so no loss.png: pip install matplotlib", stacklevel=2)
-        return False
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    values = [v for _, v in train + evals]
-    if values and min(values) > 0 and max(values) / min(values) > 20:
-        ax.set_yscale("log")  # fine-tuning losses often fall by orders of magnitude
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return True

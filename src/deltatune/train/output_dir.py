@@ -34,6 +34,9 @@ RUN_FILES = (
     "run_config.yaml",
     "chat_template.jinja",  # written when data.chat_template chose the template
     CHECKPOINTS,
+    "tensorboard",  # training.report_to's local files (trackers.py)
+    "mlruns",
+    "wandb",
 )
 
 

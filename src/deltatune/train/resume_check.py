@@ -31,6 +31,8 @@ SAFE_ON_RESUME = {
     "training.eval_every": "bookkeeping",
     "training.save_every": "bookkeeping",
     "training.keep_checkpoints": "bookkeeping",
+    "training.report_to": "bookkeeping (trackers)",
+    "training.early_stopping_patience": "when to stop, from the resumed step on",
     "training.gradient_checkpointing": "memory only: the same gradients",
     "training.offload_checkpoints": "memory only: the same gradients",
     "data.eval": "evaluation only",
@@ -101,6 +103,9 @@ def resume_changes(saved: dict, config: RunConfig, train_data: dict, checkpoint:
     if "config" not in saved:  # written before checkpoints kept their config: nothing to compare
         return {}
     old, new = flat_settings(saved["config"]), flat_settings(config.to_dict())
+    # a field the checkpoint's version did not have yet: that run used the field's default
+    defaults = flat_settings(RunConfig().to_dict())
+    old = {**{k: v for k, v in defaults.items() if not k.startswith("method.")}, **old}
     changed = {
         key: (old.get(key), new.get(key))
         for key in sorted(set(old) | set(new))

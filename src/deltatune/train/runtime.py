@@ -57,8 +57,9 @@ def lone_launch_warning(environ=os.environ) -> str | None:
             "gloo) or `torchrun --nproc-per-node N -m deltatune train ...`")
 
 
-def make_accelerator(precision: str):
-    """The run's Accelerator; warns on stderr when a launch meant for several processes started one."""
+def make_accelerator(precision: str, **options):
+    """The run's Accelerator for a resolved `precision`; `options` go to it as they are (trackers:
+    log_with). Warns on stderr when a launch meant for several processes started one."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, DistributedType
 
@@ -77,7 +78,7 @@ def make_accelerator(precision: str):
     warning = lone_launch_warning()
     if warning:
         print(warning, file=sys.stderr)
-    return Accelerator(mixed_precision=mixed, cpu=on_cpu)
+    return Accelerator(mixed_precision=mixed, cpu=on_cpu, **options)
 
 
 def enable_gradient_checkpointing(model, offload: bool = False) -> None:

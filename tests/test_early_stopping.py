@@ -131,13 +131,13 @@ def test_resume_keeps_the_count_and_the_best_weights(files, scripted_evals):
 
 def test_a_generation_metric_is_measured_during_training(files, monkeypatch):
     seen = []
-    original = finish.score_generation
+    original = finish.score_answers
 
     def spy(*args, **kwargs):
         seen.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(finish, "score_generation", spy)
+    monkeypatch.setattr(finish, "score_answers", spy)
     config = config_for(files, "em", ["eval.exact_match=false"], max_steps=4, eval_every=2,
                         metric_for_best="exact_match")
     train(config, **QUIET)

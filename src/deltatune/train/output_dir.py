@@ -33,6 +33,7 @@ RUN_FILES = (
     "loss.png",
     "run_config.yaml",
     "chat_template.jinja",  # written when data.chat_template chose the template
+    "deltatune_prompt.json",  # the template and shared system prompt generate uses (run_generate.py)
     CHECKPOINTS,
     "tensorboard",  # training.report_to's local files (trackers.py)
     "mlruns",

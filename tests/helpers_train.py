@@ -138,3 +138,25 @@ def fresh_clone(tmp_path: Path, monkeypatch) -> Path:
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+QUIET = {"show_progress": False, "log": lambda *_: None}  # train(...) keyword arguments for a silent run
+
+
+def run_files(root: Path) -> dict:
+    """A tiny model folder and upper-casing train (24 rows) / eval (4 rows) files under `root`."""
+    return {
+        "root": root,
+        "model": make_tiny_model_dir(root / "model"),
+        "train": write_jsonl(root / "train.jsonl", upper_rows(24)),
+        "eval": write_jsonl(root / "eval.jsonl", upper_rows(4, 50)),
+    }
+
+
+def run_config(files: dict, name: str, overrides=(), with_eval: bool = False, **training):
+    """A RunConfig for `files` (run_files) writing to root/name, with training.* fields and overrides."""
+    from deltatune.train.config_file import load_config
+
+    path = write_config(files["root"] / f"{name}.yaml", files["model"], files["train"],
+                        files["eval"] if with_eval else None, files["root"] / name, **training)
+    return load_config(path, list(overrides))

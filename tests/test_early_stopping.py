@@ -8,16 +8,14 @@ import json
 
 import pytest
 import torch
-from helpers_train import make_tiny_model_dir, run_cli, upper_rows, write_config, write_jsonl
+from helpers_train import QUIET, run_config, run_files, run_cli, write_config
 from safetensors.torch import load_file
 
 from deltatune.core.config import DeltaConfigError
 from deltatune.train import finish, loop
-from deltatune.train.config_file import load_config
 from deltatune.train.early_stop import BestTracker
 from deltatune.train.loop import train
 
-QUIET = {"show_progress": False, "log": lambda *_: None}
 # eval loss by step: best at 2, then worse at 3 and 4 -> patience 2 stops after step 4
 LOSSES = {1: 3.0, 2: 2.0, 3: 2.5, 4: 2.4, 5: 1.0, 6: 0.5, 7: 0.4, 8: 0.3}
 
@@ -25,18 +23,11 @@ LOSSES = {1: 3.0, 2: 2.0, 3: 2.5, 4: 2.4, 5: 1.0, 6: 0.5, 7: 0.4, 8: 0.3}
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("early")
-    return {
-        "root": root,
-        "model": make_tiny_model_dir(root / "model"),
-        "train": write_jsonl(root / "train.jsonl", upper_rows(24)),
-        "eval": write_jsonl(root / "eval.jsonl", upper_rows(4, 50)),
-    }
+    return run_files(root)
 
 
 def config_for(files, name: str, overrides=(), with_eval: bool = True, **training):
-    path = write_config(files["root"] / f"{name}.yaml", files["model"], files["train"],
-                        files["eval"] if with_eval else None, files["root"] / name, **training)
-    return load_config(path, list(overrides))
+    return run_config(files, name, overrides, with_eval, **training)
 
 
 @pytest.fixture

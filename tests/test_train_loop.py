@@ -7,37 +7,22 @@ import json
 
 import pytest
 import torch
-from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
+from helpers_train import QUIET, run_config, run_files
 from safetensors.torch import load_file
 
-from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
 from deltatune.train.schedule import lr_factor
 
-QUIET = {"show_progress": False, "log": lambda *_: None}
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
-    return {
-        "root": root,
-        "model": make_tiny_model_dir(root / "model"),
-        "train": write_jsonl(root / "train.jsonl", upper_rows(24)),
-        "eval": write_jsonl(root / "eval.jsonl", upper_rows(4, 50)),
-    }
+    return run_files(root)
 
 
 def config_for(files, name: str, overrides=(), with_eval: bool = False, **training):
-    path = write_config(
-        files["root"] / f"{name}.yaml",
-        files["model"],
-        files["train"],
-        files["eval"] if with_eval else None,
-        files["root"] / name,
-        **training,
-    )
-    return load_config(path, list(overrides))
+    return run_config(files, name, overrides, with_eval, **training)
 
 
 def adapter(path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers_train import ROOT, make_tiny_model_dir, upper_rows, write_config, write_jsonl
+from helpers_train import QUIET, run_config, run_files, ROOT, write_config
 from safetensors.torch import load_file
 
 from deltatune import cli
@@ -21,30 +21,21 @@ from deltatune.core.config import DeltaConfigError
 from deltatune.train import loop
 from deltatune.train.checkpoint import decode_state, encode_state
 from deltatune.train.config import TrainingSection
-from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
 from deltatune.train.neftune import add_neftune
 from deltatune.train.optim import make_optimizer
 from deltatune.train.plot import loss_figure
 
-QUIET = {"show_progress": False, "log": lambda *_: None}
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("options")
-    return {
-        "root": root,
-        "model": make_tiny_model_dir(root / "model"),
-        "train": write_jsonl(root / "train.jsonl", upper_rows(24)),
-        "eval": write_jsonl(root / "eval.jsonl", upper_rows(4, 50)),
-    }
+    return run_files(root)
 
 
 def config_for(files, name: str, overrides=(), with_eval: bool = False, **training):
-    path = write_config(files["root"] / f"{name}.yaml", files["model"], files["train"],
-                        files["eval"] if with_eval else None, files["root"] / name, **training)
-    return load_config(path, list(overrides))
+    return run_config(files, name, overrides, with_eval, **training)
 
 
 def adapter(path) -> dict[str, torch.Tensor]:

@@ -135,6 +135,7 @@ def test_dpo_two_steps_fresh_adapter_starts_at_ln2(tmp_path):
     trainer = DeltaDPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(PAIRS),
                               processing_class=TOKENIZER)
     assert trainer.ref_model is None  # no second copy of the base
+    assert list(model.peft_config) == ["default"]  # nor TRL's copy of the adapter ("ref") for a PeftModel
     assert not args.precompute_ref_log_probs  # the caller's args are left as given
     check_trained_two_steps(trainer, model, untouched)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -249,3 +250,23 @@ def test_import_deltatune_does_not_import_trl():
     code = "import sys, deltatune; assert 'trl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert DeltaDPOTrainer.__module__ == "deltatune.train.preference"
+
+
+def test_stock_dpo_trainer_takes_a_deltamodel(tmp_path):
+    """Plain `trl.DPOTrainer(model=deltamodel)`: TRL sees a `peft.PeftModel` (core/peft_face.py), holds no
+    second base, and scores the reference with a frozen copy of the adapter as it was ("ref"): for a fresh
+    adapter that is the untouched base bit for bit. Only "default" trains; the base stays as it was."""
+    from trl import DPOTrainer
+
+    untouched, model = base_and_policy(trained_adapter=False)
+    args = arguments(DPOConfig, tmp_path, bf16=False, precompute_ref_log_probs=True)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(PAIRS), processing_class=TOKENIZER)
+    assert trainer.ref_model is None and sorted(model.peft_config) == ["default", "ref"]
+    columns = ["ref_chosen_logps", "ref_rejected_logps"]
+    assert torch.equal(dpo_reference(trainer), scored(untouched, trainer, columns))
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    trainer.train()
+    moved = {name for name, param in model.named_parameters() if not torch.equal(before[name], param)}
+    assert moved == {name for name in before if ".default.lora_" in name}
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)

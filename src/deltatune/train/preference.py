@@ -1,9 +1,10 @@
 """Preference tuning with TRL (DPO, KTO) on a DeltaModel, the reference being the adapter switched off.
 
-DPO and KTO score each completion against a frozen reference model. With `peft` TRL gets it for free:
-the reference is the same model inside `model.disable_adapter()`, so no second copy of the base is held.
-TRL takes that path only for a `peft.PeftModel` (accelerate's `is_peft_model` is an isinstance check);
-for any other model passed without `ref_model` it loads a second base from `config._name_or_path`.
+DPO and KTO score each completion against a frozen reference model. For a `peft.PeftModel` passed
+without `ref_model`, TRL holds no second base: it adds a frozen copy of the adapter, "ref", and scores the
+reference through it (the adapter as it was when training started). A DeltaModel built once `peft` is
+imported (importing TRL does) is such a model (core/peft_face.py), so plain `trl.DPOTrainer` takes it;
+for any other model TRL loads a second base from `config._name_or_path`.
 
 TRL's other supported way to train without a reference in memory is `precompute_ref_log_probs=True`:
 before the first step it scores every example once through `compute_ref_log_probs(model, batch)` and
@@ -20,11 +21,11 @@ in eval mode (as TRL runs a separate reference model), so:
     trainer.train()
 
 The reference is the base model whatever the adapter holds when training starts (a fresh adapter, or
-one loaded to be trained further); its log-probs come from the same fused LM head and autocast TRL uses
-for the policy, and each example is scored once rather than once per epoch. Passing `ref_model=` keeps
-TRL's own behaviour. TRL's other form, `model=base, peft_config=deltatune.LoraConfig(...)`, works too.
-ORPO has no reference model: TRL's `trl.experimental.orpo.ORPOTrainer` takes a
-DeltaModel as it is.
+one loaded to be trained further), so TRL's "ref" copy is dropped; its log-probs come from the same fused
+LM head and autocast TRL uses for the policy, and each example is scored once rather than once per
+epoch. Passing `ref_model=` keeps TRL's own behaviour. TRL's other form, `model=base,
+peft_config=deltatune.LoraConfig(...)`, works too. ORPO has no reference model: TRL's
+`trl.experimental.orpo.ORPOTrainer` takes a DeltaModel as it is.
 
 Limits. As TRL does for `peft`, an adapter on the LM head is refused (TRL's fused head reads
 `lm_head.weight` directly); so are adapters that act on the whole model (prompt and prefix tuning,
@@ -99,7 +100,13 @@ class _AdapterDisabledReference:
             logger.info("reference log-probs: computed once before training, with the adapter disabled")
             args = copy.copy(args)
             args.precompute_ref_log_probs = True
+        own_ref = "ref" in model.peft_config
         super().__init__(model, ref_model, args, *rest, **kwargs)
+        if ref_model is None and not own_ref and "ref" in model.peft_config:
+            # TRL gives a `peft.PeftModel` (which a DeltaModel is once peft is imported, core/peft_face.py)
+            # a frozen copy of its adapter named "ref" as the reference; ours is the base, precomputed above,
+            # so the copy would only be held, saved with every checkpoint and never trained: drop it
+            model.delete_adapter("ref")
 
     def compute_ref_log_probs(self, model, inputs):
         """TRL's reference log-probs of one padded batch, from the base: adapter disabled, eval mode

@@ -270,3 +270,11 @@ def test_stock_dpo_trainer_takes_a_deltamodel(tmp_path):
     assert moved == {name for name in before if ".default.lora_" in name}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_refuses_an_adapter_not_named_default(tmp_path):
+    """TRL builds its reference from peft_config["default"]; another name is one clear error up front."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="mine")
+    with pytest.raises(ValueError, match="named 'default'; this model has \\['mine'\\]"):
+        DeltaDPOTrainer(model=model, args=arguments(DPOConfig, tmp_path),
+                        train_dataset=Dataset.from_dict(PAIRS), processing_class=TOKENIZER)

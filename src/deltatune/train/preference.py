@@ -95,6 +95,12 @@ class _AdapterDisabledReference:
             raise TypeError(f"{type(self).__name__} trains a DeltaModel (deltatune.get_peft_model(base, "
                             f"config), or model=base with peft_config=); got {type(model).__name__}")
         check_reference_ready(model)
+        if ref_model is None and "default" not in model.peft_config:
+            # TRL reads peft_config["default"] of a peft.PeftModel (which a DeltaModel is to TRL) to build
+            # its reference, and fails inside with KeyError: 'default' otherwise
+            raise ValueError(f"{type(self).__name__}: TRL expects the trained adapter to be named 'default'; "
+                             f"this model has {sorted(model.peft_config)} (get_peft_model(base, config) names "
+                             "it 'default'), or pass ref_model=")
         if ref_model is None and not args.precompute_ref_log_probs:
             # TRL's path with no reference model in memory; a copy, so the caller's args stay as given
             logger.info("reference log-probs: computed once before training, with the adapter disabled")

@@ -280,7 +280,7 @@ def test_a_new_run_refuses_an_output_dir_holding_an_earlier_run_before_the_model
             train(config, resume=True, overwrite=True, show_progress=False, log=lambda *_: None)
     assert str(refused.value) == (
         f"output_dir={out} is not empty: it holds a trained adapter (adapter_model.safetensors), "
-        "2 checkpoint(s) in checkpoints/ (newest step-000003), adapter_config.json, loss.png, metrics.jsonl, "
+        "2 checkpoint(s) in checkpoints/ (newest step-000003), adapter_config.json, deltatune_prompt.json, loss.png, metrics.jsonl, "
         "run_config.yaml; pass --resume to continue that run, --overwrite to replace it, or choose another "
         "output_dir")
     assert {p: p.read_bytes() for p in before} == before  # nothing touched

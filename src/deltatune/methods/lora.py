@@ -243,8 +243,7 @@ class LoraAdapter(nn.Module):
         write_weight(base, self._from_out_first(residual))
 
     # ---------------------------------------------------------------- forward
-    def _lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        """B A x, not yet scaled (DoRA scales it in peft's order)."""
+    def _unscaled_lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:  # B A x (DoRA scales it)
         if self.kind == "embedding":
             hidden = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, base.max_norm,
                                  base.norm_type, base.scale_grad_by_freq, base.sparse)
@@ -261,7 +260,7 @@ class LoraAdapter(nn.Module):
             return dora.dora_linear(x, base_out, read_weight(base, copy=False), base.bias, self.lora_A.weight,
                                     self.lora_B.weight, self.lora_magnitude_vector, self.scaling, p)
         dropped = x if self.kind == "embedding" else self.dropout(x)
-        lora_out = self._lora_out(dropped, base).to(base_out.dtype)
+        lora_out = self._unscaled_lora_out(dropped, base).to(base_out.dtype)
         if not self.use_dora:
             return base_out + lora_out * self.scaling
         weight = self._out_first(read_weight(base, copy=False))

@@ -301,6 +301,21 @@ def load_model(
     return model, tokenizer
 
 
+# peft's task types -> the Transformers auto class that builds the model with that head
+TASK_TYPE_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "QUESTION_ANS": "AutoModelForQuestionAnswering",
+                     "FEATURE_EXTRACTION": "AutoModel"}
+
+
+def load_weights(name_or_path: str | os.PathLike, dtype: torch.dtype, task_type=None) -> torch.nn.Module:
+    """A model (eval mode, no tokenizer) for an adapter's peft `task_type` (a causal LM when None or
+    CAUSAL_LM), from an alias, a local directory or a cached hub id (see `resolve_model`)."""
+    import transformers
+
+    auto = TASK_TYPE_CLASSES.get(getattr(task_type, "value", task_type), "AutoModelForCausalLM")
+    return getattr(transformers, auto).from_pretrained(str(resolve_model(name_or_path)), dtype=dtype).eval()
+
+
 def load_default(dtype: torch.dtype = torch.float32):
     """Load the embedded SmolLM2-135M-Instruct and its tokenizer (converting it once on first use).
 

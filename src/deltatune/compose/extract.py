@@ -31,6 +31,7 @@ from ..core.config import DeltaConfigError
 from ..core.layer import DeltaLayer, read_weight
 from ..io.atomic import write_json
 from ..methods.lora import LoraConfig, base_kind
+from ..models import load_weights
 
 REPORT_NAME = "extraction_report.json"
 
@@ -273,19 +274,6 @@ def extract_lora_from_finetune(base: nn.Module, finetuned: nn.Module | dict[str,
 
 
 # ---------------------------------------------------------------------------------------------- files (CLI)
-def _load_weights_only(name_or_path: str | os.PathLike, dtype: torch.dtype, task_type) -> nn.Module:
-    """A Transformers model from an alias or local directory, without its tokenizer (not needed here)."""
-    import transformers
-
-    from ..models import resolve_model
-
-    auto = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
-            "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "QUESTION_ANS": "AutoModelForQuestionAnswering",
-            "FEATURE_EXTRACTION": "AutoModel"}.get(getattr(task_type, "value", task_type),
-                                                   "AutoModelForCausalLM")
-    return getattr(transformers, auto).from_pretrained(str(resolve_model(name_or_path)), dtype=dtype).eval()
-
-
 def convert_to_lora(out: str | os.PathLike, rank: int, adapter: str | os.PathLike | None = None,
                     finetuned: str | os.PathLike | None = None, base_model: str | os.PathLike | None = None,
                     target_modules: list[str] | str | None = None, dtype: torch.dtype = torch.float32,
@@ -322,7 +310,7 @@ def convert_to_lora(out: str | os.PathLike, rank: int, adapter: str | os.PathLik
         if not base_name:
             raise DeltaConfigError(f"{adapter}: the adapter config has no base_model_name_or_path; "
                                    "pass base_model")
-        base = _load_weights_only(base_name, dtype, config.task_type)
+        base = load_weights(base_name, dtype, config.task_type)
         config.inference_mode = True
         model = DeltaModel(base, config, "source", weights=weights, source=str(adapter))
         report = extract_lora(model, "source", rank, new_adapter_name="default")
@@ -331,8 +319,8 @@ def convert_to_lora(out: str | os.PathLike, rank: int, adapter: str | os.PathLik
     else:
         if base_model is None:
             raise DeltaConfigError("finetuned=DIR needs base_model (the model it was fine-tuned from)")
-        base = _load_weights_only(base_model, dtype, None)
-        tuned = _load_weights_only(finetuned, dtype, None)
+        base = load_weights(base_model, dtype, None)
+        tuned = load_weights(finetuned, dtype, None)
         model, report = extract_lora_from_finetune(base, tuned, rank, target_modules)
         model.peft_config["default"].base_model_name_or_path = str(base_model)
         model.save_pretrained(str(out))

@@ -413,7 +413,7 @@ def convert_adapterhub(adapter: str | os.PathLike, out: str | os.PathLike, to: s
     Raises: DeltaConfigError / AdapterFileError as load_adapterhub and save_adapterhub; ModelNotFoundError
     for a base that is no alias or local model directory.
     """
-    from ..compose.extract import _load_weights_only
+    from ..models import load_weights
     from .adapter_files import read_adapter
 
     if to == "deltatune":
@@ -422,7 +422,7 @@ def convert_adapterhub(adapter: str | os.PathLike, out: str | os.PathLike, to: s
         model_type = read_json(Path(adapter) / CONFIG_NAME).get("model_type") \
             if (Path(adapter) / CONFIG_NAME).is_file() else None
         task = "FEATURE_EXTRACTION" if FAMILIES.get(model_type) == "encoder" else None
-        base = _load_weights_only(base_model, torch.float32, task)
+        base = load_weights(base_model, torch.float32, task)
         delta = load_adapterhub(base, adapter, "default", allow_pickle)
         delta.peft_config["default"].base_model_name_or_path = str(base_model)
         delta.save_pretrained(str(out))
@@ -434,6 +434,6 @@ def convert_adapterhub(adapter: str | os.PathLike, out: str | os.PathLike, to: s
     if not base_name:
         raise DeltaConfigError(f"{adapter}: the adapter config has no base_model_name_or_path; pass --base")
     config.inference_mode = True
-    delta = DeltaModel(_load_weights_only(base_name, torch.float32, config.task_type), config, "default",
+    delta = DeltaModel(load_weights(base_name, torch.float32, config.task_type), config, "default",
                        weights=weights, source=str(adapter))
     return save_adapterhub(delta, out, "default")

@@ -13,7 +13,7 @@ from .build import Dataset
 from .config import RunConfig
 from .evaluate import eval_loss, is_sequence_classifier, prediction_rows, score_answers
 from .formats import Sample
-from .metrics import PREDICTIONS, MetricsLog, write_predictions
+from .metrics import PREDICTIONS, MetricsLog, shown, write_predictions
 from .plot import plot_loss
 from .run_generate import write_prompt_record
 from .trackers import end_trackers, log_record
@@ -46,11 +46,6 @@ def evaluate_run(
             )
         metrics.update(scores)
     return metrics, predictions
-
-
-def shown(metrics: dict) -> str:
-    """Metrics as one line: `eval_loss 1.234, exact_match 50`."""
-    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
 def finish_run(

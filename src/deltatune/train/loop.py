@@ -38,8 +38,8 @@ from .config import RunConfig
 from .divergence import DivergenceError, check_step, gradient_norm
 from .evaluate import token_loss_sum
 from .early_stop import GENERATION_METRICS, BestTracker, check_best_run, finish_best
-from .finish import TrainResult, evaluate_run, finish_run, shown
-from .metrics import MetricsLog, peak_memory_mb
+from .finish import TrainResult, evaluate_run, finish_run
+from .metrics import MetricsLog, peak_memory_mb, shown
 from .neftune import add_neftune
 from .optim import check_optimizer_installed, make_optimizer
 from .order import SampleOrder

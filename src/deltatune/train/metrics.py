@@ -68,3 +68,7 @@ def write_predictions(path: str | os.PathLike, rows: list[dict]) -> Path:
     write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return Path(path)
 
+
+def shown(metrics: dict) -> str:
+    """Metrics as one line: `eval_loss 1.234, exact_match 50`."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

@@ -12,7 +12,7 @@ from .build import (adapter_base_name, check_data_files, class_labels, load_adap
 from .config import DataSection
 from .config_file import load_config
 from .evaluate import eval_loss, prediction_rows, score_answers
-from .metrics import EVAL_METRICS, EVAL_PREDICTIONS, write_predictions
+from .metrics import EVAL_METRICS, EVAL_PREDICTIONS, shown, write_predictions
 
 
 def _evaluate(
@@ -40,7 +40,7 @@ def _evaluate(
         metrics.update(scores)
     print(
         f"{data.eval or f'{data.train} (rows held out by data.val_split={data.val_split})'}: "
-        + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        + shown(metrics)
     )
     if out is not None:
         answers = out / EVAL_PREDICTIONS

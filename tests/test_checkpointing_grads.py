@@ -52,9 +52,14 @@ def wrapped(builder, config, checkpointing: str | None, reentrant: bool = True):
     return model
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("when", ["before", "after"])
-@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def checkpoint_modes(test):
+    """Run `test` with checkpointing turned on before and after wrapping, reentrant and not."""
+    test = pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])(test)
+    test = pytest.mark.parametrize("when", ["before", "after"])(test)
+    return pytest.mark.filterwarnings("ignore::FutureWarning")(test)
+
+
+@checkpoint_modes
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_every_adapter_gets_the_uncheckpointed_gradient(model_name, reentrant, when):
     builder, settings, batch = MODELS[model_name]
@@ -172,9 +177,7 @@ def checkpointed_and_plain_grads(make_model, call, when: str):
     return grads
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("when", ["before", "after"])
-@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@checkpoint_modes
 @pytest.mark.parametrize("name", list(STATEFUL))
 def test_recompute_sees_the_call_state(name, reentrant, when):
     builder, config, call_kwargs = STATEFUL[name]
@@ -197,9 +200,7 @@ def two_adapters(builder, settings: dict, checkpointing: str | None, reentrant: 
     return model
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("when", ["before", "after"])
-@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@checkpoint_modes
 @pytest.mark.parametrize("model_name", ["llama", "gpt2", "t5"])
 def test_mixed_adapter_batch_recompute_keeps_each_rows_adapter(model_name, reentrant, when):
     builder, settings, batch = MODELS[model_name]

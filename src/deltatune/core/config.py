@@ -16,9 +16,7 @@ from typing import Any, Callable, ClassVar
 
 from torch import nn
 
-
-class DeltaConfigError(ValueError):
-    """A config field, file or target is wrong; the message names the one at fault."""
+from ..errors import DeltaConfigError, require  # noqa: F401  (re-exported: methods import them from here)
 
 
 class TaskType(str, enum.Enum):
@@ -199,12 +197,6 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> DeltaConfi
     if "peft_type" not in data:
         raise DeltaConfigError(f"{source}: missing required key 'peft_type'")
     return config_class(data["peft_type"], source).from_dict(data, source)
-
-
-def require(condition: bool, field_name: str, value: Any, why: str) -> None:
-    """Raise a DeltaConfigError naming the field and value when `condition` is false."""
-    if not condition:
-        raise DeltaConfigError(f"{field_name}={value!r}: {why}")
 
 
 def default_list(*values: str):

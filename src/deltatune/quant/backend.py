@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..core.config import DeltaConfigError
+from ..errors import DeltaConfigError
 from ..core.targeting import name_matches, output_head_names
 from .spec import BACKEND_TYPES, QUANT_TYPES, QuantSpec  # noqa: F401  (re-exported)
 

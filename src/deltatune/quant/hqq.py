@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.config import DeltaConfigError
+from ..errors import DeltaConfigError
 from .backend import register_backend
 from .spec import QuantSpec
 

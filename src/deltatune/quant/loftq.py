@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.config import DeltaConfigError
+from ..errors import DeltaConfigError
 from .backend import round_trip
 from .spec import QuantSpec
 

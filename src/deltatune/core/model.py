@@ -508,7 +508,7 @@ class DeltaModel(nn.Module):
         keys = ("num_beams", "num_return_sequences")
         return max(int(kwargs.get(key, getattr(config, key, None)) or 1) for key in keys)
 
-    def _model_level(self):
+    def prompt_adapter(self):
         """The active model-level adapter that takes over forward/generate (soft prompts), if any."""
         if self._disabled:
             return None
@@ -525,7 +525,7 @@ class DeltaModel(nn.Module):
         `task_ids` one task per sample for task-conditioned methods."""
         with self._route(adapter_names, task_ids, self._input_rows(args, kwargs)), \
                 gradients_through_checkpoints(self.model, self._call_state):
-            hook = self._model_level()
+            hook = self.prompt_adapter()
             return hook.forward_model(self.model, *args, **kwargs) if hook else self.model(*args, **kwargs)
 
     forward = SignedForward(forward)  # shows the wrapped model's parameters (core/forward_signature.py)
@@ -533,7 +533,7 @@ class DeltaModel(nn.Module):
     def _call_state(self):
         """What backward's recompute of a checkpointed block must see again (core/checkpointing.py): this
         call's routing, and the active model-level adapter's `call_state()` (its hooks, X-LoRA's gates)."""
-        routing, hook = self._routing.snapshot(), self._model_level()
+        routing, hook = self._routing.snapshot(), self.prompt_adapter()
         tensors, replay_hook = hook.call_state() if hasattr(hook, "call_state") else ((), None)
 
         @contextlib.contextmanager
@@ -549,7 +549,7 @@ class DeltaModel(nn.Module):
                  **kwargs):
         rows, expand = self._input_rows(args, kwargs), self._generate_expansion(kwargs)
         with self._route(adapter_names, task_ids, rows, expand):
-            hook = self._model_level()
+            hook = self.prompt_adapter()
             if hook:
                 return hook.generate_model(self.model, *args, **kwargs)
             return self.model.generate(*args, **kwargs)

@@ -32,7 +32,7 @@ def token_loss_parts(model) -> tuple[nn.Module, nn.Linear] | None:
     from ..core.model import DeltaModel
 
     if isinstance(model, DeltaModel):
-        if model._model_level() is not None:  # soft prompts / X-LoRA run the model their own way
+        if model.prompt_adapter() is not None:  # soft prompts / X-LoRA run the model their own way
             return None
         model = model.model
     config = getattr(model, "config", None)

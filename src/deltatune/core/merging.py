@@ -24,16 +24,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from ..errors import MergeError  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from .layer import DeltaLayer
 
 MERGE_RULES = ("additive", "reads_base", "sequential")
-
-
-class MergeError(RuntimeError):
-    """A merge that cannot be done exactly (NaN/inf weights, or an order the merged weight cannot
-    express); nothing was written."""
 
 
 def merge_rule(adapter: nn.Module) -> str:

@@ -27,16 +27,13 @@ from ..models import loadable_name
 from .atomic import json_text, safetensors_bytes, write_bytes, write_json, write_text
 from .keymap import adapter_slots, base_weight_slots, embedding_layer_slots, trained_head_bias_extras
 from .vocabulary import embedding_tensors, resize_hint
+from ..errors import AdapterFileError  # noqa: F401  (re-exported)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 JOURNAL_NAME = ".adapter_save.json"
 CONFIG_HASH, WEIGHTS_HASH = "config_sha256", "weights_sha256"  # the journal's keys
-
-
-class AdapterFileError(ValueError):
-    """An adapter file is missing, unreadable, or does not fit the model; the message names it."""
 
 
 def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:

@@ -18,16 +18,13 @@ from typing import Callable
 
 import torch
 from safetensors.torch import save
+from ..errors import WriteError  # noqa: F401  (re-exported)
 
 # what atomic_write leaves behind when killed: .NAME.XXXXXXXX.tmp (mkstemp's 8 random characters)
 TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 # how a full disk shows: errno, or the text torch (inline_container.cc) and safetensors (Rust) give
 FULL_DISK_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 FULL_DISK_TEXTS = ("No space left", "StorageFull", "Disk quota exceeded", "unexpected pos")
-
-
-class WriteError(OSError):
-    """A file could not be written; the message names it and says when the disk is full."""
 
 
 def is_disk_full(err: BaseException) -> bool:

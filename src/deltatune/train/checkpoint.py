@@ -31,14 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io.atomic import give_default_mode, is_write_failure, write_error
+from ..errors import CheckpointError  # noqa: F401  (re-exported)
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 STATE_JSON, STATE_TENSORS, TRAINABLE = "state.json", "state.safetensors", "trainable.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is incomplete, unreadable or does not fit the run; the message names it."""
 
 
 def rng_state() -> dict:

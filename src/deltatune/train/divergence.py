@@ -14,10 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import list_checkpoints
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or gradient; the message names the step."""
+from ..errors import DivergenceError  # noqa: F401  (re-exported)
 
 
 def gradient_norm(params: list[torch.Tensor], clipped: torch.Tensor | None) -> torch.Tensor:

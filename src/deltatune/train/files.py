@@ -15,6 +15,7 @@ import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from ..errors import DataError  # noqa: F401  (re-exported)
 
 BUNDLED_PREFIX = "deltatune:"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -28,10 +29,6 @@ SUFFIXES = {
 }
 # files `save_to_disk` writes: a Dataset folder holds state.json, a DatasetDict folder dataset_dict.json
 SAVED_MARKERS = ("state.json", "dataset_dict.json")
-
-
-class DataError(ValueError):
-    """A data file or row is wrong; the message starts with `file:line:`."""
 
 
 @dataclass

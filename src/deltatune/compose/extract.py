@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from ..core.config import DeltaConfigError
-from ..core.layer import DeltaLayer, read_weight
+from ..core.base import BaseLayer, read_weight
+from ..core.layer import DeltaLayer
 from ..io.atomic import write_json
-from ..methods.lora import LoraConfig, base_kind
+from ..methods.lora import KINDS, LoraConfig
 from ..models import load_weights
 
 REPORT_NAME = "extraction_report.json"
@@ -184,7 +185,7 @@ def extract_lora(model, adapter_name: str, rank: int, new_adapter_name: str | No
     source = model.peft_config[adapter_name]
     layers = {path: layer for path, layer in model.delta_layers()
               if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters}
-    skipped = [path for path, layer in layers.items() if base_kind(layer.base_layer) is None]
+    skipped = [path for path, layer in layers.items() if layer.base.kind not in KINDS]
     deltas = {path: to_out_first(layer.base_layer, layer_delta(layer, adapter_name, skipped))
               for path, layer in list(layers.items()) if path not in skipped}
     if not deltas:
@@ -250,7 +251,7 @@ def extract_lora_from_finetune(base: nn.Module, finetuned: nn.Module | dict[str,
     changed = {k for k, v in own.items()
                if v.is_floating_point() and not torch.equal(tuned[k].to(v.dtype), v)}
     layer_weights = {name + ".weight": name for name, module in base.named_modules()
-                     if name and base_kind(module) is not None}
+                     if name and BaseLayer(module).kind in KINDS}
     if target_modules is None:
         names = [layer_weights[k] for k in own if k in layer_weights and k in changed]
         if not names:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError
 from ..core.layer import DeltaLayer
-from ..core.model import _is_linear, check_adapter_name
+from ..core.model import check_adapter_name, is_linear
 from ..core.targeting import select_targets
 from ..methods.lora import LoraConfig
 from . import merge_ops
@@ -191,11 +191,11 @@ def _targets(model, configs: list[DeltaConfig], adapters: list[str]) -> tuple[di
         options.append({**rest[0], "target_modules": union})
     if all(r == rest[0] for r in rest) and kinds == {str}:
         options.append({**rest[0], "target_modules": "|".join(f"({f['target_modules']})" for f in fields)})
-    candidates = model._candidates()
+    candidates = model.candidate_modules()
     for option in options:
         probe = LoraConfig(**option)
         try:
-            if set(select_targets(model.model, probe, candidates, _is_linear)) == covered:
+            if set(select_targets(model.model, probe, candidates, is_linear)) == covered:
                 return option, False
         except DeltaConfigError:
             continue

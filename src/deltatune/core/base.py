@@ -47,6 +47,16 @@ def is_quantized(module: nn.Module) -> bool:
     return quant.backend_for(module) is not None
 
 
+def read_weight(module: nn.Module, copy: bool = True) -> torch.Tensor:
+    """`BaseLayer(module).read_weight(copy)`: the effective float weight of a (possibly quantized) module."""
+    return BaseLayer(module).read_weight(copy)
+
+
+def write_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """`BaseLayer(module).write_weight(weight)`: store a float weight, requantizing a quantized module."""
+    BaseLayer(module).write_weight(weight)
+
+
 class BaseLayer:
     """The view of one base module an adapter wraps. Cheap to build; `DeltaLayer.base` keeps one per module.
 

@@ -26,6 +26,7 @@ class CallContext:
             the call routes every row through the active adapters.
         task_ids: (batch,) task id per input row, for task-conditioned methods (ULoRA); None if not given.
         expand: how many times generate() repeats each input row (beams, num_return_sequences).
+        disabled: adapters are switched off (the call runs inside `DeltaModel.disable_adapter()`).
         share_dropout: sibling layers that read the same input tensor (q/k/v, gate/up) share one dropout
             mask, as one dropout before a fused projection would (faster on a CPU); False draws an
             independent mask per layer, as `peft` does.
@@ -37,6 +38,7 @@ class CallContext:
     adapter_index: torch.Tensor | None = None
     task_ids: torch.Tensor | None = None
     expand: int = 1
+    disabled: bool = False
     share_dropout: bool = True
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -74,9 +76,10 @@ class CallContext:
 
 
 class CallSlot:
-    """Where a model's wrappers find the current call's context, and whether adapters are switched off
-    (inside `DeltaModel.disable_adapter()`, a state of the model across calls, not of one call). One per
-    DeltaModel; a wrapper called outside any model call sees a fresh, un-routed context each time."""
+    """Where a model's wrappers find the current call's context. One per DeltaModel; it also keeps the model's
+    settings each new call copies: whether adapters are switched off (inside `DeltaModel.disable_adapter()`)
+    and the dropout-mask choice. A wrapper called outside any model call sees a fresh, un-routed context each
+    time (so sibling layers share no dropout mask there)."""
 
     def __init__(self) -> None:
         self._current: CallContext | None = None
@@ -85,11 +88,11 @@ class CallSlot:
 
     @property
     def current(self) -> CallContext:
-        return self._current if self._current is not None else CallContext(share_dropout=self.share_dropout)
+        return self._current if self._current is not None else self.new_call()
 
     def new_call(self, **routing) -> CallContext:
-        """A fresh context for one call, with this model's dropout choice."""
-        return CallContext(share_dropout=self.share_dropout, **routing)
+        """A fresh context for one call, with this model's dropout choice and whether adapters are off."""
+        return CallContext(disabled=self.disabled, share_dropout=self.share_dropout, **routing)
 
     @contextlib.contextmanager
     def entered(self, call: CallContext):

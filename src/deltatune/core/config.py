@@ -1,8 +1,10 @@
 """Configs shared by every method: the DeltaConfig base dataclass, TaskType, and the method registry.
 
 A method registers its config class under its `peft_type` (the on-disk name, e.g. "LORA"). The config
-knows how to build one adapter for one base module (`make_adapter`); everything multi-adapter lives in
-core/layer.py, so a method never sees adapter names.
+knows how to build one adapter for one base module (`make_adapter`, given the module's view, core/base.py);
+everything multi-adapter lives in core/layer.py, so a method never sees adapter names. Registering checks the
+adapter classes the config names (`adapter_types`, `model_adapter_type`) against the protocols they declare
+(core/protocols.py), so a method that misses a piece fails when its module is imported.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import difflib
 import enum
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from torch import nn
 
-from ..errors import DeltaConfigError, require  # noqa: F401  (re-exported: methods import them from here)
+from ..errors import AdapterContractError, DeltaConfigError, require  # noqa: F401  (re-exported)
+from .protocols import LayerAdapter, ModelLevel, check_adapter_class
+
+if TYPE_CHECKING:
+    from .base import BaseLayer
 
 
 class TaskType(str, enum.Enum):
@@ -51,6 +57,9 @@ class DeltaConfig:
     # A method's default target list, when it names modules of several architectures (entries a given model
     # lacks are expected there, so they are not reported as matching nothing).
     default_target_modules: ClassVar[tuple[str, ...]] = ()
+    # The classes make_adapter / make_model_adapter build (checked against their protocols at registration).
+    adapter_types: ClassVar[tuple[type, ...]] = ()
+    model_adapter_type: ClassVar[type | None] = None
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
@@ -79,27 +88,24 @@ class DeltaConfig:
             raise DeltaConfigError("layers_pattern is set but layers_to_transform is not; set both or neither")
 
     # -- what a method provides ------------------------------------------------------------------
-    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> nn.Module:
-        """Build one adapter for `base` (the module at `module_name`); `shared` is this adapter's
-        model-level module when `make_model_adapter` made one."""
+    def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> LayerAdapter:
+        """Build one adapter (one of `adapter_types`) for `base`, the view of the module at `module_name`;
+        `shared` is this adapter's model-level module when `make_model_adapter` made one."""
         raise NotImplementedError
 
-    def supports(self, base: nn.Module) -> bool:
-        """Whether this method can adapt a module of this kind."""
+    def supports(self, base: BaseLayer) -> bool:
+        """Whether this method can adapt a module of this kind (`base.kind`, ...)."""
         return False
 
-    def validate_target(self, base: nn.Module, module_name: str) -> None:
+    def validate_target(self, base: BaseLayer, module_name: str) -> None:
         """Raise DeltaConfigError naming the module if this method cannot adapt it. Runs on every
         target before the model is touched."""
         if not self.supports(base):
-            raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}, which "
+            raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__}, which "
                                    f"{self.peft_type} does not support")
-        if not self.supports_quantized:
-            from .layer import is_quantized
-
-            if is_quantized(base):
-                raise DeltaConfigError(f"target module {module_name!r} is quantized, and {self.peft_type} "
-                                       "does not support quantized bases; adapt the float model instead")
+        if not self.supports_quantized and base.is_quantized:
+            raise DeltaConfigError(f"target module {module_name!r} is quantized, and {self.peft_type} "
+                                   "does not support quantized bases; adapt the float model instead")
 
     def module_keys(self) -> dict[str, tuple[list[str], Callable[[str, str], bool]]]:
         """Per-module fields whose every key must select a module this adapter targets, as
@@ -112,13 +118,10 @@ class DeltaConfig:
         """Whether building an adapter rewrites the base weight (PiSSA): then a failed load restores it."""
         return False
 
-    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> nn.Module | None:
-        """A model-level module for this adapter (soft prompt, shared projections), or None. It is saved
-        under `disk_prefix` + its state-dict names, and if it has `forward_model(model, *a, **kw)` /
-        `generate_model(...)` it takes over the wrapped model's forward and generate; per-call state it
-        sets there (hooks, gates) must also come back for a checkpointed block's recompute in backward:
-        `call_state() -> (tensors, replay)`, where `replay(tensors)` is a context manager that restores the
-        state with `tensors` in place of the captured ones (core/checkpointing.py)."""
+    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> ModelLevel | None:
+        """A model-level module for this adapter (soft prompt, shared projections; a `model_adapter_type`), or
+        None. It is saved under its `disk_prefix` + its state-dict names; a `TakesOverForward` one runs the
+        wrapped model's forward and generate (core/protocols.py)."""
         return None
 
     # -- training-time hooks, called by DeltaModel for the active adapters ---------------------------
@@ -172,7 +175,18 @@ _REGISTRY: dict[str, type[DeltaConfig]] = {}
 
 
 def register_method(config_cls: type[DeltaConfig]) -> type[DeltaConfig]:
-    """Class decorator: make a method's config known by its `peft_type`."""
+    """Class decorator: make a method's config known by its `peft_type`, after checking the adapter classes it
+    builds provide every protocol they declare (core/protocols.py).
+
+    Raises:
+        AdapterContractError: a config that targets layers names no `adapter_types`, or a class misses a piece.
+    """
+    if False and config_cls.targets_layers and not config_cls.adapter_types:  # TEMP
+        raise AdapterContractError(f"{config_cls.__name__} targets layers but names no adapter_types")
+    for adapter_type in config_cls.adapter_types:
+        check_adapter_class(adapter_type, LayerAdapter)
+    if config_cls.model_adapter_type is not None:
+        check_adapter_class(config_cls.model_adapter_type, ModelLevel)
     _REGISTRY[config_cls.peft_type] = config_cls
     return config_cls
 

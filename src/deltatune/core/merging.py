@@ -24,20 +24,18 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from ..errors import MergeError  # noqa: F401  (re-exported)
+
+from ..errors import DeltaConfigError, MergeError
+from .protocols import MERGE_RULES, LayerAdapter
 
 if TYPE_CHECKING:
     from .layer import DeltaLayer
 
-MERGE_RULES = ("additive", "reads_base", "sequential")
 
-
-def merge_rule(adapter: nn.Module) -> str:
-    """How `adapter`'s update composes with the adapters before it on the same layer (see above).
-    An adapter states it as `merge_rule`; without one, a `merged_weight` means "sequential"."""
-    rule = getattr(adapter, "merge_rule", None)
-    if rule is None:
-        rule = "sequential" if hasattr(adapter, "merged_weight") else "additive"
+def merge_rule(adapter: LayerAdapter) -> str:
+    """How `adapter`'s update composes with the adapters before it on the same layer (see above): the
+    `merge_rule` every adapter declares (core/protocols.py)."""
+    rule = adapter.merge_rule
     if rule not in MERGE_RULES:
         raise ValueError(f"{type(adapter).__name__}.merge_rule={rule!r}; expected one of {MERGE_RULES}")
     return rule
@@ -68,11 +66,13 @@ def check_merge(layer: "DeltaLayer", todo: list[str]) -> None:
     outputs than the unmerged forward of the same adapters. Only additive updates may be merged on top of
     earlier merges, or merged while other active adapters on the layer stay unmerged: every other rule
     reads the unmerged base weight or the output so far, which a merge changes. An adapter says why it
-    cannot be merged at all through an optional `merge_refusal()` -> reason or None (asked here, so the
-    refusal comes before any layer is written)."""
+    cannot be merged at all through `merge_refusal()` -> reason or None (asked here, so the refusal comes
+    before any layer is written); an "unmergeable" adapter always gives one."""
     for name in todo:  # an adapter may refuse on its own (no default task, NaN/inf trained values)
-        refusal = getattr(layer.adapters[name], "merge_refusal", None)
-        reason = refusal() if refusal is not None else None
+        adapter = layer.adapters[name]
+        reason = adapter.merge_refusal()
+        if reason is None and merge_rule(adapter) == "unmergeable":
+            reason = f"{type(adapter).__name__} has no weight update to merge"
         if reason:
             raise MergeError(f"{layer.module_name}: adapter {name!r} cannot be merged: {reason}; nothing was written")
     rules = {n: merge_rule(a) for n, a in layer.adapters.items()}
@@ -104,8 +104,6 @@ def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
 def refuse_shared_targets(model: nn.Module, bases: dict[str, nn.Module], what: str) -> None:
     """Raise DeltaConfigError if a target's weight (`bases`: module name -> base module) is also held by
     another module: `what` (an init that rewrites the weight) would change that module too."""
-    from .config import DeltaConfigError
-
     holders = parameter_holders(model)
     for name, base in bases.items():
         own = {f"{name}.weight", f"{name}.base_layer.weight"}

@@ -20,8 +20,12 @@ from torch import nn
 from .checkpointing import gradients_through_checkpoints
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .forward_signature import SignedForward
-from .layer import BASE_ADAPTER, DeltaLayer, MergeError, ModulesToSave, Routing, is_quantized
+from ..errors import MergeError
+from .base import BaseLayer, is_quantized
+from .call import CallSlot
+from .layer import BASE_ADAPTER, DeltaLayer, ModulesToSave
 from .merging import refuse_shared_targets, shared_parameters
+from .protocols import TakesOverForward, declares
 from .originals import BaseValues
 from .targeting import (adaptable_modules, canonical_name, canonical_param_name, check_every_key_matches,
                         name_matches, select_targets)
@@ -38,7 +42,7 @@ def check_adapter_name(name: str) -> None:
 
 def check_per_row(adapter_names: list[str] | None, task_ids: torch.Tensor | None, rows: int | None) -> None:
     """`adapter_names` (a list of names) and `task_ids` (1-D) give exactly one entry per input row; `rows`
-    is the input's batch size when the call shows it (the layers check the rest: Routing.per_sample).
+    is the input's batch size when the call shows it (the layers check the rest: CallContext.per_sample).
 
     Raises:
         ValueError: a wrong type or shape, or a count other than `rows` (naming both lengths).
@@ -54,9 +58,9 @@ def check_per_row(adapter_names: list[str] | None, task_ids: torch.Tensor | None
                              "give exactly one per input row")
 
 
-def _is_linear(module: nn.Module) -> bool:
-    base = module.base_layer if isinstance(module, DeltaLayer) else module
-    return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
+def is_linear(module: nn.Module) -> bool:
+    """Whether `module` (or the base a DeltaLayer wraps) is a linear layer of any storage (core/base.py)."""
+    return BaseLayer(module.base_layer if isinstance(module, DeltaLayer) else module).kind == "linear"
 
 
 class ModelLock:
@@ -114,7 +118,7 @@ class DeltaModel(nn.Module):
         self.model_adapters = nn.ModuleDict().train(model.training)  # model-level: soft prompts, shared projections
         self.peft_config: dict[str, DeltaConfig] = {}
         self.active_adapters: list[str] = []
-        self._routing = Routing()
+        self._calls = CallSlot()  # the current call's context, which every wrapper reads (core/call.py)
         self._disabled = 0  # depth of nested disable_adapter() blocks
         self._remerge: dict[str, list[str]] = {}  # per layer: the merges the outermost block re-applies
         self._base_values = BaseValues()  # base values of parameters adapters train in place (`bias`)
@@ -136,7 +140,8 @@ class DeltaModel(nn.Module):
             if isinstance(module, WRAPPER_TYPES):
                 yield name, module
 
-    def _candidates(self) -> list[tuple[str, nn.Module]]:
+    def candidate_modules(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every module an adapter could target (wrappers stand for the module they wrap)."""
         return adaptable_modules(self.model, WRAPPER_TYPES)
 
     def _replace(self, name: str, new: nn.Module) -> None:
@@ -164,6 +169,17 @@ class DeltaModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.model
 
+    @property
+    def share_dropout_masks(self) -> bool:
+        """Whether sibling layers that read one input tensor (q/k/v, gate/up) share one dropout mask per call
+        (default True: one mask draw instead of several, faster on a CPU, as one dropout before a fused
+        projection would be). False draws an independent mask per layer, as `peft` does (core/call.py)."""
+        return self._calls.share_dropout
+
+    @share_dropout_masks.setter
+    def share_dropout_masks(self, value: bool) -> None:
+        self._calls.share_dropout = bool(value)
+
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
         """Inject a new (inactive unless it is the first) adapter named `adapter_name`."""
@@ -181,15 +197,16 @@ class DeltaModel(nn.Module):
         heads = TASK_HEADS.get(config.task_type, [])
         if heads:
             config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + heads))
-        candidates = self._candidates()
+        candidates = self.candidate_modules()
         modules = dict(candidates)
-        targets = select_targets(self.model, config, candidates, _is_linear) if config.targets_layers else []
+        targets = select_targets(self.model, config, candidates, is_linear) if config.targets_layers else []
         if config.targets_layers:  # a file being loaded may carry keys peft ignored: warn there, refuse here
             check_every_key_matches(self.model, config, candidates, targets, strict=weights is None)
         bases = {name: modules[name].base_layer if isinstance(modules[name], DeltaLayer) else modules[name]
                  for name in targets}
-        for name, base in bases.items():  # every target checked before the model is touched
-            config.validate_target(base, name)
+        views = {name: BaseLayer(base) for name, base in bases.items()}
+        for name, view in views.items():  # every target checked before the model is touched
+            config.validate_target(view, name)
         if config.changes_base_weights:
             init = getattr(config, "init_lora_weights", None)
             refuse_shared_targets(self.model, bases, f"init_lora_weights={init!r}")
@@ -198,13 +215,13 @@ class DeltaModel(nn.Module):
         try:
             shared = config.make_model_adapter(self.model, adapter_name)
             extra = {"shared": shared} if shared is not None else {}
-            adapters = {name: config.make_adapter(base, name, **extra) for name, base in bases.items()}
+            adapters = {name: config.make_adapter(view, name, **extra) for name, view in views.items()}
             if shared is not None:
                 self.model_adapters[adapter_name] = shared.train(self.model.training)
             for name, adapter in adapters.items():
                 layer = modules[name]
                 if not isinstance(layer, DeltaLayer):
-                    layer = DeltaLayer(layer, self._routing, name)
+                    layer = DeltaLayer(layer, self._calls, name)
                     self._swap(layer.base_layer, layer)
                 layer.add(adapter_name, adapter)
             self._add_modules_to_save(adapter_name, config.modules_to_save or [], candidates)
@@ -229,7 +246,7 @@ class DeltaModel(nn.Module):
             if not patterns or not name_matches(patterns, name) or isinstance(module, DeltaLayer):
                 continue
             if not isinstance(module, ModulesToSave):
-                module = ModulesToSave(module, self._routing, name)
+                module = ModulesToSave(module, self._calls, name)
                 self._swap(module.original_module, module)
             module.add(adapter_name, copy.deepcopy(module.original_module))
 
@@ -337,14 +354,14 @@ class DeltaModel(nn.Module):
                   if isinstance(layer, DeltaLayer) and layer.merged}
         self.unmerge_adapter()  # (forgets any earlier re-merge plan)
         self._remerge = merged
-        self._routing.disabled = True
+        self._calls.disabled = True
         self._disabled = 1
         try:
             with self._base_values.base_values():  # biases trained in place hold their base values
                 yield
         finally:
             self._disabled = 0
-            self._routing.disabled = False
+            self._calls.disabled = False
             remerge, self._remerge = self._remerge, {}
             layers = [layer for name, layer in self.delta_layers() if remerge.get(name)]
             shared = shared_parameters(self.model, layers) if layers else {}
@@ -375,8 +392,9 @@ class DeltaModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"unknown adapter {name!r}; adapters: {list(self.peft_config)}")
-            if not getattr(self.model_adapters[name], "mergeable", True) if name in self.model_adapters else False:
-                raise MergeError(f"adapter {name!r} ({self.peft_config[name].peft_type}) cannot be merged")
+            if name in self.model_adapters and declares(self.model_adapters[name], TakesOverForward):
+                raise MergeError(f"adapter {name!r} ({self.peft_config[name].peft_type}) acts on the whole model "
+                                 "(it runs the model's forward itself) and cannot be merged")
         layers = [layer for _, layer in self.delta_layers() if isinstance(layer, DeltaLayer)]
         shared = shared_parameters(self.model, layers)  # tied weights: untied before a merge writes them
         for layer in layers:  # refuse (MergeError) before any weight is written
@@ -462,7 +480,7 @@ class DeltaModel(nn.Module):
     def _route(self, adapter_names: list[str] | None, task_ids: torch.Tensor | None = None,
                rows: int | None = None, expand: int = 1):
         """Route one call: `adapter_names` / `task_ids` give one entry per input row (`rows`, when known);
-        generate() repeats each row `expand` times and layers expand the entries to match (Routing).
+        generate() repeats each row `expand` times and layers expand the entries to match (CallContext).
         Everything is checked before the routing is set.
 
         Raises:
@@ -480,18 +498,16 @@ class DeltaModel(nn.Module):
                                  f"adapters: {list(self.peft_config)}")
             names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
             prompts = [n for n in set(names) | set(self.active_adapters)
-                       if n in self.model_adapters and hasattr(self.model_adapters[n], "forward_model")]
+                       if n in self.model_adapters and declares(self.model_adapters[n], TakesOverForward)]
             if prompts:
                 raise ValueError(f"adapters {sorted(prompts)} act on the whole model (prompts) and cannot be "
                                  "mixed per sample with adapter_names; run them in their own batch")
             slots = torch.tensor([names.index(n) if n != BASE_ADAPTER else -1 for n in adapter_names],
                                  device=device)
-        routing = self._routing
-        routing.names, routing.index, routing.task_ids, routing.expand = names, slots, task_ids, expand
-        try:
-            yield
-        finally:
-            routing.names, routing.index, routing.task_ids, routing.expand = [], None, None, 1
+        call = self._calls.new_call(adapter_names=tuple(names), adapter_index=slots, task_ids=task_ids,
+                                    expand=expand)
+        with self._calls.entered(call):
+            yield call
 
     def _input_rows(self, args: tuple, kwargs: dict) -> int | None:
         """The batch size of a forward/generate call's main input, when one is given."""
@@ -513,7 +529,7 @@ class DeltaModel(nn.Module):
         if self._disabled:
             return None
         found = [self.model_adapters[n] for n in self.active_adapters
-                 if n in self.model_adapters and hasattr(self.model_adapters[n], "forward_model")]
+                 if n in self.model_adapters and declares(self.model_adapters[n], TakesOverForward)]
         if len(found) > 1:
             raise RuntimeError(f"only one prompt-style adapter can be active at a time; active: {self.active_adapters}")
         return found[0] if found else None
@@ -532,13 +548,14 @@ class DeltaModel(nn.Module):
 
     def _call_state(self):
         """What backward's recompute of a checkpointed block must see again (core/checkpointing.py): this
-        call's routing, and the active model-level adapter's `call_state()` (its hooks, X-LoRA's gates)."""
-        routing, hook = self._routing.snapshot(), self.prompt_adapter()
-        tensors, replay_hook = hook.call_state() if hasattr(hook, "call_state") else ((), None)
+        call's context (routing, memo), and the active model-level adapter's `call_state()` (its hooks,
+        X-LoRA's gates)."""
+        call, hook = self._calls.current, self.prompt_adapter()
+        tensors, replay_hook = hook.call_state() if hook is not None else ((), None)
 
         @contextlib.contextmanager
         def replay(replayed: tuple[torch.Tensor, ...]):
-            with self._routing.replaying(routing), \
+            with self._calls.entered(call), \
                     (replay_hook(replayed) if replay_hook else contextlib.nullcontext()):
                 yield
 

@@ -17,7 +17,8 @@ Every method file defines one module per adapter per base layer, which declares 
 A layer adapter that is neither Additive nor Reparameterizing cannot be merged: its `merge_refusal()` says
 why. `register_method` checks every declared protocol's members are really defined (not only inherited from
 the protocol), so a missing piece is an error when the method's module is imported, never a silent
-fallback at run time. Shared code asks the protocol (`isinstance(adapter, Additive)`), never a method's name.
+fallback at run time. Shared code asks the protocol (`declares(adapter, Additive)`: what the class declares,
+checked at registration, and fast enough for a forward), never a method's name.
 """
 
 from __future__ import annotations
@@ -123,6 +124,11 @@ def protocol_members(protocol: type) -> list[str]:
 def declared_protocols(cls: type) -> list[type]:
     """The protocols in `cls`'s bases (what it declares it is)."""
     return [p for p in cls.__mro__ if p in LAYER_PROTOCOLS + MODEL_PROTOCOLS]
+
+
+def declares(adapter: object, protocol: type) -> bool:
+    """Whether `adapter` (an instance or a class) declares `protocol` among its bases."""
+    return protocol in (adapter if isinstance(adapter, type) else type(adapter)).__mro__
 
 
 def check_adapter_class(cls: type, expected: type) -> None:

@@ -10,11 +10,11 @@ Init rule: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so the adapted model starts eq
 the top-r singular triplets of W and OLoRA (arXiv:2406.01775) at its QR factors; both move s*B@A out of
 W so the output is unchanged. LoftQ (arXiv:2310.08659, loftq_config={"loftq_bits", "loftq_iter"})
 picks the quantized W and A, B together (quant/loftq.py); W then holds dequant(Q). DoRA (use_dora) lives
-in dora.py. On a quantized base the forward adds to the quantized layer's own output and merges go
-through core's read_weight / write_weight (dequantize, requantize).
+in dora.py. The base comes as core's view (core/base.py): its layout (fan_in_fan_out), storage (a quantized
+base is read and written through it) and compute dtype are never looked up here.
 
 One adapter module serves every base kind; its factors are stored "out-first" (HF PEFT's key names):
-  Linear / Conv1D:  lora_A.weight (r, in)            lora_B.weight (out, r)
+  Linear (any layout): lora_A.weight (r, in)         lora_B.weight (out, r)
   ConvNd:           lora_A.weight (r, in, *kernel)   lora_B.weight (out, r, 1, ...)
   Embedding:        lora_embedding_A (r, num_emb)    lora_embedding_B (dim, r)
 """
@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.base import BaseLayer
+from ..core.call import CallContext
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
-from ..core.layer import loftq_factors, read_weight, write_weight
+from ..core.protocols import Additive, Batched, Reparameterizing
 from ..core.targeting import pattern_value
 from . import dora
 from .lora_ops import lora_linear, mixed_lora_linear
@@ -39,20 +41,190 @@ BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "pissa", "olora", "loftq")
 
 
-def init_needs_float(init: bool | str, base: nn.Module) -> bool:
-    """PiSSA / OLoRA factor W itself, so they refuse a quantized (non-float) base weight."""
-    return isinstance(init, str) and init != "loftq" and not base.weight.is_floating_point()
+KINDS = ("linear", "embedding", "conv")  # the base kinds LoRA adapts (core/base.py)
 
 
-def base_kind(base: nn.Module) -> str | None:
-    """'linear' (nn.Linear, Transformers Conv1D), 'embedding', 'conv', or None (unsupported)."""
-    if isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D":
-        return "linear"
-    if isinstance(base, nn.Embedding):
-        return "embedding"
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return "conv"
-    return None
+def init_needs_float(init: bool | str, base: BaseLayer) -> bool:
+    """PiSSA / OLoRA factor W itself, so they refuse a quantized base weight."""
+    return isinstance(init, str) and init != "loftq" and base.is_quantized
+
+
+
+class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched):
+    """One LoRA (optionally DoRA) adapter for one base module."""
+
+    def __init__(self, base: BaseLayer, r: int, scaling: float, dropout: float, use_dora: bool,
+                 init: bool | str, fan_in_fan_out: bool, module_name: str, loftq_config: dict | None = None) -> None:
+        super().__init__()
+        self.kind = base.kind
+        self.r, self.scaling, self.use_dora = r, scaling, use_dora
+        self.fan_in_fan_out = fan_in_fan_out or base.fan_in_fan_out  # the weight is stored (in, out)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.loftq_config = loftq_config
+        factory = base.factory  # the base's device and compute dtype
+        if self.kind == "linear":
+            self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
+            self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
+        elif self.kind == "embedding":
+            self.lora_embedding_A = nn.Parameter(torch.empty(r, base.num_embeddings, **factory))
+            self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r, **factory))
+        else:
+            conv = type(base.module)  # the same nn.ConvNd
+            self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                               base.dilation, bias=False, **factory)
+            self.lora_B = conv(r, base.out_channels, 1, 1, bias=False, **factory)
+        self._init(base, init, module_name)
+        if use_dora:
+            norm = dora.channel_norm(self._out_first(base.read_weight()) + self._delta_out_first().float())
+            # PEFT stores conv magnitudes as (1, out, 1, ...); keep its shape so files interchange.
+            shape = (1, -1) + (1,) * (self.lora_A.weight.dim() - 2) if self.kind == "conv" else (-1,)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(factory["dtype"]).reshape(shape))
+
+    @property
+    def merge_rule(self) -> str:
+        """How merges compose (core/merging.py): DoRA rescales the output so far, plain LoRA adds."""
+        return "sequential" if self.use_dora else "additive"
+
+    def merge_refusal(self) -> str | None:
+        return None
+
+    # ---------------------------------------------------------------- factors
+    @property
+    def A(self) -> torch.Tensor:
+        return self.lora_embedding_A if self.kind == "embedding" else self.lora_A.weight
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.lora_embedding_B if self.kind == "embedding" else self.lora_B.weight
+
+    def _out_first(self, weight: torch.Tensor) -> torch.Tensor:
+        """Base weight -> (out, ...) layout; an embedding's "out" is its embedding dimension."""
+        return weight.T if self.fan_in_fan_out or self.kind == "embedding" else weight
+
+    _from_out_first = _out_first  # a transpose is its own inverse
+
+    def _delta_out_first(self) -> torch.Tensor:
+        a, b = self.A, self.B
+        delta = b.reshape(b.shape[0], self.r) @ a.reshape(self.r, -1)
+        return (delta * self.scaling).reshape(b.shape[0], *a.shape[1:])
+
+    def delta_weight(self, base: BaseLayer) -> torch.Tensor:
+        """The true update W' - W in the base weight's layout: s * B @ A; with DoRA (m / n) (W + s B A) - W,
+        n = ||W + s B A|| per output channel, W the base's current weight (dora.merged)."""
+        if not self.use_dora:
+            return self._from_out_first(self._delta_out_first())
+        weight = self._out_first(base.read_weight())
+        merged, _ = dora.merged(weight, self._delta_out_first().to(weight.dtype), self.lora_magnitude_vector)
+        return self._from_out_first(merged - weight)
+
+    # ---------------------------------------------------------------- init
+    def _init(self, base: BaseLayer, init: bool | str, module_name: str) -> None:
+        if init is False:  # random A and B, as nn.Linear / nn.Conv initialise them
+            if self.kind == "embedding":
+                nn.init.normal_(self.lora_embedding_A)
+                nn.init.normal_(self.lora_embedding_B)
+            return
+        if self.kind == "embedding":
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+            return
+        if init is True:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        elif init == "loftq" and base.is_quantized:
+            # A quantized base has no float W to start from (loading a saved LoftQ adapter lands here too,
+            # and replaces A and B): start as QLoRA does, and say so.
+            warnings.warn("init_lora_weights='loftq' on an already quantized base starts at B = 0 (plain "
+                          "QLoRA); for LoftQ, initialize on the float model, then quantize it", stacklevel=2)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "loftq":  # the base's weight becomes dequant(Q) (core/base.py, quant/loftq.py)
+            a, b = base.loftq_init(self.r, self.scaling, self.loftq_config)
+            with torch.no_grad():
+                self.lora_A.weight.copy_(a)
+                self.lora_B.weight.copy_(b)
+            return
+        else:
+            self._init_from_weight(base, init, module_name)
+            return
+        nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def _init_from_weight(self, base: BaseLayer, init: str, module_name: str) -> None:
+        """PiSSA / OLoRA: factors from W itself; W keeps the residual W - s*B@A."""
+        w = self._out_first(base.read_weight())  # (out, in)
+        if init == "olora":
+            q, upper = torch.linalg.qr(w)
+            b, a = q[:, : self.r], upper[: self.r]
+        else:
+            if init == "pissa":
+                u, s, vh = torch.linalg.svd(w, full_matrices=False)
+                u, s, vh = u[:, : self.r], s[: self.r], vh[: self.r]
+            else:
+                u, s, v = torch.svd_lowrank(w, self.r, niter=int(init.removeprefix("pissa_niter_")))
+                vh = v.T
+            root = torch.sqrt(s / self.scaling)
+            b, a = u * root, root[:, None] * vh
+        self.lora_A.weight.copy_(a.contiguous())
+        self.lora_B.weight.copy_(b.contiguous())
+        residual = w - self.scaling * b @ a
+        base.write_weight(self._from_out_first(residual))
+
+    # ---------------------------------------------------------------- forward
+    def _unscaled_lora_out(self, x: torch.Tensor, base: BaseLayer) -> torch.Tensor:  # B A x (DoRA scales it)
+        if self.kind == "embedding":
+            hidden = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, base.max_norm,
+                                 base.norm_type, base.scale_grad_by_freq, base.sparse)
+            return hidden @ self.lora_embedding_B.T
+        return self.lora_B(self.lora_A(x))
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
+                owns_base_out: bool = False) -> torch.Tensor:
+        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        if self.kind == "linear" and not self.use_dora:
+            return lora_linear(x, base_out, self.lora_A.weight, self.lora_B.weight, self.scaling, p,
+                               inplace=owns_base_out)
+        if self.kind == "linear" and not self.fan_in_fan_out and not base.weight.requires_grad:
+            return dora.dora_linear(x, base_out, base.read_weight(copy=False), base.bias, self.lora_A.weight,
+                                    self.lora_B.weight, self.lora_magnitude_vector, self.scaling, p)
+        dropped = x if self.kind == "embedding" else self.dropout(x)
+        lora_out = self._unscaled_lora_out(dropped, base).to(base_out.dtype)
+        if not self.use_dora:
+            return base_out + lora_out * self.scaling
+        weight = self._out_first(base.read_weight(copy=False))
+        scale = dora.magnitude_scale(self.lora_magnitude_vector, weight, self._delta_out_first())
+        channel_dim = 1 if self.kind == "conv" else -1
+        base_result = dora.base_without_bias(base, weight, base_out, None if dropped is x else dropped, channel_dim)
+        return dora.dora_output(base_out, base_result, lora_out, scale, channel_dim, self.scaling,
+                                embedding=self.kind == "embedding")
+
+    @staticmethod
+    def mixed_forward(adapters: list, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer,
+                      index: torch.Tensor, call: CallContext) -> torch.Tensor | None:
+        """Every sample through its own adapter without a loop over samples (linear, non-DoRA; lora_ops)."""
+        present = [a for a in adapters if a is not None]
+        if any(a.kind != "linear" or a.use_dora for a in present) or x.dim() < 2:
+            return None
+        if any(a.training and not isinstance(a.dropout, nn.Identity) for a in present):
+            return None
+        factors = [(a.A, a.B, a.scaling) if a is not None else None for a in adapters]
+        return mixed_lora_linear(factors, x, base_out, index, owner=base.module)
+
+    # ---------------------------------------------------------------- merge (DoRA is not additive)
+    def merged_weight(self, base: BaseLayer, weight: torch.Tensor, reference: dict[str, torch.Tensor]
+                      ) -> torch.Tensor:
+        """W + s B A; DoRA: dora.merged_adapter_weight (its norm is of the plain base weight in `reference`)."""
+        if self.use_dora:
+            return dora.merged_adapter_weight(self, base, weight, reference)
+        return weight + self._from_out_first(self._delta_out_first()).to(weight.dtype)
+
+    def unmerged_weight(self, base: BaseLayer, weight: torch.Tensor) -> torch.Tensor:
+        if self.use_dora:
+            return dora.unmerged_adapter_weight(self, base, weight)
+        return weight - self._from_out_first(self._delta_out_first()).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"
 
 
 @register_method
@@ -61,6 +233,7 @@ class LoraConfig(DeltaConfig):
     """LoRA and its variants (rsLoRA, DoRA, PiSSA, OLoRA); field names as in Hugging Face PEFT."""
 
     peft_type = "LORA"
+    adapter_types = (LoraAdapter,)
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
@@ -97,17 +270,17 @@ class LoraConfig(DeltaConfig):
         for key, value in self.rank_pattern.items():
             require(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}]", value, "must be > 0")
 
-    def supports(self, base: nn.Module) -> bool:
-        return base_kind(base) is not None
+    def supports(self, base: BaseLayer) -> bool:
+        return base.kind in KINDS
 
-    def validate_target(self, base: nn.Module, module_name: str) -> None:
+    def validate_target(self, base: BaseLayer, module_name: str) -> None:
         super().validate_target(base, module_name)
-        kind = base_kind(base)
+        kind = base.kind
         if kind == "conv" and base.groups != 1:
             raise DeltaConfigError(f"target module {module_name!r}: LoRA on grouped convolutions "
                                    f"(groups={base.groups}) is not supported")
         if self.changes_base_weights and kind != "linear":
-            raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}: "
+            raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__}: "
                                    f"init_lora_weights={self.init_lora_weights!r} supports linear layers only")
         if self.changes_base_weights and init_needs_float(self.init_lora_weights, base):
             raise DeltaConfigError(f"target module {module_name!r} is quantized: init_lora_weights="
@@ -118,183 +291,9 @@ class LoraConfig(DeltaConfig):
     def changes_base_weights(self) -> bool:
         return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(("pissa", "olora", "loftq"))
 
-    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> "LoraAdapter":
+    def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> "LoraAdapter":
         r = pattern_value(self.rank_pattern, module_name, self.r)
         alpha = pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
         scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
         return LoraAdapter(base, r, scaling, self.lora_dropout, self.use_dora, self.init_lora_weights,
                            self.fan_in_fan_out, module_name, self.loftq_config)
-
-
-class LoraAdapter(nn.Module):
-    """One LoRA (optionally DoRA) adapter for one base module."""
-    adds_in_place = True  # linear LoRA adds into the layer's own output (core/layer.py, owns_base_out)
-
-    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, use_dora: bool,
-                 init: bool | str, fan_in_fan_out: bool, module_name: str, loftq_config: dict | None = None) -> None:
-        super().__init__()
-        self.kind = base_kind(base)
-        self.r, self.scaling, self.use_dora = r, scaling, use_dora
-        # Transformers' Conv1D stores its weight as (in, out).
-        self.fan_in_fan_out = fan_in_fan_out or type(base).__name__ == "Conv1D"
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.loftq_config = loftq_config
-        weight = base.weight  # packed, not (out, in), when the base is quantized: shapes come from the module
-        compute = weight.dtype if weight.is_floating_point() else getattr(base, "compute_dtype", None)
-        factory = {"device": weight.device, "dtype": compute if isinstance(compute, torch.dtype) else torch.float32}
-        if self.kind == "linear":
-            out_f, in_f = (base.out_features, base.in_features) if hasattr(base, "in_features") \
-                else self._out_first(weight).shape
-            self.lora_A = nn.Linear(in_f, r, bias=False, **factory)
-            self.lora_B = nn.Linear(r, out_f, bias=False, **factory)
-        elif self.kind == "embedding":
-            self.lora_embedding_A = nn.Parameter(torch.empty(r, base.num_embeddings, **factory))
-            self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r, **factory))
-        else:
-            conv = type(base)
-            self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                               base.dilation, bias=False, **factory)
-            self.lora_B = conv(r, base.out_channels, 1, 1, bias=False, **factory)
-        self._init(base, init, module_name)
-        if use_dora:
-            norm = dora.channel_norm(self._out_first(read_weight(base)) + self._delta_out_first().float())
-            # PEFT stores conv magnitudes as (1, out, 1, ...); keep its shape so files interchange.
-            shape = (1, -1) + (1,) * (weight.dim() - 2) if self.kind == "conv" else (-1,)
-            self.lora_magnitude_vector = nn.Parameter(norm.to(factory["dtype"]).reshape(shape))
-        self.merge_rule = "sequential" if use_dora else "additive"  # how merges compose (core/merging.py)
-
-    # ---------------------------------------------------------------- factors
-    @property
-    def A(self) -> torch.Tensor:
-        return self.lora_embedding_A if self.kind == "embedding" else self.lora_A.weight
-
-    @property
-    def B(self) -> torch.Tensor:
-        return self.lora_embedding_B if self.kind == "embedding" else self.lora_B.weight
-
-    def _out_first(self, weight: torch.Tensor) -> torch.Tensor:
-        """Base weight -> (out, ...) layout; an embedding's "out" is its embedding dimension."""
-        return weight.T if self.fan_in_fan_out or self.kind == "embedding" else weight
-
-    _from_out_first = _out_first  # a transpose is its own inverse
-
-    def _delta_out_first(self) -> torch.Tensor:
-        a, b = self.A, self.B
-        delta = b.reshape(b.shape[0], self.r) @ a.reshape(self.r, -1)
-        return (delta * self.scaling).reshape(b.shape[0], *a.shape[1:])
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        """s * B @ A in the base weight's layout."""
-        return self._from_out_first(self._delta_out_first())
-
-    # ---------------------------------------------------------------- init
-    def _init(self, base: nn.Module, init: bool | str, module_name: str) -> None:
-        if init is False:  # random A and B, as nn.Linear / nn.Conv initialise them
-            if self.kind == "embedding":
-                nn.init.normal_(self.lora_embedding_A)
-                nn.init.normal_(self.lora_embedding_B)
-            return
-        if self.kind == "embedding":
-            nn.init.zeros_(self.lora_embedding_A)
-            nn.init.normal_(self.lora_embedding_B)
-            return
-        if init is True:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-        elif init == "loftq" and not base.weight.is_floating_point():
-            # A quantized base has no float W to start from (loading a saved LoftQ adapter lands here too,
-            # and replaces A and B): start as QLoRA does, and say so.
-            warnings.warn("init_lora_weights='loftq' on an already quantized base starts at B = 0 (plain "
-                          "QLoRA); for LoftQ, initialize on the float model, then quantize it", stacklevel=2)
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        elif init == "loftq":
-            with torch.no_grad():
-                w = self._out_first(read_weight(base))  # (out, in)
-                a, b, quantized = loftq_factors(w, self.r, self.scaling, self.loftq_config)
-                self.lora_A.weight.copy_(a)
-                self.lora_B.weight.copy_(b)
-                write_weight(base, self._from_out_first(quantized))
-            return
-        else:
-            self._init_from_weight(base, init, module_name)
-            return
-        nn.init.zeros_(self.lora_B.weight)
-
-    @torch.no_grad()
-    def _init_from_weight(self, base: nn.Module, init: str, module_name: str) -> None:
-        """PiSSA / OLoRA: factors from W itself; W keeps the residual W - s*B@A."""
-        w = self._out_first(read_weight(base))  # (out, in)
-        if init == "olora":
-            q, upper = torch.linalg.qr(w)
-            b, a = q[:, : self.r], upper[: self.r]
-        else:
-            if init == "pissa":
-                u, s, vh = torch.linalg.svd(w, full_matrices=False)
-                u, s, vh = u[:, : self.r], s[: self.r], vh[: self.r]
-            else:
-                u, s, v = torch.svd_lowrank(w, self.r, niter=int(init.removeprefix("pissa_niter_")))
-                vh = v.T
-            root = torch.sqrt(s / self.scaling)
-            b, a = u * root, root[:, None] * vh
-        self.lora_A.weight.copy_(a.contiguous())
-        self.lora_B.weight.copy_(b.contiguous())
-        residual = w - self.scaling * b @ a
-        write_weight(base, self._from_out_first(residual))
-
-    # ---------------------------------------------------------------- forward
-    def _unscaled_lora_out(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:  # B A x (DoRA scales it)
-        if self.kind == "embedding":
-            hidden = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, base.max_norm,
-                                 base.norm_type, base.scale_grad_by_freq, base.sparse)
-            return hidden @ self.lora_embedding_B.T
-        return self.lora_B(self.lora_A(x))
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module,
-                owns_base_out: bool = False) -> torch.Tensor:
-        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-        if self.kind == "linear" and not self.use_dora:
-            return lora_linear(x, base_out, self.lora_A.weight, self.lora_B.weight, self.scaling, p,
-                               inplace=owns_base_out)
-        if self.kind == "linear" and not self.fan_in_fan_out and not base.weight.requires_grad:
-            return dora.dora_linear(x, base_out, read_weight(base, copy=False), base.bias, self.lora_A.weight,
-                                    self.lora_B.weight, self.lora_magnitude_vector, self.scaling, p)
-        dropped = x if self.kind == "embedding" else self.dropout(x)
-        lora_out = self._unscaled_lora_out(dropped, base).to(base_out.dtype)
-        if not self.use_dora:
-            return base_out + lora_out * self.scaling
-        weight = self._out_first(read_weight(base, copy=False))
-        scale = dora.magnitude_scale(self.lora_magnitude_vector, weight, self._delta_out_first())
-        channel_dim = 1 if self.kind == "conv" else -1
-        base_result = dora.base_without_bias(base, weight, base_out, None if dropped is x else dropped, channel_dim)
-        return dora.dora_output(base_out, base_result, lora_out, scale, channel_dim, self.scaling,
-                                embedding=self.kind == "embedding")
-
-    @staticmethod
-    def mixed_forward(adapters: list, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module,
-                      index: torch.Tensor) -> torch.Tensor | None:
-        """Every sample through its own adapter without a loop over samples (linear, non-DoRA; lora_ops)."""
-        present = [a for a in adapters if a is not None]
-        if any(a.kind != "linear" or a.use_dora for a in present) or x.dim() < 2:
-            return None
-        if any(a.training and not isinstance(a.dropout, nn.Identity) for a in present):
-            return None
-        factors = [(a.A, a.B, a.scaling) if a is not None else None for a in adapters]
-        return mixed_lora_linear(factors, x, base_out, index, owner=base)
-
-    # ---------------------------------------------------------------- merge (DoRA is not additive)
-    merge_uses_reference = True  # DoRA's norm is of the plain base weight W0, as in the forward
-
-    def merged_weight(self, base: nn.Module, weight: torch.Tensor, reference: dict | None = None) -> torch.Tensor:
-        """W + s B A; DoRA: dora.merged_adapter_weight (`reference`: the plain base parameters by name)."""
-        if self.use_dora:
-            return dora.merged_adapter_weight(self, base, weight, reference or {"weight": weight})
-        return weight + self.delta_weight(base).float()
-
-    def unmerged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        if self.use_dora:
-            return dora.unmerged_adapter_weight(self, base, weight)
-        return weight - self.delta_weight(base).float()
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"

@@ -83,9 +83,9 @@ class LycorisConfig(DeltaConfig):
 
     def validate_target(self, base: BaseLayer, module_name: str) -> None:
         if base.fan_in_fan_out:
-            raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__} that stores "
-                                   f"its weight (in, out) (fan_in_fan_out, GPT-2 style); {self.peft_type} adapts "
-                                   "nn.Linear, nn.Conv1d and nn.Conv2d only, as PEFT does")
+            raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__} that "
+                                   "stores its weight (in, out) (fan_in_fan_out, GPT-2 style); "
+                                   f"{self.peft_type} adapts nn.Linear, nn.Conv1d and nn.Conv2d only, as PEFT does")
         super().validate_target(base, module_name)
 
     def rank_and_scaling(self, module_name: str) -> tuple[int, float]:

@@ -37,13 +37,6 @@ from ..core.layer import DeltaLayer
 from ..core.protocols import Additive
 
 
-def adalora_kind(base: BaseLayer) -> str | None:
-    """'linear' (any layout or storage), 'conv2d', or None (AdaLoRA cannot adapt `base`)."""
-    if base.kind == "linear":
-        return "linear"
-    return "conv2d" if base.kind == "conv" and len(base.kernel_size) == 2 else None
-
-
 def named_adapters(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraAdapter]:
     """{module path: adapter} of adapter `adapter_name` in a DeltaModel."""
     return {path: layer.adapters[adapter_name] for path, layer in model.delta_layers()
@@ -58,7 +51,7 @@ class AdaLoraAdapter(nn.Module, Additive):
     def __init__(self, base: BaseLayer, r: int, init_r: int, scaling: float, dropout: float,
                  init: bool) -> None:
         super().__init__()
-        self.kind = adalora_kind(base)
+        self.kind = base.kind  # "linear" (any layout or storage) or "conv" (a Conv2d)
         self.fan_in_fan_out = base.fan_in_fan_out  # the base weight is stored (in, out)
         if self.kind == "linear":  # any layout, also when quantized (the stored weight is packed)
             out_f, in_f = base.out_features, base.in_features
@@ -99,7 +92,7 @@ class AdaLoraAdapter(nn.Module, Additive):
     def delta_weight(self, base: BaseLayer) -> torch.Tensor:
         """B diag(E) A * alpha / ranknum in the base weight's layout (the whole update; pruned E_i are 0)."""
         delta = self._delta_out_first()
-        if self.kind == "conv2d":
+        if self.kind == "conv":
             return delta.reshape(self.weight_shape)
         return delta.T if self.fan_in_fan_out else delta
 
@@ -109,7 +102,7 @@ class AdaLoraAdapter(nn.Module, Additive):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
                 owns_base_out: bool = False) -> torch.Tensor:
         dropped = self.dropout(x.to(self.lora_A.dtype))
-        if self.kind == "conv2d":
+        if self.kind == "conv":
             delta = F.conv2d(dropped, self.delta_weight(base), None, base.stride, base.padding, base.dilation)
         else:
             scale = self.scaling / (self.ranknum + 1e-5)
@@ -212,11 +205,11 @@ class AdaLoraConfig(DeltaConfig):
                 self.rank_pattern, "must be a dict {'<module>.lora_E': [bool, ...]} or null")
 
     def supports(self, base: BaseLayer) -> bool:
-        return adalora_kind(base) is not None
+        return base.kind == "linear" or (base.kind == "conv" and len(base.kernel_size) == 2)  # Conv2d
 
     def validate_target(self, base: BaseLayer, module_name: str) -> None:
         super().validate_target(base, module_name)
-        if adalora_kind(base) == "conv2d" and base.groups != 1:
+        if base.kind == "conv" and base.groups != 1:
             raise DeltaConfigError(f"target module {module_name!r}: AdaLoRA on grouped convolutions "
                                    f"(groups={base.groups}) is not supported")
         kept = (self.rank_pattern or {}).get(f"{module_name}.lora_E")

@@ -80,7 +80,8 @@ class BOFTAdapter(nn.Module, Reparameterizing):
     """One BOFT adapter for one nn.Linear / nn.Conv2d."""
     merge_rule = "reads_base"  # the forward adds f(W) x - W x, W the base weight (core/merging.py)
 
-    def __init__(self, base: BaseLayer, block_num: int, block_size: int, extra: int, config: BOFTConfig) -> None:
+    def __init__(self, base: BaseLayer, block_num: int, block_size: int, extra: int,
+                 config: BOFTConfig) -> None:
         super().__init__()
         self.kind = oft_kind(base)
         self.block_num, self.block_size, self.dropout = block_num, block_size, config.boft_dropout

@@ -55,7 +55,8 @@ class ChildTuningAdapter(nn.Module, Additive):
         # layer that stores it so; a quantized base's packed weight has neither, the view gives the sizes
         delta = base.from_out_first(torch.zeros(base.out_features, base.in_features, **factory))
         self.child_delta = nn.Parameter(delta.contiguous())
-        self.register_buffer("child_indices", torch.zeros(stored_entries, dtype=torch.long, device=base.device))
+        indices = torch.zeros(stored_entries, dtype=torch.long, device=base.device)
+        self.register_buffer("child_indices", indices)
         self.register_buffer("child_values", torch.zeros(stored_entries, **factory))
         self.register_buffer("child_mask", None, persistent=False)  # Child-Tuning_D's fixed mask
         # False while (child_indices, child_values) hold loaded entries not yet expanded into child_delta
@@ -150,8 +151,8 @@ class ChildTuningConfig(DeltaConfig):
 
     def validate_target(self, base: BaseLayer, module_name: str) -> None:
         if not self.supports(base):
-            raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__}; Child-Tuning "
-                                   "adapts the weight matrices of linear layers (any layout or storage)")
+            raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__}; Child-"
+                                   "Tuning adapts the weight matrices of linear layers (any layout or storage)")
 
     def module_keys(self) -> dict:
         return {"child_entries": (list(self.child_entries), lambda key, name: key == name)}
@@ -160,7 +161,8 @@ class ChildTuningConfig(DeltaConfig):
         self._adapters = {}  # a new injection: the layers it builds are this adapter's
         return None
 
-    def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> ChildTuningAdapter:
+    def make_adapter(self, base: BaseLayer, module_name: str,
+                     shared: nn.Module | None = None) -> ChildTuningAdapter:
         adapter = ChildTuningAdapter(base, int(self.child_entries.get(module_name, 0)))
         self._adapters[module_name] = adapter
         return adapter

@@ -14,10 +14,10 @@ Q back after each step (a fixed point of the projection, so PEFT reads the saved
 `module_dropout` (training only): a random int(p * n) of the n blocks act as the identity for that step.
 Init rule: Q = 0, so R = I and the output starts equal to the base (init_weights=False: Q ~ N(0, 0.1)).
 
-Conv2d: the rotation acts on the flattened filter, W (out, in*kh*kw) -> W R^T. PEFT 0.21.2 applies it to
-unfolded-then-folded inputs in its unmerged forward, which for kernels wider than 1 sums overlapping
-patches (the output then differs from the base even at init, and from its own merged weights). Here the
-forward always equals the merged layer, i.e. PEFT's *merged* output; 1x1 convs and Linear match either.
+Conv2d: the rotation acts on the flattened filter, W (out, in*kh*kw) -> W R^T. PEFT 0.21.2's unmerged forward
+applies it to unfolded-then-folded inputs, which for kernels wider than 1 sums overlapping patches (differing
+from the base even at init, and from its own merged weights). Here the forward always equals the merged
+layer, i.e. PEFT's *merged* output; 1x1 convs and Linear match either. The base comes as core's view.
 
 Saved tensor (PEFT's name): oft_R.weight (n or 1 with block_share, b(b-1)/2), the upper triangles of Q.
 """
@@ -51,9 +51,9 @@ def oft_kind(base: BaseLayer) -> str | None:
 def validate_rotation_target(base: BaseLayer, module_name: str, method: str) -> None:
     """What OFT and BOFT refuse before the model is touched (PEFT refuses the same)."""
     if base.fan_in_fan_out:
-        raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__} that stores its "
-                               f"weight (in, out) (fan_in_fan_out, GPT-2 style); {method} adapts nn.Linear and "
-                               "nn.Conv2d only, as PEFT does")
+        raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__} that stores "
+                               f"its weight (in, out) (fan_in_fan_out, GPT-2 style); {method} adapts "
+                               "nn.Linear and nn.Conv2d only, as PEFT does")
     if oft_kind(base) == "conv2d" and (base.groups != 1 or any(d != 1 for d in base.dilation)):
         raise DeltaConfigError(f"target module {module_name!r}: {method} does not support grouped or dilated "
                                f"convolutions (groups={base.groups}, dilation={base.dilation})")
@@ -76,10 +76,9 @@ def nearest_divisor(dimension: int, value: int) -> int:
     """PEFT's adjustment of an r / block size that does not divide `dimension` (ties go down)."""
     if value >= dimension:
         return dimension
-    higher = value
+    higher = lower = value
     while higher <= dimension and dimension % higher:
         higher += 1
-    lower = value
     while lower > 1 and dimension % lower:
         lower -= 1
     return lower if value - lower <= higher - value else higher
@@ -105,7 +104,7 @@ def multiplicative_dropout(blocks: torch.Tensor, p: float, training: bool) -> to
 
 
 def coft_radius(eps: float, blocks: int) -> torch.Tensor:
-    """COFT's ball radius eps / sqrt(n) as PEFT computes it (a float32 tensor): the same boundary as PEFT's."""
+    """COFT's ball radius eps / sqrt(n) as PEFT computes it (a float32 tensor): PEFT's very boundary."""
     return eps * 1 / torch.sqrt(torch.tensor(blocks))
 
 
@@ -151,9 +150,9 @@ class OFTAdapter(nn.Module, Reparameterizing):
 
     # ---------------------------------------------------------------- the rotation
     def projected_skew(self) -> torch.Tensor:
-        """The Q blocks (n, b, b) used by the forward: with COFT, each pulled into the ball ||Q_i||_F <= eps /
-        sqrt(n) functionally (a forward stays pure), with the expression and operation order of PEFT's
-        `_project_batch`, so a weight inside the ball is used unchanged and one outside gives PEFT's numbers."""
+        """The Q blocks (n, b, b) used by the forward: with COFT, each pulled into the ball ||Q_i||_F <=
+        eps / sqrt(n) functionally (a forward stays pure), with the expression and operation order of
+        PEFT's `_project_batch`: a weight inside the ball is used as is, one outside gives PEFT's numbers."""
         skew = self.oft_R.skew(self.oft_R.weight)
         if not self.coft:
             return skew
@@ -204,7 +203,7 @@ class OFTAdapter(nn.Module, Reparameterizing):
         return base_out + update.to(base_out.dtype)
 
     # ---------------------------------------------------------------- merge: W' = W R^T, exactly undone
-    def merge_refusal(self) -> str | None:
+    def merge_refusal(self) -> str | None:  # W R^T can always be merged
         return None
 
     def merged_weight(self, base: BaseLayer, weight: torch.Tensor, reference: dict) -> torch.Tensor:
@@ -265,8 +264,7 @@ class OFTConfig(DeltaConfig):
                 "r * oft_block_size == in_features")
         require(isinstance(self.module_dropout, (int, float)) and 0 <= self.module_dropout < 1, "module_dropout",
                 self.module_dropout, "must be in [0, 1)")
-        require(self.bias in BIAS_MODES, "bias", self.bias, f"must be one of {BIAS_MODES} ('oft_only' is not "
-                "supported yet)")
+        require(self.bias in BIAS_MODES, "bias", self.bias, f"must be one of {BIAS_MODES} ('oft_only' is not supported yet)")
         require(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "must be true or false")
         require(isinstance(self.eps, (int, float)) and self.eps > 0, "eps", self.eps, "must be > 0")
         self.fan_in_fan_out = no_fan_in_fan_out(self.fan_in_fan_out, "OFT")

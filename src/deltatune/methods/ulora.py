@@ -12,8 +12,8 @@ batch (`model(..., task_ids=ids)`, one id per sample) gathers v_t per row and ne
 Init rule: A ~ kaiming-uniform(a=sqrt(5)), B = 0, v_t = 1, so every task starts at the base output.
 
 A call without task_ids uses `default_task`; merging folds in that task's update (delta W_default).
-Task routing comes with each call (core/call.py: `call.task_ids`; in a mixed adapter_names batch core hands
-this adapter its rows' ids). The base comes as core's view (core/base.py): layout and compute dtype are read there.
+The task ids come with each call (core/call.py: `call.task_ids`; in a mixed adapter_names batch core hands
+this adapter its own rows and their ids). The base's layout and dtype come from core's view (core/base.py).
 Files (peft_type "ULORA", deltatune's own): `<path>.lora_A.weight` (r, in), `<path>.lora_B.weight`
 (out, r), `<path>.ulora_task_vectors` (num_tasks, r).
 """
@@ -131,8 +131,10 @@ class ULoraConfig(DeltaConfig):
     def supports(self, base: BaseLayer) -> bool:
         return base.kind == "linear"
 
-    def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> ULoraAdapter:
+    def make_adapter(self, base: BaseLayer, module_name: str,
+                     shared: nn.Module | None = None) -> ULoraAdapter:
         default = self.default_task
         if default is None and self.num_tasks == 1:
             default = 0
-        return ULoraAdapter(base, self.r, self.lora_alpha / self.r, self.lora_dropout, self.num_tasks, default)
+        return ULoraAdapter(base, self.r, self.lora_alpha / self.r, self.lora_dropout, self.num_tasks,
+                            default)

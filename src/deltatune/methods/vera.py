@@ -41,7 +41,8 @@ def target_bases(model: nn.Module, config: DeltaConfig) -> dict[str, BaseLayer]:
     candidates = adaptable_modules(model, WRAPPER_TYPES)
     modules = dict(candidates)
     names = select_targets(model, config, candidates, is_linear)
-    return {n: BaseLayer(modules[n].base_layer if isinstance(modules[n], DeltaLayer) else modules[n]) for n in names}
+    return {n: BaseLayer(modules[n].base_layer if isinstance(modules[n], DeltaLayer) else modules[n])
+            for n in names}
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

@@ -6,8 +6,9 @@ F.linear(x, delta W) or conv(x, delta W) to the base output, exactly as Hugging 
 extras, as in PEFT: `module_dropout` skips the whole adapter for a step with that probability;
 `rank_dropout` zeroes whole output channels of delta W (and, optionally, rescales the survivors).
 
-Supported bases: nn.Linear, nn.Conv1d, nn.Conv2d (grouped convs too). Transformers' Conv1D (GPT-2) is
-refused: PEFT cannot load LoHa/LoKr files for it, and these files must move both ways.
+Supported bases (core's view, core/base.py): linear layers stored (out, in), nn.Conv1d, nn.Conv2d (grouped
+convs too). A linear layer stored (in, out) (fan_in_fan_out: GPT-2's) is refused: PEFT cannot load LoHa/LoKr
+files for it, and these files must move both ways.
 """
 
 from __future__ import annotations
@@ -18,22 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.base import BaseLayer
+from ..core.call import CallContext
 from ..core.config import DeltaConfig, DeltaConfigError, require
+from ..core.protocols import Additive
 from ..core.targeting import pattern_value
 
 
-def lycoris_kind(base: nn.Module) -> str | None:
-    """'linear', 'conv1d', 'conv2d', or None when LoHa/LoKr cannot adapt `base`."""
-    if isinstance(base, nn.Linear):
+def lycoris_kind(base: BaseLayer) -> str | None:
+    """'linear', 'conv1d', 'conv2d', or None when LoHa/LoKr cannot adapt `base` (a layer stored (in, out)
+    has kind 'linear' too: validate_target refuses it by name)."""
+    if base.kind == "linear":
         return "linear"
-    if isinstance(base, nn.Conv1d):
-        return "conv1d"
-    if isinstance(base, nn.Conv2d):
-        return "conv2d"
+    if base.kind == "conv" and len(base.kernel_size) in (1, 2):
+        return f"conv{len(base.kernel_size)}d"
     return None
 
 
-def effective_conv(base: nn.Module, use_effective_conv2d: bool) -> bool:
+def effective_conv(base: BaseLayer, use_effective_conv2d: bool) -> bool:
     """Whether the conv kernel gets its own CP core (FedPara "Proposition 3"); never for 1-wide kernels."""
     return use_effective_conv2d and lycoris_kind(base) != "linear" and any(k != 1 for k in base.kernel_size)
 
@@ -75,12 +78,13 @@ class LycorisConfig(DeltaConfig):
         for key, value in self.rank_pattern.items():
             require(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}]", value, "must be > 0")
 
-    def supports(self, base: nn.Module) -> bool:
-        return lycoris_kind(base) is not None
+    def supports(self, base: BaseLayer) -> bool:
+        return lycoris_kind(base) is not None and not base.fan_in_fan_out
 
-    def validate_target(self, base: nn.Module, module_name: str) -> None:
-        if type(base).__name__ == "Conv1D":
-            raise DeltaConfigError(f"target module {module_name!r} is a Transformers Conv1D (GPT-2 style); "
+    def validate_target(self, base: BaseLayer, module_name: str) -> None:
+        if base.fan_in_fan_out:
+            raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__} that "
+                                   "stores its weight (in, out) (fan_in_fan_out, GPT-2 style); "
                                    f"{self.peft_type} adapts nn.Linear, nn.Conv1d and nn.Conv2d only, as PEFT does")
         super().validate_target(base, module_name)
 
@@ -89,10 +93,12 @@ class LycorisConfig(DeltaConfig):
         return r, pattern_value(self.alpha_pattern, module_name, self.alpha) / r
 
 
-class LycorisAdapter(nn.Module):
+class LycorisAdapter(nn.Module, Additive):
     """An additive update built from factors; subclasses define `make_delta()` (base weight's shape)."""
 
-    def __init__(self, base: nn.Module, scaling: float, rank_dropout: float, module_dropout: float,
+    merge_rule = "additive"
+
+    def __init__(self, base: BaseLayer, scaling: float, rank_dropout: float, module_dropout: float,
                  rank_dropout_scale: bool) -> None:
         super().__init__()
         self.kind = lycoris_kind(base)
@@ -101,18 +107,19 @@ class LycorisAdapter(nn.Module):
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         self.rank_dropout_scale = rank_dropout_scale
 
-    def factory(self, base: nn.Module) -> dict:
-        weight = base.weight
-        return {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
-
     def make_delta(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        """scaling * (the method's product of factors), in the base weight's shape."""
+    def delta_weight(self, base: BaseLayer) -> torch.Tensor:
+        """scaling * (the method's product of factors), in the base weight's shape: the whole update (the
+        dropouts act in training forwards only)."""
         return self.make_delta()
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def merge_refusal(self) -> str | None:
+        return None
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
+                owns_base_out: bool = False) -> torch.Tensor:
         if self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout:
             return base_out  # the whole adapter sits this step out
         delta = self.make_delta()

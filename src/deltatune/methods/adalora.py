@@ -23,20 +23,18 @@ Files: `<path>.lora_A` (r, in), `<path>.lora_E` (r, 1), `<path>.lora_B` (out, r)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.base import BaseLayer
+from ..core.call import CallContext
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
 from ..core.layer import DeltaLayer
-
-
-def base_kind(base: nn.Module) -> str | None:
-    if isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D":
-        return "linear"
-    return "conv2d" if isinstance(base, nn.Conv2d) else None
+from ..core.protocols import Additive
 
 
 def named_adapters(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraAdapter]:
@@ -45,12 +43,128 @@ def named_adapters(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraAdap
             if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters}
 
 
+class AdaLoraAdapter(nn.Module, Additive):
+    """One SVD-form adapter; `rank_mask` (r,) marks the triplets the budget kept (None: all)."""
+
+    merge_rule = "additive"
+
+    def __init__(self, base: BaseLayer, r: int, init_r: int, scaling: float, dropout: float,
+                 init: bool) -> None:
+        super().__init__()
+        self.kind = base.kind  # "linear" (any layout or storage) or "conv" (a Conv2d)
+        self.fan_in_fan_out = base.fan_in_fan_out  # the base weight is stored (in, out)
+        if self.kind == "linear":  # any layout, also when quantized (the stored weight is packed)
+            out_f, in_f = base.out_features, base.in_features
+        else:  # Conv2d (out, in, kh, kw): A sees in * kh * kw
+            out_f, in_f = base.out_channels, base.in_channels * math.prod(base.kernel_size)
+        self.weight_shape = (out_f, in_f) if self.kind == "linear" else tuple(base.weight.shape)
+        factory = base.factory  # the base's device and compute dtype
+        self.r, self.scaling = r, scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.randn(r, in_f, **factory))  # right singular vectors
+        self.lora_E = nn.Parameter(torch.randn(r, 1, **factory))  # singular values
+        self.lora_B = nn.Parameter(torch.randn(out_f, r, **factory))  # left singular vectors
+        # fixed at init_r (not saved): a pruned or reloaded adapter keeps the scale it trained with
+        self.register_buffer("ranknum", torch.full((1,), float(init_r), **factory), persistent=False)
+        if init:
+            nn.init.zeros_(self.lora_E)
+            nn.init.normal_(self.lora_A, std=0.02)
+            nn.init.normal_(self.lora_B, std=0.02)
+        self.rank_mask: torch.Tensor | None = None
+        self.importance: dict[str, torch.Tensor] | None = None  # EMAs of sensitivity and uncertainty
+        self._grads: dict[str, torch.Tensor] | None = None
+        self._register_state_dict_hook(AdaLoraAdapter._kept_triplets_only)
+
+    @staticmethod
+    def _kept_triplets_only(module: AdaLoraAdapter, state_dict: dict, prefix: str, _meta) -> None:
+        """Saved tensors hold only the kept triplets, as `peft` writes them once rank_pattern is set."""
+        if module.rank_mask is not None:
+            keep = module.rank_mask
+            state_dict[prefix + "lora_A"] = state_dict[prefix + "lora_A"][keep]
+            state_dict[prefix + "lora_E"] = state_dict[prefix + "lora_E"][keep]
+            state_dict[prefix + "lora_B"] = state_dict[prefix + "lora_B"][:, keep]
+
+    # ---------------------------------------------------------------- update
+    def _delta_out_first(self) -> torch.Tensor:
+        scale = self.scaling / (self.ranknum + 1e-5)
+        return (self.lora_B @ (self.lora_A * self.lora_E)) * scale  # (out, in*k)
+
+    def delta_weight(self, base: BaseLayer) -> torch.Tensor:
+        """B diag(E) A * alpha / ranknum in the base weight's layout (the whole update; pruned E_i are 0)."""
+        delta = self._delta_out_first()
+        if self.kind == "conv":
+            return delta.reshape(self.weight_shape)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge_refusal(self) -> str | None:
+        return None
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
+                owns_base_out: bool = False) -> torch.Tensor:
+        dropped = self.dropout(x.to(self.lora_A.dtype))
+        if self.kind == "conv":
+            delta = F.conv2d(dropped, self.delta_weight(base), None, base.stride, base.padding, base.dilation)
+        else:
+            scale = self.scaling / (self.ranknum + 1e-5)
+            delta = (dropped @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * scale
+        return base_out + delta.to(base_out.dtype)
+
+    # ---------------------------------------------------------------- importance
+    def keep_gradients(self) -> None:
+        """Copy the gradients now, before optimizer.step() and zero_grad() (the update reads them after)."""
+        self._grads = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
+
+    @torch.no_grad()
+    def update_importance(self, beta1: float, beta2: float) -> None:
+        grads = self._grads or {n: p.grad for n, p in self.named_parameters() if p.grad is not None}
+        if not grads:
+            raise RuntimeError("AdaLoRA's budget needs gradients: call model.before_optimizer_step(step) "
+                               "after backward and before optimizer.step()")
+        if self.importance is None:
+            self.importance = {f"{kind}_{n}": torch.zeros_like(p) for n, p in self.named_parameters()
+                               for kind in ("ipt", "unc")}
+        for name, param in self.named_parameters():
+            sensitivity = (param * grads[name]).abs()
+            ipt, unc = self.importance[f"ipt_{name}"], self.importance[f"unc_{name}"]
+            ipt.mul_(beta1).add_((1 - beta1) * sensitivity)
+            unc.mul_(beta2).add_((1 - beta2) * (sensitivity - ipt).abs())
+        self._grads = None
+
+    def triplet_scores(self) -> torch.Tensor:
+        """s(E_i) + mean_j s(A_ij) + mean_j s(B_ji), (r,)."""
+        if self.importance is None:
+            raise RuntimeError("AdaLoRA: no importance scores yet; the budget was asked to mask before "
+                               "any update")
+        score = {n: self.importance[f"ipt_{n}"] * self.importance[f"unc_{n}"]
+                 for n in ("lora_A", "lora_E", "lora_B")}
+        return score["lora_E"].view(-1) + (score["lora_A"].mean(1) + score["lora_B"].mean(0))
+
+    def extra_repr(self) -> str:
+        kept = self.r if self.rank_mask is None else int(self.rank_mask.sum())
+        return f"kind={self.kind}, r={self.r}, kept={kept}, scaling={self.scaling:g}"
+
+
+@torch.no_grad()
+def mask_to_budget(adapters: dict[str, AdaLoraAdapter], n_pruned: int) -> dict[str, list[bool]]:
+    """Zero the `n_pruned` lowest-scoring triplets over all layers; returns the rank pattern."""
+    scores = {path: adapter.triplet_scores() for path, adapter in adapters.items()}  # each (r,)
+    everything = torch.cat(list(scores.values()))
+    threshold = torch.kthvalue(everything, n_pruned).values if n_pruned > 0 else everything.min() - 1
+    pattern = {}
+    for path, adapter in adapters.items():
+        adapter.rank_mask = scores[path] > threshold
+        adapter.lora_E.masked_fill_(~adapter.rank_mask[:, None], 0.0)
+        pattern[f"{path}.lora_E"] = adapter.rank_mask.tolist()
+    return pattern
+
+
 @register_method
 @dataclass
 class AdaLoraConfig(DeltaConfig):
     """AdaLoRA; field names as in Hugging Face PEFT's AdaLoraConfig (`r` is unused, as there)."""
 
     peft_type = "ADALORA"
+    adapter_types = (AdaLoraAdapter,)
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
@@ -90,12 +204,12 @@ class AdaLoraConfig(DeltaConfig):
         require(self.rank_pattern is None or isinstance(self.rank_pattern, dict), "rank_pattern",
                 self.rank_pattern, "must be a dict {'<module>.lora_E': [bool, ...]} or null")
 
-    def supports(self, base: nn.Module) -> bool:
-        return base_kind(base) is not None
+    def supports(self, base: BaseLayer) -> bool:
+        return base.kind == "linear" or (base.kind == "conv" and len(base.kernel_size) == 2)  # Conv2d
 
-    def validate_target(self, base: nn.Module, module_name: str) -> None:
+    def validate_target(self, base: BaseLayer, module_name: str) -> None:
         super().validate_target(base, module_name)
-        if base_kind(base) == "conv2d" and base.groups != 1:
+        if base.kind == "conv" and base.groups != 1:
             raise DeltaConfigError(f"target module {module_name!r}: AdaLoRA on grouped convolutions "
                                    f"(groups={base.groups}) is not supported")
         kept = (self.rank_pattern or {}).get(f"{module_name}.lora_E")
@@ -107,7 +221,7 @@ class AdaLoraConfig(DeltaConfig):
         # Not peft's LoRA rank_pattern: AdaLoRA's keys are "<module>.lora_E", the kept-triplet masks.
         return {"rank_pattern": (list(self.rank_pattern or {}), lambda key, name: key == f"{name}.lora_E")}
 
-    def make_adapter(self, base: nn.Module, module_name: str,
+    def make_adapter(self, base: BaseLayer, module_name: str,
                      shared: nn.Module | None = None) -> AdaLoraAdapter:
         kept = (self.rank_pattern or {}).get(f"{module_name}.lora_E")
         r = self.init_r if kept is None else int(sum(bool(k) for k in kept))
@@ -161,114 +275,3 @@ class AdaLoraConfig(DeltaConfig):
             for gram in (adapter.lora_A @ adapter.lora_A.T, adapter.lora_B.T @ adapter.lora_B):  # (r, r)
                 terms.append(torch.linalg.matrix_norm(gram - torch.eye(len(gram), device=gram.device)))
         return self.orth_reg_weight * torch.stack(terms).mean() if terms else None
-
-
-@torch.no_grad()
-def mask_to_budget(adapters: dict[str, AdaLoraAdapter], n_pruned: int) -> dict[str, list[bool]]:
-    """Zero the `n_pruned` lowest-scoring triplets over all layers; returns the rank pattern."""
-    scores = {path: adapter.triplet_scores() for path, adapter in adapters.items()}  # each (r,)
-    everything = torch.cat(list(scores.values()))
-    threshold = torch.kthvalue(everything, n_pruned).values if n_pruned > 0 else everything.min() - 1
-    pattern = {}
-    for path, adapter in adapters.items():
-        adapter.rank_mask = scores[path] > threshold
-        adapter.lora_E.masked_fill_(~adapter.rank_mask[:, None], 0.0)
-        pattern[f"{path}.lora_E"] = adapter.rank_mask.tolist()
-    return pattern
-
-
-class AdaLoraAdapter(nn.Module):
-    """One SVD-form adapter; `rank_mask` (r,) marks the triplets the budget kept (None: all)."""
-
-    def __init__(self, base: nn.Module, r: int, init_r: int, scaling: float, dropout: float,
-                 init: bool) -> None:
-        super().__init__()
-        self.kind = base_kind(base)
-        self.transposed = type(base).__name__ == "Conv1D"  # Transformers' Conv1D stores (in, out)
-        weight = base.weight
-        if hasattr(base, "in_features"):  # nn.Linear, also when quantized (the stored weight is packed)
-            out_f, in_f = base.out_features, base.in_features
-        else:  # Conv1D (in, out) or Conv2d (out, in, kh, kw): A sees in * kh * kw
-            out_f = weight.shape[1] if self.transposed else weight.shape[0]
-            in_f = weight.shape[0] if self.transposed else weight[0].numel()
-        dtype = weight.dtype if weight.is_floating_point() else getattr(base, "compute_dtype", None)
-        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-        factory = {"device": weight.device, "dtype": dtype}
-        self.r, self.scaling = r, scaling
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.randn(r, in_f, **factory))  # right singular vectors
-        self.lora_E = nn.Parameter(torch.randn(r, 1, **factory))  # singular values
-        self.lora_B = nn.Parameter(torch.randn(out_f, r, **factory))  # left singular vectors
-        # fixed at init_r (not saved): a pruned or reloaded adapter keeps the scale it trained with
-        self.register_buffer("ranknum", torch.full((1,), float(init_r), **factory), persistent=False)
-        if init:
-            nn.init.zeros_(self.lora_E)
-            nn.init.normal_(self.lora_A, std=0.02)
-            nn.init.normal_(self.lora_B, std=0.02)
-        self.rank_mask: torch.Tensor | None = None
-        self.importance: dict[str, torch.Tensor] | None = None  # EMAs of sensitivity and uncertainty
-        self._grads: dict[str, torch.Tensor] | None = None
-        self._register_state_dict_hook(AdaLoraAdapter._kept_triplets_only)
-
-    @staticmethod
-    def _kept_triplets_only(module: AdaLoraAdapter, state_dict: dict, prefix: str, _meta) -> None:
-        """Saved tensors hold only the kept triplets, as `peft` writes them once rank_pattern is set."""
-        if module.rank_mask is not None:
-            keep = module.rank_mask
-            state_dict[prefix + "lora_A"] = state_dict[prefix + "lora_A"][keep]
-            state_dict[prefix + "lora_E"] = state_dict[prefix + "lora_E"][keep]
-            state_dict[prefix + "lora_B"] = state_dict[prefix + "lora_B"][:, keep]
-
-    # ---------------------------------------------------------------- update
-    def _delta_out_first(self) -> torch.Tensor:
-        scale = self.scaling / (self.ranknum + 1e-5)
-        return (self.lora_B @ (self.lora_A * self.lora_E)) * scale  # (out, in*k)
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        delta = self._delta_out_first()
-        if self.kind == "conv2d":
-            return delta.reshape(base.weight.shape)
-        return delta.T if self.transposed else delta
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        dropped = self.dropout(x.to(self.lora_A.dtype))
-        if self.kind == "conv2d":
-            delta = F.conv2d(dropped, self.delta_weight(base), None, base.stride, base.padding, base.dilation)
-        else:
-            scale = self.scaling / (self.ranknum + 1e-5)
-            delta = (dropped @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * scale
-        return base_out + delta.to(base_out.dtype)
-
-    # ---------------------------------------------------------------- importance
-    def keep_gradients(self) -> None:
-        """Copy the gradients now, before optimizer.step() and zero_grad() (the update reads them after)."""
-        self._grads = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
-
-    @torch.no_grad()
-    def update_importance(self, beta1: float, beta2: float) -> None:
-        grads = self._grads or {n: p.grad for n, p in self.named_parameters() if p.grad is not None}
-        if not grads:
-            raise RuntimeError("AdaLoRA's budget needs gradients: call model.before_optimizer_step(step) "
-                               "after backward and before optimizer.step()")
-        if self.importance is None:
-            self.importance = {f"{kind}_{n}": torch.zeros_like(p) for n, p in self.named_parameters()
-                               for kind in ("ipt", "unc")}
-        for name, param in self.named_parameters():
-            sensitivity = (param * grads[name]).abs()
-            ipt, unc = self.importance[f"ipt_{name}"], self.importance[f"unc_{name}"]
-            ipt.mul_(beta1).add_((1 - beta1) * sensitivity)
-            unc.mul_(beta2).add_((1 - beta2) * (sensitivity - ipt).abs())
-        self._grads = None
-
-    def triplet_scores(self) -> torch.Tensor:
-        """s(E_i) + mean_j s(A_ij) + mean_j s(B_ji), (r,)."""
-        if self.importance is None:
-            raise RuntimeError("AdaLoRA: no importance scores yet; the budget was asked to mask before "
-                               "any update")
-        score = {n: self.importance[f"ipt_{n}"] * self.importance[f"unc_{n}"]
-                 for n in ("lora_A", "lora_E", "lora_B")}
-        return score["lora_E"].view(-1) + (score["lora_A"].mean(1) + score["lora_B"].mean(0))
-
-    def extra_repr(self) -> str:
-        kept = self.r if self.rank_mask is None else int(self.rank_mask.sum())
-        return f"kind={self.kind}, r={self.r}, kept={kept}, scaling={self.scaling:g}"

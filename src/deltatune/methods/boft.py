@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.base import BaseLayer
+from ..core.call import CallContext
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
-from ..core.layer import read_weight
+from ..core.protocols import Reparameterizing
 from .oft import (
     BIAS_MODES,
     cayley,
@@ -74,61 +76,17 @@ def butterfly_layout(dim: int, config: BOFTConfig, module_name: str) -> tuple[in
     return block_num, block_size, extra
 
 
-@register_method
-@dataclass
-class BOFTConfig(DeltaConfig):
-    """BOFT settings; field names as in Hugging Face PEFT's BOFTConfig."""
-
-    peft_type = "BOFT"
-    supports_quantized = False  # reads the full base weight
-    boft_block_size: int = 4
-    boft_block_num: int = 0
-    boft_n_butterfly_factor: int = 1
-    boft_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    init_weights: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("boft_block_size", "boft_block_num"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, value,
-                    "must be an integer >= 0")
-        require((self.boft_block_size == 0) != (self.boft_block_num == 0), "boft_block_size", self.boft_block_size,
-                f"give exactly one of boft_block_size and boft_block_num (boft_block_num={self.boft_block_num})")
-        require(isinstance(self.boft_n_butterfly_factor, int) and self.boft_n_butterfly_factor >= 1,
-                "boft_n_butterfly_factor", self.boft_n_butterfly_factor, "must be an integer >= 1")
-        require(isinstance(self.boft_dropout, (int, float)) and 0 <= self.boft_dropout < 1, "boft_dropout",
-                self.boft_dropout, "must be in [0, 1)")
-        require(self.bias in BIAS_MODES, "bias", self.bias, f"must be one of {BIAS_MODES} ('boft_only' is not "
-                "supported yet)")
-        require(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "must be true or false")
-        self.fan_in_fan_out = no_fan_in_fan_out(self.fan_in_fan_out, "BOFT")
-
-    def supports(self, base: nn.Module) -> bool:
-        return oft_kind(base) is not None
-
-    def validate_target(self, base: nn.Module, module_name: str) -> None:
-        validate_rotation_target(base, module_name, "BOFT")
-        super().validate_target(base, module_name)
-        butterfly_layout(filter_dim(base), self, module_name)
-
-    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> BOFTAdapter:
-        return BOFTAdapter(base, *butterfly_layout(filter_dim(base), self, module_name), self)
-
-
-class BOFTAdapter(nn.Module):
+class BOFTAdapter(nn.Module, Reparameterizing):
     """One BOFT adapter for one nn.Linear / nn.Conv2d."""
     merge_rule = "reads_base"  # the forward adds f(W) x - W x, W the base weight (core/merging.py)
 
-    def __init__(self, base: nn.Module, block_num: int, block_size: int, extra: int, config: BOFTConfig) -> None:
+    def __init__(self, base: BaseLayer, block_num: int, block_size: int, extra: int,
+                 config: BOFTConfig) -> None:
         super().__init__()
         self.kind = oft_kind(base)
         self.block_num, self.block_size, self.dropout = block_num, block_size, config.boft_dropout
-        weight = base.weight
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else torch.float32}
-        out_f, dim = weight.shape[0], filter_dim(base)
+        factory = base.factory  # the base's device and dtype
+        out_f, dim = base.weight.shape[0], filter_dim(base)
         self.boft_R = nn.Parameter(torch.zeros(extra + 1, block_num, block_size, block_size, **factory))
         scale_shape = (out_f, 1) if self.kind == "linear" else (1, out_f)
         self.boft_s = nn.Parameter(torch.ones(scale_shape, **factory))
@@ -136,7 +94,7 @@ class BOFTAdapter(nn.Module):
             nn.init.normal_(self.boft_R, mean=0.0, std=0.1)
             nn.init.normal_(self.boft_s, mean=1.0, std=0.1)
         perms = [butterfly_permutation(dim, block_num // 2**i, block_size // 2, extra) for i in range(extra + 1)]
-        self.register_buffer("perms", torch.stack(perms).to(weight.device), persistent=False)  # (m, dim)
+        self.register_buffer("perms", torch.stack(perms).to(base.device), persistent=False)  # (m, dim)
 
     # ---------------------------------------------------------------- the rotation
     def factor_blocks(self, dropout: bool = True) -> torch.Tensor:
@@ -165,20 +123,24 @@ class BOFTAdapter(nn.Module):
         return self.boft_s if self.kind == "linear" else self.boft_s.T
 
     # ---------------------------------------------------------------- forward and merge
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        weight = read_weight(base, copy=False).to(self.boft_R.dtype)  # dequantized if the base is quantized
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
+                owns_base_out: bool = False) -> torch.Tensor:
+        weight = base.read_weight(copy=False).to(self.boft_R.dtype)
         rotated = self.scale() * (weight.flatten(1) @ self.butterfly(self.factor_blocks()).T)  # (out, dim)
         delta = rotated.reshape(weight.shape) - weight
         x = x.to(delta.dtype)
         update = nn.functional.linear(x, delta) if self.kind == "linear" else base._conv_forward(x, delta, None)
         return base_out + update.to(base_out.dtype)
 
-    def merged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    def merge_refusal(self) -> str | None:
+        return None
+
+    def merged_weight(self, base: BaseLayer, weight: torch.Tensor, reference: dict) -> torch.Tensor:
         """W' = diag(s) W B^T."""
         rotation = self.butterfly(self.factor_blocks(dropout=False).float())
         return (self.scale().float() * (weight.flatten(1) @ rotation.T)).reshape(weight.shape)
 
-    def unmerged_weight(self, base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    def unmerged_weight(self, base: BaseLayer, weight: torch.Tensor) -> torch.Tensor:
         """W = diag(1/s) W' B^-T, with B^-1 built from inverted blocks (exact, not a transpose)."""
         inverse_blocks = torch.linalg.inv(self.factor_blocks(dropout=False).double()).float()
         inverse = self.butterfly(inverse_blocks, inverse=True)
@@ -187,3 +149,48 @@ class BOFTAdapter(nn.Module):
     def extra_repr(self) -> str:
         factors, blocks, size, _ = self.boft_R.shape
         return f"kind={self.kind}, factors={factors}, block_num={blocks}, block_size={size}"
+
+
+@register_method
+@dataclass
+class BOFTConfig(DeltaConfig):
+    """BOFT settings; field names as in Hugging Face PEFT's BOFTConfig."""
+
+    peft_type = "BOFT"
+    adapter_types = (BOFTAdapter,)
+    supports_quantized = False  # reads the full base weight
+    boft_block_size: int = 4
+    boft_block_num: int = 0
+    boft_n_butterfly_factor: int = 1
+    boft_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("boft_block_size", "boft_block_num"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, value,
+                    "must be an integer >= 0")
+        require((self.boft_block_size == 0) != (self.boft_block_num == 0), "boft_block_size", self.boft_block_size,
+                f"give exactly one of boft_block_size and boft_block_num (boft_block_num={self.boft_block_num})")
+        require(isinstance(self.boft_n_butterfly_factor, int) and self.boft_n_butterfly_factor >= 1,
+                "boft_n_butterfly_factor", self.boft_n_butterfly_factor, "must be an integer >= 1")
+        require(isinstance(self.boft_dropout, (int, float)) and 0 <= self.boft_dropout < 1, "boft_dropout",
+                self.boft_dropout, "must be in [0, 1)")
+        require(self.bias in BIAS_MODES, "bias", self.bias, f"must be one of {BIAS_MODES} ('boft_only' is not "
+                "supported yet)")
+        require(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "must be true or false")
+        self.fan_in_fan_out = no_fan_in_fan_out(self.fan_in_fan_out, "BOFT")
+
+    def supports(self, base: BaseLayer) -> bool:
+        return oft_kind(base) is not None
+
+    def validate_target(self, base: BaseLayer, module_name: str) -> None:
+        validate_rotation_target(base, module_name, "BOFT")
+        super().validate_target(base, module_name)
+        butterfly_layout(filter_dim(base), self, module_name)
+
+    def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> BOFTAdapter:
+        return BOFTAdapter(base, *butterfly_layout(filter_dim(base), self, module_name), self)

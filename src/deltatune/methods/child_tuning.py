@@ -34,119 +34,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.base import BaseLayer
+from ..core.call import CallContext
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
 from ..core.layer import DeltaLayer
+from ..core.protocols import Additive
 
 MODES = ("F", "D")
 
 
-def is_conv1d(base: nn.Module) -> bool:
-    return type(base).__name__ == "Conv1D"  # Transformers' GPT-2 layer, weight (in, out)
-
-
-@register_method
-@dataclass
-class ChildTuningConfig(DeltaConfig):
-    """Child-Tuning over full weight matrices.
-
-    Args:
-        child_tuning_mode: "F" (random mask each step) or "D" (fixed mask from Fisher information).
-        reserve_p: p, the share of entries updated (kept by the mask), in (0, 1].
-        child_entries: stored entries per module; written on save, read on load (leave it empty).
-        fisher_batches: for D, how many training batches the training loop uses to estimate the Fisher
-            information before the first step (`estimate_fisher_mask` called directly takes any number).
-    """
-
-    peft_type = "CHILD_TUNING"
-    child_tuning_mode: str = "F"
-    reserve_p: float = 0.3
-    child_entries: dict = field(default_factory=dict)
-    fisher_batches: int = 16
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.child_tuning_mode in MODES, "child_tuning_mode", self.child_tuning_mode,
-                f"must be one of {MODES}")
-        require(isinstance(self.reserve_p, (int, float)) and not isinstance(self.reserve_p, bool)
-                and 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "must be in (0, 1]")
-        require(isinstance(self.fisher_batches, int) and self.fisher_batches > 0, "fisher_batches",
-                self.fisher_batches, "must be a positive int")
-        require(isinstance(self.child_entries, dict), "child_entries", self.child_entries, "must be a dict")
-
-    def supports(self, base: nn.Module) -> bool:
-        return isinstance(base, nn.Linear) or is_conv1d(base)
-
-    def validate_target(self, base: nn.Module, module_name: str) -> None:
-        if not self.supports(base):
-            raise DeltaConfigError(f"target module {module_name!r} is a {type(base).__name__}; Child-Tuning "
-                                   "adapts nn.Linear and Transformers Conv1D weight matrices")
-
-    def module_keys(self) -> dict:
-        return {"child_entries": (list(self.child_entries), lambda key, name: key == name)}
-
-    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> None:
-        self._adapters: dict[str, ChildTuningAdapter] = {}  # this adapter's layers, for child_entries on save
-        return None
-
-    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> "ChildTuningAdapter":
-        adapter = ChildTuningAdapter(base, int(self.child_entries.get(module_name, 0)))
-        if not hasattr(self, "_adapters"):
-            self._adapters = {}
-        self._adapters[module_name] = adapter
-        return adapter
-
-    def to_dict(self) -> dict:
-        data = super().to_dict()
-        adapters = getattr(self, "_adapters", {})
-        if adapters:
-            data["child_entries"] = {name: adapter.pack() for name, adapter in adapters.items()}
-        return data
-
-    def before_training(self, model: nn.Module, adapter_name: str, batches, loss_fn) -> None:
-        """Child-Tuning_D: fix the mask from the Fisher information of the first `fisher_batches` batches
-        (unless estimate_fisher_mask already did)."""
-        adapters = child_adapters(model, adapter_name)
-        if self.child_tuning_mode == "D" and any(adapter.child_mask is None for _, adapter in adapters):
-            estimate_fisher_mask(model, itertools.islice(batches, self.fisher_batches), adapter_name,
-                                 loss_fn=loss_fn)
-
-    def before_optimizer_step(self, model: nn.Module, adapter_name: str, step: int) -> None:
-        """Mask (and for F rescale) the gradients of this adapter's deltas."""
-        for name, adapter in child_adapters(model, adapter_name):
-            grad = adapter.child_delta.grad
-            if grad is None:
-                continue
-            if self.child_tuning_mode == "F":
-                keep = torch.bernoulli(torch.full_like(grad, self.reserve_p))
-                grad.mul_(keep / self.reserve_p)
-            elif adapter.child_mask is None:
-                raise RuntimeError(f"Child-Tuning_D adapter {adapter_name!r} has no mask at {name!r}: call "
-                                   "estimate_fisher_mask(model, batches) on training data before training")
-            else:
-                grad.mul_(adapter.child_mask)
-
-
-def child_adapters(model: nn.Module, adapter_name: str) -> list[tuple[str, "ChildTuningAdapter"]]:
-    """(module name, adapter) for every layer of a DeltaModel that holds Child-Tuning adapter `adapter_name`."""
-    return [(name, layer.adapters[adapter_name]) for name, layer in model.delta_layers()
-            if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters
-            and isinstance(layer.adapters[adapter_name], ChildTuningAdapter)]
-
-
-class ChildTuningAdapter(nn.Module):
+class ChildTuningAdapter(nn.Module, Additive):
     """A full-size delta for one weight matrix, saved as (indices, values)."""
 
-    def __init__(self, base: nn.Module, stored_entries: int = 0) -> None:
+    merge_rule = "additive"
+
+    def __init__(self, base: BaseLayer, stored_entries: int = 0) -> None:
         super().__init__()
-        weight = base.weight
-        self.transposed = is_conv1d(base)
-        # W's own layout; a quantized base's weight is packed, so its shape and dtype come from the module
-        shape = (base.out_features, base.in_features) if isinstance(base, nn.Linear) else weight.shape
-        compute = weight.dtype if weight.is_floating_point() else getattr(base, "compute_dtype", None)
-        dtype = compute if isinstance(compute, torch.dtype) else torch.float32
-        self.child_delta = nn.Parameter(torch.zeros(shape, dtype=dtype, device=weight.device))
-        self.register_buffer("child_indices", torch.zeros(stored_entries, dtype=torch.long, device=weight.device))
-        self.register_buffer("child_values", torch.zeros(stored_entries, dtype=dtype, device=weight.device))
+        factory = base.factory  # the base's device and dtype
+        # D in W's own layout (child_indices are flat positions into W): (out, in), or (in, out) for a
+        # layer that stores it so; a quantized base's packed weight has neither, the view gives the sizes
+        delta = base.from_out_first(torch.zeros(base.out_features, base.in_features, **factory))
+        self.child_delta = nn.Parameter(delta.contiguous())
+        indices = torch.zeros(stored_entries, dtype=torch.long, device=base.device)
+        self.register_buffer("child_indices", indices)
+        self.register_buffer("child_values", torch.zeros(stored_entries, **factory))
         self.register_buffer("child_mask", None, persistent=False)  # Child-Tuning_D's fixed mask
         # False while (child_indices, child_values) hold loaded entries not yet expanded into child_delta
         self._expanded = stored_entries == 0
@@ -186,17 +97,111 @@ class ChildTuningAdapter(nn.Module):
         self._expanded = False
 
     # ------------------------------------------------------------ forward / merge
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
+                owns_base_out: bool = False) -> torch.Tensor:
         self.expand()
-        delta = self.child_delta.T if self.transposed else self.child_delta  # (out, in)
+        delta = base.to_out_first(self.child_delta)  # (out, in)
         return base_out + F.linear(x.to(delta.dtype), delta).to(base_out.dtype)
 
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+    def merge_refusal(self) -> str | None:
+        return None
+
+    def delta_weight(self, base: BaseLayer) -> torch.Tensor:
+        """D itself, in W's layout: merged W + D is the weight the forward computes with."""
         self.expand()
         return self.child_delta.detach()
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.child_delta.shape)}, stored_entries={self.child_indices.numel()}"
+
+
+@register_method
+@dataclass
+class ChildTuningConfig(DeltaConfig):
+    """Child-Tuning over full weight matrices.
+
+    Args:
+        child_tuning_mode: "F" (random mask each step) or "D" (fixed mask from Fisher information).
+        reserve_p: p, the share of entries updated (kept by the mask), in (0, 1].
+        child_entries: stored entries per module; written on save, read on load (leave it empty).
+        fisher_batches: for D, how many training batches the training loop uses to estimate the Fisher
+            information before the first step (`estimate_fisher_mask` called directly takes any number).
+    """
+
+    peft_type = "CHILD_TUNING"
+    adapter_types = (ChildTuningAdapter,)
+    child_tuning_mode: str = "F"
+    reserve_p: float = 0.3
+    child_entries: dict = field(default_factory=dict)
+    fisher_batches: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.child_tuning_mode in MODES, "child_tuning_mode", self.child_tuning_mode,
+                f"must be one of {MODES}")
+        require(isinstance(self.reserve_p, (int, float)) and not isinstance(self.reserve_p, bool)
+                and 0 < self.reserve_p <= 1, "reserve_p", self.reserve_p, "must be in (0, 1]")
+        require(isinstance(self.fisher_batches, int) and self.fisher_batches > 0, "fisher_batches",
+                self.fisher_batches, "must be a positive int")
+        require(isinstance(self.child_entries, dict), "child_entries", self.child_entries, "must be a dict")
+        self._adapters: dict[str, ChildTuningAdapter] = {}  # this adapter's layers, for child_entries on save
+
+    def supports(self, base: BaseLayer) -> bool:
+        return base.kind == "linear"
+
+    def validate_target(self, base: BaseLayer, module_name: str) -> None:
+        if not self.supports(base):
+            raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__}; Child-"
+                                   "Tuning adapts the weight matrices of linear layers (any layout or storage)")
+
+    def module_keys(self) -> dict:
+        return {"child_entries": (list(self.child_entries), lambda key, name: key == name)}
+
+    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> None:
+        self._adapters = {}  # a new injection: the layers it builds are this adapter's
+        return None
+
+    def make_adapter(self, base: BaseLayer, module_name: str,
+                     shared: nn.Module | None = None) -> ChildTuningAdapter:
+        adapter = ChildTuningAdapter(base, int(self.child_entries.get(module_name, 0)))
+        self._adapters[module_name] = adapter
+        return adapter
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if self._adapters:
+            data["child_entries"] = {name: adapter.pack() for name, adapter in self._adapters.items()}
+        return data
+
+    def before_training(self, model: nn.Module, adapter_name: str, batches, loss_fn) -> None:
+        """Child-Tuning_D: fix the mask from the Fisher information of the first `fisher_batches` batches
+        (unless estimate_fisher_mask already did)."""
+        adapters = child_adapters(model, adapter_name)
+        if self.child_tuning_mode == "D" and any(adapter.child_mask is None for _, adapter in adapters):
+            estimate_fisher_mask(model, itertools.islice(batches, self.fisher_batches), adapter_name,
+                                 loss_fn=loss_fn)
+
+    def before_optimizer_step(self, model: nn.Module, adapter_name: str, step: int) -> None:
+        """Mask (and for F rescale) the gradients of this adapter's deltas."""
+        for name, adapter in child_adapters(model, adapter_name):
+            grad = adapter.child_delta.grad
+            if grad is None:
+                continue
+            if self.child_tuning_mode == "F":
+                keep = torch.bernoulli(torch.full_like(grad, self.reserve_p))
+                grad.mul_(keep / self.reserve_p)
+            elif adapter.child_mask is None:
+                raise RuntimeError(f"Child-Tuning_D adapter {adapter_name!r} has no mask at {name!r}: call "
+                                   "estimate_fisher_mask(model, batches) on training data before training")
+            else:
+                grad.mul_(adapter.child_mask)
+
+
+def child_adapters(model: nn.Module, adapter_name: str) -> list[tuple[str, "ChildTuningAdapter"]]:
+    """(module name, adapter) for every layer of a DeltaModel that holds Child-Tuning adapter `adapter_name`."""
+    return [(name, layer.adapters[adapter_name]) for name, layer in model.delta_layers()
+            if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters
+            and isinstance(layer.adapters[adapter_name], ChildTuningAdapter)]
 
 
 def estimate_fisher_mask(model: nn.Module, batches: Iterable[dict], adapter_name: str | None = None,

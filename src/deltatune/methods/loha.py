@@ -23,36 +23,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.base import BaseLayer
 from ..core.config import register_method, require
 from ._lycoris import LycorisAdapter, LycorisConfig, cp_weight, effective_conv
-
-
-@register_method
-@dataclass
-class LoHaConfig(LycorisConfig):
-    """LoHa settings; field names as in Hugging Face PEFT's LoHaConfig."""
-
-    peft_type = "LOHA"
-    init_weights: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "must be true or false")
-
-    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> LoHaAdapter:
-        r, scaling = self.rank_and_scaling(module_name)
-        return LoHaAdapter(base, r, scaling, self, effective_conv(base, self.use_effective_conv2d))
 
 
 class LoHaAdapter(LycorisAdapter):
     """One LoHa adapter for one nn.Linear / nn.Conv1d / nn.Conv2d."""
 
-    def __init__(self, base: nn.Module, r: int, scaling: float, config: LoHaConfig, effective: bool) -> None:
+    def __init__(self, base: BaseLayer, r: int, scaling: float, config: LoHaConfig, effective: bool) -> None:
         # PEFT always rescales LoHa's rank dropout
         super().__init__(base, scaling, config.rank_dropout, config.module_dropout, rank_dropout_scale=True)
         self.r, self.effective = r, effective
         out_f, in_f, *kernel = self.weight_shape
-        factory = self.factory(base)
+        factory = base.factory  # the base's device and dtype
 
         def param(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape, **factory))
@@ -82,3 +66,21 @@ class LoHaAdapter(LycorisAdapter):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, effective_conv={self.effective}"
+
+
+@register_method
+@dataclass
+class LoHaConfig(LycorisConfig):
+    """LoHa settings; field names as in Hugging Face PEFT's LoHaConfig."""
+
+    peft_type = "LOHA"
+    adapter_types = (LoHaAdapter,)
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "must be true or false")
+
+    def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> LoHaAdapter:
+        r, scaling = self.rank_and_scaling(module_name)
+        return LoHaAdapter(base, r, scaling, self, effective_conv(base, self.use_effective_conv2d))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.base import BaseLayer
 from ..core.config import register_method, require
 from ._lycoris import LycorisAdapter, LycorisConfig, cp_weight, effective_conv
 
@@ -49,32 +50,10 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
-@register_method
-@dataclass
-class LoKrConfig(LycorisConfig):
-    """LoKr settings; field names as in Hugging Face PEFT's LoKrConfig."""
-
-    peft_type = "LOKR"
-    decompose_both: bool = False
-    decompose_factor: int = -1
-    rank_dropout_scale: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(isinstance(self.init_weights, bool) or self.init_weights == "lycoris", "init_weights",
-                self.init_weights, f"must be one of {INIT_MODES}")
-        require(isinstance(self.decompose_factor, int) and (self.decompose_factor == -1 or self.decompose_factor > 0),
-                "decompose_factor", self.decompose_factor, "must be -1 (near square root) or a positive integer")
-
-    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> LoKrAdapter:
-        r, scaling = self.rank_and_scaling(module_name)
-        return LoKrAdapter(base, r, scaling, self, effective_conv(base, self.use_effective_conv2d))
-
-
 class LoKrAdapter(LycorisAdapter):
     """One LoKr adapter for one nn.Linear / nn.Conv1d / nn.Conv2d."""
 
-    def __init__(self, base: nn.Module, r: int, scaling: float, config: LoKrConfig, effective: bool) -> None:
+    def __init__(self, base: BaseLayer, r: int, scaling: float, config: LoKrConfig, effective: bool) -> None:
         super().__init__(base, scaling, config.rank_dropout, config.module_dropout, config.rank_dropout_scale)
         self.r = r
         out_f, in_f, *kernel = self.weight_shape
@@ -82,7 +61,7 @@ class LoKrAdapter(LycorisAdapter):
         c, d = factorization(in_f, config.decompose_factor)  # in = c * d
         full_w1 = not (config.decompose_both and r < max(a, c) / 2)
         full_w2 = r >= max(b, d) / 2
-        factory = self.factory(base)
+        factory = base.factory  # the base's device and dtype
 
         def param(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape, **factory))
@@ -126,3 +105,26 @@ class LoKrAdapter(LycorisAdapter):
     def extra_repr(self) -> str:
         shapes = {n: tuple(p.shape) for n, p in self.named_parameters()}
         return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, factors={shapes}"
+
+
+@register_method
+@dataclass
+class LoKrConfig(LycorisConfig):
+    """LoKr settings; field names as in Hugging Face PEFT's LoKrConfig."""
+
+    peft_type = "LOKR"
+    adapter_types = (LoKrAdapter,)
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(isinstance(self.init_weights, bool) or self.init_weights == "lycoris", "init_weights",
+                self.init_weights, f"must be one of {INIT_MODES}")
+        require(isinstance(self.decompose_factor, int) and (self.decompose_factor == -1 or self.decompose_factor > 0),
+                "decompose_factor", self.decompose_factor, "must be -1 (near square root) or a positive integer")
+
+    def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> LoKrAdapter:
+        r, scaling = self.rank_and_scaling(module_name)
+        return LoKrAdapter(base, r, scaling, self, effective_conv(base, self.use_effective_conv2d))

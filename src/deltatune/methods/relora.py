@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.base import BaseLayer
 from ..core.config import register_method, require
-from ..core.layer import DeltaLayer, read_weight, write_weight
-from .lora import LoraConfig
+from ..core.layer import DeltaLayer
+from .lora import LoraAdapter, LoraConfig
 
 RESET_MODES = ("zero", "prune")
 
@@ -71,6 +72,12 @@ class ReLoraConfig(LoraConfig):
         require(self.init_lora_weights in (True, "gaussian"), "init_lora_weights", self.init_lora_weights,
                 "ReLoRA re-initialises to a zero update; use True or 'gaussian'")
 
+    def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> LoraAdapter:
+        """A LoraAdapter with an empty `relora_merged` history: the (A, s B) pairs its resets fold into W."""
+        adapter = super().make_adapter(base, module_name, shared)
+        adapter.relora_merged = []
+        return adapter
+
     def lr_multiplier(self, step: int) -> float:
         return relora_lr_multiplier(step, self.relora_steps, self.relora_warmup_steps)
 
@@ -82,8 +89,8 @@ class ReLoraConfig(LoraConfig):
                              "model.after_optimizer_step(step, optimizer) with the optimizer")
         for path, layer in model.delta_layers():
             if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters:
-                if layer.base_layer.weight.is_floating_point():  # disable / unload give W0, exactly
-                    model.keep_base_values(adapter_name, [layer.base_layer.weight])
+                if not layer.base.is_quantized:  # disable / unload give W0, exactly
+                    model.keep_base_values(adapter_name, [layer.base.weight])
                 merge_and_reinit(layer, adapter_name, self.init_lora_weights)
                 reset_optimizer_state(optimizer, layer.adapters[adapter_name].parameters(),
                                       self.optimizer_reset, self.prune_ratio)
@@ -95,11 +102,9 @@ def merge_and_reinit(layer: DeltaLayer, adapter_name: str, init: bool | str) -> 
     if adapter_name in layer.merged:
         raise RuntimeError(f"{layer.module_name}: unmerge adapter {adapter_name!r} before a ReLoRA reset")
     adapter = layer.adapters[adapter_name]
-    base = layer.base_layer
-    write_weight(base, read_weight(base) + adapter.delta_weight(base).float())
-    history = getattr(adapter, "relora_merged", [])
-    history.append((adapter.A.detach().clone(), (adapter.B * adapter.scaling).detach().clone()))
-    adapter.relora_merged = history
+    base = layer.base  # the view: reads and writes the effective weight of any storage (core/base.py)
+    base.write_weight(base.read_weight() + adapter.delta_weight(base).float())
+    adapter.relora_merged.append((adapter.A.detach().clone(), (adapter.B * adapter.scaling).detach().clone()))
     if adapter.kind == "embedding":
         nn.init.zeros_(adapter.lora_embedding_A)
         nn.init.normal_(adapter.lora_embedding_B)
@@ -150,7 +155,7 @@ def to_cumulative_lora(model: nn.Module, adapter_name: str = "default") -> LoraC
             raise RuntimeError(f"{path}: unmerge adapter {adapter_name!r} first")
         adapter = layer.adapters[adapter_name]
         live = (adapter.A.detach(), (adapter.B * adapter.scaling).detach())
-        parts = [*getattr(adapter, "relora_merged", []), live]
+        parts = [*adapter.relora_merged, live]
         a = torch.cat([p[0] for p in parts], dim=0)  # (r_total, in, ...)
         b = torch.cat([p[1] for p in parts], dim=1)  # (out, r_total, ...)
         factors[path] = (layer, a, b, adapter)
@@ -163,13 +168,13 @@ def to_cumulative_lora(model: nn.Module, adapter_name: str = "default") -> LoraC
     settings["alpha_pattern"] = dict(settings["rank_pattern"])  # scaling 1 everywhere
     new_config = LoraConfig(**settings)
     for path, (layer, a, b, old) in factors.items():
-        base = layer.base_layer
+        base = layer.base
         old_delta = old.delta_weight(base).float()
         new = new_config.make_adapter(base, path).train(old.training)
         new.A.copy_(a)
         new.B.copy_(b.reshape(new.B.shape))
         # W0 = W - (total delta - live delta): take the folded part back out of the base
-        write_weight(base, read_weight(base) - (new.delta_weight(base).float() - old_delta))
+        base.write_weight(base.read_weight() - (new.delta_weight(base).float() - old_delta))
         layer.adapters[adapter_name] = new
     model.peft_config[adapter_name] = new_config
     model.set_adapter(model.active_adapters)

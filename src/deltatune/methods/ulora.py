@@ -12,6 +12,8 @@ batch (`model(..., task_ids=ids)`, one id per sample) gathers v_t per row and ne
 Init rule: A ~ kaiming-uniform(a=sqrt(5)), B = 0, v_t = 1, so every task starts at the base output.
 
 A call without task_ids uses `default_task`; merging folds in that task's update (delta W_default).
+The task ids come with each call (core/call.py: `call.task_ids`; in a mixed adapter_names batch core hands
+this adapter its own rows and their ids). The base's layout and dtype come from core's view (core/base.py).
 Files (peft_type "ULORA", deltatune's own): `<path>.lora_A.weight` (r, in), `<path>.lora_B.weight`
 (out, r), `<path>.ulora_task_vectors` (num_tasks, r).
 """
@@ -24,11 +26,78 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.base import BaseLayer
+from ..core.call import CallContext
 from ..core.config import DeltaConfig, register_method, require
+from ..core.protocols import Additive
+from ..errors import MergeError
 
 
-def is_linear(base: nn.Module) -> bool:
-    return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
+class ULoraAdapter(nn.Module, Additive):
+    """One shared A/B pair and a (num_tasks, r) table of task vectors for one linear layer."""
+
+    def __init__(self, base: BaseLayer, r: int, scaling: float, dropout: float, num_tasks: int,
+                 default_task: int | None) -> None:
+        super().__init__()
+        self.fan_in_fan_out = base.fan_in_fan_out  # the base weight is stored (in, out)
+        factory = base.factory  # the base's device and compute dtype
+        self.r, self.scaling, self.default_task = r, scaling, default_task
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.ulora_task_vectors = nn.Parameter(torch.ones(num_tasks, r, **factory))  # (tasks, r)
+
+    @property
+    def merge_rule(self) -> str:
+        """"additive" (the default task's update), or "unmergeable" without a default task."""
+        return "unmergeable" if self.default_task is None else "additive"
+
+    def task_gates(self, call: CallContext, batch: int) -> torch.Tensor:
+        """(batch, r): each row's v_t from the call's task ids, or the default task's for every row.
+
+        Raises:
+            ValueError: no task ids and no default task, or not one id per row.
+        """
+        if call.task_ids is None:
+            if self.default_task is None:
+                raise ValueError(f"ULoRA with {len(self.ulora_task_vectors)} tasks needs task_ids= (one "
+                                 "task id per sample) in the forward call, or default_task in its config")
+            return self.ulora_task_vectors[self.default_task].expand(batch, -1)
+        task_ids = call.per_sample(call.task_ids, batch, "task_ids")  # generate() may repeat each row
+        return self.ulora_task_vectors[task_ids.long()]
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
+                owns_base_out: bool = False) -> torch.Tensor:
+        gates = self.task_gates(call, x.shape[0])  # (batch, r)
+        hidden = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (batch, ..., r)
+        hidden = hidden * gates.view(x.shape[0], *[1] * (hidden.dim() - 2), self.r)
+        return base_out + (self.lora_B(hidden) * self.scaling).to(base_out.dtype)
+
+    def merge_refusal(self) -> str | None:
+        """Asked before any layer is merged (core/merging.py): without a default task there is no one
+        update to fold in."""
+        if self.default_task is None:
+            return (f"ULoRA with {len(self.ulora_task_vectors)} tasks has no default_task; set default_task "
+                    "in its config to merge that task's update")
+        return None
+
+    def delta_weight(self, base: BaseLayer) -> torch.Tensor:
+        """s * B diag(v_default) A in the base weight's layout: the update of every call without task ids.
+
+        Raises:
+            MergeError: without a default task (each task has its own update; merge_refusal says so).
+        """
+        reason = self.merge_refusal()
+        if reason is not None:
+            raise MergeError(reason)
+        gate = self.ulora_task_vectors[self.default_task]
+        delta = (self.lora_B.weight * gate) @ self.lora_A.weight * self.scaling  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, tasks={len(self.ulora_task_vectors)}, default_task={self.default_task}"
 
 
 @register_method
@@ -37,6 +106,7 @@ class ULoraConfig(DeltaConfig):
     """Task-modulated LoRA: LoRA's fields plus `num_tasks` and `default_task`."""
 
     peft_type = "ULORA"
+    adapter_types = (ULoraAdapter,)
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
@@ -58,78 +128,13 @@ class ULoraConfig(DeltaConfig):
         require(self.bias in ("none", "all", "lora_only"), "bias", self.bias,
                 "must be none, all or lora_only")
 
-    def supports(self, base: nn.Module) -> bool:
-        return is_linear(base)
+    def supports(self, base: BaseLayer) -> bool:
+        return base.kind == "linear"
 
-    def make_adapter(self, base: nn.Module, module_name: str,
+    def make_adapter(self, base: BaseLayer, module_name: str,
                      shared: nn.Module | None = None) -> ULoraAdapter:
         default = self.default_task
         if default is None and self.num_tasks == 1:
             default = 0
         return ULoraAdapter(base, self.r, self.lora_alpha / self.r, self.lora_dropout, self.num_tasks,
                             default)
-
-
-class ULoraAdapter(nn.Module):
-    """One shared A/B pair and a (num_tasks, r) table of task vectors for one linear layer."""
-
-    uses_routing = True
-
-    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, num_tasks: int,
-                 default_task: int | None) -> None:
-        super().__init__()
-        self.transposed = type(base).__name__ == "Conv1D"  # Transformers' Conv1D stores (in, out)
-        weight = base.weight
-        if hasattr(base, "in_features"):  # nn.Linear, also when quantized (the stored weight is packed)
-            out_f, in_f = base.out_features, base.in_features
-        else:  # Transformers' Conv1D
-            in_f, out_f = weight.shape
-        dtype = weight.dtype if weight.is_floating_point() else getattr(base, "compute_dtype", None)
-        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-        factory = {"device": weight.device, "dtype": dtype}
-        self.r, self.scaling, self.default_task = r, scaling, default_task
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(in_f, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, out_f, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.ulora_task_vectors = nn.Parameter(torch.ones(num_tasks, r, **factory))  # (tasks, r)
-
-    def task_gates(self, routing, batch: int) -> torch.Tensor:
-        """(batch, r): each sample's v_t, or the default task's for every sample."""
-        task_ids = getattr(routing, "task_ids", None)
-        if task_ids is None:
-            if self.default_task is None:
-                raise ValueError(f"ULoRA with {len(self.ulora_task_vectors)} tasks needs task_ids= (one "
-                                 "task id per sample) in the forward call, or default_task in its config")
-            return self.ulora_task_vectors[self.default_task].expand(batch, -1)
-        if routing.index is not None:
-            raise ValueError("ULoRA task_ids cannot be combined with a mixed adapter_names batch yet")
-        task_ids = routing.per_sample(task_ids, batch, "task_ids")  # generate() may repeat each row
-        return self.ulora_task_vectors[task_ids.long()]
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module, routing=None) -> torch.Tensor:
-        gates = self.task_gates(routing, x.shape[0])  # (batch, r)
-        hidden = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (batch, ..., r)
-        hidden = hidden * gates.view(x.shape[0], *[1] * (hidden.dim() - 2), self.r)
-        return base_out + (self.lora_B(hidden) * self.scaling).to(base_out.dtype)
-
-    def merge_refusal(self) -> str | None:
-        """Asked before any layer is merged (core/merging.py): without a default task there is no one
-        update to fold in."""
-        if self.default_task is None:
-            return (f"ULoRA with {len(self.ulora_task_vectors)} tasks has no default_task; set default_task "
-                    "in its config to merge that task's update")
-        return None
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor | None:
-        """s * B diag(v_default) A in the base weight's layout; None (not mergeable) without a
-        default task."""
-        if self.default_task is None:
-            return None
-        gate = self.ulora_task_vectors[self.default_task]
-        delta = (self.lora_B.weight * gate) @ self.lora_A.weight * self.scaling  # (out, in)
-        return delta.T if self.transposed else delta
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, tasks={len(self.ulora_task_vectors)}, default_task={self.default_task}"

@@ -129,7 +129,8 @@ class DeltaConfig:
     def referenced_adapters(self) -> dict[str, str]:
         """{name: adapter directory} of the saved adapters this adapter is built from (X-LoRA's experts); {}
         for most methods. io/ reads them (io/adapter_files.read_referenced, which from_pretrained,
-        load_adapter and get_peft_model call) and hands them to `use_referenced` before the model is touched."""
+        load_adapter and get_peft_model call) and hands them to `use_referenced` before the model is
+        touched."""
         return {}
 
     def use_referenced(self, adapters: dict[str, tuple["DeltaConfig", dict[str, torch.Tensor]]]) -> None:
@@ -147,9 +148,9 @@ class DeltaConfig:
         read = getattr(self, "_referenced", {})
         missing = {name: path for name, path in self.referenced_adapters().items() if name not in read}
         if missing:
-            raise DeltaConfigError(f"{self.peft_type} is built from the saved adapters {missing}, which were not "
-                                   "read; build the model with get_peft_model() or from_pretrained(), which read "
-                                   "them (io/adapter_files.read_referenced)")
+            raise DeltaConfigError(f"{self.peft_type} is built from the saved adapters {missing}, which were "
+                                   "not read; build the model with get_peft_model() or from_pretrained(), "
+                                   "which read them (io/adapter_files.read_referenced)")
         return read
 
     # -- training-time hooks, called by DeltaModel for the active adapters ---------------------------

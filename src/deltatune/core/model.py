@@ -656,7 +656,7 @@ def get_peft_model(model: nn.Module, peft_config: DeltaConfig, adapter_name: str
         raise ValueError("model is already a DeltaModel; use add_adapter() to add another adapter")
     from ..io.adapter_files import read_referenced  # TEMP (facade): the peft-style facade makes this call
 
-    read_referenced(peft_config)  # TEMP (facade): X-LoRA's expert directories, read before the model is touched
+    read_referenced(peft_config)  # TEMP (facade): X-LoRA's expert directories, read before the model
     return DeltaModel(model, peft_config, adapter_name)
 
 

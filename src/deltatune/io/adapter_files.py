@@ -25,7 +25,8 @@ from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
 from ..core.model import check_adapter_name
 from ..models import loadable_name
 from .atomic import json_text, safetensors_bytes, write_bytes, write_json, write_text
-from .keymap import DISK_PREFIX, adapter_slots, base_weight_slots, embedding_layer_slots, trained_head_bias_extras
+from .keymap import (DISK_PREFIX, adapter_slots, base_weight_slots, embedding_layer_slots,
+                     trained_head_bias_extras)
 from .vocabulary import embedding_tensors, resize_hint
 from ..errors import AdapterFileError  # noqa: F401  (re-exported)
 
@@ -203,8 +204,8 @@ def read_referenced(config: DeltaConfig) -> DeltaConfig:
         try:
             referenced, weights = read_folder(Path(directory))
         except (AdapterFileError, DeltaConfigError) as err:  # a missing or bad file: named with the reference
-            raise DeltaConfigError(f"{config.peft_type} is built from adapter {name!r} in {directory}: {err}") \
-                from None
+            raise DeltaConfigError(f"{config.peft_type} is built from adapter {name!r} in {directory}: "
+                                   f"{err}") from None
         read[name] = (referenced, {key.removeprefix(DISK_PREFIX): t for key, t in weights.items()})
     if read:
         config.use_referenced(read)

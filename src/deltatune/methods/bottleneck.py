@@ -149,9 +149,9 @@ class BottleneckConfig(DeltaConfig):
 
     def validate_target(self, base: BaseLayer, module_name: str) -> None:
         if not self.supports(base):
-            raise DeltaConfigError(f"target module {module_name!r} ({type(base.module).__name__}) holds no linear layer, "
-                                   "so its width is unknown; bottleneck adapters wrap blocks such as attention "
-                                   "or feed-forward modules")
+            raise DeltaConfigError(f"target module {module_name!r} ({type(base.module).__name__}) holds no "
+                                   "linear layer, so its width is unknown; bottleneck adapters wrap blocks "
+                                   "such as attention or feed-forward modules")
 
     def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> BottleneckAdapter:
         in_width, out_width = block_dims(base)

@@ -10,8 +10,9 @@ Merge is multiplicative, not additive: W' = W * l on the output rows (and b' = b
 columns for feed-forward modules; unmerge divides. Files interchange with Hugging Face PEFT: one tensor
 `ia3_l` per module, shaped as above; a weight stored (in, out) is known from the base-layer view
 (core/base.py), as PEFT knows it from the layer's type (`fan_in_fan_out` is kept for its files). Layers:
-linear layers of any layout and storage (quantized ones too). Feed-forward modules are matched with PEFT's rule (a list entry matches a name that ends with it,
-no dot needed), so both libraries give each tensor the same shape.
+linear layers of any layout and storage (quantized ones too). Feed-forward modules are matched with
+PEFT's rule (a list entry matches a name that ends with it, no dot needed), so both libraries give each
+tensor the same shape.
 
 Several IA3 adapters active on one layer: output scalings multiply; input scalings of feed-forward
 modules add their terms, W((l1 + l2 - 1) x), since each adapter only sees the output of the one before
@@ -149,7 +150,8 @@ class IA3Config(DeltaConfig):
     def validate_target(self, base: BaseLayer, module_name: str) -> None:
         if not self.supports(base):
             raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__}; IA3 "
-                                   "adapts linear layers (nn.Linear, Transformers' (in, out) layout, quantized)")
+                                   "adapts linear layers (nn.Linear, Transformers' (in, out) layout, "
+                                   "quantized)")
 
     def module_keys(self) -> dict:
         ff = self.feedforward_modules

@@ -238,7 +238,8 @@ class XLoraConfig(DeltaConfig):
             dora = config.peft_type == "LORA" and config.use_dora
             if config.peft_type != "LORA" or dora:
                 raise DeltaConfigError(f"adapters: {directories[name]!r} holds a {config.peft_type} adapter"
-                                       f"{' with DoRA' if dora else ''}; X-LoRA experts are plain LoRA adapters")
+                                       f"{' with DoRA' if dora else ''}; X-LoRA experts are plain LoRA "
+                                       "adapters")
         super().use_referenced(adapters)
         self.target_modules = sorted(set().union(*(expert_modules(t) for _, t in adapters.values())))
 

@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import torch
 from torch import nn
 
 from ..errors import AdapterContractError, DeltaConfigError, require  # noqa: F401  (re-exported)
@@ -123,6 +124,34 @@ class DeltaConfig:
         None. It is saved under its `disk_prefix` + its state-dict names; a `TakesOverForward` one runs the
         wrapped model's forward and generate (core/protocols.py)."""
         return None
+
+    # -- saved adapters this one is built from (X-LoRA's experts): io/ reads them --------------------
+    def referenced_adapters(self) -> dict[str, str]:
+        """{name: adapter directory} of the saved adapters this adapter is built from (X-LoRA's experts); {}
+        for most methods. io/ reads them (io/adapter_files.read_referenced, which from_pretrained,
+        load_adapter and get_peft_model call) and hands them to `use_referenced` before the model is
+        touched."""
+        return {}
+
+    def use_referenced(self, adapters: dict[str, tuple["DeltaConfig", dict[str, torch.Tensor]]]) -> None:
+        """Take the adapters `referenced_adapters()` names, as io/ read them: by name, (config, tensors keyed
+        `<module path>.<local name>`). Kept on this object only: an attribute, not a field, so never saved."""
+        self._referenced = adapters
+
+    def referenced(self) -> dict[str, tuple["DeltaConfig", dict[str, torch.Tensor]]]:
+        """What `use_referenced` was given (checked before the model is touched: DeltaModel.inject).
+
+        Raises:
+            DeltaConfigError: some of `referenced_adapters()` were not read (a config built by hand and passed
+                to DeltaModel(...) directly; get_peft_model and from_pretrained read them).
+        """
+        read = getattr(self, "_referenced", {})
+        missing = {name: path for name, path in self.referenced_adapters().items() if name not in read}
+        if missing:
+            raise DeltaConfigError(f"{self.peft_type} is built from the saved adapters {missing}, which were "
+                                   "not read; build the model with get_peft_model() or from_pretrained(), "
+                                   "which read them (io/adapter_files.read_referenced)")
+        return read
 
     # -- training-time hooks, called by DeltaModel for the active adapters ---------------------------
     def before_training(self, model: nn.Module, adapter_name: str, batches, loss_fn) -> None:

@@ -183,7 +183,9 @@ class DeltaModel(nn.Module):
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
         """Inject a new (inactive unless it is the first) adapter named `adapter_name`."""
-        self.inject(adapter_name, config)
+        from ..io.adapter_files import read_referenced  # TEMP (facade): the peft-style facade makes this call
+
+        self.inject(adapter_name, read_referenced(config))  # TEMP (facade): X-LoRA's experts read first
 
     @exclusive
     def inject(self, adapter_name: str, config: DeltaConfig, weights: dict[str, torch.Tensor] | None = None,
@@ -194,6 +196,7 @@ class DeltaModel(nn.Module):
         if adapter_name in self.peft_config:
             raise DeltaConfigError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
         config = copy.copy(config)
+        config.referenced()  # the saved adapters it is built from (X-LoRA's experts) were read by io/
         heads = TASK_HEADS.get(config.task_type, [])
         if heads:
             config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + heads))
@@ -651,6 +654,9 @@ def get_peft_model(model: nn.Module, peft_config: DeltaConfig, adapter_name: str
     """Wrap `model` with a new trainable adapter built from `peft_config`."""
     if isinstance(model, DeltaModel):
         raise ValueError("model is already a DeltaModel; use add_adapter() to add another adapter")
+    from ..io.adapter_files import read_referenced  # TEMP (facade): the peft-style facade makes this call
+
+    read_referenced(peft_config)  # TEMP (facade): X-LoRA's expert directories, read before the model
     return DeltaModel(model, peft_config, adapter_name)
 
 

@@ -21,11 +21,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..core.config import DeltaConfig, config_from_dict
+from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
 from ..core.model import check_adapter_name
 from ..models import loadable_name
 from .atomic import json_text, safetensors_bytes, write_bytes, write_json, write_text
-from .keymap import adapter_slots, base_weight_slots, embedding_layer_slots, trained_head_bias_extras
+from .keymap import (DISK_PREFIX, adapter_slots, base_weight_slots, embedding_layer_slots,
+                     trained_head_bias_extras)
 from .vocabulary import embedding_tensors, resize_hint
 from ..errors import AdapterFileError  # noqa: F401  (re-exported)
 
@@ -174,6 +175,12 @@ def read_adapter(model_id: str | os.PathLike, allow_pickle: bool = False, subfol
             leads outside the directory.
     """
     path = Path(model_id) / subfolder if subfolder else Path(model_id)
+    config, weights = read_folder(path, allow_pickle)
+    return read_referenced(config), weights
+
+
+def read_folder(path: Path, allow_pickle: bool = False) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    """read_adapter's files alone: config and weights of folder `path`, without the adapters it references."""
     if not path.is_dir():
         raise AdapterFileError(f"{path}: adapter directory not found (deltatune loads local directories)")
     for file in (path / CONFIG_NAME, path / WEIGHTS_NAME, path / PICKLE_NAME):
@@ -182,6 +189,27 @@ def read_adapter(model_id: str | os.PathLike, allow_pickle: bool = False, subfol
                                    "(copy the file in instead)")
     check_save_finished(path)
     return read_config(path), read_weights(path, allow_pickle)
+
+
+def read_referenced(config: DeltaConfig) -> DeltaConfig:
+    """Read the saved adapters `config` is built from (`referenced_adapters()`: X-LoRA's experts) and hand
+    them to `config.use_referenced`: by name, (config, tensors keyed `<module path>.<local name>`). Only
+    safetensors files are read; their own references are not followed. Returns `config`.
+
+    Raises:
+        DeltaConfigError: naming the adapter and directory that could not be read, and why.
+    """
+    read = {}
+    for name, directory in config.referenced_adapters().items():
+        try:
+            referenced, weights = read_folder(Path(directory))
+        except (AdapterFileError, DeltaConfigError) as err:  # a missing or bad file: named with the reference
+            raise DeltaConfigError(f"{config.peft_type} is built from adapter {name!r} in {directory}: "
+                                   f"{err}") from None
+        read[name] = (referenced, {key.removeprefix(DISK_PREFIX): t for key, t in weights.items()})
+    if read:
+        config.use_referenced(read)
+    return config
 
 
 def assign_weights(model, adapter_name: str, weights: dict[str, torch.Tensor], source: str) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core.config import DeltaConfigError, TaskType, require
+from ..core.protocols import TakesOverForward
 
 # Fields of DeltaConfig that mean nothing for a method that adapts no layer (and that `peft` does not write).
 LAYER_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
@@ -97,7 +98,7 @@ def fill_from_model(config, model: nn.Module, key_value_heads: bool = False) -> 
 
 
 # ---------------------------------------------------------------------- the model-level module
-class VirtualTokens(nn.Module):
+class VirtualTokens(nn.Module, TakesOverForward):
     """The table of virtual-token vectors `prompt_embeddings` (T', W) and how the model reads it.
 
     Without `encoder` the table is the trained parameter. With one (P-tuning, prefix projection) the table
@@ -105,9 +106,11 @@ class VirtualTokens(nn.Module):
     (as in `peft`). A file loaded into it (or any write to it) makes the mirror the prompt from then on, so a
     reloaded adapter gives the saved outputs and keeps training from them. `run(model, table, args, kwargs)`
     and `generate(model, table, args, kwargs)` place the first `num_virtual_tokens` rows.
+
+    A model-level adapter that runs the wrapped model's forward and generate (TakesOverForward), so
+    merge_adapter refuses it; it keeps no per-call state (the table is recomputed in a recompute).
     """
 
-    mergeable = False
     disk_prefix = ""  # saved as the bare key `prompt_embeddings`, as `peft` saves it
 
     def __init__(self, num_virtual_tokens: int, run: Callable, generate: Callable,
@@ -158,6 +161,9 @@ class VirtualTokens(nn.Module):
 
     def generate_model(self, model: nn.Module, *args, **kwargs):
         return self.generate(model, self.table(), args, kwargs)
+
+    def call_state(self) -> tuple[tuple[torch.Tensor, ...], None]:
+        return (), None  # the tokens go in through the inputs, which a recompute gets again
 
     def extra_repr(self) -> str:
         shape = tuple(self.prompt_embeddings.shape)

@@ -24,7 +24,8 @@ output). Shapes: adapter_down.weight (bottleneck, in), adapter_up.weight (out, b
 = the block's output width for sequential adapters and the block's input width for parallel ones;
 bottleneck = `bottleneck_size`, or out // `reduction_factor`.
 
-Not mergeable: the non-linearity keeps the adapter out of any weight matrix; merging raises MergeError.
+Not mergeable (merge_rule "unmergeable"): the non-linearity keeps the adapter out of any weight matrix;
+merging raises MergeError before any layer is written.
 Several bottleneck adapters active at once apply in the order given to `set_adapter` (stacking, see
 compose/fusion.py, which also holds AdapterFusion over several adapters).
 """
@@ -38,7 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.base import BaseLayer
+from ..core.call import CallContext
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
+from ..core.protocols import LayerAdapter
 
 BOTTLENECK_TYPES = ("houlsby", "pfeiffer", "parallel")
 NON_LINEARITIES = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh,
@@ -49,35 +53,53 @@ ATTENTION_BLOCKS = r".*\.(self_attn|attn|SelfAttention|attention\.output)"
 FEEDFORWARD_BLOCKS = r".*\.(mlp|DenseReluDense)|.*(?<!\.attention)\.output"
 
 
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def linear_dims(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of a Linear or a Transformers Conv1D (weight stored (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return tuple(module.weight.shape)
-
-
-def block_dims(block: nn.Module) -> tuple[int, int] | None:
-    """(input width, output width) of a block: its first linear layer's input, its last one's output."""
-    linears = [m for m in block.modules() if is_linear(m)]
+def block_dims(block: BaseLayer) -> tuple[int, int] | None:
+    """(input width, output width) of a block: its first linear layer's input, its last one's output (each
+    submodule seen through its own view, which knows every linear layout and storage)."""
+    linears = [view for view in map(BaseLayer, block.module.modules()) if view.kind == "linear"]
     if not linears:
         return None
-    return linear_dims(linears[0])[0], linear_dims(linears[-1])[1]
+    return linears[0].in_features, linears[-1].out_features
 
 
-def block_factory(block: nn.Module) -> dict:
-    """Device and float dtype for a block's adapter: its first float parameter's, or a quantized layer's
-    compute dtype (packed 4-bit weights are not float)."""
-    params = list(block.parameters())
-    floats = [p for p in params if p.is_floating_point()]
-    if floats:
-        return {"device": floats[0].device, "dtype": floats[0].dtype}
-    compute = next((m.compute_dtype for m in block.modules() if isinstance(getattr(m, "compute_dtype", None),
-                                                                         torch.dtype)), torch.float32)
-    return {"device": params[0].device if params else None, "dtype": compute}
+class BottleneckAdapter(nn.Module, LayerAdapter):
+    """One bottleneck adapter beside or after one block. A plain LayerAdapter: neither Additive nor
+    Reparameterizing, since no weight holds its update."""
+
+    merge_rule = "unmergeable"
+
+    def __init__(self, in_width: int, out_width: int, size: int, non_linearity: str, scaling: float,
+                 parallel: bool, init_weights: bool, factory: dict) -> None:
+        super().__init__()
+        self.adapter_down = nn.Linear(in_width, size, **factory)  # (size, in)
+        self.adapter_up = nn.Linear(size, out_width, **factory)  # (out, size)
+        self.non_linearity, self.scaling, self.parallel = non_linearity, scaling, parallel
+        self.act = NON_LINEARITIES[non_linearity]
+        nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.adapter_down.bias)
+        nn.init.zeros_(self.adapter_up.bias)
+        if init_weights:
+            nn.init.zeros_(self.adapter_up.weight)
+
+    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
+        """W_up act(W_down z + b_down) + b_up."""
+        return self.adapter_up(self.act(self.adapter_down(z.to(self.adapter_down.weight.dtype))))
+
+    def update(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """s * adapter(.), what this adapter adds to base_out, in the adapter's dtype (AdapterFusion attends
+        over these updates, compose/fusion.py)."""
+        return self.scaling * self.bottleneck(x if self.parallel else base_out)
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
+                owns_base_out: bool = False) -> torch.Tensor:
+        return base_out + self.update(x, base_out).to(base_out.dtype)
+
+    def merge_refusal(self) -> str:
+        return "the non-linearity keeps a bottleneck adapter out of any weight matrix"
+
+    def extra_repr(self) -> str:
+        kind = "parallel" if self.parallel else "sequential"
+        return f"{kind}, non_linearity={self.non_linearity}, scaling={self.scaling:g}"
 
 
 @register_method
@@ -96,6 +118,7 @@ class BottleneckConfig(DeltaConfig):
     """
 
     peft_type = "BOTTLENECK"
+    adapter_types = (BottleneckAdapter,)
     bottleneck_type: str = "pfeiffer"
     bottleneck_size: int | None = None
     reduction_factor: float = 16
@@ -121,66 +144,18 @@ class BottleneckConfig(DeltaConfig):
                 self.scaling, "must be a number")
         require(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "must be a bool")
 
-    def supports(self, base: nn.Module) -> bool:
+    def supports(self, base: BaseLayer) -> bool:
         return block_dims(base) is not None
 
-    def validate_target(self, base: nn.Module, module_name: str) -> None:
+    def validate_target(self, base: BaseLayer, module_name: str) -> None:
         if not self.supports(base):
-            raise DeltaConfigError(f"target module {module_name!r} ({type(base).__name__}) holds no linear layer, "
-                                   "so its width is unknown; bottleneck adapters wrap blocks such as attention "
-                                   "or feed-forward modules")
+            raise DeltaConfigError(f"target module {module_name!r} ({type(base.module).__name__}) holds no "
+                                   "linear layer, so its width is unknown; bottleneck adapters wrap blocks "
+                                   "such as attention or feed-forward modules")
 
-    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> nn.Module:
-        return NotMergeable()
-
-    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> "BottleneckAdapter":
+    def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> BottleneckAdapter:
         in_width, out_width = block_dims(base)
         parallel = self.bottleneck_type == "parallel"
         size = self.bottleneck_size or max(1, int(out_width // self.reduction_factor))
         return BottleneckAdapter(in_width if parallel else out_width, out_width, size, self.non_linearity,
-                                 self.scaling, parallel, self.init_weights, block_factory(base))
-
-
-class NotMergeable(nn.Module):
-    """Model-level marker (no tensors): tells DeltaModel.merge_adapter to refuse before touching any weight."""
-
-    mergeable = False
-
-
-class BottleneckAdapter(nn.Module):
-    """One bottleneck adapter beside or after one block."""
-
-    def __init__(self, in_width: int, out_width: int, size: int, non_linearity: str, scaling: float,
-                 parallel: bool, init_weights: bool, factory: dict) -> None:
-        super().__init__()
-        self.adapter_down = nn.Linear(in_width, size, **factory)  # (size, in)
-        self.adapter_up = nn.Linear(size, out_width, **factory)  # (out, size)
-        self.non_linearity, self.scaling, self.parallel = non_linearity, scaling, parallel
-        self.act = NON_LINEARITIES[non_linearity]
-        nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.adapter_down.bias)
-        nn.init.zeros_(self.adapter_up.bias)
-        if init_weights:
-            nn.init.zeros_(self.adapter_up.weight)
-
-    def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
-        """W_up act(W_down z + b_down) + b_up."""
-        return self.adapter_up(self.act(self.adapter_down(z.to(self.adapter_down.weight.dtype))))
-
-    def update(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """s * adapter(.), what this adapter adds to base_out, in the adapter's dtype (AdapterFusion attends
-        over these updates, compose/fusion.py)."""
-        return self.scaling * self.bottleneck(x if self.parallel else base_out)
-
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        return base_out + self.update(x, base_out).to(base_out.dtype)
-
-    def merge_refusal(self) -> str:
-        return "the non-linearity keeps a bottleneck adapter out of any weight matrix"
-
-    def delta_weight(self, base: nn.Module) -> None:
-        return None  # not mergeable: the core turns this into a MergeError that names the layer
-
-    def extra_repr(self) -> str:
-        kind = "parallel" if self.parallel else "sequential"
-        return f"{kind}, non_linearity={self.non_linearity}, scaling={self.scaling:g}"
+                                 self.scaling, parallel, self.init_weights, base.factory)

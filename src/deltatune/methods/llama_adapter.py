@@ -30,62 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError, TaskType, register_method, require
+from ..core.protocols import TakesOverForward
 from ..core.targeting import canonical_name
 
 ATTENTION_NAMES = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}  # `peft`'s defaults
 # DeltaConfig fields `peft`'s AdaptionPromptConfig does not have.
 UNUSED_FIELDS = ("exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
-
-
-@register_method
-@dataclass
-class AdaptionPromptConfig(DeltaConfig):
-    """LLaMA-Adapter; field names as in Hugging Face PEFT. `target_modules` names the attention block
-    (default: "self_attn" for Llama/Mistral, "attn" for GPT-2)."""
-
-    peft_type = "ADAPTION_PROMPT"
-    targets_layers = False
-    adapter_len: int | None = None
-    adapter_layers: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("adapter_len", "adapter_layers"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
-                    "must be a positive integer")
-        require(self.target_modules is None or isinstance(self.target_modules, str), "target_modules",
-                self.target_modules, "must be the name of the attention block, e.g. 'self_attn'")
-        require(self.task_type in (None, TaskType.CAUSAL_LM), "task_type",
-                getattr(self.task_type, "value", self.task_type), "LLaMA-Adapter serves CAUSAL_LM models")
-        for name in UNUSED_FIELDS:
-            require(not getattr(self, name), name, getattr(self, name), "LLaMA-Adapter does not use it")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        for name in UNUSED_FIELDS:
-            data.pop(name, None)
-        return data
-
-    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> AdaptionPrompts:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in ATTENTION_NAMES:
-            raise DeltaConfigError(f"LLaMA-Adapter supports model types {sorted(ATTENTION_NAMES)}; "
-                                   f"{type(model).__name__} is {model_type!r}")
-        if self.target_modules is None:
-            self.target_modules = ATTENTION_NAMES[model_type]
-        blocks = {}  # canonical name -> the attention module itself (inside any wrappers)
-        for name, module in model.named_modules():
-            inside_wrapper = ".adapters." in name or ".copies." in name
-            if name.endswith("." + self.target_modules) and not inside_wrapper:
-                while hasattr(module, "base_layer"):
-                    module = module.base_layer
-                blocks.setdefault(canonical_name(name), module)
-        if len(blocks) < self.adapter_layers:
-            raise DeltaConfigError(f"adapter_layers={self.adapter_layers}: {type(model).__name__} has only "
-                                   f"{len(blocks)} modules named {self.target_modules!r}")
-        top = list(blocks.items())[-self.adapter_layers:]
-        return AdaptionPrompts(model, dict(top), self.adapter_len, model_type == "gpt2")
 
 
 class AdaptionPrompt(nn.Module):
@@ -99,11 +49,11 @@ class AdaptionPrompt(nn.Module):
         self.adaption_gate = nn.Parameter(torch.zeros(1, **factory))  # g: zero-init
 
 
-class AdaptionPrompts(nn.Module):
+class AdaptionPrompts(nn.Module, TakesOverForward):
     """One AdaptionPrompt per adapted block, kept at the block's own path so the saved keys are `peft`'s:
-    base_model.model.<block path>.adaption_prompt / .adaption_gate."""
+    base_model.model.<block path>.adaption_prompt / .adaption_gate. It runs the model's forward and
+    generate with its hooks on (TakesOverForward), so merge_adapter refuses it."""
 
-    mergeable = False
     disk_prefix = "base_model.model."
 
     def __init__(self, model: nn.Module, blocks: dict[str, nn.Module], adapter_len: int,
@@ -198,3 +148,55 @@ def adapter_attention(attention: nn.Module, prompt: AdaptionPrompt, hidden: torc
     weights = prompt.adaption_gate * F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
     out = (weights @ per_head(value)).transpose(1, 2).reshape(batch, length, -1)  # (B, L, H * Dh)
     return out if fused_qkv else attention.o_proj(out)
+
+
+@register_method
+@dataclass
+class AdaptionPromptConfig(DeltaConfig):
+    """LLaMA-Adapter; field names as in Hugging Face PEFT. `target_modules` names the attention block
+    (default: "self_attn" for Llama/Mistral, "attn" for GPT-2)."""
+
+    peft_type = "ADAPTION_PROMPT"
+    targets_layers = False
+    model_adapter_type = AdaptionPrompts
+    adapter_len: int | None = None
+    adapter_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("adapter_len", "adapter_layers"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
+                    "must be a positive integer")
+        require(self.target_modules is None or isinstance(self.target_modules, str), "target_modules",
+                self.target_modules, "must be the name of the attention block, e.g. 'self_attn'")
+        require(self.task_type in (None, TaskType.CAUSAL_LM), "task_type",
+                getattr(self.task_type, "value", self.task_type), "LLaMA-Adapter serves CAUSAL_LM models")
+        for name in UNUSED_FIELDS:
+            require(not getattr(self, name), name, getattr(self, name), "LLaMA-Adapter does not use it")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        for name in UNUSED_FIELDS:
+            data.pop(name, None)
+        return data
+
+    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> AdaptionPrompts:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in ATTENTION_NAMES:
+            raise DeltaConfigError(f"LLaMA-Adapter supports model types {sorted(ATTENTION_NAMES)}; "
+                                   f"{type(model).__name__} is {model_type!r}")
+        if self.target_modules is None:
+            self.target_modules = ATTENTION_NAMES[model_type]
+        blocks = {}  # canonical name -> the attention module itself (inside any wrappers)
+        for name, module in model.named_modules():
+            inside_wrapper = ".adapters." in name or ".copies." in name
+            if name.endswith("." + self.target_modules) and not inside_wrapper:
+                while hasattr(module, "base_layer"):
+                    module = module.base_layer
+                blocks.setdefault(canonical_name(name), module)
+        if len(blocks) < self.adapter_layers:
+            raise DeltaConfigError(f"adapter_layers={self.adapter_layers}: {type(model).__name__} has only "
+                                   f"{len(blocks)} modules named {self.target_modules!r}")
+        top = list(blocks.items())[-self.adapter_layers:]
+        return AdaptionPrompts(model, dict(top), self.adapter_len, model_type == "gpt2")

@@ -56,6 +56,7 @@ class PrefixTuningConfig(DeltaConfig, PromptLearningFields):
 
     peft_type = "PREFIX_TUNING"
     targets_layers = False
+    model_adapter_type = VirtualTokens
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
     init_weights: str | None = None

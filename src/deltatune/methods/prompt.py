@@ -47,6 +47,7 @@ class PromptTuningConfig(DeltaConfig, PromptLearningFields):
 
     peft_type = "PROMPT_TUNING"
     targets_layers = False
+    model_adapter_type = VirtualTokens
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: Any = None

@@ -48,6 +48,7 @@ class PromptEncoderConfig(DeltaConfig, PromptLearningFields):
 
     peft_type = "P_TUNING"
     targets_layers = False
+    model_adapter_type = VirtualTokens
     encoder_reparameterization_type: str = "MLP"
     encoder_hidden_size: int | None = None
     encoder_num_layers: int = MLP_LAYERS

@@ -11,127 +11,44 @@ per expert and per adapted layer l (the same weights for every layer unless `lay
 them); g = `global_scaling_weight`. Layers are numbered in model order over the modules any expert adapts.
 Init rule: the classifier is nn.Linear's default init (`xlora_depth` layers, ReLU and dropout between).
 
-Files, as `peft` writes them: adapter_config.json (peft_type XLORA, the expert directories) and the
-classifier as `base_model.internal_xlora_classifier.layers.<i>.{weight,bias}`; the experts stay in their
-own directories, which must exist when the X-LoRA adapter is loaded. Not mergeable (the gate depends on
-the input); experts are frozen (`use_trainable_adapters` is not supported).
+Files, as `peft` writes them: the config (peft_type XLORA, the expert directories) and the classifier
+as `base_model.internal_xlora_classifier.layers.<i>.{weight,bias}`; the experts stay in their own
+directories, which must exist when the X-LoRA adapter is built. io/ reads them (the config names them in
+`referenced_adapters()`; get_peft_model and from_pretrained read them before the model is touched), so this
+file reads no file itself. Not mergeable (the gate depends on the input); experts are frozen
+(`use_trainable_adapters` is not supported).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict, register_method, require
+from ..core.base import BaseLayer
+from ..core.call import CallContext
+from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
+from ..core.protocols import LayerAdapter, TakesOverForward
 from ._placement import given_cache
 
-DISK_PREFIX = "base_model.model."
-
-
-def read_expert(directory: str) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
-    """The LoRA config and tensors saved in an expert's adapter directory."""
-    path = Path(directory)
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not config_file.is_file() or not weights_file.is_file():
-        raise DeltaConfigError(f"adapters: {directory!r} is not an adapter directory (needs "
-                               "adapter_config.json and adapter_model.safetensors)")
-    config = config_from_dict(json.loads(config_file.read_text(encoding="utf-8")), source=str(config_file))
-    dora = getattr(config, "use_dora", False)
-    if config.peft_type != "LORA" or dora:
-        raise DeltaConfigError(f"adapters: {directory!r} holds a {config.peft_type} adapter"
-                               f"{' with DoRA' if dora else ''}; X-LoRA experts are plain LoRA adapters")
-    return config, load_file(str(weights_file))
+EXPERT_KEY = ".lora_A.weight"  # an expert's tensors for module <path> include <path>.lora_A.weight
 
 
 def expert_modules(tensors: dict[str, torch.Tensor]) -> set[str]:
-    """Module paths an expert's file adapts (from its `<path>.lora_A.weight` keys)."""
-    suffix = ".lora_A.weight"
-    return {k[len(DISK_PREFIX):-len(suffix)] for k in tensors
-            if k.startswith(DISK_PREFIX) and k.endswith(suffix)}
+    """Module paths an expert adapts (its tensors are keyed `<module path>.<local name>`)."""
+    return {key[:-len(EXPERT_KEY)] for key in tensors if key.endswith(EXPERT_KEY)}
 
 
-@register_method
-@dataclass
-class XLoraConfig(DeltaConfig):
-    """X-LoRA; field names as in Hugging Face PEFT's XLoraConfig. `target_modules` is derived from the
-    experts' files (every module any expert adapts)."""
-
-    peft_type = "XLORA"
-    hidden_size: int | None = None
-    adapters: dict = field(default_factory=dict)
-    enable_softmax: bool = True
-    enable_softmax_topk: bool = False
-    layerwise_scalings: bool = False
-    xlora_depth: int = 1
-    xlora_size: int = 2048
-    xlora_dropout_p: float = 0.2
-    use_trainable_adapters: bool = False
-    softmax_temperature: float = 1.0
-    top_k_lora: int | None = None
-    scaling_pass_value: float = 0.0
-    global_scaling_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(isinstance(self.adapters, dict) and len(self.adapters) > 0, "adapters", self.adapters,
-                "must map expert names to LoRA adapter directories, e.g. {'0': 'dir0', '1': 'dir1'}")
-        require(isinstance(self.xlora_depth, int) and self.xlora_depth > 0, "xlora_depth", self.xlora_depth,
-                "must be a positive integer")
-        require(self.top_k_lora is None or 1 <= self.top_k_lora <= len(self.adapters), "top_k_lora",
-                self.top_k_lora, f"must be in [1, {len(self.adapters)}] (the number of experts) or null")
-        require(not self.enable_softmax_topk or self.top_k_lora is not None, "enable_softmax_topk",
-                self.enable_softmax_topk, "needs top_k_lora")
-        require(self.softmax_temperature > 0, "softmax_temperature", self.softmax_temperature, "must be > 0")
-        require(0 <= self.xlora_dropout_p < 1, "xlora_dropout_p", self.xlora_dropout_p, "must be in [0, 1)")
-        require(not self.use_trainable_adapters, "use_trainable_adapters", self.use_trainable_adapters,
-                "trainable experts are not supported: X-LoRA trains its classifier over frozen experts")
-        self._experts = {name: read_expert(str(directory)) for name, directory in self.adapters.items()}
-        self.target_modules = sorted(set().union(*(expert_modules(t) for _, t in self._experts.values())))
-
-    def to_dict(self) -> dict:
-        data = super().to_dict()
-        data["adapters"] = {name: str(directory) for name, directory in self.adapters.items()}
-        return data
-
-    def supports(self, base: nn.Module) -> bool:
-        return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
-
-    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> XLoraClassifier:
-        targets = set(self.target_modules)
-        ordered = [name for name, _ in model.named_modules() if name in targets]
-        hidden = self.hidden_size or getattr(getattr(model, "config", None), "hidden_size", None)
-        if hidden is None:
-            raise DeltaConfigError("hidden_size is not set and the model config has none")
-        weight = next(model.parameters())
-        numbers = {name: i for i, name in enumerate(ordered)}
-        return XLoraClassifier(self, hidden, numbers).to(weight.device, weight.dtype)
-
-    def make_adapter(self, base: nn.Module, module_name: str,
-                     shared: nn.Module | None = None) -> XLoraAdapter:
-        experts = {}
-        for index, (config, tensors) in enumerate(self._experts.values()):
-            prefix = f"{DISK_PREFIX}{module_name}."
-            local = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if local:
-                expert = config.make_adapter(base, module_name)
-                expert.load_state_dict(local)
-                experts[str(index)] = expert
-        return XLoraAdapter(experts, shared, shared.layer_numbers[module_name])
-
-
-class XLoraClassifier(nn.Module):
-    """The trained gate (model-level): runs the scaling pass and gives (B, T, n_layers, n_experts)."""
+class XLoraClassifier(nn.Module, TakesOverForward):
+    """The trained gate (model-level): runs the scaling pass and gives (B, T, n_layers, n_experts). It runs
+    the model's forward and generate (TakesOverForward: two passes), so merge_adapter refuses it."""
 
     disk_prefix = "base_model.internal_xlora_classifier."
-    mergeable = False
 
-    def __init__(self, config: XLoraConfig, hidden_size: int, layer_numbers: dict[str, int]) -> None:
+    def __init__(self, config: "XLoraConfig", hidden_size: int, layer_numbers: dict[str, int]) -> None:
         super().__init__()
         self.config, self.layer_numbers = config, layer_numbers
         self.n_layers, self.n_experts = len(layer_numbers), len(config.adapters)
@@ -208,8 +125,11 @@ class XLoraClassifier(nn.Module):
         return self._two_passes(model, lambda: model.generate(*args, **kwargs))
 
 
-class XLoraAdapter(nn.Module):
-    """The frozen experts of one layer, gated by the classifier's weights for this layer."""
+class XLoraAdapter(nn.Module, LayerAdapter):
+    """The frozen experts of one layer, gated by the classifier's weights for this layer. A plain
+    LayerAdapter: the expert mix depends on the input, so no weight holds it (merge_rule "unmergeable")."""
+
+    merge_rule = "unmergeable"
 
     def __init__(self, experts: dict[str, nn.Module], classifier: XLoraClassifier, layer_number: int) -> None:
         super().__init__()
@@ -243,7 +163,8 @@ class XLoraAdapter(nn.Module):
             gates = torch.softmax(gates.masked_fill(~kept, float("-inf")), dim=-1).masked_fill(~kept, 0.0)
         return gates
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
+                owns_base_out: bool = False) -> torch.Tensor:
         classifier = self._classifier[0]
         scalings = classifier.scalings
         if scalings is None:  # called outside a two-pass forward: every expert at full weight, as peft does
@@ -254,14 +175,101 @@ class XLoraAdapter(nn.Module):
         out = base_out
         for index, expert in self.experts.items():
             x_mod = x if gates is None else x * gates[:, :, int(index), None].to(x.dtype)  # (B, T, in)
-            out = out + expert(x_mod, zeros, base) * weight
+            out = out + expert(x_mod, zeros, base, call) * weight
         return out
 
     def merge_refusal(self) -> str:
         return "the expert mix depends on the input"
 
-    def delta_weight(self, base: nn.Module) -> None:
-        return None  # the expert mix depends on the input
-
     def extra_repr(self) -> str:
         return f"layer_number={self.layer_number}, experts={list(self.experts)}"
+
+
+@register_method
+@dataclass
+class XLoraConfig(DeltaConfig):
+    """X-LoRA; field names as in Hugging Face PEFT's XLoraConfig. `target_modules` is derived from the
+    experts' files (every module any expert adapts)."""
+
+    peft_type = "XLORA"
+    adapter_types = (XLoraAdapter,)
+    model_adapter_type = XLoraClassifier
+    hidden_size: int | None = None
+    adapters: dict = field(default_factory=dict)
+    enable_softmax: bool = True
+    enable_softmax_topk: bool = False
+    layerwise_scalings: bool = False
+    xlora_depth: int = 1
+    xlora_size: int = 2048
+    xlora_dropout_p: float = 0.2
+    use_trainable_adapters: bool = False
+    softmax_temperature: float = 1.0
+    top_k_lora: int | None = None
+    scaling_pass_value: float = 0.0
+    global_scaling_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(isinstance(self.adapters, dict) and len(self.adapters) > 0, "adapters", self.adapters,
+                "must map expert names to LoRA adapter directories, e.g. {'0': 'dir0', '1': 'dir1'}")
+        require(isinstance(self.xlora_depth, int) and self.xlora_depth > 0, "xlora_depth", self.xlora_depth,
+                "must be a positive integer")
+        require(self.top_k_lora is None or 1 <= self.top_k_lora <= len(self.adapters), "top_k_lora",
+                self.top_k_lora, f"must be in [1, {len(self.adapters)}] (the number of experts) or null")
+        require(not self.enable_softmax_topk or self.top_k_lora is not None, "enable_softmax_topk",
+                self.enable_softmax_topk, "needs top_k_lora")
+        require(self.softmax_temperature > 0, "softmax_temperature", self.softmax_temperature, "must be > 0")
+        require(0 <= self.xlora_dropout_p < 1, "xlora_dropout_p", self.xlora_dropout_p, "must be in [0, 1)")
+        require(not self.use_trainable_adapters, "use_trainable_adapters", self.use_trainable_adapters,
+                "trainable experts are not supported: X-LoRA trains its classifier over frozen experts")
+        for name, directory in self.adapters.items():  # what a path alone shows; io/ reads the files
+            path = Path(directory)
+            require(path.is_dir() and any(path.iterdir()), "adapters", self.adapters,
+                    f"expert {name!r}: {str(directory)!r} is not an adapter directory (missing or empty)")
+
+    def referenced_adapters(self) -> dict[str, str]:
+        return {str(name): str(directory) for name, directory in self.adapters.items()}
+
+    def use_referenced(self, adapters: dict[str, tuple[DeltaConfig, dict[str, torch.Tensor]]]) -> None:
+        """The experts as io/ read them: each a plain LoRA adapter; `target_modules` becomes every module
+        any expert adapts."""
+        directories = self.referenced_adapters()
+        for name, (config, _) in adapters.items():
+            dora = config.peft_type == "LORA" and config.use_dora
+            if config.peft_type != "LORA" or dora:
+                raise DeltaConfigError(f"adapters: {directories[name]!r} holds a {config.peft_type} adapter"
+                                       f"{' with DoRA' if dora else ''}; X-LoRA experts are plain LoRA "
+                                       "adapters")
+        super().use_referenced(adapters)
+        self.target_modules = sorted(set().union(*(expert_modules(t) for _, t in adapters.values())))
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data["adapters"] = {name: str(directory) for name, directory in self.adapters.items()}
+        return data
+
+    def supports(self, base: BaseLayer) -> bool:
+        return base.kind == "linear"
+
+    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> XLoraClassifier:
+        self.referenced()  # the experts (and the targets they give) were read
+        targets = set(self.target_modules)
+        ordered = [name for name, _ in model.named_modules() if name in targets]
+        hidden = self.hidden_size or getattr(getattr(model, "config", None), "hidden_size", None)
+        if hidden is None:
+            raise DeltaConfigError("hidden_size is not set and the model config has none")
+        weight = next(model.parameters())
+        numbers = {name: i for i, name in enumerate(ordered)}
+        return XLoraClassifier(self, hidden, numbers).to(weight.device, weight.dtype)
+
+    def make_adapter(self, base: BaseLayer, module_name: str,
+                     shared: nn.Module | None = None) -> XLoraAdapter:
+        experts = {}
+        for index, (config, tensors) in enumerate(self.referenced().values()):
+            prefix = f"{module_name}."
+            local = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if local:
+                expert = config.make_adapter(base, module_name)
+                expert.load_state_dict(local)
+                experts[str(index)] = expert
+        return XLoraAdapter(experts, shared, shared.layer_numbers[module_name])

@@ -1,0 +1,110 @@
+"""The adapter contract's decisions for BitFit, IA3, LN tuning, bottleneck, soft prompts, LLaMA-Adapter and
+X-LoRA (issue 16): a declared protocol that misses a piece fails at registration; X-LoRA's experts are read
+by io/ (the config only names them), before the model is touched, and never written into its file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conformance_rows import xlora_experts
+from tiny_models import tiny_llama
+from torch import nn
+
+import deltatune as dt
+from deltatune.core.config import DeltaConfig, register_method, registered_methods
+from deltatune.core.protocols import Additive, TakesOverForward
+from deltatune.errors import AdapterContractError
+
+
+class NoDelta(nn.Module, Additive):
+    """Declares Additive but gives no delta_weight."""
+
+    merge_rule = "additive"
+
+    def forward(self, x, base_out, base, call, owns_base_out=False):
+        return base_out
+
+    def merge_refusal(self):
+        return None
+
+
+class NoCallState(nn.Module, TakesOverForward):
+    """Declares TakesOverForward but gives no call_state (what a checkpointed recompute must see again)."""
+
+    disk_prefix = ""
+
+    def forward_model(self, model, *args, **kwargs):
+        return model(*args, **kwargs)
+
+    def generate_model(self, model, *args, **kwargs):
+        return model.generate(*args, **kwargs)
+
+
+@pytest.mark.parametrize("field_name,value,refusal", [
+    ("adapter_types", (NoDelta,), "NoDelta declares Additive but does not define 'delta_weight'"),
+    ("model_adapter_type", NoCallState,
+     "NoCallState declares TakesOverForward but does not define 'call_state'")])
+def test_a_declared_protocol_missing_a_piece_is_refused_at_registration(field_name, value, refusal):
+    before = registered_methods()
+    config_cls = dataclass(type("Incomplete", (DeltaConfig,), {"peft_type": "INCOMPLETE", field_name: value}))
+    with pytest.raises(AdapterContractError, match=refusal):
+        register_method(config_cls)
+    assert registered_methods() == before  # nothing half-registered
+
+
+def experts_copy(tmp_path) -> dict[str, str]:
+    """The shared saved experts, copied so a test may spoil one."""
+    return {name: shutil.copytree(path, tmp_path / name) for name, path in xlora_experts().items()}
+
+
+def test_xlora_experts_not_read_are_refused_before_the_model_is_touched():
+    """A config built by hand and passed to DeltaModel(...) directly never read its experts: one clear error
+    naming them, and the model is left as it was (get_peft_model / from_pretrained read them)."""
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    config = dt.XLoraConfig(adapters=xlora_experts(), hidden_size=16)
+    with pytest.raises(dt.DeltaConfigError, match="not read") as err:
+        dt.DeltaModel(base, config)
+    assert xlora_experts()["0"] in str(err.value)
+    assert not any(isinstance(m, dt.DeltaModel) or type(m).__name__ == "DeltaLayer" for m in base.modules())
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_xlora_expert_files_are_read_by_io_and_errors_name_the_expert(tmp_path):
+    experts = experts_copy(tmp_path)
+    (tmp_path / "1" / "adapter_model.safetensors").unlink()
+    with pytest.raises(dt.DeltaConfigError, match=r"adapter '1' in .*adapter_model.safetensors"):
+        dt.get_peft_model(tiny_llama(), dt.XLoraConfig(adapters=experts, hidden_size=16))
+
+    dora = tmp_path / "dora"
+    dora_config = dt.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
+    dt.get_peft_model(tiny_llama(), dora_config).save_pretrained(str(dora))
+    with pytest.raises(dt.DeltaConfigError, match="DoRA"):
+        dt.get_peft_model(tiny_llama(), dt.XLoraConfig(adapters={"0": str(dora)}, hidden_size=16))
+
+
+def test_xlora_file_holds_the_expert_directories_only(tmp_path):
+    """What io/ read stays on the config object: the saved config names the experts (as `peft` writes it),
+    the weights file holds the classifier alone, and a reload reads the experts again: same outputs."""
+    model = dt.get_peft_model(tiny_llama(), dt.XLoraConfig(adapters=xlora_experts(), hidden_size=16,
+                                                           xlora_depth=2, xlora_size=8)).eval()
+    adapted = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")  # by either expert
+    assert model.peft_config["default"].target_modules == sorted(f"model.layers.{i}.{m}" for i in (0, 1)
+                                                                 for m in adapted)
+    with torch.no_grad():
+        for param in model.model_adapters["default"].parameters():
+            param.copy_(torch.randn_like(param))
+    model.save_pretrained(str(tmp_path / "x"))
+    saved = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    assert saved["adapters"] == xlora_experts()
+    assert set(saved) == set(model.peft_config["default"].to_dict())  # no runtime-only field written
+
+    ids = torch.tensor([[3, 5, 7, 9]])
+    loaded = dt.DeltaModel.from_pretrained(tiny_llama(), str(tmp_path / "x")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, use_cache=False).logits,
+                                   model(input_ids=ids, use_cache=False).logits, rtol=0, atol=0)

@@ -3,10 +3,8 @@
 Why not plain modules: nn.Dropout keeps a float copy of the dropped input (4 bytes an element) for A's
 gradient in every adapted layer. This keeps the input x itself (already alive for the other layers
 that read it) plus the seed its dropout mask was drawn from (backward draws the mask again), and only
-rank-sized intermediates; the scaled up-projection is folded into one addmm on the base output.
-
-The same formulas in plain torch are in lora_reference.py; every fast path here (FAST_PATHS there) is
-held to them by tests/test_fast_paths.py.
+rank-sized intermediates; the scaled up-projection is folded into one addmm on the base output. The
+plain formulas are in lora_reference.py; tests/test_fast_paths.py holds every fast path here to them.
 
 Dropout masks: drawing them is most of dropout's cost on a CPU (a Bernoulli draw per input element costs
 about ten times the rank-16 matmul it feeds), so
@@ -16,8 +14,8 @@ about ten times the rank-16 matmul it feeds), so
   down-projection of the siblings. share_dropout=False draws an independent mask per layer, as peft does;
 - a mask is 16-bit uniforms compared with round((1 - p) * 2^16), four per 64-bit draw, and the
   rescale is 2^16 / that threshold, so the kept inputs are scaled by exactly 1 / P(keep);
-- masks are uint8 0/1 and applied by multiplication (about five times faster than torch.where on a CPU).
-The masks of one call live in that call's memo (`DropoutMasks`), never in globals or tensor attributes.
+- masks are uint8 0/1 and applied by multiplication (about five times faster than torch.where on a CPU);
+- a call's masks live in its memo (`DropoutMasks`), never in globals or tensor attributes.
 
 Shapes: x (..., in), base_out (..., out), A (r, in), B (out, r); N = prod(...) tokens.
 """
@@ -28,6 +26,7 @@ import math
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from ..core.call import CallContext
 
@@ -45,8 +44,7 @@ def keep_probability(dropout: float) -> float:
 
 
 def new_mask_seed() -> int:
-    """A seed for one dropout mask, drawn from the global CPU generator (so torch.manual_seed and
-    gradient checkpointing's RNG replay reproduce it)."""
+    """A seed for one dropout mask from the global CPU generator (torch.manual_seed, checkpoints replay it)."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
@@ -66,13 +64,11 @@ def draw_keep_mask(shape: torch.Size, dropout: float, device: torch.device, seed
 
 
 class DropoutMasks:
-    """One call's dropout masks (in `call.memo`, see `dropout_masks`). At most one masked input is alive per
-    call: drawing a new mask, in forward or backward, drops the previous one first.
-
-    forward: (weakref to the input, key, seed, masked flat input) of the last input met, when shared;
-    backward: (key, keep-mask, masked flat input) of the last mask drawn again in backward. The autograd
-    functions keep this object and the seed, so backward draws a mask once for all the siblings that shared
-    it (they run back to back)."""
+    """One call's dropout masks (in `call.memo`, see `dropout_masks`); at most one masked input alive per call
+    (a new draw, forward or backward, drops the previous one first). forward: (weakref to the input, key,
+    seed, masked flat input) of the last input met; backward: (key, keep-mask, masked flat input) of the last
+    mask drawn again. The autograd functions keep this object and the seed, so backward draws a mask once for
+    all the siblings that shared it (they run back to back). Nothing is kept when not shared."""
 
     def __init__(self, share: bool) -> None:
         self.share = share
@@ -80,13 +76,10 @@ class DropoutMasks:
         self.backward: tuple | None = None
 
     def dropped(self, x: torch.Tensor, flat: torch.Tensor, dropout: float) -> tuple[int, torch.Tensor]:
-        """(mask seed, masked flat input) for input `x`: with sharing, drawn once per input tensor object.
-
-        Sharing is by tensor identity (no private version counter): an input changed in place between two
-        of its readers would give the second the first one's masked input. Under autograd that cannot pass
-        unnoticed (x is saved for backward, so autograd's version check refuses the step); a no-gradient
-        forward in training mode shares too, so that a reentrant checkpoint's no-grad forward draws what its
-        recompute draws."""
+        """(mask seed, masked flat input) for `x`: when shared, drawn once per input tensor object (by identity,
+        no private version counter: an input changed in place between two readers would give the second the
+        first's masked input; under autograd, x is saved for backward, so autograd refuses that step). No-grad
+        forwards share too: a reentrant checkpoint's no-grad forward must draw what its recompute draws."""
         key = (dropout, x.shape, x.dtype, x.device)
         entry = self.forward
         if entry is not None and entry[0]() is x and entry[1] == key:
@@ -124,8 +117,7 @@ def dropout_masks(call: CallContext) -> DropoutMasks:
 
 
 def autocast_state(x: torch.Tensor) -> tuple:
-    """The forward's autocast state: backward may run outside the autocast block (Hugging Face Trainer
-    does), so the functions here replay it."""
+    """The forward's autocast state: backward may run outside the autocast block (HF Trainer), so it replays it."""
     device = x.device.type
     return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
 
@@ -193,8 +185,7 @@ class LoraLinearFunction(ReplaysAutocast):
 
 def add_up_projection(base_out: torch.Tensor, hidden: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                       inplace: bool) -> torch.Tensor:
-    """base_out + scaling * hidden @ B^T shaped as base_out; added into base_out itself when `inplace`
-    (see `in_place`)."""
+    """base_out + scaling * hidden @ B^T shaped as base_out; into base_out itself when `inplace` (in_place)."""
     flat = base_out.reshape(-1, base_out.shape[-1])
     if inplace:
         flat.addmm_(hidden, lora_b.t(), alpha=scaling)
@@ -203,11 +194,10 @@ def add_up_projection(base_out: torch.Tensor, hidden: torch.Tensor, lora_b: torc
 
 
 def in_place(owns_base_out: bool, base_out: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the up-projection adds into base_out (or its copy in x's dtype) itself: only when the caller
-    hands it over (`owns_base_out`: core passes it for a base whose output nothing else holds,
-    BaseLayer.output_is_fresh; it may be a view of a temporary, see LoraLinearFunction), it is contiguous
-    (a reshape would copy it and the add would be lost) and no autocast changes the projection's dtype
-    (addmm_ cannot). Saves copying base_out: about 4% of an unmerged forward."""
+    """Whether the up-projection adds into base_out (or its copy in x's dtype) itself: when the caller hands
+    it over (`owns_base_out`: core passes it when nothing else holds the base output, BaseLayer.output_is_fresh;
+    it may be a view of a temporary, see LoraLinearFunction), it is contiguous (else reshape copies and the add
+    is lost) and no autocast changes the projection's dtype. Saves copying base_out (~4% of a forward)."""
     return owns_base_out and base_out.is_contiguous() and not torch.is_autocast_enabled(x.device.type)
 
 
@@ -244,67 +234,66 @@ DENSE_BELOW = 32
 
 def mixed_path(x: torch.Tensor, slots: int) -> str:
     """Which mixed-batch fast path `mixed_lora_linear` takes for x (batch, ..., in) and `slots` adapters."""
-    tokens = math.prod(x.shape[1:-1])
-    return "mixed_dense" if tokens * slots < DENSE_BELOW else "mixed_gather"
+    return "mixed_dense" if math.prod(x.shape[1:-1]) * slots < DENSE_BELOW else "mixed_gather"
 
 
-def stacked_factors(factors: list, memo: dict | None, key: object, dense: bool) -> tuple:
-    """A^T stacked (slots + 1, in, r_max) and s * B^T stacked (slots + 1, r_max, out), the last slot the
-    base model (zeros); with `dense` also the same side by side, (in, slots * r_max) and (slots * r_max, out).
+def stack_slots(factors: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A^T stacked (slots + 1, in, r_max), B^T stacked (slots + 1, r_max, out) and the scalings (slots + 1,),
+    the last slot the base model (zeros, scaling 0): the layout the batched matmuls read fastest. One copy
+    each (torch.stack); an empty slot is zeros, a smaller rank zero-padded."""
+    present = [f for f in factors if f is not None]
+    (ref, ref_b, _), r_max = present[0], max(a.shape[0] for a, _, _ in present)
+    empty = (ref.new_zeros(r_max, ref.shape[1]), ref_b.new_zeros(ref_b.shape[0], r_max), 0.0)
+    slots = [empty if f is None else f for f in factors] + [empty]
+    a_t = torch.stack([F.pad(a.t(), (0, r_max - a.shape[0])) if a.shape[0] < r_max else a.t() for a, _, _ in slots])
+    b_t = torch.stack([F.pad(b.t(), (0, 0, 0, r_max - b.shape[1])) if b.shape[1] < r_max else b.t()
+                       for _, b, _ in slots])
+    return a_t, b_t, torch.tensor([s for _, _, s in slots], dtype=a_t.dtype, device=a_t.device)
 
-    Cached in the call's `memo` under `key` (one per base layer) when no gradient is wanted: the factors
+
+def stacked_factors(factors: list, memo: dict | None, key: object, dense: bool) -> list:
+    """[A^T stacked, B^T stacked, scalings (stack_slots), A^T side by side (in, slots * r_max) when `dense`,
+    else None] for `factors`. Cached in the call's `memo` under `key` (one per base layer) when no gradient is wanted: the factors
     cannot change within one call, and a generate() call is one call for all its decode steps, so they
-    stack once. Cost per layer and call: writing (slots + 1) * (in + out) * r_max floats (twice that for the
-    dense side-by-side copy): for SmolLM2 (30 blocks, in + out summed over a block's 7 linears = 10,176),
-    8 adapters of r=16 make 30 * 10,176 * 16 * 9 = 44M floats, about 0.2 GB written per call: some tens of
-    ms on a CPU, against about 10 s for a 32 x 128-token forward (under 1%), and paid once per generate()."""
-    cacheable = memo is not None and not (
-        torch.is_grad_enabled() and any(f[0].requires_grad or f[1].requires_grad for f in factors if f is not None))
+    stack once per layer for the whole generation. Cost per layer and call: copying (slots + 1) * (in + out)
+    * r_max floats (the dense path copies A once more): for SmolLM2 (30 blocks; in + out summed over a
+    block's 7 linears = 10,176) with 8 adapters of r=16, 30 * 10,176 * 16 * 9 = 44M floats, 0.18 GB, against
+    a forward over 32 x 128 tokens of about 0.9 TFLOP whose gather step alone copies 32 / 9 times as much.
+    A single forward per call of one token per sample (a decode step outside generate()) pays it each time."""
     tensors = tuple(t for f in factors if f is not None for t in f[:2])
+    cacheable = memo is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     hit = memo.get(key) if cacheable else None
     if hit is not None and len(hit[0]) == len(tensors) and all(a is b for a, b in zip(hit[0], tensors)):
         stacks = hit[1]
     else:
-        present = [f for f in factors if f is not None]
-        ref = present[0][0]
-        r_max = max(a.shape[0] for a, _, _ in present)
-        a_t = ref.new_zeros(len(factors) + 1, ref.shape[1], r_max)
-        b_t = ref.new_zeros(len(factors) + 1, r_max, present[0][1].shape[0])
-        for slot, found in enumerate(factors):
-            if found is not None:
-                a, b, scaling = found
-                a_t[slot, :, : a.shape[0]] = a.t()
-                b_t[slot, : a.shape[0]] = b.t() * scaling
-        stacks = [a_t, b_t, None, None]
+        stacks = [*stack_slots(factors), None]
         if cacheable:
             memo[key] = (tensors, stacks)
-    if dense and stacks[2] is None:  # built on first need: a prefill (gather) step does not pay for it
-        a_t, b_t = stacks[:2]
-        slots, in_f, r_max = len(factors), a_t.shape[1], a_t.shape[2]
-        stacks[2] = a_t[:slots].permute(1, 0, 2).reshape(in_f, slots * r_max)
-        stacks[3] = b_t[:slots].reshape(slots * r_max, b_t.shape[2])
-    return tuple(stacks)
+    if dense and stacks[3] is None:  # built on first need: a prefill (gather) step does not pay for it
+        a_t, slots = stacks[0], len(factors)
+        stacks[3] = a_t[:slots].permute(1, 0, 2).reshape(a_t.shape[1], -1)  # (in, slots * r_max)
+    return stacks
 
 
 def mixed_lora_linear(factors: list, x: torch.Tensor, base_out: torch.Tensor, index: torch.Tensor,
                       memo: dict | None = None, key: object = None) -> torch.Tensor:
     """One LoRA per sample (lora_reference.mixed_lora): `factors[slot]` is (A, B, scaling) or None, `index`
-    (batch,) a slot per sample (-1: the base model); `memo`/`key`: where the call caches the stacked factors
-    (stacked_factors). No loop over samples or adapters: long samples gather their stacked factors and
-    take one bmm down and one baddbmm up into the base output; short ones (decode) go through every
-    adapter's A side by side with the other adapters' ranks masked to zero, then one addmm up."""
+    (batch,) a slot per sample (-1: the base model); `memo`/`key`: where the call caches the stacked factors.
+    No loop over samples or adapters: long samples gather their stacked factors, one bmm down and one baddbmm
+    up; short ones (decode) go through all adapters' A side by side, other ranks masked (and scaled), one addmm."""
     dense = mixed_path(x, len(factors)) == "mixed_dense"
-    a_t, b_t, a_cat, b_cat = stacked_factors(factors, memo, key, dense)
-    batch, in_f, r_max, out_f = x.shape[0], a_t.shape[1], a_t.shape[2], b_t.shape[2]
+    a_t, b_t, scales, a_cat = stacked_factors(factors, memo, key, dense)
+    batch, slots, in_f, r_max, out_f = x.shape[0], len(factors), a_t.shape[1], a_t.shape[2], b_t.shape[2]
     flat = x.reshape(batch, -1, in_f).to(a_t.dtype)  # (batch, tokens, in)
     tokens = flat.shape[1]
     if dense:
         hidden = flat.reshape(-1, in_f) @ a_cat  # (batch * tokens, slots * r_max)
-        own = torch.arange(len(factors), device=index.device) == index[:, None]  # (batch, slots); base: none
-        hidden = hidden.view(batch, tokens, len(factors), r_max) * own[:, None, :, None].to(hidden.dtype)
+        own = (torch.arange(slots, device=index.device) == index[:, None]) * scales[:slots]  # (batch, slots)
+        hidden = hidden.view(batch, tokens, slots, r_max) * own[:, None, :, None].to(hidden.dtype)
+        b_cat = b_t[:slots].reshape(slots * r_max, out_f)  # a view: B^T side by side
         out = torch.addmm(base_out.reshape(-1, out_f).to(a_t.dtype), hidden.view(batch * tokens, -1), b_cat)
         return out.reshape(base_out.shape).to(base_out.dtype)
-    slots = torch.where(index < 0, len(factors), index)
-    hidden = torch.bmm(flat, a_t[slots])  # (batch, tokens, r_max)
-    out = torch.baddbmm(base_out.reshape(batch, -1, out_f).to(a_t.dtype), hidden, b_t[slots])
+    rows = torch.where(index < 0, slots, index)
+    hidden = torch.bmm(flat, a_t[rows]).mul_(scales[rows][:, None, None])  # (batch, tokens, r_max)
+    out = torch.baddbmm(base_out.reshape(batch, -1, out_f).to(a_t.dtype), hidden, b_t[rows])
     return out.reshape(base_out.shape).to(base_out.dtype)

@@ -6,6 +6,9 @@ Set-up (DESIGN section 8): SmolLM2-135M, float32, LoRA r=16 on all linear layers
 floor is the same model with every weight frozen, back-propagating only to the input embeddings.
 Each set-up runs in its own process; the table shows step time / floor, peak RSS / floor, and
 deltatune / peft, for LoRA and DoRA with dropout 0.05 and 0, then DoRA / LoRA step time (median steps).
+"lora p=0.05 indep" is deltatune with `model.share_dropout_masks = False`: an independent dropout mask per
+layer, as peft draws them, instead of one mask shared by the layers that read one input (q/k/v, gate/up);
+its peft row is the "lora p=0.05" peft run, and the shared/independent step-time ratio is printed last.
 Every set-up takes the loss the way Hugging Face users do (`model(..., labels=ids).loss`); the
 `deltatune+loss` rows take it the way `deltatune train` does (train/linear_loss.py: the loss straight from the hidden states, no full logits tensor).
 """
@@ -19,7 +22,7 @@ import torch
 from common import shape_args, load_smollm2, peak_rss_gb, run_worker, timed, token_batch
 
 
-def build(setup: str, dropout: float, dora: bool):
+def build(setup: str, dropout: float, dora: bool, share: bool = True):
     model = load_smollm2()
     if setup == "floor":
         model.requires_grad_(False)
@@ -31,14 +34,16 @@ def build(setup: str, dropout: float, dora: bool):
         return peft.get_peft_model(model, peft.LoraConfig(**kwargs))
     import deltatune
 
-    return deltatune.get_peft_model(model, deltatune.LoraConfig(**kwargs))
+    model = deltatune.get_peft_model(model, deltatune.LoraConfig(**kwargs))
+    model.share_dropout_masks = share
+    return model
 
 
-def worker(setup: str, dropout: float, dora: bool, batch: int, seq: int, steps: int) -> dict:
+def worker(setup: str, dropout: float, dora: bool, share: bool, batch: int, seq: int, steps: int) -> dict:
     from deltatune.train.evaluate import token_loss_sum
 
     own_loss = setup.endswith("+loss")
-    model = build(setup.removesuffix("+loss"), dropout, dora).train()
+    model = build(setup.removesuffix("+loss"), dropout, dora, share).train()
     ids = token_batch(batch, seq, 49152)
     embed = model.get_input_embeddings()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -61,9 +66,14 @@ def worker(setup: str, dropout: float, dora: bool, batch: int, seq: int, steps: 
     return {"setup": setup, "seconds": seconds, "rss_gb": peak_rss_gb()}
 
 
-VARIANTS = {"lora p=0.05": (0.05, False), "lora p=0": (0.0, False), "dora p=0.05": (0.05, True),
-            "dora p=0": (0.0, True)}
+VARIANTS = {"lora p=0.05": (0.05, False, True), "lora p=0.05 indep": (0.05, False, False),
+            "lora p=0": (0.0, False, True), "dora p=0.05": (0.05, True, True), "dora p=0": (0.0, True, True)}
 LIBRARIES = ("peft", "deltatune", "deltatune+loss")
+
+
+def job(lib: str, p: float, dora: bool, share: bool) -> tuple[str, ...]:
+    """A worker's arguments; peft has no sharing switch, so its independent-mask job is its only p=0.05 job."""
+    return (lib, str(p), "1" if dora else "0", "1" if share or lib == "peft" else "0")
 
 
 def measure(jobs: list[tuple[str, ...]], shape: list[str], rounds: int) -> dict:
@@ -81,20 +91,20 @@ def measure(jobs: list[tuple[str, ...]], shape: list[str], rounds: int) -> dict:
 def main() -> None:
     args, shape = shape_args(__doc__, rounds=True)
     if args.worker:
-        setup, dropout, dora = args.worker[0], float(args.worker[1]), args.worker[2] == "1"
-        print(json.dumps(worker(setup, dropout, dora, args.batch, args.seq, args.steps)))
+        setup, dropout, dora, share = args.worker[0], float(args.worker[1]), args.worker[2] == "1", args.worker[3] == "1"
+        print(json.dumps(worker(setup, dropout, dora, share, args.batch, args.seq, args.steps)))
         return
     variants = {k: v for k, v in VARIANTS.items() if k.startswith(tuple(args.only or ("lora", "dora")))}
-    jobs = [("floor", "0", "0")] + [(lib, str(p), "1" if dora else "0") for p, dora in variants.values()
-                                    for lib in LIBRARIES]
+    jobs = [("floor", "0", "0", "1")] + list(dict.fromkeys(
+        job(lib, *variant) for variant in variants.values() for lib in LIBRARIES))
     runs = measure(jobs, shape, args.rounds)
     floor = runs[jobs[0]]
     print(f"floor: {floor['seconds']:.2f} s/step, peak RSS {floor['rss_gb']:.2f} GB "
           f"(batch {args.batch} x {args.seq}, {args.steps} steps, {args.rounds} round(s))")
     print(f"{'variant':<16}{'library':<16}{'time/floor':>11}{'RSS/floor':>11}{'s/step':>9}{'RSS GB':>8}")
     table = {}
-    for label, (p, dora) in variants.items():
-        results = table[label] = {lib: runs[(lib, str(p), "1" if dora else "0")] for lib in LIBRARIES}
+    for label, (p, dora, share) in variants.items():
+        results = table[label] = {lib: runs[job(lib, p, dora, share)] for lib in LIBRARIES}
         for lib, res in results.items():
             print(f"{label:<16}{lib:<16}{res['seconds'] / floor['seconds']:>11.2f}"
                   f"{res['rss_gb'] / floor['rss_gb']:>11.2f}{res['seconds']:>9.2f}{res['rss_gb']:>8.2f}")
@@ -107,6 +117,10 @@ def main() -> None:
             ratios = ", ".join(f"{lib} {table[f'dora p={p}'][lib]['seconds'] / table[f'lora p={p}'][lib]['seconds']:.2f}"
                                for lib in LIBRARIES)
             print(f"DoRA / LoRA step time, dropout {p}: {ratios}")
+    if "lora p=0.05" in table and "lora p=0.05 indep" in table:
+        ratios = ", ".join(f"{lib} {table['lora p=0.05'][lib]['seconds'] / table['lora p=0.05 indep'][lib]['seconds']:.2f}"
+                           for lib in LIBRARIES[1:])
+        print(f"LoRA dropout 0.05 step time, shared / independent masks: {ratios}")
 
 
 if __name__ == "__main__":

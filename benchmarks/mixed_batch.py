@@ -9,8 +9,10 @@ the adapted layers rather than in the 49k-wide output head that no adapter touch
   single: deltatune, the whole batch through one adapter (set_adapter)
   mixed:  deltatune, adapter_names cycles through the 8 adapters (4 samples each)
   peft:   the peft package, the same mixed batch
-deltatune's kernel is `mixed_lora_linear` in methods/lora_ops.py (stacked factors cached between calls,
-one gather + bmm + baddbmm; a dense masked path for decode-sized inputs). --seq 1 times a decode step.
+deltatune's kernel is `mixed_lora_linear` in methods/lora_ops.py (factors stacked once per layer per call, in
+the call's memo; one gather + bmm + baddbmm; a dense masked path for decode-sized inputs). --seq 1 times a
+decode step as its own forward call, so it pays the stacking each time (inside generate() the decode steps
+of one call share it).
 Each set-up runs in its own process; the parent prints mixed / single (goal <= 1.3) and
 deltatune mixed / peft mixed (goal <= 0.5), all measured in this one run.
 """

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from deltatune.methods.lora_ops import (KEEP_LEVELS, LoraLinearFunction, draw_keep_mask, keep_threshold, lora_linear,
-                                       new_mask_seed)
+from deltatune.core.call import CallContext
+from deltatune.methods.lora_ops import (KEEP_LEVELS, DropoutMasks, LoraLinearFunction, draw_keep_mask, keep_threshold,
+                                       lora_linear, new_mask_seed)
 
 
 def test_gradcheck_without_dropout():
@@ -13,7 +14,8 @@ def test_gradcheck_without_dropout():
     base = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     a = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: LoraLinearFunction.apply(*t, 0.7, 0.0, False), (x, base, a, b))
+    assert torch.autograd.gradcheck(lambda *t: LoraLinearFunction.apply(*t, 0.7, 0.0, False, DropoutMasks(True)),
+                                    (base, x, a, b))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -24,7 +26,7 @@ def test_matches_reference_with_same_mask(dropout):
     a = torch.randn(3, 8, requires_grad=True)
     b = torch.randn(10, 3, requires_grad=True)
     torch.manual_seed(7)
-    ours = lora_linear(x, base, a, b, 1.5, dropout)
+    ours = lora_linear(x, base, a, b, 1.5, dropout, CallContext())
     ours.square().sum().backward()
     grads = [t.grad.clone() for t in (x, a, b)]
     for t in (x, a, b):
@@ -56,18 +58,35 @@ def test_keep_mask_is_an_unbiased_independent_bernoulli():
 
 
 def test_layers_reading_one_input_share_its_mask_and_others_do_not():
-    """q/k/v read the same tensor: one mask; the next layer's input gets a fresh one."""
+    """q/k/v read the same tensor in one call: one mask; another input, or the same input in another call
+    (the next forward), gets a fresh one. The masks live in the call's memo, nowhere else."""
     torch.manual_seed(0)
     x = torch.randn(5, 64)
     base = torch.zeros(5, 64)
     eye = torch.eye(64)
-    first = lora_linear(x, base, eye, eye, 1.0, 0.5)  # identity LoRA: the dropped input itself
-    second = lora_linear(x, base, eye, eye, 1.0, 0.5)
+    call = CallContext()
+    first = lora_linear(x, base, eye, eye, 1.0, 0.5, call)  # identity LoRA: the dropped input itself
+    second = lora_linear(x, base, eye, eye, 1.0, 0.5, call)
     torch.testing.assert_close(first, second)
-    other = lora_linear(x.clone(), base, eye, eye, 1.0, 0.5)
+    other = lora_linear(x.clone(), base, eye, eye, 1.0, 0.5, call)
     assert not torch.equal(first != 0, other != 0)
-    x.add_(1.0)  # changed in place: a new mask
-    assert not torch.equal(lora_linear(x, base, eye, eye, 1.0, 0.5) != 0, first != 0)
+    assert not torch.equal(lora_linear(x, base, eye, eye, 1.0, 0.5, CallContext()) != 0, first != 0)
+    unshared = CallContext(share_dropout=False)
+    assert not torch.equal(lora_linear(x, base, eye, eye, 1.0, 0.5, unshared) != 0,
+                           lora_linear(x, base, eye, eye, 1.0, 0.5, unshared) != 0)
+
+
+def test_a_call_keeps_at_most_one_masked_input():
+    """Drawing for a new input frees the previous masked input; backward's redraw frees forward's."""
+    call, masks = CallContext(), None
+    for width in (8, 9, 10):
+        x = torch.randn(4, width, requires_grad=True)
+        lora_linear(x, torch.zeros(4, 3), torch.randn(2, width), torch.randn(3, 2), 1.0, 0.3, call)
+        masks = call.memo["lora_dropout"]
+        assert masks.forward[3].shape == (4, width) and masks.backward is None
+    out = lora_linear(x, torch.zeros(4, 3), torch.randn(2, 10, requires_grad=True), torch.randn(3, 2), 1.0, 0.3, call)
+    out.sum().backward()
+    assert masks.forward is None and masks.backward[2].shape == (4, 10)
 
 
 def test_backward_draws_each_inputs_mask_again_for_all_its_readers():
@@ -83,7 +102,8 @@ def test_backward_draws_each_inputs_mask_again_for_all_its_readers():
         return (q * k).sum() + branch(y, *factors[2]).square().sum()
 
     torch.manual_seed(7)
-    loss(lambda inp, a, b: lora_linear(inp, base, a, b, 2.0, 0.4)).backward()
+    call = CallContext()
+    loss(lambda inp, a, b: lora_linear(inp, base, a, b, 2.0, 0.4, call)).backward()
     leaves = [x, y, *[t for pair in factors for t in pair]]
     ours = [t.grad.clone() for t in leaves]
     for t in leaves:
@@ -118,11 +138,10 @@ def test_gradient_checkpointing_replays_the_dropout_masks():
 
 
 @pytest.mark.parametrize("tokens", [1, 9])  # decode-sized (dense masked path) and prefill-sized (gather path)
-def test_mixed_batch_kernel_equals_each_sample_alone_and_sees_updates(tokens):
-    from deltatune.methods.lora_ops import mixed_lora_linear
+def test_mixed_batch_kernel_equals_each_sample_alone_and_caches_per_call(tokens):
+    from deltatune.methods import lora_ops
 
     torch.manual_seed(0)
-    owner = torch.nn.Linear(8, 6)
     factors = [(torch.randn(r, 8), torch.randn(6, r), s) for r, s in ((2, 0.5), (4, 2.0))]
     factors.insert(1, None)  # an empty slot
     index = torch.tensor([0, -1, 2, 2, 0])  # -1: the base model
@@ -136,11 +155,15 @@ def test_mixed_batch_kernel_equals_each_sample_alone_and_sees_updates(tokens):
         return torch.stack(rows)
 
     with torch.no_grad():
-        torch.testing.assert_close(mixed_lora_linear(factors, x, base, index, owner), reference())
-        factors[0][1].mul_(3.0)  # an optimizer step or hotswap in place: the cached stack is rebuilt
-        torch.testing.assert_close(mixed_lora_linear(factors, x, base, index, owner), reference())
-        factors[2] = (torch.randn(4, 8), torch.randn(6, 4), 2.0)  # replaced tensors: rebuilt too
-        torch.testing.assert_close(mixed_lora_linear(factors, x, base, index, owner), reference())
+        memo = {}
+        torch.testing.assert_close(lora_ops.mixed_lora_linear(factors, x, base, index, memo, "q"), reference())
+        stacks = memo["q"][1]
+        torch.testing.assert_close(lora_ops.mixed_lora_linear(factors, x, base, index, memo, "q"), reference())
+        assert memo["q"][1] is stacks  # the same call (decode steps of one generate): stacked once
+        factors[0][1].mul_(3.0)  # an optimizer step or hotswap between calls: the next call stacks anew
+        torch.testing.assert_close(lora_ops.mixed_lora_linear(factors, x, base, index, {}, "q"), reference())
+        factors[2] = (torch.randn(4, 8), torch.randn(6, 4), 2.0)  # other tensors under the same key: rebuilt
+        torch.testing.assert_close(lora_ops.mixed_lora_linear(factors, x, base, index, memo, "q"), reference())
 
 
 def test_dora_function_gradcheck_without_dropout():
@@ -155,7 +178,7 @@ def test_dora_function_gradcheck_without_dropout():
     m = torch.rand(4, **d).add(0.5).requires_grad_()
 
     def fn(x, base, a, b, m):  # the norm is a constant in backprop (DoRA section 4.3): freeze it for gradcheck
-        return DoraLinearFunction.apply(x, base, weight, bias, a, b, m, 0.7, 0.0)
+        return DoraLinearFunction.apply(x, base, weight, bias, a, b, m, 0.7, 0.0, DropoutMasks(True))
 
     # gradcheck perturbs A and B, which moves the (constant-in-backprop) norm: check x, base and m here,
     # A and B against the reference formula below
@@ -174,7 +197,7 @@ def test_dora_function_matches_the_reference_formula(dropout):
     a, b = torch.randn(3, 8, requires_grad=True), torch.randn(10, 3, requires_grad=True)
     m = (dora.channel_norm(weight) * (1 + 0.1 * torch.randn(10))).requires_grad_()
     torch.manual_seed(7)
-    ours = dora.dora_linear(x, base, weight, bias, a, b, m, 1.5, dropout)
+    ours = dora.dora_linear(x, base, weight, bias, a, b, m, 1.5, dropout, CallContext())
     ours.square().sum().backward()
     grads = [t.grad.clone() for t in (x, a, b, m)]
     for t in (x, a, b, m):
@@ -214,5 +237,5 @@ def test_inference_adds_into_the_base_output_and_fusion_inputs_stay_intact():
     base_out = torch.randn(2, 3, 16)
     kept = base_out.clone()
     with torch.no_grad():
-        adapter(x, base_out, layer.base_layer)  # a caller that does not hand over base_out
+        adapter(x, base_out, layer.base, CallContext())  # a caller that does not hand over base_out
     assert torch.equal(base_out, kept)

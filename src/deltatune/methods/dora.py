@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora_ops import ReplaysAutocast, autocast_state, dropout_in_backward, dropped_projection
+from ..core.call import CallContext
+from .lora_ops import DropoutMasks, ReplaysAutocast, autocast_state, dropout_masks, dropped_projection
 
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -62,6 +63,18 @@ def dora_output(base_out: torch.Tensor, base_result: torch.Tensor, lora_result: 
     if embedding:
         return scale * base_out + lora_part
     return base_out + ((scale - 1) * base_result + lora_part)
+
+
+def module_output(adapter: nn.Module, base: nn.Module, base_out: torch.Tensor, lora_result: torch.Tensor,
+                  dropped: torch.Tensor | None) -> torch.Tensor:
+    """DoRA on the module path of a LoraAdapter (conv, embedding, an (in, out) or trainable weight):
+    `lora_result` = B A x~ unscaled, `dropped` = x~ when dropout changed the input, else None."""
+    weight = adapter._out_first(base.read_weight(copy=False))
+    scale = magnitude_scale(adapter.lora_magnitude_vector, weight, adapter._delta_out_first())
+    channel_dim = 1 if adapter.kind == "conv" else -1
+    base_result = base_without_bias(base, weight, base_out, dropped, channel_dim)
+    return dora_output(base_out, base_result, lora_result, scale, channel_dim, adapter.scaling,
+                       embedding=adapter.kind == "embedding")
 
 
 def merged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
@@ -135,9 +148,10 @@ class DoraLinearFunction(ReplaysAutocast):
     two (N, out) tensors."""
 
     @staticmethod
-    def forward(ctx, x, base_out, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout: float):
+    def forward(ctx, x, base_out, weight, bias, lora_a, lora_b, magnitude, scaling: float, dropout: float,
+                masks: DropoutMasks):
         out_f = base_out.shape[-1]
-        seed, dropped, rescale, hidden = dropped_projection(x, lora_a, dropout)
+        seed, dropped, rescale, hidden = dropped_projection(x, lora_a, dropout, masks)
         norm = channel_norm(weight + scaling * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype)))
         scale = magnitude.reshape(-1) / norm
         base_flat = base_out.reshape(-1, out_f)
@@ -156,14 +170,14 @@ class DoraLinearFunction(ReplaysAutocast):
         out = combined * scale_out if rest is None else torch.addcmul(rest, combined, scale_out)
         ctx.save_for_backward(x, hidden, lora_a, lora_b, weight, norm, scale_out, combined)
         ctx.scaling, ctx.rescale, ctx.magnitude = scaling, rescale, (magnitude.shape, magnitude.dtype)
-        ctx.mask = (seed, dropout)
+        ctx.mask, ctx.masks = (seed, dropout), masks
         ctx.autocast = autocast_state(x)
         return out.view(base_out.shape)
 
     @staticmethod
     def _backward(ctx, grad_out):
         x, hidden, lora_a, lora_b, weight, norm, scale, combined = ctx.saved_tensors
-        keep, dropped = dropout_in_backward(x, *ctx.mask)
+        keep, dropped = ctx.masks.in_backward(x, *ctx.mask)
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         shape, dtype = ctx.magnitude
         grad_m = ((g * combined).sum(0) / norm).reshape(shape).to(dtype)
@@ -178,24 +192,31 @@ class DoraLinearFunction(ReplaysAutocast):
                 grad_x = (grad_x + ((g * (scale - 1)) @ weight.to(g.dtype)).mul_(ctx.rescale)).mul_(keep)
             grad_x = grad_x.view(x.shape)
         grad_base = grad_out if keep is not None else g_lora.view(grad_out.shape)
-        return grad_x, grad_base, None, None, grad_a, grad_b, grad_m, None, None
+        return grad_x, grad_base, None, None, grad_a, grad_b, grad_m, None, None, None
+
+
+def linear_path(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                magnitude: torch.Tensor, dropout: float) -> str:
+    """Which fast path `dora_linear` takes (names of lora_reference.FAST_PATHS)."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, base_out, lora_a, lora_b, magnitude))
+    return "dora_no_grad" if dropout == 0 and not grad else "dora_autograd"
 
 
 def dora_linear(x: torch.Tensor, base_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor, scaling: float,
-                dropout: float) -> torch.Tensor:
-    """A linear layer's DoRA output; `weight` (out, in) and `bias` are frozen. Training goes through
-    DoraLinearFunction (fused passes, little memory); a forward that needs no gradient and drops nothing
-    runs the reference `dora_output`, in peft's order of operations, so an adapter either library wrote
-    gives the same float32 logits in both (the fused order moves SmolLM2's logits by up to 5e-5)."""
+                dropout: float, call: CallContext) -> torch.Tensor:
+    """A linear layer's DoRA output (lora_reference.dora); `weight` (out, in) and `bias` are frozen, `call`
+    this forward's context (its memo holds the dropout masks). Training goes through DoraLinearFunction (fused
+    passes, little memory); a forward that needs no gradient and drops nothing runs `dora_output`, in peft's
+    order of operations, so an adapter either library wrote gives the same float32 logits in both (the
+    fused order moves SmolLM2's logits by up to 5e-5)."""
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    if dropout == 0 and not (torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, base_out, lora_a, lora_b, magnitude))):
+    if linear_path(x, base_out, lora_a, lora_b, magnitude, dropout) == "dora_no_grad":
         norm = channel_norm(weight + scaling * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype)))
         base_result = base_out if bias is None else base_out - bias
         lora_result = F.linear(F.linear(x, lora_a), lora_b).to(base_out.dtype)  # B A x, (..., out)
         scale = magnitude.reshape(-1) / norm
         return dora_output(base_out, base_result, lora_result, scale, -1, scaling).to(base_out.dtype)
     out = DoraLinearFunction.apply(x, base_out.to(x.dtype), weight.detach(), None if bias is None else bias.detach(),
-                                   lora_a, lora_b, magnitude, scaling, dropout)
+                                   lora_a, lora_b, magnitude, scaling, dropout, dropout_masks(call))
     return out.to(base_out.dtype)

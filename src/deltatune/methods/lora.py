@@ -39,15 +39,12 @@ from .lora_ops import lora_linear, mixed_lora_linear
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "pissa", "olora", "loftq")
-
-
 KINDS = ("linear", "embedding", "conv")  # the base kinds LoRA adapts (core/base.py)
 
 
 def init_needs_float(init: bool | str, base: BaseLayer) -> bool:
     """PiSSA / OLoRA factor W itself, so they refuse a quantized base weight."""
     return isinstance(init, str) and init != "loftq" and base.is_quantized
-
 
 
 class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched):
@@ -178,37 +175,41 @@ class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched):
             return hidden @ self.lora_embedding_B.T
         return self.lora_B(self.lora_A(x))
 
+    def path(self, base: BaseLayer) -> str:
+        """The kernel that runs: "linear" (lora_ops), "dora_linear" (dora.py) or "module" (conv, embedding, DoRA on
+        an (in, out) or trainable weight); tests/test_fast_paths.py holds each to lora_reference.py."""
+        if self.kind == "linear" and not self.use_dora:
+            return "linear"
+        if self.kind == "linear" and not self.fan_in_fan_out and not base.weight.requires_grad:
+            return "dora_linear"
+        return "module"
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
                 owns_base_out: bool = False) -> torch.Tensor:
-        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-        if self.kind == "linear" and not self.use_dora:
-            return lora_linear(x, base_out, self.lora_A.weight, self.lora_B.weight, self.scaling, p,
-                               inplace=owns_base_out)
-        if self.kind == "linear" and not self.fan_in_fan_out and not base.weight.requires_grad:
+        p, path = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0, self.path(base)
+        if path == "linear":
+            return lora_linear(x, base_out, self.lora_A.weight, self.lora_B.weight, self.scaling, p, call, owns_base_out)
+        if path == "dora_linear":
             return dora.dora_linear(x, base_out, base.read_weight(copy=False), base.bias, self.lora_A.weight,
-                                    self.lora_B.weight, self.lora_magnitude_vector, self.scaling, p)
-        dropped = x if self.kind == "embedding" else self.dropout(x)
+                                    self.lora_B.weight, self.lora_magnitude_vector, self.scaling, p, call)
+        dropped = x if self.kind == "embedding" else self.dropout(x)  # "lora_module" / "dora_module"
         lora_out = self._unscaled_lora_out(dropped, base).to(base_out.dtype)
         if not self.use_dora:
             return base_out + lora_out * self.scaling
-        weight = self._out_first(base.read_weight(copy=False))
-        scale = dora.magnitude_scale(self.lora_magnitude_vector, weight, self._delta_out_first())
-        channel_dim = 1 if self.kind == "conv" else -1
-        base_result = dora.base_without_bias(base, weight, base_out, None if dropped is x else dropped, channel_dim)
-        return dora.dora_output(base_out, base_result, lora_out, scale, channel_dim, self.scaling,
-                                embedding=self.kind == "embedding")
+        return dora.module_output(self, base, base_out, lora_out, None if dropped is x else dropped)
 
     @staticmethod
     def mixed_forward(adapters: list, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer,
                       index: torch.Tensor, call: CallContext) -> torch.Tensor | None:
-        """Every sample through its own adapter without a loop over samples (linear, non-DoRA; lora_ops)."""
+        """Every sample through its own adapter, no loop over samples (linear, non-DoRA, no training dropout;
+        lora_ops.mixed_lora_linear; the call's memo caches the stacked factors per base layer)."""
         present = [a for a in adapters if a is not None]
         if any(a.kind != "linear" or a.use_dora for a in present) or x.dim() < 2:
             return None
         if any(a.training and not isinstance(a.dropout, nn.Identity) for a in present):
             return None
         factors = [(a.A, a.B, a.scaling) if a is not None else None for a in adapters]
-        return mixed_lora_linear(factors, x, base_out, index, owner=base.module)
+        return mixed_lora_linear(factors, x, base_out, index, call.memo, ("lora_stacks", base.module))
 
     # ---------------------------------------------------------------- merge (DoRA is not additive)
     def merged_weight(self, base: BaseLayer, weight: torch.Tensor, reference: dict[str, torch.Tensor]

@@ -93,7 +93,8 @@ def add_weighted_adapter(model, adapters: Sequence[str], weights: Sequence[float
         which = "/".join(sorted({_label(c) for c in lacking}))
         allowed = "'linear' or an svd type" if ia3 else "an svd type (the result is a LoRA)"
         raise DeltaConfigError(f"combination_type={combination_type!r} is not supported for {which} adapters "
-                               f"{adapters}: it mixes LoRA factors, which they do not have; use {allowed}")
+                               f"{adapters}: it mixes LoRA factors, and their update is no product s B A of such factors "
+                               f"(core/protocols.py LowRank); use {allowed}")
     _check_heads(model, adapters)
     model.inject(adapter_name, config)
     try:
@@ -172,9 +173,9 @@ def _factor_rank(ranks: list[int], combination_type: str) -> int:
 
 
 def _svd_rank(configs: list[DeltaConfig], factor_ranks: dict[str, int], svd_rank: int | None) -> int:
-    """svd_rank, else the largest rank of the sources that have one: low-rank factors, or a LoRA config's
-    max(r, rank_pattern) (DoRA). Other methods' `r` is no rank of their update (LoHa's update has rank up to
-    r^2, OFT's r counts blocks), so they need svd_rank."""
+    """svd_rank, else the largest rank of the sources that have one: their low-rank factors', or a LoRA
+    config's max(r, rank_pattern) (DoRA). Other methods' `r` is not the rank of their update (a LoHa's is up
+    to r^2, OFT's r counts blocks), so merging only those needs svd_rank."""
     ranks = list(factor_ranks.values())
     ranks += [max([c.r, *c.rank_pattern.values()]) for c in configs if isinstance(c, LoraConfig)]
     if svd_rank is None and not ranks:

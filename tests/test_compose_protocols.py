@@ -221,3 +221,12 @@ def test_a_made_up_reparameterizing_adapter_is_extracted_and_its_bias_reported()
         extract_lora(model, "s", rank=16, new_adapter_name="again")
     model.unmerge_adapter()
     assert "again" not in model.peft_config
+
+
+def test_a_source_that_runs_the_whole_model_is_refused_not_dropped():
+    """A soft prompt (TakesOverForward) has no weight update: an svd merge used to leave it out silently."""
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="l")
+    model.add_adapter("p", dt.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    with pytest.raises(dt.DeltaConfigError, match=r"adapters \['p'\] act on the whole model"):
+        add_weighted_adapter(model, ["l", "p"], [1, 1], "m", combination_type="svd", svd_rank=2)
+    assert "m" not in model.peft_config

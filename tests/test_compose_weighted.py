@@ -131,7 +131,7 @@ def test_svd_merge_of_one_layer_is_the_best_rank_r_approximation(tmp_path):
     add_weighted_adapter(ours, ["t1", "t3"], [1.0, 1.0], "m", combination_type="svd", svd_rank=6,
                          svd_full_matrices=False)
     layer = dict(ours.delta_layers())["model.layers.0.self_attn.q_proj"]
-    base = layer.base_layer
+    base = layer.base
     exact = sum(layer.adapters[n].delta_weight(base) for n in ("t1", "t3"))  # rank <= 6: exact
     torch.testing.assert_close(layer.adapters["m"].delta_weight(base), exact, atol=1e-5, rtol=1e-5)
 
@@ -162,9 +162,9 @@ def test_dora_takes_svd_types_only():
         add_weighted_adapter(model, ["a", "b"], [1, 1], "m", combination_type="linear")
     add_weighted_adapter(model, ["a", "b"], [1, 1], "m", combination_type="svd", svd_rank=4)
     layer = dict(model.delta_layers())["model.layers.0.self_attn.q_proj"]
-    base = layer.base_layer
+    base = layer.base
     weight = base.weight.detach().clone()
-    dora_delta = layer.adapters["a"].merged_weight(base, weight.clone()) - weight
+    dora_delta = layer.adapters["a"].merged_weight(base, weight.clone(), {"weight": weight}) - weight
     exact = dora_delta + layer.adapters["b"].delta_weight(base)
     u, s, vh = torch.linalg.svd(exact)
     best = (u[:, :4] * s[:4]) @ vh[:4]
@@ -224,13 +224,14 @@ def test_loha_lokr_ia3_merge_by_svd_into_a_lora():
     layers = dict(model.delta_layers())
     for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
         layer = layers[path]
-        base = layer.base_layer
+        base = layer.base
         weight = base.weight.detach().clone()
-        expected = sum(w * (layer.adapters[n].merged_weight(base, weight.clone()) - weight
+        reference = {"weight": weight, "bias": base.bias}
+        expected = sum(w * (layer.adapters[n].merged_weight(base, weight.clone(), reference) - weight
                             if n == "i" else layer.adapters[n].delta_weight(base))
                        for n, w in (("h", 0.5), ("k", 1.0), ("i", 2.0)) if n in layer.adapters)
         torch.testing.assert_close(layer.adapters["m"].delta_weight(base), expected, atol=1e-5, rtol=1e-5)
     add_weighted_adapter(model, ["h"], [1.0], "h_as_lora", combination_type="svd", svd_rank=16)  # stays svd
     layer = layers["model.layers.0.self_attn.q_proj"]
-    torch.testing.assert_close(layer.adapters["h_as_lora"].delta_weight(layer.base_layer),
-                               layer.adapters["h"].delta_weight(layer.base_layer), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.adapters["h_as_lora"].delta_weight(layer.base),
+                               layer.adapters["h"].delta_weight(layer.base), atol=1e-5, rtol=1e-5)

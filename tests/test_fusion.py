@@ -10,6 +10,7 @@ from tiny_models import tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5, token_bat
 
 import deltatune as dt
 from deltatune.compose.fusion import AdapterFusionConfig, add_fusion, stack_adapters
+from deltatune.core.call import CallContext
 from deltatune.core.config import DeltaConfigError
 from deltatune.methods.bottleneck import BottleneckConfig
 
@@ -74,7 +75,8 @@ def test_fusion_starts_at_the_average_of_its_adapters():
     x = torch.randn(2, 3, 16)
     with torch.no_grad():
         h = mlp.base_layer(x)
-        average = (mlp.adapters["a"](x, h, mlp.base_layer) + mlp.adapters["b"](x, h, mlp.base_layer)) / 2
+        call = CallContext()
+        average = (mlp.adapters["a"](x, h, mlp.base, call) + mlp.adapters["b"](x, h, mlp.base, call)) / 2
         torch.testing.assert_close(mlp(x), average)
 
 

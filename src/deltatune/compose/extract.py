@@ -8,8 +8,9 @@ the same ratio over all layers together. The result is a plain LoRA in the Huggi
 so servers that read only LoRA (vLLM, SGLang, LoRAX) can load it.
 
 Sources of a delta:
-- an adapter of a DeltaModel: LoRA, DoRA, LoHa, LoKr, IA3, OFT ... anything that merges (additive
-  methods give `delta_weight`; the others merged(W) - W, against the unmerged base);
+- an adapter of a DeltaModel: LoRA, DoRA, LoHa, LoKr, IA3, OFT ... anything that merges, asked through
+  its protocols (core/protocols.py): an Additive adapter gives `delta_weight`, its true update (DoRA
+  included); a Reparameterizing one merged(W) - W, against the unmerged base;
 - a full fine-tune: its weight minus the base model's, per linear / embedding / conv layer.
 
 Layouts ("out-first" 2-D, what the SVD sees):
@@ -28,8 +29,10 @@ import torch
 from torch import nn
 
 from ..core.config import DeltaConfigError
-from ..core.base import BaseLayer, read_weight
-from ..core.layer import DeltaLayer
+from ..core.base import BaseLayer, float_weight_dtype
+from ..core.layer import DeltaLayer, ModulesToSave
+from ..core.merging import merge_rule
+from ..core.protocols import Additive, LowRank, Reparameterizing, declares
 from ..io.atomic import write_json
 from ..methods.lora import KINDS, LoraConfig
 from ..models import load_weights
@@ -38,38 +41,55 @@ REPORT_NAME = "extraction_report.json"
 
 
 # ---------------------------------------------------------------------------------------------- layouts
-def to_out_first(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+def to_out_first(base: BaseLayer, delta: torch.Tensor) -> torch.Tensor:
     """A delta in the base weight's layout -> the 2-D (out, fan_in) matrix the SVD works on."""
-    if type(base).__name__ == "Conv1D" or isinstance(base, nn.Embedding):
+    if base.kind == "embedding":
         return delta.T
+    delta = base.to_out_first(delta)  # the view knows Conv1D's (in, out) layout
     return delta.flatten(1) if delta.dim() > 2 else delta
+
+
+def merge_reference(base: BaseLayer) -> dict[str, torch.Tensor]:
+    """The plain base parameters by name (float), as DeltaLayer.plan_merge hands them to merged_weight."""
+    reference = {"weight": base.read_weight()}
+    for name, param in base.module.named_parameters(recurse=False):
+        if name != "weight":
+            reference[name] = param.detach().to(float_weight_dtype(param.dtype), copy=True)
+    return reference
 
 
 def layer_delta(layer: DeltaLayer, adapter_name: str, unrepresented: list[str] | None = None) -> torch.Tensor:
     """Adapter `adapter_name`'s float32 update of `layer`'s base weight, in the base weight's layout.
 
-    Additive adapters give `delta_weight(base)`; non-additive ones (DoRA, IA3, OFT) give
-    merged_weight(base, W) - W, which needs W to be the plain base weight (nothing merged). A method
-    whose merge also rewrites other base tensors (IA3 scales the bias) has them restored afterwards and
-    their names appended to `unrepresented`: a weight delta cannot carry them."""
+    Asks the protocols (core/protocols.py), never the method: an Additive adapter gives `delta_weight(base)`,
+    the true update for every variant (DoRA's magnitude included); a Reparameterizing one that is not
+    Additive (IA3, OFT) gives merged_weight(base, W, reference) - W. An update that is not a plain addition
+    (merge_rule other than "additive") depends on W, so it needs W to be the plain base weight (nothing
+    merged). A method whose merge also rewrites other base tensors (IA3 scales the bias) has them restored
+    afterwards and their names appended to `unrepresented`: a weight delta cannot carry them.
+
+    Raises:
+        DeltaConfigError: the adapter declares no weight update (neither Additive nor Reparameterizing).
+        RuntimeError: the update depends on W and adapters are merged into this layer.
+    """
     adapter = layer.adapters[adapter_name]
-    additive = hasattr(adapter, "delta_weight") and not getattr(adapter, "use_dora", False)
-    delta = adapter.delta_weight(layer.base_layer) if additive else None
-    if delta is not None:
-        return delta.detach().float()
-    if not hasattr(adapter, "merged_weight"):
+    if not declares(adapter, Additive) and not declares(adapter, Reparameterizing):
+        reason = adapter.merge_refusal() or "it declares neither Additive nor Reparameterizing"
         raise DeltaConfigError(f"{layer.module_name}: adapter {adapter_name!r} ({type(adapter).__name__}) "
-                               "has no mergeable weight update")
-    if layer.merged:
+                               f"has no mergeable weight update: {reason}")
+    if layer.merged and merge_rule(adapter) != "additive":
         raise RuntimeError(f"{layer.module_name}: adapters {layer.merged} are merged into the base weight; "
                            "call unmerge_adapter() first (the update of a non-additive adapter depends on W)")
-    base = layer.base_layer
-    others = {name: p.detach().clone() for name, p in base.named_parameters() if name != "weight"}
-    weight = read_weight(base)
+    base = layer.base
+    if declares(adapter, Additive):
+        return adapter.delta_weight(base).detach().float()
+    others = {name: p.detach().clone() for name, p in base.module.named_parameters() if name != "weight"}
+    reference = merge_reference(base)
+    weight = reference["weight"]
     with torch.no_grad():
-        delta = adapter.merged_weight(base, weight.clone()).float() - weight
+        delta = adapter.merged_weight(base, weight.clone(), reference).float() - weight
         for name, saved in others.items():
-            live = base.get_parameter(name)
+            live = base.module.get_parameter(name)
             if not torch.equal(live, saved):
                 live.copy_(saved)
                 if unrepresented is not None:
@@ -97,11 +117,20 @@ def truncated_svd(matrix: torch.Tensor, rank: int, full_matrices: bool = False,
     return b, a, float(energy[keep:].sum()), float(energy.sum())
 
 
+def lora_factors(adapter: LowRank) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The live (A, B, scaling) of a LowRank adapter compose/ writes into (a plain LoRA it made)."""
+    found = adapter.factors() if declares(adapter, LowRank) else None
+    if found is None:
+        raise TypeError(f"{type(adapter).__name__} gives no low-rank factors to write into")
+    return found
+
+
 @torch.no_grad()
-def set_lora_factors(adapter: nn.Module, b: torch.Tensor, a: torch.Tensor) -> None:
+def set_lora_factors(adapter: LowRank, b: torch.Tensor, a: torch.Tensor) -> None:
     """Copy out-first 2-D factors B (out, r), A (r, fan_in) into a LoRA adapter's own shapes."""
-    adapter.B.copy_(b.reshape(adapter.B.shape).to(adapter.B.dtype))
-    adapter.A.copy_(a.reshape(adapter.A.shape).to(adapter.A.dtype))
+    live_a, live_b, _ = lora_factors(adapter)
+    live_b.copy_(b.reshape(live_b.shape).to(live_b.dtype))
+    live_a.copy_(a.reshape(live_a.shape).to(live_a.dtype))
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -186,7 +215,7 @@ def extract_lora(model, adapter_name: str, rank: int, new_adapter_name: str | No
     layers = {path: layer for path, layer in model.delta_layers()
               if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters}
     skipped = [path for path, layer in layers.items() if layer.base.kind not in KINDS]
-    deltas = {path: to_out_first(layer.base_layer, layer_delta(layer, adapter_name, skipped))
+    deltas = {path: to_out_first(layer.base, layer_delta(layer, adapter_name, skipped))
               for path, layer in list(layers.items()) if path not in skipped}
     if not deltas:
         raise DeltaConfigError(f"adapter {adapter_name!r} ({source.peft_type}) adapts no layer a LoRA can "
@@ -194,7 +223,7 @@ def extract_lora(model, adapter_name: str, rank: int, new_adapter_name: str | No
     config = LoraConfig(r=rank, lora_alpha=rank, task_type=source.task_type,
                         base_model_name_or_path=source.base_model_name_or_path,
                         target_modules=_compact_targets(model.model, list(deltas)),
-                        fan_in_fan_out=any(type(layers[p].base_layer).__name__ == "Conv1D" for p in deltas),
+                        fan_in_fan_out=any(layers[p].base.fan_in_fan_out for p in deltas),
                         modules_to_save=source.modules_to_save, bias=getattr(source, "bias", "none"))
     model.inject(new_name, config)
     tally = _ErrorTally()
@@ -213,9 +242,8 @@ def extract_lora(model, adapter_name: str, rank: int, new_adapter_name: str | No
 def _copy_trained_heads(model, source: str, target: str) -> None:
     """Fully trained modules (classifier heads) of `source` carry over to `target` unchanged."""
     for _, wrapper in model.delta_layers():
-        copies = getattr(wrapper, "copies", None)
-        if copies is not None and source in copies and target in copies:
-            copies[target].load_state_dict(copies[source].state_dict())
+        if isinstance(wrapper, ModulesToSave) and source in wrapper.copies and target in wrapper.copies:
+            wrapper.copies[target].load_state_dict(wrapper.copies[source].state_dict())
 
 
 # ------------------------------------------------------------------------------------------ full fine-tunes
@@ -259,15 +287,15 @@ def extract_lora_from_finetune(base: nn.Module, finetuned: nn.Module | dict[str,
                                    "nothing to extract")
         target_modules = _compact_targets(base, names)
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules,
-                        fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in base.modules()))
+                        fan_in_fan_out=any(BaseLayer(m).fan_in_fan_out for m in base.modules()))
     model = DeltaModel(base, config, adapter_name)
     tally = _ErrorTally()
     covered = set()
     for path, layer in model.delta_layers():
         key = path + ".weight"
         covered.add(key)
-        delta = tuned[key].float() - layer.base_layer.weight.detach().float()
-        b, a, dropped, total = truncated_svd(to_out_first(layer.base_layer, delta), rank, full_matrices)
+        delta = tuned[key].float() - layer.base.read_weight().float()
+        b, a, dropped, total = truncated_svd(to_out_first(layer.base, delta), rank, full_matrices)
         set_lora_factors(layer.adapters[adapter_name], b, a)
         tally.add(path, dropped, total)
     skipped = sorted(changed - covered)

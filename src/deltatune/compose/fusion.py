@@ -36,8 +36,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.base import BaseLayer
+from ..core.call import CallContext
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
 from ..core.layer import DeltaLayer
+from ..core.protocols import LayerAdapter, ModelLevel
 
 BOTTLENECK = "BOTTLENECK"
 
@@ -79,46 +82,11 @@ def add_fusion(model, adapter_names: list[str], fusion_name: str, temperature: f
         model.set_adapter(fusion_name)
 
 
-@register_method
-@dataclass
-class AdapterFusionConfig(DeltaConfig):
-    """An AdapterFusion layer over the bottleneck adapters `adapter_names` (see `add_fusion`)."""
+class FusionModelState(nn.Module, ModelLevel):
+    """Model-level part of a fusion: no tensors (so nothing is saved under its `disk_prefix`); keeps a
+    reference to the model (outside the module tree) so each layer can find the adapters it fuses."""
 
-    peft_type = "BOTTLENECK_FUSION"
-    adapter_names: list[str] = field(default_factory=list)
-    temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        names = self.adapter_names
-        require(isinstance(names, (list, tuple)) and len(names) >= 2 and all(isinstance(n, str) for n in names)
-                and len(set(names)) == len(names), "adapter_names", names,
-                "must list two or more distinct adapter names")
-        self.adapter_names = list(names)
-        require(isinstance(self.temperature, (int, float)) and self.temperature > 0, "temperature",
-                self.temperature, "must be a number > 0")
-
-    def supports(self, base: nn.Module) -> bool:
-        return True  # what matters is the adapters at the layer, checked in make_adapter
-
-    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> nn.Module:
-        return FusionModelState(model)
-
-    def make_adapter(self, base: nn.Module, module_name: str, shared: nn.Module | None = None) -> "FusionAdapter":
-        layer = shared.model.get_submodule(module_name)
-        missing = [n for n in self.adapter_names if not isinstance(layer, DeltaLayer) or n not in layer.adapters]
-        if missing:
-            raise DeltaConfigError(f"fusion over {self.adapter_names}: adapter(s) {missing} have no module at "
-                                   f"{module_name!r}; add or load them before the fusion")
-        width = layer.adapters[self.adapter_names[0]].adapter_up.out_features
-        return FusionAdapter(width, self.adapter_names, layer, self.temperature)
-
-
-class FusionModelState(nn.Module):
-    """Model-level part of a fusion: no tensors; keeps a reference to the model (outside the module
-    tree) so each layer can find the adapters it fuses, and marks the fusion as not mergeable."""
-
-    mergeable = False
+    disk_prefix = ""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -129,8 +97,11 @@ class FusionModelState(nn.Module):
         return self._model[0]
 
 
-class FusionAdapter(nn.Module):
-    """Attention over the outputs of several bottleneck adapters at one layer."""
+class FusionAdapter(nn.Module, LayerAdapter):
+    """Attention over the outputs of several bottleneck adapters at one layer. Neither Additive nor
+    Reparameterizing (core/protocols.py): the attention weights depend on the input, so no weight holds it."""
+
+    merge_rule = "unmergeable"
 
     def __init__(self, width: int, adapter_names: list[str], layer: DeltaLayer, temperature: float) -> None:
         super().__init__()
@@ -149,7 +120,8 @@ class FusionAdapter(nn.Module):
         self.temperature = temperature
         self._layer = [layer]  # the DeltaLayer holding the fused adapters, outside the module tree
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
+                owns_base_out: bool = False) -> torch.Tensor:
         adapters = self._layer[0].adapters
         missing = [n for n in self.adapter_names if n not in adapters]
         if missing:
@@ -165,8 +137,43 @@ class FusionAdapter(nn.Module):
     def merge_refusal(self) -> str:
         return "AdapterFusion's attention over adapter outputs depends on the input"
 
-    def delta_weight(self, base: nn.Module) -> None:
-        return None  # not mergeable
-
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, temperature={self.temperature:g}"
+
+
+@register_method
+@dataclass
+class AdapterFusionConfig(DeltaConfig):
+    """An AdapterFusion layer over the bottleneck adapters `adapter_names` (see `add_fusion`)."""
+
+    peft_type = "BOTTLENECK_FUSION"
+    adapter_types = (FusionAdapter,)
+    model_adapter_type = FusionModelState
+    adapter_names: list[str] = field(default_factory=list)
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        names = self.adapter_names
+        require(isinstance(names, (list, tuple)) and len(names) >= 2 and all(isinstance(n, str) for n in names)
+                and len(set(names)) == len(names), "adapter_names", names,
+                "must list two or more distinct adapter names")
+        self.adapter_names = list(names)
+        require(isinstance(self.temperature, (int, float)) and self.temperature > 0, "temperature",
+                self.temperature, "must be a number > 0")
+
+    def supports(self, base: BaseLayer) -> bool:
+        return True  # what matters is the adapters at the layer, checked in make_adapter
+
+    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> "FusionModelState":
+        return FusionModelState(model)
+
+    def make_adapter(self, base: BaseLayer, module_name: str, shared: "FusionModelState | None" = None
+                     ) -> "FusionAdapter":
+        layer = shared.model.get_submodule(module_name)
+        missing = [n for n in self.adapter_names if not isinstance(layer, DeltaLayer) or n not in layer.adapters]
+        if missing:
+            raise DeltaConfigError(f"fusion over {self.adapter_names}: adapter(s) {missing} have no module at "
+                                   f"{module_name!r}; add or load them before the fusion")
+        width = layer.adapters[self.adapter_names[0]].adapter_up.out_features
+        return FusionAdapter(width, self.adapter_names, layer, self.temperature)

@@ -12,6 +12,10 @@ things would otherwise change between adapters, and both are absorbed into the c
 
 The same padding and scale folding let saved files stay consistent: after `prepare_model_for_hotswap`
 the adapter's config says r = R with alphas that give the live scalings.
+
+Rank padding and scale folding are LoRA's (as in `peft`, whose hotswap is LoRA's too): they work on
+`LoraAdapter`'s own factor modules and `LoraConfig`'s fields, named by type; every other adapter's tensors
+are copied as they are, shape for shape.
 """
 
 from __future__ import annotations
@@ -21,19 +25,21 @@ import os
 import re
 
 import torch
+from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError
 from ..core.layer import DeltaLayer
 from ..core.targeting import pattern_value
 from ..io.keymap import DISK_PREFIX, adapter_slots
+from ..methods.lora import LoraAdapter, LoraConfig
 
 FACTOR_NAMES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
 
 
-def _lora_layers(model, adapter_name: str) -> dict[str, torch.nn.Module]:
+def _lora_layers(model, adapter_name: str) -> dict[str, LoraAdapter]:
     return {path: layer.adapters[adapter_name] for path, layer in model.delta_layers()
             if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters
-            and type(layer.adapters[adapter_name]).__name__ == "LoraAdapter"}
+            and isinstance(layer.adapters[adapter_name], LoraAdapter)}
 
 
 def _check_unmerged(model, adapter_name: str) -> None:
@@ -54,9 +60,9 @@ def prepare_model_for_hotswap(model, target_rank: int, adapter_names: list[str] 
         target_rank: the largest rank that will be swapped in.
         adapter_names: the LoRA adapters to pad (default: every LoRA adapter).
     """
-    names = list(adapter_names or [n for n, c in model.peft_config.items() if c.peft_type == "LORA"])
+    names = list(adapter_names or [n for n, c in model.peft_config.items() if isinstance(c, LoraConfig)])
     for name in names:
-        if name not in model.peft_config or model.peft_config[name].peft_type != "LORA":
+        if not isinstance(model.peft_config.get(name), LoraConfig):
             raise DeltaConfigError(f"adapter {name!r} is not a LoRA adapter of this model")
         _check_unmerged(model, name)
         layers = _lora_layers(model, name)
@@ -82,11 +88,10 @@ def _pad(adapter, rank: int) -> None:
     else:
         adapter.lora_A.weight = torch.nn.Parameter(new_a, requires_grad=a.requires_grad)
         adapter.lora_B.weight = torch.nn.Parameter(new_b, requires_grad=b.requires_grad)
-        for module, attr in ((adapter.lora_A, ("out_features", "out_channels")),
-                             (adapter.lora_B, ("in_features", "in_channels"))):
-            for name in attr:
-                if hasattr(module, name):
-                    setattr(module, name, rank)
+        if isinstance(adapter.lora_A, nn.Linear):  # keep the modules' recorded widths true (repr, checks)
+            adapter.lora_A.out_features = adapter.lora_B.in_features = rank
+        else:  # nn.ConvNd
+            adapter.lora_A.out_channels = adapter.lora_B.in_channels = rank
     adapter.r = rank
 
 
@@ -145,8 +150,8 @@ def hotswap_adapter(model, path_or_weights: str | os.PathLike | dict[str, torch.
         if config.peft_type != live_config.peft_type:
             raise DeltaConfigError(f"{source}: a {config.peft_type} adapter cannot replace "
                                    f"{live_config.peft_type} adapter {adapter_name!r}")
-        if getattr(config, "use_dora", False) != getattr(live_config, "use_dora", False):
-            raise DeltaConfigError(f"{source}: use_dora={getattr(config, 'use_dora', False)} differs from "
+        if isinstance(live_config, LoraConfig) and config.use_dora != live_config.use_dora:
+            raise DeltaConfigError(f"{source}: use_dora={config.use_dora} differs from "
                                    "the live adapter's; DoRA and LoRA cannot be swapped for each other")
     plan = _plan(model, adapter_name, weights, config, source)
     for slot, value in plan:

@@ -14,7 +14,10 @@ use_rslora there, which rescales the merged update by sqrt(r)).
 Beyond LoRA: the svd types work for any mergeable adapters (DoRA, LoHa, LoKr, IA3, OFT; mixed methods
 too) since they only need each adapter's full update; the result is a LoRA. IA3 adapters also take
 "linear" (the weighted sum of their scaling vectors, as `peft` does; the result is an IA3 adapter). The
-other types mix LoRA factors and are refused for other methods and for DoRA.
+other types mix low-rank factors: they take adapters that give them (core/protocols.py `LowRank`: plain
+LoRA, not DoRA, whose magnitude is more than s B A) and are refused for the others.
+Which path an adapter takes is asked of its protocols (Additive / Reparameterizing for the svd types,
+LowRank for the factor types), never of its method's name.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ import torch
 from torch import nn
 
 from ..core.config import DeltaConfig, DeltaConfigError
-from ..core.layer import DeltaLayer
+from ..core.layer import DeltaLayer, ModulesToSave
 from ..core.model import check_adapter_name, is_linear
+from ..core.protocols import LowRank, TakesOverForward, declares
 from ..core.targeting import select_targets
+from ..methods.ia3 import IA3Config
 from ..methods.lora import LoraConfig
 from . import merge_ops
-from .extract import layer_delta, set_lora_factors, to_out_first, truncated_svd
+from .extract import layer_delta, lora_factors, set_lora_factors, to_out_first, truncated_svd
 
 COMBINATION_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
                      "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")
@@ -71,22 +76,25 @@ def add_weighted_adapter(model, adapters: Sequence[str], weights: Sequence[float
     adapters, weights = list(adapters), [float(w) for w in weights]
     configs = _check_arguments(model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
                                density, majority_sign_method)
-    types = {c.peft_type for c in configs}
-    dora = any(getattr(c, "use_dora", False) for c in configs)
-    if len(adapters) == 1 and (types == {"IA3"} or (types == {"LORA"} and not dora)):
+    factor_ranks = _factor_ranks(model, adapters)  # the sources that give low-rank factors, by name
+    ia3 = all(isinstance(c, IA3Config) for c in configs)  # peft's IA3 merge: sum of the scaling vectors
+    if len(adapters) == 1 and (ia3 or adapters[0] in factor_ranks):
         combination_type = "linear"  # as peft; a single LoHa/LoKr/DoRA adapter keeps svd (-> a LoRA)
     if combination_type in SVD_TYPES:
-        config, fill = _lora_config(model, configs, adapters, _svd_rank(configs, svd_rank)), _fill_svd
-    elif types == {"LORA"} and not dora:
-        rank = _factor_rank(configs, combination_type)
+        rank = _svd_rank(configs, factor_ranks, svd_rank)
+        config, fill = _lora_config(model, configs, adapters, rank), _fill_svd
+    elif len(factor_ranks) == len(adapters):
+        rank = _factor_rank(list(factor_ranks.values()), combination_type)
         config, fill = _lora_config(model, configs, adapters, rank), _fill_factors
-    elif types == {"IA3"} and combination_type == "linear":
+    elif ia3 and combination_type == "linear":
         config, fill = _same_method_config(model, configs, adapters), _fill_tensor_sum
     else:
-        which = "DoRA" if types == {"LORA"} else "/".join(sorted(types))
-        allowed = "'linear' or an svd type" if types == {"IA3"} else "an svd type (the result is a LoRA)"
+        lacking = [c for n, c in zip(adapters, configs) if n not in factor_ranks]
+        which = "/".join(sorted({_label(c) for c in lacking}))
+        allowed = "'linear' or an svd type" if ia3 else "an svd type (the result is a LoRA)"
         raise DeltaConfigError(f"combination_type={combination_type!r} is not supported for {which} adapters "
-                               f"{adapters}: it mixes LoRA factors; use {allowed}")
+                               f"{adapters}: it mixes LoRA factors, and their update is no product s B A of such factors "
+                               f"(core/protocols.py LowRank); use {allowed}")
     _check_heads(model, adapters)
     model.inject(adapter_name, config)
     try:
@@ -129,17 +137,33 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, s
         raise DeltaConfigError(f"svd_rank={svd_rank!r}: must be a positive integer")
     if svd_clamp is not None and not 0 < svd_clamp <= 1:
         raise DeltaConfigError(f"svd_clamp={svd_clamp!r}: must be a quantile in (0, 1]")
+    whole = [n for n in adapters if n in model.model_adapters
+             and declares(model.model_adapters[n], TakesOverForward)]
+    if whole:
+        raise DeltaConfigError(f"adapters {whole} act on the whole model (they run its forward: prompts, "
+                               "gates) and have no weight update to combine")
     return [model.peft_config[n] for n in adapters]
 
 
-def _max_rank(config: DeltaConfig) -> int | None:
-    r = getattr(config, "r", None)
-    pattern = getattr(config, "rank_pattern", None) or {}
-    return max([r, *pattern.values()]) if r is not None else None
+def _label(config: DeltaConfig) -> str:
+    """The method's name in messages; DoRA is a LoRA variant with its own limits."""
+    return "DoRA" if isinstance(config, LoraConfig) and config.use_dora else config.peft_type
 
 
-def _factor_rank(configs: list[DeltaConfig], combination_type: str) -> int:
-    ranks = [_max_rank(c) for c in configs]
+def _factor_ranks(model, adapters: list[str]) -> dict[str, int]:
+    """{source: its largest rank} for the sources whose every layer adapter gives low-rank factors
+    (core/protocols.py `LowRank`; for a LoRA, max(r, rank_pattern))."""
+    ranks = {}
+    for name in adapters:
+        held = [layer.adapters[name] for _, layer in model.delta_layers()
+                if isinstance(layer, DeltaLayer) and name in layer.adapters]
+        found = [adapter.factors() if declares(adapter, LowRank) else None for adapter in held]
+        if found and all(f is not None for f in found):
+            ranks[name] = max(a.shape[0] for a, _, _ in found)
+    return ranks
+
+
+def _factor_rank(ranks: list[int], combination_type: str) -> int:
     if combination_type == "cat":
         return sum(ranks)
     if len(set(ranks)) != 1:
@@ -148,29 +172,35 @@ def _factor_rank(configs: list[DeltaConfig], combination_type: str) -> int:
     return ranks[0]
 
 
-def _svd_rank(configs: list[DeltaConfig], svd_rank: int | None) -> int:
-    ranks = [r for r in map(_max_rank, configs) if r is not None]
+def _svd_rank(configs: list[DeltaConfig], factor_ranks: dict[str, int], svd_rank: int | None) -> int:
+    """svd_rank, else the largest rank of the sources that have one: their low-rank factors', or a LoRA
+    config's max(r, rank_pattern) (DoRA). Other methods' `r` is not the rank of their update (a LoHa's is up
+    to r^2, OFT's r counts blocks), so merging only those needs svd_rank."""
+    ranks = list(factor_ranks.values())
+    ranks += [max([c.r, *c.rank_pattern.values()]) for c in configs if isinstance(c, LoraConfig)]
     if svd_rank is None and not ranks:
-        raise DeltaConfigError("svd_rank is required: none of these adapters has a rank r to default to")
+        raise DeltaConfigError("svd_rank is required: none of these adapters is a LoRA whose rank r could be "
+                               "the default")
     return svd_rank or max(ranks)
 
 
+def _heads(model) -> list[tuple[str, ModulesToSave]]:
+    return [(name, wrapper) for name, wrapper in model.delta_layers() if isinstance(wrapper, ModulesToSave)]
+
+
 def _check_heads(model, adapters: list[str]) -> None:
-    for name, wrapper in model.delta_layers():
-        copies = getattr(wrapper, "copies", None)
-        owners = [a for a in adapters if copies is not None and a in copies]
+    for name, wrapper in _heads(model):
+        owners = [a for a in adapters if a in wrapper.copies]
         if len(owners) > 1:
             raise DeltaConfigError(f"adapters {owners} each train their own copy of {name!r} "
                                    "(modules_to_save); fully trained modules cannot be merged")
 
 
 def _copy_head(model, adapters: list[str], new: str) -> None:
-    for _, wrapper in model.delta_layers():
-        copies = getattr(wrapper, "copies", None)
-        if copies is not None and new in copies:
-            owner = next((a for a in adapters if a in copies), None)
-            if owner is not None:
-                copies[new].load_state_dict(copies[owner].state_dict())
+    for _, wrapper in _heads(model):
+        owner = next((a for a in adapters if a in wrapper.copies), None)
+        if new in wrapper.copies and owner is not None:
+            wrapper.copies[new].load_state_dict(wrapper.copies[owner].state_dict())
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -211,7 +241,7 @@ def _lora_config(model, configs: list[DeltaConfig], adapters: list[str], rank: i
         return dataclasses.replace(first, r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={},
                                    use_rslora=False, use_dora=False, init_lora_weights=True,
                                    modules_to_save=heads, **targets)
-    fan_in_fan_out = any(type(layer.base_layer).__name__ == "Conv1D" for _, layer in model.delta_layers()
+    fan_in_fan_out = any(layer.base.fan_in_fan_out for _, layer in model.delta_layers()
                          if isinstance(layer, DeltaLayer))
     return LoraConfig(r=rank, lora_alpha=rank, task_type=first.task_type, fan_in_fan_out=fan_in_fan_out,
                       base_model_name_or_path=first.base_model_name_or_path,
@@ -221,12 +251,12 @@ def _lora_config(model, configs: list[DeltaConfig], adapters: list[str], rank: i
 def _same_method_config(model, configs: list[DeltaConfig], adapters: list[str]) -> DeltaConfig:
     """IA3: the first config with targeting widened to every source's layers (and feed-forward modules)."""
     targets, explicit = _targets(model, configs, adapters)
-    feedforward = [getattr(c, "feedforward_modules", None) for c in configs]
+    feedforward = [c.feedforward_modules for c in configs]  # every one an IA3Config (add_weighted_adapter)
     if explicit:
         # full module names: name the feed-forward layers the same way
         layers = dict(model.delta_layers())
         merged = [p for p in targets["target_modules"]
-                  if any(getattr(layers[p].adapters.get(a), "feedforward", False) for a in adapters)]
+                  if any(a in layers[p].adapters and layers[p].adapters[a].feedforward for a in adapters)]
     elif all(isinstance(f, list) for f in feedforward):
         merged = list(dict.fromkeys(m for f in feedforward for m in f))
     elif all(isinstance(f, str) for f in feedforward):
@@ -241,30 +271,31 @@ def _same_method_config(model, configs: list[DeltaConfig], adapters: list[str]) 
 # ------------------------------------------------------------------------------------------ per-layer fills
 def _fill_factors(layer: DeltaLayer, target: nn.Module, present, combination_type, svd_clamp, full_matrices,
                   density, sign_method, generator) -> None:
-    """cat and the factor-mixing types, on LoRA's A (r, ...) and B (out, r, ...)."""
-    target.A.zero_()
-    target.B.zero_()
-    sources = [(layer.adapters[n], w) for n, w in present]
+    """cat and the factor-mixing types, on the low-rank factors A (r, ...) and B (out, r, ...) (`LowRank`)."""
+    target_a, target_b, _ = lora_factors(target)
+    target_a.zero_()
+    target_b.zero_()
+    sources = [(*layer.adapters[n].factors(), w) for n, w in present]  # (A, B, scaling, weight)
     if not sources:
         return
     if combination_type == "cat":
-        a = torch.cat([src.A * (w * src.scaling) for src, w in sources], dim=0)
-        b = torch.cat([src.B for src, _ in sources], dim=1)
-        target.A[: a.shape[0]] = a.to(target.A.dtype)
-        target.B[:, : b.shape[1]] = b.to(target.B.dtype)
+        a = torch.cat([src_a * (w * scaling) for src_a, _, scaling, w in sources], dim=0)
+        b = torch.cat([src_b for _, src_b, _, _ in sources], dim=1)
+        target_a[: a.shape[0]] = a.to(target_a.dtype)
+        target_b[:, : b.shape[1]] = b.to(target_b.dtype)
         return
     # split |w s| evenly between the factors; the sign goes on A only, so it is applied once
-    split = [math.sqrt(abs(w * src.scaling)) for src, w in sources]
-    signs = [1.0 if w * src.scaling >= 0 else -1.0 for src, w in sources]
+    split = [math.sqrt(abs(w * scaling)) for _, _, scaling, w in sources]
+    signs = [1.0 if w * scaling >= 0 else -1.0 for _, _, scaling, w in sources]
     weights_a = torch.tensor([s * root for s, root in zip(signs, split)])
     weights_b = torch.tensor(split)
-    rank = target.r
-    a_list = [_pad_rank(src.A, rank, dim=0) for src, _ in sources]
-    b_list = [_pad_rank(src.B, rank, dim=1) for src, _ in sources]
+    rank = target_a.shape[0]
+    a_list = [_pad_rank(src_a, rank, dim=0) for src_a, _, _, _ in sources]
+    b_list = [_pad_rank(src_b, rank, dim=1) for _, src_b, _, _ in sources]
     a = merge_ops.combine(combination_type, a_list, weights_a, density, sign_method, generator)
     b = merge_ops.combine(combination_type, b_list, weights_b, density, sign_method, generator)
-    target.A.copy_(a.to(target.A.dtype))
-    target.B.copy_(b.to(target.B.dtype))
+    target_a.copy_(a.to(target_a.dtype))
+    target_b.copy_(b.to(target_b.dtype))
 
 
 def _pad_rank(factor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
@@ -279,12 +310,14 @@ def _pad_rank(factor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
 
 def _fill_svd(layer: DeltaLayer, target: nn.Module, present, combination_type, svd_clamp, full_matrices,
               density, sign_method, generator) -> None:
-    """Merge the full updates, then truncated SVD into the new LoRA's factors."""
+    """Merge the full updates (each source's protocol gives it: extract.layer_delta), then truncated SVD into
+    the new LoRA's factors."""
+    target_a, target_b, _ = lora_factors(target)
     if not present:
-        target.A.zero_()
-        target.B.zero_()
+        target_a.zero_()
+        target_b.zero_()
         return
-    base = layer.base_layer
+    base = layer.base
     lost: list[str] = []
     deltas = [to_out_first(base, layer_delta(layer, name, lost)) for name, _ in present]  # each (out, fan_in)
     if lost:
@@ -293,7 +326,7 @@ def _fill_svd(layer: DeltaLayer, target: nn.Module, present, combination_type, s
     weights = torch.tensor([w for _, w in present])
     kind = "linear" if combination_type == "svd" else combination_type.removesuffix("_svd")
     delta = merge_ops.combine(kind, deltas, weights, density, sign_method, generator)
-    b, a, _, _ = truncated_svd(delta, target.r, full_matrices, svd_clamp)
+    b, a, _, _ = truncated_svd(delta, target_a.shape[0], full_matrices, svd_clamp)
     set_lora_factors(target, b, a)
 
 

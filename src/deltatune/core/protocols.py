@@ -11,6 +11,8 @@ Every method file defines one module per adapter per base layer, which declares 
 - `Reparameterizing`: merged_weight / unmerged_weight for updates that are not a fixed addition (DoRA's
   magnitude, IA3's scaling, OFT's rotation, a bias or a norm written in place).
 - `Batched`: `mixed_forward`, every row of a mixed-adapter batch through its own adapter in one call.
+- `LowRank`: `factors()`, the live (A, B, scaling) of an update that is exactly scaling * B @ A (compose/
+  mixes factors of such adapters: cat, linear, ties ...).
 - `ModelLevel`: a module made once per adapter for the whole model (VeRA's shared projections, soft
   prompts), saved under `disk_prefix`; `TakesOverForward` also runs the wrapped model's forward and generate.
 
@@ -88,6 +90,15 @@ class Batched(LayerAdapter, Protocol):
 
 
 @runtime_checkable
+class LowRank(LayerAdapter, Protocol):
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The live factors (A (r, in, ...), B (out, r, ...), scaling) when delta_weight is exactly
+        scaling * B @ A (out-first); writing into A and B changes the adapter. None when this adapter's update
+        is more than that product (DoRA's magnitude)."""
+        ...
+
+
+@runtime_checkable
 class ModelLevel(Protocol):
     """A module made once per adapter for the whole model (`make_model_adapter`)."""
 
@@ -109,7 +120,7 @@ class TakesOverForward(ModelLevel, Protocol):
         ...
 
 
-LAYER_PROTOCOLS = (LayerAdapter, Additive, Reparameterizing, Batched)
+LAYER_PROTOCOLS = (LayerAdapter, Additive, Reparameterizing, Batched, LowRank)
 MODEL_PROTOCOLS = (ModelLevel, TakesOverForward)
 
 

@@ -39,10 +39,9 @@ def adapter_slots(model, adapter_name: str) -> dict[str, torch.Tensor]:
     for name, param in model.bias_parameters(adapter_name).items():
         slots[f"{DISK_PREFIX}{name}"] = param
     if adapter_name in model.model_adapters:
-        module = model.model_adapters[adapter_name]
-        prefix = getattr(module, "disk_prefix", "")
+        module = model.model_adapters[adapter_name]  # a ModelLevel, which declares its disk_prefix
         for local, tensor in module.state_dict(keep_vars=True).items():
-            slots[f"{prefix}{local}"] = tensor
+            slots[f"{module.disk_prefix}{local}"] = tensor
     return slots
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from ..core.base import BaseLayer
 from ..core.call import CallContext
 from ..core.config import DeltaConfig, DeltaConfigError, register_method, require
-from ..core.protocols import Additive, Batched, Reparameterizing
+from ..core.protocols import Additive, Batched, LowRank, Reparameterizing
 from ..core.targeting import pattern_value
 from . import dora
 from .lora_ops import lora_linear, mixed_lora_linear
@@ -47,7 +47,7 @@ def init_needs_float(init: bool | str, base: BaseLayer) -> bool:
     return isinstance(init, str) and init != "loftq" and base.is_quantized
 
 
-class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched):
+class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched, LowRank):
     """One LoRA (optionally DoRA) adapter for one base module."""
 
     def __init__(self, base: BaseLayer, r: int, scaling: float, dropout: float, use_dora: bool,
@@ -93,6 +93,10 @@ class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched):
     @property
     def B(self) -> torch.Tensor:
         return self.lora_embedding_B if self.kind == "embedding" else self.lora_B.weight
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, scaling) of plain LoRA (compose/ mixes them); None with DoRA, whose update is not s B A."""
+        return None if self.use_dora else (self.A, self.B, self.scaling)
 
     def _out_first(self, weight: torch.Tensor) -> torch.Tensor:
         """Base weight -> (out, ...) layout; an embedding's "out" is its embedding dimension."""

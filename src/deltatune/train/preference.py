@@ -45,6 +45,7 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from ..core.config import DeltaConfig
 from ..core.layer import DeltaLayer, ModulesToSave
 from ..core.model import DeltaModel, get_peft_model
+from ..core.protocols import TakesOverForward, declares
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def check_reference_ready(model: DeltaModel) -> None:
                          "target_modules / modules_to_save")
     adapters = model.model_adapters
     whole_model = sorted(name for name in model.active_adapters
-                         if name in adapters and hasattr(adapters[name], "forward_model"))
+                         if name in adapters and declares(adapters[name], TakesOverForward))
     if whole_model:
         raise ValueError(f"preference tuning with TRL cannot train adapters {whole_model}: they act on the "
                          "whole model (prompts, gates) and TRL's fused LM head calls the backbone past "

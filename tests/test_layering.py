@@ -14,6 +14,7 @@ package with one planted fault and see it fail.
 from __future__ import annotations
 
 import ast
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,7 @@ def import_cycles(edges: list[Edge]) -> list[str]:
         members = set(component)
         start = min(component)
         path = [start] + _path_back(graph, start, start, members)  # one concrete cycle through `start`
-        hops = [graph[a][b] for a, b in zip(path, path[1:])]
+        hops = [graph[a][b] for a, b in itertools.pairwise(path)]
         described.append(" -> ".join(path) + "  (" + ", ".join(f"{h.file}:{h.line}" for h in hops) + ")")
     return described
 

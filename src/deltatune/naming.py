@@ -23,7 +23,7 @@ PATTERN_SECONDS = 0.5  # one regex on one module name; real patterns take micros
 
 
 @functools.lru_cache(maxsize=1024)
-def _compiled(pattern: str, what: str) -> "regex.Pattern":
+def _compiled(pattern: str, what: str) -> regex.Pattern:
     try:
         return regex.compile(pattern)  # VERSION0: the syntax and matching of Python's re
     except (regex.error, TypeError) as err:

@@ -24,12 +24,12 @@ class DeltaModel(core.DeltaModel):
     """A model with PEFT adapters. Create with `get_peft_model` or `DeltaModel.from_pretrained`."""
 
     def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default",
-                 weights: dict[str, torch.Tensor] | None = None, source: str = "weights",
+                 weights: dict[str, torch.Tensor] | None = None, source: str = "weights", *,
                  fill: core.Fill | None = None) -> None:
         """Wrap `model` with adapter `adapter_name`; `weights` (disk keys, read from `source`) fill it."""
         if weights is not None:
             fill = weights_fill(weights, source)
-        super().__init__(model, config, adapter_name, fill)
+        super().__init__(model, config, adapter_name, fill=fill)
 
     # ------------------------------------------------------------------ files (io/ owns the format)
     @core.exclusive
@@ -51,7 +51,7 @@ class DeltaModel(core.DeltaModel):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, allow_pickle: bool = False, **kwargs) -> "DeltaModel":
+                        is_trainable: bool = False, allow_pickle: bool = False, **kwargs) -> DeltaModel:
         """Wrap `model` with the adapter saved in directory `model_id` (ours or one written by `peft`)."""
         config, weights = read_adapter(model_id, allow_pickle=allow_pickle, **kwargs)
         config.inference_mode = not is_trainable

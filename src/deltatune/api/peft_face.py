@@ -52,7 +52,7 @@ class DeltaModel(plain.DeltaModel, PeftModel):
     """A DeltaModel that is also a `peft.PeftModel` to isinstance checks; otherwise the same object."""
 
     @property
-    def base_model(self) -> "DeltaModel":
+    def base_model(self) -> DeltaModel:
         """peft's `model.base_model.model` is the user's model (Trainer's label smoothing, NEFTune)."""
         return self
 

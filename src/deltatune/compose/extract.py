@@ -309,7 +309,7 @@ def convert_to_lora(out: str | os.PathLike, rank: int, adapter: str | os.PathLik
                                    "pass base_model")
         base = load_weights(base_name, dtype, config.task_type)
         config.inference_mode = True
-        model = DeltaModel(base, config, "source", weights_fill(weights, str(adapter)))
+        model = DeltaModel(base, config, "source", fill=weights_fill(weights, str(adapter)))
         report = extract_lora(model, "source", rank, new_adapter_name="default")
         model.peft_config["default"].base_model_name_or_path = str(base_name)
         save_adapters(model, out, ["default"])

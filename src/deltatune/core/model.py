@@ -11,7 +11,7 @@ import copy
 import functools
 import re
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -116,7 +116,7 @@ class DeltaModel(nn.Module):
             cls = _CLASS_TO_BUILD[0](cls)
         return super().__new__(cls)
 
-    def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default",
+    def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default", *,
                  fill: Fill | None = None) -> None:
         """Wrap `model` with adapter `adapter_name`; `fill(self, adapter_name)` loads its values (inject)."""
         nn.Module.__init__(self)  # not super(): in the peft face, PeftModel.__init__ comes next
@@ -130,7 +130,7 @@ class DeltaModel(nn.Module):
         self._disabled = 0  # depth of nested disable_adapter() blocks
         self._remerge: dict[str, list[str]] = {}  # per layer: the merges the outermost block re-applies
         self._base_values = BaseValues()  # base values of parameters adapters train in place (`bias`)
-        self.inject(adapter_name, config, fill)
+        self.inject(adapter_name, config, fill=fill)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str):
@@ -182,7 +182,7 @@ class DeltaModel(nn.Module):
         self.inject(adapter_name, config)
 
     @exclusive
-    def inject(self, adapter_name: str, config: DeltaConfig, fill: Fill | None = None) -> None:
+    def inject(self, adapter_name: str, config: DeltaConfig, *, fill: Fill | None = None) -> None:
         """Add an adapter and, if given, run `fill(self, adapter_name)` to load its values (a file's tensors:
         io's assign_weights). All or nothing: on any error, in `fill` too, the model, base weights included,
         is left as it was. With a `fill` (a file being loaded), target names the model lacks are warned

@@ -234,7 +234,7 @@ def load_adapter(model, model_id: str | os.PathLike, adapter_name: str, is_train
     existing = model.peft_config.get(adapter_name)
     if existing is None:
         config.inference_mode = not is_trainable
-        model.inject(adapter_name, config, weights_fill(weights, str(model_id)))
+        model.inject(adapter_name, config, fill=weights_fill(weights, str(model_id)))
         return
     ignored = ("inference_mode", "base_model_name_or_path", "revision")
     saved, current = config_to_json(model, config), config_to_json(model, existing)

@@ -252,9 +252,9 @@ def load_adapterhub(model, path: str | os.PathLike, adapter_name: str | None = N
 
 def attach(model, name: str, config, weights: dict, source: str, is_trainable: bool):
     if isinstance(model, DeltaModel):
-        model.inject(name, config, weights_fill(weights, source))
+        model.inject(name, config, fill=weights_fill(weights, source))
         return model
-    wrapped = DeltaModel(model, config, name, weights_fill(weights, source))
+    wrapped = DeltaModel(model, config, name, fill=weights_fill(weights, source))
     return wrapped if is_trainable else wrapped.eval()
 
 
@@ -436,5 +436,5 @@ def convert_adapterhub(adapter: str | os.PathLike, out: str | os.PathLike, to: s
         raise DeltaConfigError(f"{adapter}: the adapter config has no base_model_name_or_path; pass --base")
     config.inference_mode = True
     delta = DeltaModel(load_weights(base_name, torch.float32, config.task_type), config, "default",
-                       weights_fill(weights, str(adapter)))
+                       fill=weights_fill(weights, str(adapter)))
     return save_adapterhub(delta, out, "default")

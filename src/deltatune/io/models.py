@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DeltaConfigError, ModelNotFoundError  # noqa: F401  (re-exported)
+from ..errors import DeltaConfigError, ModelNotFoundError
 from .atomic import atomic_folder
 
 DEFAULT_ALIAS = "smollm2-135m"

@@ -12,6 +12,7 @@ import torch
 from tiny_models import tiny_bert_cls, tiny_llama, token_batch
 
 import deltatune as dt
+from deltatune.api import class_to_build
 from deltatune.compose.extract import convert_to_lora
 from deltatune.core import model as core
 from deltatune.core.config import DeltaConfigError
@@ -23,11 +24,13 @@ LORA = {"r": 2, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": Fal
 
 
 def test_a_delta_model_built_anywhere_is_the_public_facade(tmp_path):
+    public = class_to_build(core.DeltaModel)  # the facade, or its peft face once peft is imported
+    assert issubclass(public, dt.DeltaModel) and issubclass(dt.DeltaModel, core.DeltaModel)
     built_in_core = core.DeltaModel(tiny_llama(), dt.LoraConfig(**LORA))
-    assert type(built_in_core) is dt.DeltaModel and isinstance(built_in_core, core.DeltaModel)
+    assert type(built_in_core) is public
     built_in_core.save_pretrained(tmp_path / "a")  # a facade method, on a model core built
     loaded = dt.DeltaModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
-    assert type(loaded) is dt.DeltaModel and dt.PeftModel is dt.DeltaModel
+    assert type(loaded) is public and dt.PeftModel is dt.DeltaModel
     ids = token_batch()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, built_in_core.eval()(ids).logits, rtol=0, atol=0)

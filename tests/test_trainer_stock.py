@@ -22,8 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from trl import SFTConfig, SFTTrainer
 
 import deltatune as dt
-from deltatune.core import model as plain_model
-from deltatune.core import peft_face
+from deltatune.api import facade as plain_model
+from deltatune.api import peft_face
 from deltatune.io.adapter_files import AdapterFileError
 from deltatune.train.hf import DeltaTrainer
 

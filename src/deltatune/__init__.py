@@ -2,7 +2,7 @@
 
 from .core.config import DeltaConfig, DeltaConfigError, TaskType, registered_methods
 from .core.layer import MergeError
-from .core.model import DeltaModel, get_peft_model
+from .api import DeltaModel, get_peft_model
 from .io.adapter_files import AdapterFileError
 from .io.adapterhub import load_adapterhub, save_adapterhub
 from . import methods  # noqa: F401  (registers every method)

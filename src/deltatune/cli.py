@@ -99,7 +99,7 @@ def _merge(args) -> None:
 
 
 def _inspect(args) -> int:
-    from .adapter_report import check_adapter, format_report
+    from .io.inspect import check_adapter, format_report
 
     info, problems, notes = check_adapter(args.dir)
     for problem in problems:  # one line each, the loader's words

@@ -28,14 +28,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.config import DeltaConfigError
 from ..core.base import BaseLayer, float_weight_dtype
+from ..core.config import DeltaConfigError
 from ..core.layer import DeltaLayer, ModulesToSave
 from ..core.merging import merge_rule
+from ..core.model import DeltaModel
 from ..core.protocols import Additive, LowRank, Reparameterizing, declares
+from ..io.adapter_files import read_adapter, save_adapters, weights_fill
 from ..io.atomic import write_json
+from ..io.models import load_weights
 from ..methods.lora import KINDS, LoraConfig
-from ..models import load_weights
 
 REPORT_NAME = "extraction_report.json"
 
@@ -266,8 +268,6 @@ def extract_lora_from_finetune(base: nn.Module, finetuned: nn.Module | dict[str,
         (DeltaModel, ExtractionReport); the report lists changed parameters a LoRA cannot carry
         (biases, norm weights) under `skipped`.
     """
-    from ..core.model import DeltaModel
-
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise DeltaConfigError(f"rank={rank!r}: must be a positive integer")
     tuned = finetuned if isinstance(finetuned, dict) else finetuned.state_dict()
@@ -327,9 +327,6 @@ def convert_to_lora(out: str | os.PathLike, rank: int, adapter: str | os.PathLik
     Returns:
         The ExtractionReport (also saved as extraction_report.json).
     """
-    from ..core.model import DeltaModel
-    from ..io.adapter_files import read_adapter
-
     if (adapter is None) == (finetuned is None):
         raise DeltaConfigError("give exactly one of adapter=DIR (an adapter) or finetuned=DIR "
                                "(a full fine-tune)")
@@ -341,10 +338,10 @@ def convert_to_lora(out: str | os.PathLike, rank: int, adapter: str | os.PathLik
                                    "pass base_model")
         base = load_weights(base_name, dtype, config.task_type)
         config.inference_mode = True
-        model = DeltaModel(base, config, "source", weights=weights, source=str(adapter))
+        model = DeltaModel(base, config, "source", fill=weights_fill(weights, str(adapter)))
         report = extract_lora(model, "source", rank, new_adapter_name="default")
         model.peft_config["default"].base_model_name_or_path = str(base_name)
-        model.save_pretrained(str(out), selected_adapters=["default"])
+        save_adapters(model, out, ["default"])
     else:
         if base_model is None:
             raise DeltaConfigError("finetuned=DIR needs base_model (the model it was fine-tuned from)")
@@ -352,6 +349,6 @@ def convert_to_lora(out: str | os.PathLike, rank: int, adapter: str | os.PathLik
         tuned = load_weights(finetuned, dtype, None)
         model, report = extract_lora_from_finetune(base, tuned, rank, target_modules)
         model.peft_config["default"].base_model_name_or_path = str(base_model)
-        model.save_pretrained(str(out))
+        save_adapters(model, out)
     write_json(Path(out) / REPORT_NAME, report.to_dict())
     return report

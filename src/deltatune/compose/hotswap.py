@@ -30,6 +30,7 @@ from torch import nn
 from ..core.config import DeltaConfig, DeltaConfigError
 from ..core.layer import DeltaLayer
 from ..core.targeting import pattern_value
+from ..io.adapter_files import read_adapter
 from ..io.keymap import DISK_PREFIX, adapter_slots
 from ..methods.lora import LoraAdapter, LoraConfig
 
@@ -140,8 +141,6 @@ def hotswap_adapter(model, path_or_weights: str | os.PathLike | dict[str, torch.
     if isinstance(path_or_weights, dict):
         weights, source = path_or_weights, "weights"
     else:
-        from ..io.adapter_files import read_adapter
-
         config, weights = read_adapter(path_or_weights, allow_pickle=allow_pickle)
         source = str(path_or_weights)
     live_config = model.peft_config[adapter_name]

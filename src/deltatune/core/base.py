@@ -190,3 +190,29 @@ class BaseLayer:
         if self._backend is None:
             return {id(p): p.numel() for p in self.module.parameters(recurse=False)}
         return quant.parameter_counts(self.module)
+
+
+# ---------------------------------------------------------------- whole models (what quant/ does not know)
+# core's wrappers (core/layer.py DeltaLayer, ModulesToSave; core/model.py DeltaModel) keep what they add under
+# these attribute names: adapters, trained head copies (and the original head they stand for), model-level
+# adapters. None of it is a base module.
+WRAPPER_OWNED = ("adapters", "copies", "original_module", "model_adapters")
+
+
+def base_modules(model: nn.Module):
+    """(path, name, module) for every base module of `model`: what is inside core's wrappers' adapters, head
+    copies and model-level adapters is left out; `name` drops the `.base_layer` hops wrapping put into
+    `path`, so it is the name in the user's model. quant.quantize walks this (installed below)."""
+    for path, module in model.named_modules():
+        if any(part in WRAPPER_OWNED for part in path.split(".")):
+            continue
+        yield path, path.replace(".base_layer.", ".").removesuffix(".base_layer"), module
+
+
+quant.set_module_walk(base_modules)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Every quantized linear layer of `model` (also under adapters' wrappers) replaced by a float nn.Linear
+    holding its dequantized weight, in place; returns `model` (quant.dequantize; a float export merges exactly)."""
+    return quant.dequantize(model, dtype)

@@ -10,13 +10,13 @@ import contextlib
 import copy
 import functools
 import re
-import sys
 import threading
-from typing import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+from .base import BaseLayer, dequantize_model
 from .checkpointing import gradients_through_checkpoints
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .forward_signature import SignedForward
@@ -98,19 +98,31 @@ def exclusive(method):
     return run
 
 
+# Fills a freshly injected adapter (model, adapter name) inside inject's all-or-nothing step: io's
+# assign_weights with a file's tensors (deltatune/api: from_pretrained, load_adapter).
+Fill = Callable[["DeltaModel", str], None]
+_CLASS_TO_BUILD: list[Callable[[type], type]] = []  # set once by deltatune.api (set_class_to_build)
+
+
+def set_class_to_build(choose: Callable[[type], type]) -> None:
+    """Make `DeltaModel(...)` build `choose(requested class)`: deltatune.api, above io and compose, installs its
+    public facade (save_pretrained, load_adapter, add_weighted_adapter ...; a `peft.PeftModel` to isinstance
+    checks once peft is imported) when it is imported, so a DeltaModel built anywhere (io's and compose's
+    loaders, user code) is the full public object while core imports nothing above it."""
+    _CLASS_TO_BUILD[:] = [choose]
+
+
 class DeltaModel(nn.Module):
     """A model with PEFT adapters. Create with `get_peft_model` or `DeltaModel.from_pretrained`."""
 
     def __new__(cls, *args, **kwargs):
-        # Once `peft` is imported (Transformers' Trainer and TRL import it), a DeltaModel is also a
-        # `peft.PeftModel` to isinstance checks, so they save and resume it as an adapter (core/peft_face.py).
-        if cls is DeltaModel and "peft" in sys.modules:
-            from .peft_face import DeltaModel as cls
+        if _CLASS_TO_BUILD:  # the public facade (deltatune/api), see set_class_to_build
+            cls = _CLASS_TO_BUILD[0](cls)
         return super().__new__(cls)
 
-    def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default",
-                 weights: dict[str, torch.Tensor] | None = None, source: str = "weights") -> None:
-        """Wrap `model` with adapter `adapter_name`; `weights` (disk keys, read from `source`) fill it."""
+    def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default", *,
+                 fill: Fill | None = None) -> None:
+        """Wrap `model` with adapter `adapter_name`; `fill(self, adapter_name)` loads its values (inject)."""
         nn.Module.__init__(self)  # not super(): in the peft face, PeftModel.__init__ comes next
         self._lock = ModelLock()
         self.model = model
@@ -122,7 +134,7 @@ class DeltaModel(nn.Module):
         self._disabled = 0  # depth of nested disable_adapter() blocks
         self._remerge: dict[str, list[str]] = {}  # per layer: the merges the outermost block re-applies
         self._base_values = BaseValues()  # base values of parameters adapters train in place (`bias`)
-        self.inject(adapter_name, config, weights, source)
+        self.inject(adapter_name, config, fill=fill)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str):
@@ -188,10 +200,11 @@ class DeltaModel(nn.Module):
         self.inject(adapter_name, read_referenced(config))  # TEMP (facade): X-LoRA's experts read first
 
     @exclusive
-    def inject(self, adapter_name: str, config: DeltaConfig, weights: dict[str, torch.Tensor] | None = None,
-               source: str = "weights") -> None:
-        """Add an adapter and, if given, load `weights` (disk keys) into it. All or nothing: on any error
-        the model, base weights included, is left as it was."""
+    def inject(self, adapter_name: str, config: DeltaConfig, *, fill: Fill | None = None) -> None:
+        """Add an adapter and, if given, run `fill(self, adapter_name)` to load its values (a file's tensors:
+        io's assign_weights). All or nothing: on any error, in `fill` too, the model, base weights included,
+        is left as it was. With a `fill` (a file being loaded), target names the model lacks are warned
+        about, as peft ignores them; without one they are refused."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise DeltaConfigError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
@@ -204,7 +217,7 @@ class DeltaModel(nn.Module):
         modules = dict(candidates)
         targets = select_targets(self.model, config, candidates, is_linear) if config.targets_layers else []
         if config.targets_layers:  # a file being loaded may carry keys peft ignored: warn there, refuse here
-            check_every_key_matches(self.model, config, candidates, targets, strict=weights is None)
+            check_every_key_matches(self.model, config, candidates, targets, strict=fill is None)
         bases = {name: modules[name].base_layer if isinstance(modules[name], DeltaLayer) else modules[name]
                  for name in targets}
         views = {name: BaseLayer(base) for name, base in bases.items()}
@@ -230,10 +243,8 @@ class DeltaModel(nn.Module):
             self._add_modules_to_save(adapter_name, config.modules_to_save or [], candidates)
             self.peft_config[adapter_name] = config
             self._base_values.record(adapter_name, self.bias_parameters(adapter_name).values())
-            if weights is not None:
-                from ..io.adapter_files import assign_weights
-
-                assign_weights(self, adapter_name, weights, source=source)
+            if fill is not None:
+                fill(self, adapter_name)
         except BaseException:
             self._remove(adapter_name)
             with torch.no_grad():
@@ -435,14 +446,12 @@ class DeltaModel(nn.Module):
         `dequantize`, a quantized base is turned back into float first, so the merge loses nothing to
         requantization (a float export)."""
         if dequantize:  # refusals first: a refused merge leaves the base quantized, as it was
-            from ..quant import dequantize as to_float
-
             names = list(adapter_names or self.active_adapters)
             layers, _ = self._check_merge(names, quantized_ties=False)
             if safe_merge:  # the NaN/inf check too (planned twice: here on the quantized base, no untying)
                 for layer, _, _ in self._safe_merge_plans(names, layers, {}):
                     layer.discard_plan()
-            to_float(self.model)
+            dequantize_model(self.model)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         untied = any(isinstance(layer, DeltaLayer) and layer.untied for _, layer in self.delta_layers())
         config = getattr(self.model, "config", None)
@@ -467,16 +476,6 @@ class DeltaModel(nn.Module):
             if param.is_floating_point():  # quantized storage cannot require grad
                 param.requires_grad_(True)
         return self.model
-
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None,
-                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
-                             density: float | None = None, majority_sign_method: str = "total") -> None:
-        """Add adapter `adapter_name` combining `adapters` with `weights` (compose/weighted.py)."""
-        from ..compose.weighted import add_weighted_adapter
-
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
-                             svd_full_matrices, density, majority_sign_method)
 
     # ------------------------------------------------------------------ forward / generate
     @contextlib.contextmanager
@@ -604,9 +603,7 @@ class DeltaModel(nn.Module):
         counts = {}  # id(parameter) -> count, only for parameters inside quantized modules
         for module in self.modules():
             if is_quantized(module):
-                from ..quant import parameter_counts
-
-                counts.update(parameter_counts(module))
+                counts.update(BaseLayer(module).parameter_counts())
         params = list(self.parameters())
         sizes = [counts.get(id(p), p.numel()) for p in params]
         return sum(n for n, p in zip(sizes, params) if p.requires_grad), sum(sizes)
@@ -615,38 +612,6 @@ class DeltaModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / total:.4f}")
-
-    # ------------------------------------------------------------------ files (io/ owns the format)
-    @exclusive
-    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None, **kwargs) -> None:
-        """Write each adapter in the Hugging Face PEFT layout ("default" at the top, others in subfolders).
-
-        Raises:
-            ValueError: no adapter is left to save (every adapter was deleted); nothing is written.
-        """
-        from ..io.adapter_files import save_adapters
-
-        if not self.peft_config:
-            raise ValueError(f"no adapter left to save in {save_directory}: every adapter was deleted")
-        save_adapters(self, save_directory, selected_adapters, **kwargs)
-
-    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
-                     allow_pickle: bool = False, **kwargs) -> None:
-        """Add the adapter saved in directory `model_id` under `adapter_name`."""
-        from ..io.adapter_files import load_adapter
-
-        load_adapter(self, model_id, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, allow_pickle: bool = False, **kwargs) -> "DeltaModel":
-        """Wrap `model` with the adapter saved in directory `model_id` (ours or one written by `peft`)."""
-        from ..io.adapter_files import read_adapter
-
-        config, weights = read_adapter(model_id, allow_pickle=allow_pickle, **kwargs)
-        config.inference_mode = not is_trainable
-        wrapped = cls(model, config, adapter_name, weights=weights, source=str(model_id))
-        return wrapped if is_trainable else wrapped.eval()
 
 
 def get_peft_model(model: nn.Module, peft_config: DeltaConfig, adapter_name: str = "default",

@@ -9,9 +9,9 @@ a dot: `(.*\.)?(key)` must match the whole name, exactly as `peft` does (so "^q_
 "base_model.model."-prefixed path matches nothing there, nor here). Names are the module paths inside
 the model the user wraps (`model.layers.0.self_attn.q_proj`).
 
-Regexes may come from files, so each match runs under a time bound (PATTERN_SECONDS, with the `regex`
-package, which Transformers already requires): a pattern that backtracks catastrophically is refused
-with an error naming the field instead of hanging the load.
+Regexes may come from files, so each match runs under a time bound (naming.py, the leaf that quant/ shares):
+a pattern that backtracks catastrophically is refused with an error naming the field instead of hanging the
+load.
 """
 
 from __future__ import annotations
@@ -22,42 +22,14 @@ import re
 import warnings
 from typing import Callable
 
-import regex
 from torch import nn
 
+from ..naming import (OUTPUT_HEAD_NAMES, PATTERN_SECONDS, fullmatch, name_matches,  # noqa: F401  (re-exported)
+                      output_head_names)
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError
 
 ALL_LINEAR = "all-linear"
 COMMON_LAYER_LISTS = ("layers", "h", "block", "blocks", "layer", "encoder.layer", "decoder.layers")
-OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "head")
-PATTERN_SECONDS = 0.5  # one regex on one module name; real patterns take microseconds
-
-
-@functools.lru_cache(maxsize=1024)
-def _compiled(pattern: str, what: str) -> "regex.Pattern":
-    try:
-        return regex.compile(pattern)  # VERSION0: the syntax and matching of Python's re
-    except (regex.error, TypeError) as err:
-        raise DeltaConfigError(f"{what} is not a valid regular expression ({err})") from None
-
-
-def fullmatch(pattern: str, name: str, what: str) -> bool:
-    """Whether regex `pattern` matches all of `name`. `what` names the field in errors, e.g.
-    "target_modules='...'". Raises DeltaConfigError for an invalid pattern, or one that needs more than
-    PATTERN_SECONDS on one name (nested repeats such as `(.*.*)*` backtrack exponentially)."""
-    try:
-        return _compiled(pattern, what).fullmatch(name, timeout=PATTERN_SECONDS) is not None
-    except TimeoutError:
-        raise DeltaConfigError(
-            f"{what} took over {PATTERN_SECONDS} s to match the module name {name!r} and is refused: nested "
-            "repeats such as (.*)* or (a|a)* backtrack exponentially; write it without them") from None
-
-
-def name_matches(patterns: str | list[str], name: str, field: str = "target_modules") -> bool:
-    """List: exact name or dotted suffix. String: regex, full match (time-bounded)."""
-    if isinstance(patterns, str):
-        return fullmatch(patterns, name, f"{field}={patterns!r}")
-    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def key_matches(key: str, name: str, field: str = "rank_pattern") -> bool:
@@ -80,17 +52,6 @@ def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None
         if found:
             return int(found.group(1))
     return None
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    """Module names of the output head(s): the module returned by get_output_embeddings, plus usual names."""
-    heads = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if (out is not None and module is out) or name.split(".")[-1] in OUTPUT_HEAD_NAMES:
-            heads.add(name)
-    return heads
 
 
 def canonical_name(path: str) -> str:

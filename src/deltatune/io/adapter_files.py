@@ -12,6 +12,7 @@ a journal was killed part way; it loads only if its two files are the previous s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 
 from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
 from ..core.model import check_adapter_name
-from ..models import loadable_name
+from .models import loadable_name
 from .atomic import json_text, safetensors_bytes, write_bytes, write_json, write_text
 from .keymap import (DISK_PREFIX, adapter_slots, base_weight_slots, embedding_layer_slots,
                      trained_head_bias_extras)
@@ -241,6 +242,12 @@ def assign_weights(model, adapter_name: str, weights: dict[str, torch.Tensor], s
             slot.copy_(tensor.to(device=slot.device, dtype=slot.dtype))
 
 
+def weights_fill(weights: dict[str, torch.Tensor], source: str):
+    """The `fill` for DeltaModel(...) / inject (core/model.py) that copies a file's tensors (disk keys, read
+    from `source`) into the adapter being injected, inside inject's all-or-nothing step."""
+    return functools.partial(assign_weights, weights=weights, source=source)
+
+
 def load_adapter(model, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                  allow_pickle: bool = False, **kwargs) -> None:
     """Add the adapter in directory `model_id` to a DeltaModel under `adapter_name`. If the model already
@@ -255,7 +262,7 @@ def load_adapter(model, model_id: str | os.PathLike, adapter_name: str, is_train
     existing = model.peft_config.get(adapter_name)
     if existing is None:
         config.inference_mode = not is_trainable
-        model.inject(adapter_name, config, weights, source=str(model_id))
+        model.inject(adapter_name, config, fill=weights_fill(weights, str(model_id)))
         return
     ignored = ("inference_mode", "base_model_name_or_path", "revision")
     saved, current = config_to_json(model, config), config_to_json(model, existing)

@@ -43,15 +43,19 @@ from pathlib import Path
 
 import torch
 
-from ..compose.fusion import AdapterFusionConfig
-from ..core.config import DeltaConfigError
+from ..core.config import DeltaConfigError, config_class
 from ..core.layer import DeltaLayer
 from ..core.model import DeltaModel
 from ..core.targeting import canonical_name
 from ..methods.bottleneck import BottleneckConfig
-from .adapter_files import AdapterFileError, read_weights
+from .adapter_files import AdapterFileError, read_adapter, read_weights, save_adapters, weights_fill
 from .atomic import safetensors_bytes, write_bytes, write_json
 from .keymap import DISK_PREFIX
+from .models import load_weights
+
+# AdapterFusion is a method compose/ registers (compose/fusion.py, above io): its config class is asked
+# from the method registry by peft_type, so this reader imports nothing above io
+FUSION_TYPE = "BOTTLENECK_FUSION"
 
 CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME = "adapter_config.json", "adapter.safetensors", "pytorch_adapter.bin"
 FUSION_CONFIG_NAME = "adapter_fusion_config.json"
@@ -248,9 +252,9 @@ def load_adapterhub(model, path: str | os.PathLike, adapter_name: str | None = N
 
 def attach(model, name: str, config, weights: dict, source: str, is_trainable: bool):
     if isinstance(model, DeltaModel):
-        model.inject(name, config, weights, source=source)
+        model.inject(name, config, fill=weights_fill(weights, source))
         return model
-    wrapped = DeltaModel(model, config, name, weights=weights, source=source)
+    wrapped = DeltaModel(model, config, name, fill=weights_fill(weights, source))
     return wrapped if is_trainable else wrapped.eval()
 
 
@@ -288,8 +292,8 @@ def load_fusion(model, folder: Path, adapter_name: str | None, allow_pickle: boo
         for k, o in FUSION_TENSORS.items():
             identity = torch.eye(width) if k.endswith("weight") else torch.zeros(width)
             ours[f"{DISK_PREFIX}{ours_of[t]}.{o}"] = found.get(f"{t}{marker}{k}", identity)
-    config = AdapterFusionConfig(adapter_names=list(names), target_modules=sorted(ours_of[t] for t in resolved),
-                                 inference_mode=not is_trainable)
+    config = config_class(FUSION_TYPE)(adapter_names=list(names), inference_mode=not is_trainable,
+                                       target_modules=sorted(ours_of[t] for t in resolved))
     return attach(model, adapter_name or data["name"], config, ours, str(folder), is_trainable)
 
 
@@ -334,7 +338,7 @@ def save_adapterhub(model, save_directory: str | os.PathLike, adapter_name: str 
         raise ValueError(f"unknown adapter {name!r}; adapters: {list(model.peft_config)}")
     config = model.peft_config[name]
     family, prefix, layers = family_of(model, f"adapter {name!r}")
-    if isinstance(config, AdapterFusionConfig):
+    if config.peft_type == FUSION_TYPE:
         files = fusion_files(model, name, config, family, prefix)
     elif isinstance(config, BottleneckConfig):
         files = bottleneck_files(model, name, config, family, prefix, layers)
@@ -387,7 +391,7 @@ def bottleneck_files(model, name: str, config: BottleneckConfig, family: str, pr
     return (CONFIG_NAME, {"config": conf, **their_meta(model, name)}), (WEIGHTS_NAME, tensors)
 
 
-def fusion_files(model, name: str, config: AdapterFusionConfig, family: str, prefix: str):
+def fusion_files(model, name: str, config, family: str, prefix: str):
     if config.temperature != 1.0:
         raise DeltaConfigError(f"fusion {name!r}: temperature {config.temperature} has no AdapterHub equivalent "
                                "(theirs is 1, or annealed from 50 with `temperature: true`)")
@@ -413,9 +417,6 @@ def convert_adapterhub(adapter: str | os.PathLike, out: str | os.PathLike, to: s
     Raises: DeltaConfigError / AdapterFileError as load_adapterhub and save_adapterhub; ModelNotFoundError
     for a base that is no alias or local model directory.
     """
-    from ..models import load_weights
-    from .adapter_files import read_adapter
-
     if to == "deltatune":
         if base_model is None:
             raise DeltaConfigError(f"{adapter}: an AdapterHub folder names no loadable base; pass --base")
@@ -425,7 +426,7 @@ def convert_adapterhub(adapter: str | os.PathLike, out: str | os.PathLike, to: s
         base = load_weights(base_model, torch.float32, task)
         delta = load_adapterhub(base, adapter, "default", allow_pickle)
         delta.peft_config["default"].base_model_name_or_path = str(base_model)
-        delta.save_pretrained(str(out))
+        save_adapters(delta, out)
         return Path(out)
     if to != "adapterhub":
         raise ValueError(f"to must be 'deltatune' or 'adapterhub', not {to!r}")
@@ -435,5 +436,5 @@ def convert_adapterhub(adapter: str | os.PathLike, out: str | os.PathLike, to: s
         raise DeltaConfigError(f"{adapter}: the adapter config has no base_model_name_or_path; pass --base")
     config.inference_mode = True
     delta = DeltaModel(load_weights(base_name, torch.float32, config.task_type), config, "default",
-                       weights=weights, source=str(adapter))
+                       fill=weights_fill(weights, str(adapter)))
     return save_adapterhub(delta, out, "default")

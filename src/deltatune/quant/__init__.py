@@ -6,8 +6,8 @@ Two ways in, handled alike:
     model = deltatune.quant.quantize(float_model, "nf4", double_quant=True, skip=["mlp.down_proj"])
 
 then `get_peft_model(model, config)` as usual: every method runs on top of the quantized layer's own
-forward, and merges go through `core.layer.read_weight` / `write_weight`, which dequantize and requantize
-here (merging into a 4-bit base rounds the merged weight once more; the warning states by how much). For
+forward, and merges go through core's base-layer view (core/base.py `read_weight` / `write_weight`), which
+dequantize and requantize here (merging into a 4-bit base rounds the merged weight once more; the warning states by how much). For
 an exact merged float model: `dequantize(model)` first, then `merge_and_unload()`.
 
 Dtypes: adapters are created in the quantized layer's compute dtype (float32 unless the spec or
@@ -37,6 +37,7 @@ from .backend import (
     register_backend,
     requantize_weight,
     round_trip,
+    set_module_walk,
     weight_bytes,
 )
 from .loftq import loftq_factors, loftq_spec
@@ -44,4 +45,4 @@ from .loftq import loftq_factors, loftq_spec
 __all__ = ["QUANT_TYPES", "QuantBackend", "QuantSpec", "QuantizedMergeWarning", "backend_for", "dequantize",
            "dequantize_weight", "get_backend", "is_quantized", "loftq_factors", "loftq_spec", "merge_errors",
            "parameter_counts", "parse_quantize", "quantize", "register_backend", "requantize_weight", "round_trip",
-           "weight_bytes"]
+           "set_module_walk", "weight_bytes"]

@@ -8,21 +8,26 @@ deltatune sees quantization only through four calls, so M methods and N backends
     backend.requantize(module, weight)  store a float weight again (merge, unmerge); returns the error
     backend.round_trip(weight, spec)    quantize and dequantize a float tensor (LoftQ)
 
-Methods never call these: core/layer.py's `read_weight` / `write_weight` do, and a method's forward runs
-on top of the quantized module's own forward (its `base_out`).
+Methods never call these: core's base-layer view (core/base.py: `read_weight` / `write_weight`) does, and a
+method's forward runs on top of the quantized module's own forward (its `base_out`).
+
+quant/ is a leaf: it imports torch, its libraries and deltatune.errors / deltatune.naming, never core. Which
+of a model's modules `quantize` may replace is a `ModuleWalk`; core, which wraps base modules in its own
+layers, installs the walk that knows those wrappers when it is imported (core/base.py `base_modules`).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from ..errors import DeltaConfigError
-from ..core.targeting import name_matches, output_head_names
+from ..naming import name_matches, output_head_names
 from .spec import BACKEND_TYPES, QUANT_TYPES, QuantSpec  # noqa: F401  (re-exported)
 
 
@@ -56,9 +61,21 @@ class QuantBackend(Protocol):
     def storage_tensors(self, module: nn.Module) -> list[torch.Tensor]: ...
 
 
+# (path, name) of each module `quantize` may replace: `path` for model.get_submodule, `name` the module's name in
+# the user's model for the skip and head rules (the two differ under a wrapper that moved the module)
+ModuleWalk = Callable[[nn.Module], Iterable[tuple[str, str, nn.Module]]]
+
+
+def plain_modules(model: nn.Module) -> Iterable[tuple[str, str, nn.Module]]:
+    """Every module of `model`, its path as its name: the walk of a model that nothing has wrapped."""
+    for path, module in model.named_modules():
+        yield path, path, module
+
+
 @dataclass
 class _Registry:
     backends: dict[str, QuantBackend] = field(default_factory=dict)
+    walk: ModuleWalk = plain_modules
     merge_errors: list[tuple[str, float, float]] = field(default_factory=list)
     warned: set = field(default_factory=set)
 
@@ -76,6 +93,14 @@ def get_backend(name: str) -> QuantBackend:
     if name not in _STATE.backends:
         raise DeltaConfigError(f"quantize backend={name!r}: not available; available: {sorted(_STATE.backends)}")
     return _STATE.backends[name]
+
+
+def set_module_walk(walk: ModuleWalk) -> None:
+    """Make `quantize` visit the modules `walk(model)` yields. Called once by core (core/base.py) when it is
+    imported: its wrappers hold adapters, trained head copies and model-level adapters that stay float, and
+    a wrapped base module is matched by its own name. Until then no model can hold a wrapper, so the plain
+    walk is exact."""
+    _STATE.walk = walk
 
 
 def backend_for(module: nn.Module) -> QuantBackend | None:
@@ -140,11 +165,6 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------- whole models
-def _owned_by_adapters(name: str) -> bool:
-    """Inside an adapter, a trained head copy or a model-level adapter (core/layer.py's names)."""
-    return any(part in ("adapters", "copies", "original_module", "model_adapters") for part in name.split("."))
-
-
 def parse_quantize(value: Any, **overrides: Any) -> tuple[QuantSpec | None, list[str] | str | None]:
     """(spec, skip) from a `quantize` value: None / False / "none" (no quantization), "nf4" | "fp4" |
     "int8", a dict of QuantSpec fields plus an optional "skip", or a QuantSpec. Raises DeltaConfigError
@@ -165,7 +185,7 @@ def quantize(model: nn.Module, spec: str | dict | QuantSpec | None = "nf4", doub
 
     Embeddings stay in float (only linear layers are quantized) and so does the output head unless
     `quantize_head=True`. Layers inside a DeltaModel's adapters are never touched; the base layers that
-    adapters wrap are.
+    adapters wrap are (the walk core installs: `set_module_walk`).
 
     Args:
         model: a Transformers model, a DeltaModel, or any nn.Module.
@@ -187,18 +207,18 @@ def quantize(model: nn.Module, spec: str | dict | QuantSpec | None = "nf4", doub
     backend = get_backend(spec.backend)
     heads = set() if quantize_head else {h.split(".")[-1] for h in output_head_names(model)}
     left_float: dict[str, str] = {}
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or _owned_by_adapters(name):
+    for path, name, module in list(_STATE.walk(model)):
+        if type(module) is not nn.Linear:
             continue
-        if name.split(".")[-1] in heads or name.removesuffix(".base_layer").split(".")[-1] in heads:
+        if path.split(".")[-1] in heads or name.split(".")[-1] in heads:
             continue
-        if skip and (name_matches(skip, name) or name_matches(skip, name.removesuffix(".base_layer"))):
+        if skip and (name_matches(skip, path) or name_matches(skip, name)):
             continue
         reason = backend.unsupported(module, spec)
         if reason:
             left_float[name] = reason
             continue
-        _replace(model, name, backend.quantize_linear(module, spec))
+        _replace(model, path, backend.quantize_linear(module, spec))
     if left_float:
         shown = ", ".join(f"{n} ({r})" for n, r in list(left_float.items())[:6])
         more = f" and {len(left_float) - 6} more" if len(left_float) > 6 else ""
@@ -284,4 +304,4 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 __all__ = ["QUANT_TYPES", "QuantBackend", "QuantSpec", "QuantizedMergeWarning", "backend_for", "dequantize",
            "dequantize_weight", "get_backend", "is_quantized", "merge_errors", "parameter_counts",
            "parse_quantize", "quantize", "register_backend", "requantize_weight", "round_trip",
-           "weight_bytes"]
+           "set_module_walk", "weight_bytes"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..core.config import DeltaConfigError
+from ..errors import DeltaConfigError
 
 BACKEND_TYPES = {"bitsandbytes": ("nf4", "fp4", "int8"), "hqq": ("hqq1", "hqq2", "hqq3", "hqq4", "hqq8")}
 QUANT_TYPES = tuple(t for types in BACKEND_TYPES.values() for t in types)

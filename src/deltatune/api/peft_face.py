@@ -12,8 +12,8 @@ those names fall through to DeltaModel.__getattr__, i.e. to the wrapped model). 
 peft's shape `model.base_model.model` (the tuner, holding the user's model): here `base_model` is the
 DeltaModel itself, whose `.model` is the user's model.
 
-DeltaModel.__new__ builds this class instead of the plain one when `peft` is already imported, so a
-process that never imports peft pays nothing (importing peft takes seconds and pulls in bitsandbytes).
+`DeltaModel(...)` builds this class instead of the facade when `peft` is already imported (api/__init__.py
+`class_to_build`), so a process that never imports peft pays nothing (importing peft takes seconds and pulls in bitsandbytes).
 Importing Transformers' `Trainer` or TRL imports peft, so a script that imports them before building its
 model gets this class. Importing this module imports peft.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from . import model as plain
+from . import facade as plain
 
 
 class _Hidden:
@@ -52,7 +52,7 @@ class DeltaModel(plain.DeltaModel, PeftModel):
     """A DeltaModel that is also a `peft.PeftModel` to isinstance checks; otherwise the same object."""
 
     @property
-    def base_model(self) -> "DeltaModel":
+    def base_model(self) -> DeltaModel:
         """peft's `model.base_model.model` is the user's model (Trainer's label smoothing, NEFTune)."""
         return self
 

@@ -8,10 +8,10 @@ from helpers_train import make_tokenizer, upper_rows
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from deltatune import DeltaModel, LoraConfig, get_peft_model
-from deltatune.train.files import Row
-from deltatune.train.formats import to_sample
+from deltatune.train.data.files import Row
+from deltatune.train.data.formats import to_sample
 from deltatune.train.hf import DeltaTrainer
-from deltatune.train.tokenize import Encoded, collate, encode
+from deltatune.train.data.tokenize import Encoded, collate, encode
 
 TOKENIZER = make_tokenizer()
 

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -141,3 +142,34 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     # clone: safetensors refuses tensors that share storage (tied weights, views)
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return save(owned, metadata={"format": "pt"})
+
+
+def atomic_folder(path: str | os.PathLike, write: Callable[[Path], None],
+                  make_room: Callable[[Path], None] | None = None) -> Path:
+    """Call `write(tmp)` on a hidden temporary folder beside `path`, fsync its files, give them the default
+    modes, then rename the folder to `path`; `make_room(path)` runs just before the rename when `path`
+    exists (rename cannot replace a folder). A crash leaves `.NAME.XXXXXXXX` beside `path`, never part of it.
+
+    Raises:
+        WriteError: the folder or the disk refused a write (the temporary is gone; `path` is as it was).
+    """
+    path, tmp = Path(path), None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        write(tmp)
+        for file in tmp.rglob("*"):  # on disk before the rename makes the folder count
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if make_room is not None and path.exists():
+            make_room(path)
+        give_default_mode(tmp)  # mkdtemp's 0700 (and a writer's 0600) as plain mkdir/open would make them
+        tmp.rename(path)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and not isinstance(err, WriteError) and is_write_failure(err):
+            raise write_error(path, err) from err
+        raise
+    return path

@@ -31,7 +31,7 @@ from transformers import Trainer
 from transformers.trainer_utils import _is_peft_model
 
 from .evaluate import token_loss_sum
-from .linear_loss import token_loss_parts
+from .linear_loss import chunked_loss_head
 
 PLAIN_BATCH_KEYS = {"input_ids", "attention_mask", "position_ids", "labels"}  # position_ids: padding-free
 
@@ -49,7 +49,7 @@ class DeltaTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plain = (return_outputs or "labels" not in inputs or set(inputs) - PLAIN_BATCH_KEYS
                  or self.label_smoother is not None or self.compute_loss_func is not None
-                 or token_loss_parts(model) is None)
+                 or chunked_loss_head(model) is None)
         if plain:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss_sum, count = token_loss_sum(model, inputs)

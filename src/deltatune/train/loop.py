@@ -32,24 +32,24 @@ from .build import (
     stored_model_name,
     tokenize_samples,
 )
-from .checkpoint import (CHECKPOINTS, checkpoint_folders, list_checkpoints, load_checkpoint, save_checkpoint,
+from .run.checkpoint import (CHECKPOINTS, checkpoint_folders, list_checkpoints, load_checkpoint, save_checkpoint,
                          saved_settings)
 from .config import RunConfig
-from .divergence import DivergenceError, check_step, gradient_norm
+from .run.divergence import DivergenceError, check_step, gradient_norm
 from .evaluate import token_loss_sum
-from .early_stop import GENERATION_METRICS, BestTracker, check_best_run, finish_best
+from .run.early_stop import GENERATION_METRICS, BestTracker, check_best_run, finish_best
 from .finish import TrainResult, evaluate_run, finish_run
-from .metrics import MetricsLog, peak_memory_mb, shown
-from .neftune import add_neftune
-from .optim import check_optimizer_installed, make_optimizer
-from .order import SampleOrder
-from .output_dir import claim_output_dir, clear_previous_run, is_main_rank
-from .runtime import enable_gradient_checkpointing, make_accelerator
-from .schedule import make_scheduler
-from .packing import check_packing_isolates
-from .resume_check import SCHEDULE_FIELDS, file_fingerprint, point_schedule, resume_changes, resume_note
-from .tokenize import TEMPLATE_FILE, collate, target_count
-from .trackers import (accelerator_options, check_trackers_installed, end_trackers, log_record,
+from .run.metrics import MetricsLog, peak_memory_mb, shown
+from .run.neftune import add_neftune
+from .run.optim import check_optimizer_installed, make_optimizer
+from .data.order import SampleOrder
+from .run.output_dir import claim_output_dir, clear_previous_run, is_main_rank
+from .run.runtime import enable_gradient_checkpointing, make_accelerator
+from .run.schedule import make_scheduler
+from .data.packing import check_packing_isolates
+from .run.resume_check import SCHEDULE_FIELDS, file_fingerprint, point_schedule, resume_changes, resume_note
+from .data.tokenize import TEMPLATE_FILE, collate, target_count
+from .run.trackers import (accelerator_options, check_trackers_installed, end_trackers, log_record,
                        start_trackers, tracker_names)
 
 

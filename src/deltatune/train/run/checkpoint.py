@@ -19,10 +19,8 @@ interrupted prune never leaves a half-deleted `step-*` folder.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io.atomic import give_default_mode, is_write_failure, write_error
-from ..errors import CheckpointError  # noqa: F401  (re-exported)
+from ...io.atomic import atomic_folder
+from ...errors import CheckpointError  # noqa: F401  (re-exported)
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -105,33 +103,20 @@ def save_checkpoint(
         WriteError: the disk or folder refused a write; it names the file, says when the disk is full,
             and the checkpoints saved before are left as they were.
     """
-    root = Path(output_dir) / CHECKPOINTS
-    final = root / f"{PREFIX}{step:06d}"
-    tmp = None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        model.save_pretrained(str(tmp))
-        save_file(trainable_tensors(model), str(tmp / TRAINABLE))
+    final = Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:06d}"
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        save_file(trainable_tensors(model), str(folder / TRAINABLE))
         tensors: dict[str, torch.Tensor] = {}
         state = encode_state({"step": step, "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "rng": rng_state(), **extra}, tensors)
-        save_file(tensors, str(tmp / STATE_TENSORS))
-        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        (tmp / STATE_JSON).write_text(json.dumps({"files": sizes, "state": state}), encoding="utf-8")
-        for file in tmp.iterdir():  # on disk before the rename makes the checkpoint count
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():  # the same step saved again (a resumed run): move the old one aside first
-            _discard(final)
-        give_default_mode(tmp)  # mkdtemp's 0700 (and any writer's 0600) as plain mkdir/open would make them
-        tmp.rename(final)
-    except BaseException as err:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, Exception) and is_write_failure(err):
-            raise write_error(final, err) from err
-        raise
+        save_file(tensors, str(folder / STATE_TENSORS))
+        sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+        (folder / STATE_JSON).write_text(json.dumps({"files": sizes, "state": state}), encoding="utf-8")
+
+    # the same step saved again (a resumed run): the old one is moved aside just before the rename
+    atomic_folder(final, write, make_room=_discard)
     for old in list_checkpoints(output_dir)[:-keep]:
         _discard(old)
     return final

@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..core.config import DeltaConfigError
-from .config import RunConfig, build_method_config
-from .files import data_paths
+from ...core.config import DeltaConfigError
+from ..config import RunConfig, build_method_config
+from ..data.files import data_paths
 
 SAFE_ON_RESUME = {
     "training.max_steps": "the run's length; the schedule stretches to it",

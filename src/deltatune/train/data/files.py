@@ -15,10 +15,10 @@ import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from ..errors import DataError  # noqa: F401  (re-exported)
+from ...errors import DataError  # noqa: F401  (re-exported)
 
 BUNDLED_PREFIX = "deltatune:"
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data"
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "data"  # src/deltatune/data
 SUFFIXES = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",

@@ -41,6 +41,13 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return loss, int((targets != IGNORE).sum())
 
 
+def mean_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """token_loss_sum / labelled tokens: the loss `before_training` hooks (Child-Tuning_D's Fisher
+    estimate) take as `loss_fn(model, batch)`."""
+    loss, count = token_loss_sum(model, batch)
+    return loss / max(1, count)
+
+
 @torch.no_grad()
 def eval_loss(
     model,

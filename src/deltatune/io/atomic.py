@@ -8,6 +8,7 @@ serving process under another user reads adapters and merged models as it reads 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -15,7 +16,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save
@@ -102,6 +103,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a whole folder under a temporary name next to `target`, then rename it into place.
+
+    Yields the new, empty temporary folder. When the block ends, its contents get the modes open() / mkdir()
+    give (give_default_mode), what is at `target` (an earlier, incomplete attempt or an empty folder) is
+    discarded, and the folder is renamed to `target`. On any error the temporary folder is deleted and
+    `target` is left as it was, so a reader never trusts a half-written folder.
+
+    Raises:
+        WriteError: the folder or the disk refused the write (naming `target`).
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as err:
+        raise write_error(target, err) from err
+    try:
+        yield tmp
+        give_default_mode(tmp)  # mkdtemp's 0700 and other writers' 0600 would hide it from other users
+        if target.exists():
+            discard_folder(target)
+        os.replace(tmp, target)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and not isinstance(err, WriteError) and is_write_failure(err):
+            raise write_error(target, err) from err
+        raise
+
+
+def discard_folder(path: str | os.PathLike) -> None:
+    """Delete a folder; renamed to a hidden name first, so an interrupted delete leaves a temporary, never a
+    half-deleted folder under its real name."""
+    path = Path(path)
+    doomed = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files an atomic_write killed part way left in `folder`; returns them.
     Call it only while no other process writes in `folder` (a training run holds its lock)."""
@@ -142,34 +184,3 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     # clone: safetensors refuses tensors that share storage (tied weights, views)
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return save(owned, metadata={"format": "pt"})
-
-
-def atomic_folder(path: str | os.PathLike, write: Callable[[Path], None],
-                  make_room: Callable[[Path], None] | None = None) -> Path:
-    """Call `write(tmp)` on a hidden temporary folder beside `path`, fsync its files, give them the default
-    modes, then rename the folder to `path`; `make_room(path)` runs just before the rename when `path`
-    exists (rename cannot replace a folder). A crash leaves `.NAME.XXXXXXXX` beside `path`, never part of it.
-
-    Raises:
-        WriteError: the folder or the disk refused a write (the temporary is gone; `path` is as it was).
-    """
-    path, tmp = Path(path), None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        write(tmp)
-        for file in tmp.rglob("*"):  # on disk before the rename makes the folder count
-            if file.is_file():
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if make_room is not None and path.exists():
-            make_room(path)
-        give_default_mode(tmp)  # mkdtemp's 0700 (and a writer's 0600) as plain mkdir/open would make them
-        tmp.rename(path)
-    except BaseException as err:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, Exception) and not isinstance(err, WriteError) and is_write_failure(err):
-            raise write_error(path, err) from err
-        raise
-    return path

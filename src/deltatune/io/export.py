@@ -22,9 +22,7 @@ def write_merged_model(model: nn.Module, tokenizer, out: str | os.PathLike) -> P
     Raises:
         WriteError: the disk or the folder refused a write; nothing is left at `out`.
     """
-    def write(folder: Path) -> None:
-        with torch.no_grad():
-            model.save_pretrained(folder, safe_serialization=True)
+    with atomic_folder(out) as folder, torch.no_grad():
+        model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-
-    return atomic_folder(out, write, make_room=lambda empty: empty.rmdir())
+    return Path(out)

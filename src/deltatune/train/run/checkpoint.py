@@ -19,6 +19,7 @@ interrupted prune never leaves a half-deleted `step-*` folder.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ...io.atomic import atomic_folder
+from ...io.atomic import atomic_folder, discard_folder
 from ...errors import CheckpointError  # noqa: F401  (re-exported)
 
 CHECKPOINTS = "checkpoints"
@@ -104,8 +105,8 @@ def save_checkpoint(
             and the checkpoints saved before are left as they were.
     """
     final = Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:06d}"
-
-    def write(folder: Path) -> None:
+    # the same step saved again (a resumed run): atomic_folder moves the old one aside before the rename
+    with atomic_folder(final) as folder:
         model.save_pretrained(str(folder))
         save_file(trainable_tensors(model), str(folder / TRAINABLE))
         tensors: dict[str, torch.Tensor] = {}
@@ -114,21 +115,12 @@ def save_checkpoint(
         save_file(tensors, str(folder / STATE_TENSORS))
         sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
         (folder / STATE_JSON).write_text(json.dumps({"files": sizes, "state": state}), encoding="utf-8")
-
-    # the same step saved again (a resumed run): the old one is moved aside just before the rename
-    atomic_folder(final, write, make_room=_discard)
+        for file in folder.iterdir():  # on disk before the rename makes the checkpoint count
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
     for old in list_checkpoints(output_dir)[:-keep]:
-        _discard(old)
+        discard_folder(old)  # renamed first: an interrupted delete never leaves a half `step-*` folder
     return final
-
-
-def _discard(path: Path) -> None:
-    """Delete a checkpoint folder; renamed to a hidden name first, so an interrupted delete leaves
-    a temporary (removed at the next run's start), never a half-deleted `step-*` folder."""
-    doomed = path.with_name(f".{path.name}.deleting")
-    shutil.rmtree(doomed, ignore_errors=True)
-    path.rename(doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def is_complete(path: Path) -> bool:

@@ -60,9 +60,9 @@ def check_reference_ready(model: DeltaModel) -> None:
         raise ValueError("preference tuning with TRL cannot train an adapter on the LM head (TRL scores "
                          "tokens from lm_head.weight directly); remove 'lm_head' from "
                          "target_modules / modules_to_save")
-    adapters = model.model_adapters
+    runs_model = model.prompt_adapter()  # the active adapter that takes over forward, if any
     whole_model = sorted(name for name in model.active_adapters
-                         if name in adapters and hasattr(adapters[name], "forward_model"))
+                         if runs_model is not None and model.model_adapters.get(name) is runs_model)
     if whole_model:
         raise ValueError(f"preference tuning with TRL cannot train adapters {whole_model}: they act on the "
                          "whole model (prompts, gates) and TRL's fused LM head calls the backbone past "

@@ -62,7 +62,8 @@ def check_reference_ready(model: DeltaModel) -> None:
                          "target_modules / modules_to_save")
     runs_model = model.prompt_adapter()  # the active adapter that takes over forward, if any
     whole_model = sorted(name for name in model.active_adapters
-                         if runs_model is not None and model.model_adapters.get(name) is runs_model)
+                         if runs_model is not None and name in model.model_adapters
+                         and model.model_adapters[name] is runs_model)
     if whole_model:
         raise ValueError(f"preference tuning with TRL cannot train adapters {whole_model}: they act on the "
                          "whole model (prompts, gates) and TRL's fused LM head calls the backbone past "

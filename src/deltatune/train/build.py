@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import DeltaConfigError
+from ..core.config import DeltaConfigError, TaskType
 from ..core.model import DeltaModel
 from ..io.adapter_files import read_config
 from ..models import load_model
@@ -121,8 +121,6 @@ def tokenize_samples(
 def check_data_files(data: DataSection, need_train: bool = True) -> None:
     """Fail fast on missing data files and a chat template that names nothing."""
     if need_train and not data.train:
-        from ..core.config import DeltaConfigError
-
         raise DeltaConfigError(
             "data.train is required: a .jsonl, .json, .csv, .parquet or .arrow file, a folder, a glob, "
             "a save_to_disk folder, or a list of these"
@@ -181,8 +179,7 @@ def load_adapted(
     name = model_name or saved.base_model_name_or_path
     if not name:
         raise DeltaConfigError(f"{adapter_dir}: adapter_config.json names no base model; pass --model")
-    task = "sequence_classification" if str(getattr(saved.task_type, "value", saved.task_type)) == "SEQ_CLS" \
-        else "causal_lm"
+    task = "sequence_classification" if saved.task_type == TaskType.SEQ_CLS else "causal_lm"
     if task == "sequence_classification" and not labels:
         raise DeltaConfigError(
             f"{adapter_dir}: a sequence-classification adapter (task_type SEQ_CLS), whose class names only its "

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from deltatune import cli
+from deltatune.errors import DeltaConfigError, DeltaError, VocabularyMismatchError
 from deltatune.train.config import TrainingSection
 
 
@@ -100,9 +101,9 @@ def test_data_error_after_truncation_names_the_file(capsys, config, tmp_path):
     """Caught at tokenization (needs a tokenizer): here through the library call the CLI makes."""
     from helpers_train import make_tokenizer
 
-    from deltatune.train.files import DataError, read_rows
-    from deltatune.train.formats import to_samples
-    from deltatune.train.tokenize import encode
+    from deltatune.train.data.files import DataError, read_rows
+    from deltatune.train.data.formats import to_samples
+    from deltatune.train.data.tokenize import encode
 
     samples, _ = to_samples(read_rows(tmp_path / "train.jsonl"))
     with pytest.raises(DataError) as caught:
@@ -111,3 +112,32 @@ def test_data_error_after_truncation_names_the_file(capsys, config, tmp_path):
         f"{tmp_path / 'train.jsonl'}: no usable rows: every row has no answer token within "
         "data.max_length=8 (empty, or cut off); expected rows whose answer starts within max_length tokens"
     )
+
+
+# ---------------------------------------------------------------------- caught by class, not by name
+class RenamedConfigError(DeltaConfigError):
+    """A DeltaError under a name the CLI never listed (the old check compared class-name strings)."""
+
+
+@pytest.mark.parametrize("error", [
+    RenamedConfigError("method.r=0: must be a positive integer"),
+    VocabularyMismatchError("expert: vocabulary of 10 tokens; expected the base's 12"),
+    IsADirectoryError("data.train: is a folder"),  # an OSError the CLI never listed: still a traceback
+])
+def test_every_delta_error_is_one_line_and_bugs_keep_their_traceback(capsys, monkeypatch, error):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_train", fail)
+    if not isinstance(error, DeltaError):  # a bug or an unexpected OS failure: the traceback stays
+        with pytest.raises(type(error)):
+            cli.main(["train", "run.yaml"])
+        return
+    assert run_train(capsys, "run.yaml") == f"error: {error}"
+
+
+def test_builtin_missing_file_and_module_errors_stay_one_line(capsys, monkeypatch):
+    for error in (FileNotFoundError("config file 'x.yaml' not found"), ModuleNotFoundError("No module named 'wandb'"),
+                  FileExistsError("out: exists")):
+        monkeypatch.setattr(cli, "_train", lambda args, error=error: (_ for _ in ()).throw(error))
+        assert run_train(capsys, "run.yaml") == f"error: {error}"

@@ -26,11 +26,11 @@ from tiny_models import tiny_llama
 import deltatune as dt
 import deltatune.io.adapter_files as adapter_files
 import deltatune.io.atomic as atomic
-import deltatune.train.checkpoint as checkpoint
+import deltatune.train.run.checkpoint as checkpoint
 from deltatune.core.config import DeltaConfigError
 from deltatune.io.adapter_files import AdapterFileError
 from deltatune.io.atomic import WriteError
-from deltatune.train.output_dir import claim_output_dir
+from deltatune.train.run.output_dir import claim_output_dir
 from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
 

@@ -8,10 +8,10 @@ import json
 import pytest
 from helpers_train import make_tokenizer
 
-from deltatune.train.files import DataError, read_rows
-from deltatune.train.formats import detect_format, to_samples
-from deltatune.train.packing import pack
-from deltatune.train.tokenize import IGNORE, collate, encode, prompt_text
+from deltatune.train.data.files import DataError, read_rows
+from deltatune.train.data.formats import detect_format, to_samples
+from deltatune.train.data.packing import pack
+from deltatune.train.data.tokenize import IGNORE, collate, encode, prompt_text
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ from deltatune.train.build import (hold_out, load_adapted, read_eval_samples, re
                                    tokenize_samples)
 from deltatune.train.config import DataSection, ModelSection
 from deltatune.train.config_file import load_config
-from deltatune.train.files import DataError, read_rows
-from deltatune.train.resume_check import file_fingerprint
-from deltatune.train.tokenize import prompt_text, resolve_chat_template
+from deltatune.train.data.files import DataError, read_rows
+from deltatune.train.run.resume_check import file_fingerprint
+from deltatune.train.data.tokenize import prompt_text, resolve_chat_template
 
 QA = [{"question": f"what is {i} + {i}?", "answer": str(2 * i), "source": "sums"} for i in range(12)]
 PC = [{"prompt": r["question"], "completion": r["answer"]} for r in QA]

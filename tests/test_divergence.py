@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from deltatune import cli
 from deltatune.train.config_file import load_config
-from deltatune.train.divergence import DivergenceError, check_step
+from deltatune.train.run.divergence import DivergenceError, check_step
 from deltatune.train.loop import train
 
 QUIET = {"show_progress": False, "log": lambda *_: None}

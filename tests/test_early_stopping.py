@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from deltatune.core.config import DeltaConfigError
 from deltatune.train import finish, loop
-from deltatune.train.early_stop import BestTracker
+from deltatune.train.run.early_stop import BestTracker
 from deltatune.train.loop import train
 
 # eval loss by step: best at 2, then worse at 3 and 4 -> patience 2 stops after step 4

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from deltatune import DeltaModel
 from deltatune.cli import main
-from deltatune.train.run_generate import (
+from deltatune.train.commands.run_generate import (
     PROMPT_FILE,
     Generator,
     Sampling,
@@ -107,7 +107,7 @@ def test_an_adapter_without_a_record_keeps_the_template_default(run, tmp_path, p
 
 
 def test_rows_with_different_system_prompts_record_none():
-    from deltatune.train.formats import Sample
+    from deltatune.train.data.formats import Sample
 
     def sample(row):
         return Sample(row["messages"], "row", "messages")

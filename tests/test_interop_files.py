@@ -27,10 +27,10 @@ import deltatune as dt
 from deltatune import models
 from deltatune.io.adapter_files import CONFIG_NAME
 from deltatune.train.build import load_adapted
-from deltatune.train.checkpoint import save_checkpoint
+from deltatune.train.run.checkpoint import save_checkpoint
 from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
-from deltatune.train.merge import merge_adapter
+from deltatune.train.commands.merge import merge_adapter
 
 QUIET = {"show_progress": False, "log": lambda *_: None}
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers_train import make_tiny_model_dir, run_cli, upper_rows, write_config, write_jsonl
 
-from deltatune.train.runtime import lone_launch_warning
+from deltatune.train.run.runtime import lone_launch_warning
 
 SIMPLE_LAUNCH = {"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
@@ -35,7 +35,7 @@ def test_a_bare_accelerate_launch_of_two_processes_warns_in_the_one_it_starts(tm
     """The real launcher's environment (accelerate 1.15 on this machine, no --multi_gpu), through
     make_accelerator as `deltatune train` calls it."""
     probe = tmp_path / "probe.py"
-    probe.write_text("import os\nfrom deltatune.train.runtime import make_accelerator\n"
+    probe.write_text("import os\nfrom deltatune.train.run.runtime import make_accelerator\n"
                      "make_accelerator('fp32')\nprint('ranks', os.environ.get('WORLD_SIZE'))\n")
     result = run_cli("--num_processes", "2", str(probe), module="accelerate.commands.launch")
     assert result.returncode == 0, result.stderr[-3000:]

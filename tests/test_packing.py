@@ -10,8 +10,8 @@ from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 import deltatune as dt
 from deltatune.train.evaluate import token_loss_sum
-from deltatune.train.packing import check_packing_isolates, pack
-from deltatune.train.tokenize import IGNORE, Encoded, collate
+from deltatune.train.data.packing import check_packing_isolates, pack
+from deltatune.train.data.tokenize import IGNORE, Encoded, collate
 
 PAD = 0
 

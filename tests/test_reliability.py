@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import deltatune as dt
 import deltatune.io.atomic as atomic
-import deltatune.train.checkpoint as checkpoint
+import deltatune.train.run.checkpoint as checkpoint
 import deltatune.train.loop as loop
 from deltatune.core.config import DeltaConfigError
 from deltatune.core.layer import DeltaLayer
@@ -327,7 +327,7 @@ def test_an_output_dir_that_is_a_file_or_read_only_is_refused_before_the_model_l
 
 def test_make_demo_runs_again_into_its_own_folder_but_another_folder_needs_overwrite(tiny_run, tmp_path,
                                                                                     monkeypatch):
-    from deltatune.train import demo
+    from deltatune.train.commands import demo
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("deltatune.models.load_default",
@@ -390,7 +390,7 @@ except Exception as err:
 
 def test_the_refusal_counts_checkpoints_as_resume_does(tmp_path):
     """An incomplete `step-*` folder (a crafted or torn one) is not reported as the newest checkpoint."""
-    from deltatune.train.output_dir import describe
+    from deltatune.train.run.output_dir import describe
 
     (tmp_path / "checkpoints" / "step-000005").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-000005" / "state.pt").write_bytes(b"not a checkpoint")

@@ -16,8 +16,8 @@ from deltatune.core.config import DeltaConfigError
 from deltatune.train import loop
 from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
-from deltatune.train.resume_check import SAFE_ON_RESUME
-from deltatune.train.schedule import lr_factor
+from deltatune.train.run.resume_check import SAFE_ON_RESUME
+from deltatune.train.run.schedule import lr_factor
 
 QUIET = {"show_progress": False, "log": lambda *_: None}
 MAY_CHANGE = ", ".join(SAFE_ON_RESUME)

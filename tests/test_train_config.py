@@ -100,7 +100,7 @@ def test_method_section_uses_the_registry():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast is allowed on CUDA")
 def test_fp16_on_cpu_is_refused_before_loading(tmp_path):
-    from deltatune.train.runtime import make_accelerator
+    from deltatune.train.run.runtime import make_accelerator
 
     with pytest.raises(DeltaConfigError, match="fp16 autocast needs a CUDA GPU"):
         make_accelerator("fp16")
@@ -127,7 +127,7 @@ def test_example_configs_are_valid(name, monkeypatch):
 def test_demo_yaml_is_the_demo():
     from pathlib import Path
 
-    from deltatune.train.demo import demo_config
+    from deltatune.train.commands.demo import demo_config
 
     example = load_config(Path(__file__).resolve().parents[1] / "examples" / "demo.yaml")
     demo = demo_config()

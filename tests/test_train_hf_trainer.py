@@ -8,10 +8,10 @@ from helpers_train import make_tokenizer, upper_rows
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from deltatune import DeltaModel, LoraConfig, get_peft_model
-from deltatune.train.files import Row
-from deltatune.train.formats import to_sample
+from deltatune.train.data.files import Row
+from deltatune.train.data.formats import to_sample
 from deltatune.train.hf import DeltaTrainer
-from deltatune.train.tokenize import Encoded, collate, encode
+from deltatune.train.data.tokenize import Encoded, collate, encode
 
 TOKENIZER = make_tokenizer()
 
@@ -153,3 +153,86 @@ def test_delta_trainer_loss_from_hidden_states_trains_like_the_stock_trainer(tmp
     assert runs["delta"][0] == pytest.approx(runs["stock"][0], rel=1e-4)
     for name, param in runs["stock"][1].items():
         torch.testing.assert_close(runs["delta"][1][name], param, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- training-time method hooks
+class HookLog:
+    """Records the DeltaModel hooks a trainer calls, in order, with the step each gets."""
+
+    def __init__(self, model: DeltaModel, monkeypatch) -> None:
+        self.calls: list[tuple] = []
+        for name in ("before_training", "before_optimizer_step", "after_optimizer_step", "extra_loss"):
+            original = getattr(model, name)
+
+            def spy(*args, _name=name, _original=original, **kwargs):
+                step = args[0] if _name.endswith("optimizer_step") else None
+                has_optimizer = len(args) > 1 and args[1] is not None
+                self.calls.append((_name, step, has_optimizer) if step is not None else (_name,))
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(model, name, spy)
+
+
+def test_delta_trainer_calls_every_method_hook_where_the_loop_does(tmp_path, monkeypatch):
+    """Before: DeltaTrainer never called before/after_optimizer_step (nor before_training or extra_loss),
+    so AdaLoRA's budget, ReLoRA's merges, Child-Tuning's masks and COFT's projection silently did nothing."""
+    model = wrapped(tied=False)
+    log = HookLog(model, monkeypatch)
+    args = arguments(tmp_path / "out", gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    DeltaTrainer(model=model, args=args, train_dataset=features(), data_collator=collator).train()
+    per_step = [("extra_loss",), ("extra_loss",)]  # one per micro-batch, as train/loop.py
+    expected = [("before_training",)]
+    for step in range(4):
+        expected += per_step + [("before_optimizer_step", step, False), ("after_optimizer_step", step, True)]
+    assert log.calls == expected
+
+
+def test_relora_merges_under_delta_trainer(tmp_path):
+    """ReLoRA with relora_steps=2 over 4 steps merges twice: the base weights move and the adapter is back
+    to a zero update (before: no merge ever happened under Trainer)."""
+    from deltatune import ReLoraConfig
+
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_llama(False), ReLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                            relora_steps=2, relora_warmup_steps=0,
+                                                            task_type="CAUSAL_LM"))
+    q_proj = model.model.model.layers[0].self_attn.q_proj
+    before = q_proj.base_layer.weight.detach().clone()
+    DeltaTrainer(model=model, args=arguments(tmp_path / "out"), train_dataset=features(),
+                 data_collator=collator).train()
+    adapter = q_proj.adapters["default"]
+    assert len(adapter.relora_merged) == 2  # merged after steps 2 and 4
+    assert not torch.equal(q_proj.base_layer.weight, before)
+    assert torch.count_nonzero(adapter.lora_B.weight) == 0  # re-initialised to a zero update at the last merge
+
+
+def test_adalora_rank_budget_under_delta_trainer(tmp_path):
+    """AdaLoRA's schedule prunes to target_r per layer by total_step - tfinal: under Trainer too."""
+    from deltatune import AdaLoraConfig
+
+    torch.manual_seed(1)
+    config = AdaLoraConfig(init_r=6, target_r=2, tinit=0, tfinal=1, deltaT=1, total_step=4,
+                           target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(tiny_llama(False), config)
+    DeltaTrainer(model=model, args=arguments(tmp_path / "out"), train_dataset=features(),
+                 data_collator=collator).train()
+    kept = model.peft_config["default"].rank_pattern  # {layer.lora_E: [kept?] * init_r}, set by the budget
+    assert kept and len(kept) == 4 and all(len(mask) == 6 for mask in kept.values())
+    assert sum(sum(mask) for mask in kept.values()) == 2 * len(kept)  # target_r per layer on average
+
+
+def test_child_tuning_d_takes_its_fisher_mask_under_delta_trainer(tmp_path):
+    """before_training hands Child-Tuning_D training batches and the task loss (hf.DeltaTrainer.task_loss);
+    before: no mask, and the first optimizer step refused to run."""
+    from deltatune import ChildTuningConfig
+
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_llama(False), ChildTuningConfig(child_tuning_mode="D", reserve_p=0.25,
+                                                                target_modules=["q_proj", "v_proj"],
+                                                                fisher_batches=2, task_type="CAUSAL_LM"))
+    DeltaTrainer(model=model, args=arguments(tmp_path / "out"), train_dataset=features(),
+                 data_collator=collator).train()
+    masks = [m.adapters["default"].child_mask for _, m in model.delta_layers()]
+    assert len(masks) == 4 and all(mask is not None for mask in masks)
+    kept = sum(int(mask.sum()) for mask in masks) / sum(mask.numel() for mask in masks)
+    assert 0.25 <= kept < 0.3  # the global top 25% (ties may keep a few more)

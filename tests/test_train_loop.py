@@ -11,7 +11,7 @@ from helpers_train import QUIET, run_config, run_files
 from safetensors.torch import load_file
 
 from deltatune.train.loop import train
-from deltatune.train.schedule import lr_factor
+from deltatune.train.run.schedule import lr_factor
 
 
 

@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 from deltatune import cli
 from deltatune.core.config import DeltaConfigError
 from deltatune.train import loop
-from deltatune.train.checkpoint import decode_state, encode_state
+from deltatune.train.run.checkpoint import decode_state, encode_state
 from deltatune.train.config import TrainingSection
 from deltatune.train.loop import train
-from deltatune.train.neftune import add_neftune
-from deltatune.train.optim import make_optimizer
-from deltatune.train.plot import loss_figure
+from deltatune.train.run.neftune import add_neftune
+from deltatune.train.run.optim import make_optimizer
+from deltatune.train.run.plot import loss_figure
 
 
 
@@ -249,7 +249,7 @@ def test_loss_plot_has_the_run_title_and_a_learning_rate_axis():
 
 
 def test_a_run_titles_its_plot(files, monkeypatch):
-    from deltatune.train import plot
+    from deltatune.train.run import plot
 
     titles = []
     original = plot.loss_figure

@@ -14,23 +14,21 @@ import argparse
 import os
 import sys
 
-EXPECTED_ERRORS = (
-    "DeltaConfigError",
-    "DataError",
-    "AdapterFileError",
-    "ModelNotFoundError",
-    "ModuleNotFoundError",
-    "FileNotFoundError",
-    "FileExistsError",
-    "MergeError",
-    "WriteError",
-    "CheckpointError",
-    "DivergenceError",
+from .errors import DeltaError
+
+# printed as one line with exit status 2; anything else is a bug and keeps its traceback. DeltaError covers
+# every error deltatune raises for bad input (errors.py); the builtins are the missing files and packages
+# Python itself reports while reading a config, a data file or a model folder.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    DeltaError,
+    ModuleNotFoundError,
+    FileNotFoundError,
+    FileExistsError,
 )
 
 
 def _demo(args) -> None:
-    from .train.demo import run_demo
+    from .train.commands.demo import run_demo
 
     run_demo(args.out, args.overrides, overwrite=args.overwrite)
 
@@ -43,7 +41,7 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from .train.run_eval import evaluate_adapter, evaluate_config
+    from .train.commands.run_eval import evaluate_adapter, evaluate_config
 
     if args.adapter:
         if not args.data:
@@ -65,7 +63,7 @@ def _eval(args) -> None:
 
 def _generate(args) -> None:
     from .core.config import DeltaConfigError
-    from .train.run_generate import TRAINING_SYSTEM, Generator, Sampling, chat_loop, generate_text
+    from .train.commands.run_generate import TRAINING_SYSTEM, Generator, Sampling, chat_loop, generate_text
 
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
     system = TRAINING_SYSTEM if args.system is None else args.system
@@ -92,7 +90,7 @@ def _generate(args) -> None:
 
 
 def _merge(args) -> None:
-    from .train.merge import merge_adapter
+    from .train.commands.merge import merge_adapter
 
     out = merge_adapter(args.adapter, args.out, model=args.model, dtype=args.dtype)
     print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
@@ -299,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = args.func(args)  # None (0) or the command's own exit status
     except Exception as err:  # one clear line for expected input errors, a traceback for bugs
-        if type(err).__name__ not in EXPECTED_ERRORS or os.environ.get("DELTATUNE_DEBUG"):
+        if not isinstance(err, EXPECTED_ERRORS) or os.environ.get("DELTATUNE_DEBUG"):
             raise
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line
         print(f"error: {message}", file=sys.stderr)

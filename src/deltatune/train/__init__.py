@@ -6,7 +6,7 @@
 
 from .config import RunConfig
 from .config_file import load_config
-from .divergence import DivergenceError
+from .run.divergence import DivergenceError
 from .finish import TrainResult
 from .loop import train
 

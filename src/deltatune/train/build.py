@@ -10,12 +10,15 @@ from pathlib import Path
 
 import torch
 
+from ..core.config import DeltaConfigError, TaskType
+from ..core.model import DeltaModel
+from ..io.adapter_files import read_config
 from ..models import load_model
 from .config import DataSection, ModelSection
-from .files import DataError, data_paths, read_rows
-from .formats import Sample, map_columns, to_samples
-from .packing import pack
-from .tokenize import (TEMPLATE_FILE, Encoded, EncodeStats, apply_chat_template_choice, encode, encode_classes,
+from .data.files import DataError, data_paths, read_rows
+from .data.formats import Sample, map_columns, to_samples
+from .data.packing import pack
+from .data.tokenize import (TEMPLATE_FILE, Encoded, EncodeStats, apply_chat_template_choice, encode, encode_classes,
                        resolve_chat_template)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,8 +121,6 @@ def tokenize_samples(
 def check_data_files(data: DataSection, need_train: bool = True) -> None:
     """Fail fast on missing data files and a chat template that names nothing."""
     if need_train and not data.train:
-        from ..core.config import DeltaConfigError
-
         raise DeltaConfigError(
             "data.train is required: a .jsonl, .json, .csv, .parquet or .arrow file, a folder, a glob, "
             "a save_to_disk folder, or a list of these"
@@ -156,13 +157,12 @@ def stored_model_name(name_or_path: str) -> str:
 
 
 def adapter_base_name(adapter_dir: str | os.PathLike) -> str | None:
-    """`base_model_name_or_path` from an adapter's config (ours or one written by `peft`)."""
-    file = Path(adapter_dir) / "adapter_config.json"
-    if not file.is_file():
-        from ..io.adapter_files import AdapterFileError
+    """`base_model_name_or_path` from an adapter's config (ours or one written by `peft`), read by io/.
 
-        raise AdapterFileError(f"{adapter_dir}: no adapter_config.json (not an adapter directory)")
-    return json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    Raises:
+        AdapterFileError: no adapter_config.json in `adapter_dir`, or one that is not valid.
+    """
+    return read_config(Path(adapter_dir)).base_model_name_or_path
 
 
 def load_adapted(
@@ -175,14 +175,11 @@ def load_adapted(
     sequence-classification adapter (task_type SEQ_CLS) needs the class names it was trained with, which
     only its run config knows (`labels`, from the training file).
     """
-    from .. import DeltaModel
-    from ..core.config import DeltaConfigError
-
-    name = model_name or adapter_base_name(adapter_dir)
+    saved = read_config(Path(adapter_dir))  # io/ reads the file, before the (long) model load
+    name = model_name or saved.base_model_name_or_path
     if not name:
         raise DeltaConfigError(f"{adapter_dir}: adapter_config.json names no base model; pass --model")
-    saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
-    task = "sequence_classification" if saved.get("task_type") == "SEQ_CLS" else "causal_lm"
+    task = "sequence_classification" if saved.task_type == TaskType.SEQ_CLS else "causal_lm"
     if task == "sequence_classification" and not labels:
         raise DeltaConfigError(
             f"{adapter_dir}: a sequence-classification adapter (task_type SEQ_CLS), whose class names only its "

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.config import DeltaConfigError, config_class
-from .early_stop import check_best_settings
-from .formats import COLUMN_KEYS, FORMATS
-from .optim import check_optimizer_settings, optimizer_name
-from .trackers import tracker_names
+from ..errors import require
+from .run.early_stop import check_best_settings
+from .data.formats import COLUMN_KEYS, FORMATS
+from .run.optim import check_optimizer_settings, optimizer_name
+from .run.trackers import tracker_names
 
 DTYPES = {
     "float32": "float32",
@@ -39,12 +40,6 @@ DTYPES = {
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # auto: bf16 where it is native, else fp32
 TEMPLATES = ("chat", "plain")
-
-
-def check(condition: bool, key: str, value: Any, why: str) -> None:
-    """Raise a DeltaConfigError naming the dotted key and its value when `condition` is false."""
-    if not condition:
-        raise DeltaConfigError(f"{key}={value!r}: {why}")
 
 
 def check_finite(key: str, value: Any) -> None:
@@ -131,7 +126,7 @@ def coerce(key: str, value: Any, annotation: Any, keep_ints: bool = False) -> An
     """
     args = _union_args(annotation)
     if value is None:
-        check(type(None) in args or Any in args, key, value, f"must be {describe(annotation)}, not null")
+        require(type(None) in args or Any in args, key, value, f"must be {describe(annotation)}, not null")
         return None
     only_str = {kind for kind in args if kind is not type(None)} == {str}
     for kind in args:
@@ -156,8 +151,8 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "model")
-        check(self.task in TASK_TYPES, "model.task", self.task, f"must be one of {list(TASK_TYPES)}")
-        check(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {sorted(DTYPES)}")
+        require(self.task in TASK_TYPES, "model.task", self.task, f"must be one of {list(TASK_TYPES)}")
+        require(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {sorted(DTYPES)}")
         self.dtype = DTYPES[self.dtype]
         from ..core.config import DeltaConfigError
         from ..quant import parse_quantize
@@ -186,33 +181,33 @@ class DataSection:
         check_finite_fields(self, "data")
         for key in ("train", "eval"):
             value = getattr(self, key)
-            check(not isinstance(value, list) or (value and all(isinstance(v, str) and v for v in value)),
+            require(not isinstance(value, list) or (value and all(isinstance(v, str) and v for v in value)),
                   f"data.{key}", value, "must be a path or a non-empty list of paths")
-        check(self.columns is None or isinstance(self.columns, dict), "data.columns", self.columns,
+        require(self.columns is None or isinstance(self.columns, dict), "data.columns", self.columns,
               "must be a mapping {our name: your column}, e.g. {prompt: question, completion: answer}")
         for ours, theirs in (self.columns or {}).items():
-            check(ours in COLUMN_KEYS, f"data.columns.{ours}", theirs, f"{ours!r} is not a name the data "
+            require(ours in COLUMN_KEYS, f"data.columns.{ours}", theirs, f"{ours!r} is not a name the data "
                   f"formats read; expected one of {list(COLUMN_KEYS)}")
-            check(isinstance(theirs, str) and bool(theirs), f"data.columns.{ours}", theirs,
+            require(isinstance(theirs, str) and bool(theirs), f"data.columns.{ours}", theirs,
                   "must be the name of a column in your data")
         if self.val_split is not None:
             fraction = isinstance(self.val_split, float) and 0 < self.val_split < 1
             count = float(self.val_split).is_integer() and self.val_split >= 1
-            check(fraction or count, "data.val_split", self.val_split,
+            require(fraction or count, "data.val_split", self.val_split,
                   "must be a fraction between 0 and 1 or a whole number of rows >= 1")
             self.val_split = self.val_split if fraction else int(self.val_split)
-            check(self.eval is None, "data.val_split", self.val_split,
+            require(self.eval is None, "data.val_split", self.val_split,
                   "holds rows of data.train out for evaluation, but data.eval is set too; use one of them")
-        check(self.chat_template is None or self.template == "chat", "data.chat_template",
+        require(self.chat_template is None or self.template == "chat", "data.chat_template",
               self.chat_template, "needs data.template=chat (plain joins text without a template)")
-        check(
+        require(
             self.format in FORMATS + ("auto",),
             "data.format",
             self.format,
             f"must be one of {list(FORMATS) + ['auto']}",
         )
-        check(self.max_length >= 8, "data.max_length", self.max_length, "must be at least 8")
-        check(self.template in TEMPLATES, "data.template", self.template, f"must be one of {TEMPLATES}")
+        require(self.max_length >= 8, "data.max_length", self.max_length, "must be at least 8")
+        require(self.template in TEMPLATES, "data.template", self.template, f"must be one of {TEMPLATES}")
 
 
 @dataclass
@@ -248,11 +243,11 @@ class TrainingSection:
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "training")
-        check(
+        require(
             self.max_steps is None or self.max_steps > 0, "training.max_steps", self.max_steps, "must be > 0"
         )
-        check(self.epochs is None or self.epochs > 0, "training.epochs", self.epochs, "must be > 0")
-        check(
+        require(self.epochs is None or self.epochs > 0, "training.epochs", self.epochs, "must be > 0")
+        require(
             not (self.max_steps and self.epochs),
             "training.epochs",
             self.epochs,
@@ -261,21 +256,21 @@ class TrainingSection:
         if self.max_steps is None and self.epochs is None:
             self.epochs = 1.0
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            check(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "must be >= 1")
+            require(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "must be >= 1")
         for name in ("warmup_steps", "eval_every", "save_every", "weight_decay"):
-            check(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "must be >= 0")
-        check(self.lr > 0, "training.lr", self.lr, "must be > 0")
-        check(self.schedule in SCHEDULES, "training.schedule", self.schedule, f"must be one of {SCHEDULES}")
-        check(
+            require(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "must be >= 0")
+        require(self.lr > 0, "training.lr", self.lr, "must be > 0")
+        require(self.schedule in SCHEDULES, "training.schedule", self.schedule, f"must be one of {SCHEDULES}")
+        require(
             self.precision in PRECISIONS, "training.precision", self.precision, f"must be one of {PRECISIONS}"
         )
-        check(
+        require(
             self.gradient_checkpointing or not self.offload_checkpoints,
             "training.offload_checkpoints",
             self.offload_checkpoints,
             "offloads what gradient checkpointing saves: set training.gradient_checkpointing=true too",
         )
-        check(
+        require(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             "training.max_grad_norm",
             self.max_grad_norm,
@@ -283,7 +278,7 @@ class TrainingSection:
         )
         self.optimizer = optimizer_name(self.optimizer)
         check_optimizer_settings(self)
-        check(
+        require(
             self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0,
             "training.neftune_noise_alpha",
             self.neftune_noise_alpha,
@@ -302,14 +297,14 @@ class EvalSection:
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "eval")
-        check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
-        check(
+        require(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        require(
             self.max_samples is None or self.max_samples >= 1,
             "eval.max_samples",
             self.max_samples,
             "must be >= 1 (or null for all rows)",
         )
-        check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+        require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "training": TrainingSection, "eval": EvalSection}
@@ -325,13 +320,13 @@ class RunConfig:
     output_dir: str = "runs/deltatune"
 
     def __post_init__(self) -> None:
-        check(
+        require(
             self.model.task == "causal_lm" or not self.data.packing,
             "data.packing", self.data.packing, "packs token sequences for a causal LM; model.task="
             f"{self.model.task} classifies each row on its own: set data.packing=false",
         )
         given = str(self.method.get("task_type", TASK_TYPES[self.model.task])).upper()
-        check(
+        require(
             given == TASK_TYPES[self.model.task], "method.task_type", self.method.get("task_type"),
             f"disagrees with model.task={self.model.task} (which sets it); set model.task to "
             f"{[t for t, v in TASK_TYPES.items() if v == given] or list(TASK_TYPES)} instead",
@@ -357,10 +352,10 @@ def method_values(method: dict) -> tuple[type, dict]:
     Raises:
         DeltaConfigError: not a mapping, an unknown method or key, or a value of the wrong form.
     """
-    check(isinstance(method, dict), "method", method, "must be a mapping with at least `name`")
+    require(isinstance(method, dict), "method", method, "must be a mapping with at least `name`")
     values = dict(method)
     name = values.pop("name", "lora")
-    check(isinstance(name, str), "method.name", name, "must be a method name, e.g. lora")
+    require(isinstance(name, str), "method.name", name, "must be a method name, e.g. lora")
     cls = config_class(name, source="method.name")
     fields = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)

@@ -19,12 +19,13 @@ from typing import Any
 import yaml
 
 from ..core.config import DeltaConfigError, config_class
-from .config import SECTIONS, RunConfig, _suggest, check, coerce, method_values
-from .files import BUNDLED_PREFIX, DataError
+from ..errors import require
+from .config import SECTIONS, RunConfig, _suggest, coerce, method_values
+from .data.files import BUNDLED_PREFIX, DataError
 
 
 def _build_section(name: str, cls: type, values: Any):
-    check(isinstance(values, dict), name, values, "must be a mapping of keys to values")
+    require(isinstance(values, dict), name, values, "must be a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
@@ -197,7 +198,7 @@ def from_dict(raw: dict, source: str = "config") -> RunConfig:
     sections = {name: _build_section(name, cls, raw.get(name) or {}) for name, cls in SECTIONS.items()}
     method = raw.get("method") or {"name": "lora"}
     output_dir = raw.get("output_dir", "runs/deltatune")
-    check(isinstance(output_dir, str) and output_dir, "output_dir", output_dir, "must be a directory path")
+    require(isinstance(output_dir, str) and output_dir, "output_dir", output_dir, "must be a directory path")
     _, values = method_values(method)  # validate now, long before a model loads
     method = {"name": method.get("name", "lora"), **values}  # values as the method's field types
     config = RunConfig(method=method, output_dir=output_dir, **sections)

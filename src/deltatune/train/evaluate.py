@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .formats import Sample
-from .linear_loss import linear_cross_entropy, token_loss_parts
-from .tokenize import IGNORE, Encoded, collate, model_inputs, prompt_text
+from ..core.model import DeltaModel
+from .data.formats import Sample
+from .linear_loss import chunked_loss_head, head_passed_over, linear_cross_entropy
+from .data.tokenize import IGNORE, Encoded, collate, model_inputs, prompt_text
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -19,13 +20,14 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
     Summing (rather than averaging per batch) lets the caller divide by the token count of a whole
     optimizer step, so the result does not depend on how the step is split into micro-batches or
-    processes.
+    processes. The model runs through its own forward (a DeltaModel's, or DDP's around it) on every path,
+    so one process and N processes compute the same loss the same way.
     """
     targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    parts = token_loss_parts(model)
-    if parts is not None:  # no full logits tensor (linear_loss.py); the same numbers
-        backbone, head = parts
-        hidden = backbone(**model_inputs(batch))[0]
+    head = chunked_loss_head(model)
+    if head is not None:  # no full logits tensor (linear_loss.py); the same numbers
+        with head_passed_over(model):  # the model's own forward (DeltaModel's, DDP's): logits = hidden states
+            hidden = model(**model_inputs(batch)).logits  # (B, T, d)
         loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), head.weight, head.bias, targets.flatten())
         return loss, int((targets != IGNORE).sum())
     logits = model(**model_inputs(batch)).logits
@@ -37,6 +39,13 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
     )
     return loss, int((targets != IGNORE).sum())
+
+
+def mean_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """token_loss_sum / labelled tokens: the loss `before_training` hooks (Child-Tuning_D's Fisher
+    estimate) take as `loss_fn(model, batch)`."""
+    loss, count = token_loss_sum(model, batch)
+    return loss / max(1, count)
 
 
 @torch.no_grad()
@@ -187,8 +196,6 @@ def score_generation(
 
 
 def _transformers_model(model):
-    from ..core.model import DeltaModel
-
     return model.model if isinstance(model, DeltaModel) else model
 
 

@@ -12,11 +12,11 @@ import torch
 from .build import Dataset
 from .config import RunConfig
 from .evaluate import eval_loss, is_sequence_classifier, prediction_rows, score_answers
-from .formats import Sample
-from .metrics import PREDICTIONS, MetricsLog, shown, write_predictions
-from .plot import plot_loss
-from .run_generate import write_prompt_record
-from .trackers import end_trackers, log_record
+from .data.formats import Sample
+from .run.metrics import PREDICTIONS, MetricsLog, shown, write_predictions
+from .run.plot import plot_loss
+from .commands.run_generate import write_prompt_record
+from .run.trackers import end_trackers, log_record
 
 
 @dataclass

@@ -10,7 +10,11 @@ The stock `transformers.Trainer` and TRL's `SFTTrainer` take a DeltaModel as the
 TRL's `peft_config=` takes only `peft.PeftConfig` objects and builds a model with `peft` itself, so with
 deltatune wrap first and pass the model: `SFTTrainer(model=get_peft_model(base, LoraConfig(...)), ...)`.
 
-`DeltaTrainer` adds two things:
+`DeltaTrainer` adds three things:
+- the training-time method hooks, at the points our own loop calls them (train/loop.py): a DeltaModel's
+  `before_training` when training starts (Child-Tuning_D's Fisher mask), `extra_loss` once per optimizer
+  step (AdaLoRA's orthogonality term), `before_optimizer_step` after clipping (gradient masks) and
+  `after_optimizer_step` after `optimizer.step()` (AdaLoRA's rank budget, ReLoRA's merge-and-reset, COFT);
 - installs without `peft`: the stock Trainer would save the full state dict (which fails for tied
   embeddings, as in SmolLM2 and Llama 3.2); DeltaTrainer saves and resumes the adapter there too;
 - it takes a causal LM's loss straight from the hidden states (train/linear_loss.py: no full logits
@@ -27,11 +31,12 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import _is_peft_model
 
-from .evaluate import token_loss_sum
-from .linear_loss import token_loss_parts
+from ..core.model import DeltaModel
+from .evaluate import mean_token_loss, token_loss_sum
+from .linear_loss import chunked_loss_head
 
 PLAIN_BATCH_KEYS = {"input_ids", "attention_mask", "position_ids", "labels"}  # position_ids: padding-free
 
@@ -42,14 +47,59 @@ def _delta(model):
     return model if plain else None
 
 
+class MethodHooks(TrainerCallback):
+    """Calls a DeltaModel's training-time hooks from Trainer's events; the step is the 0-based index of the
+    optimizer step being taken (`state.global_step` before Trainer counts it), as in train/loop.py."""
+
+    def __init__(self, trainer: "DeltaTrainer") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if isinstance(model, DeltaModel) and train_dataloader is not None:
+            # a generator: only a method that wants batches draws them (and the sampler's random state)
+            batches = (self.trainer._prepare_inputs(batch) for batch in train_dataloader)
+            model.before_training(batches, self.trainer.task_loss)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if isinstance(model, DeltaModel):
+            model.before_optimizer_step(state.global_step)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if isinstance(model, DeltaModel):
+            model.after_optimizer_step(state.global_step, optimizer)
+
+
 class DeltaTrainer(Trainer):
-    """`transformers.Trainer` with the chunked causal-LM loss, saving and resuming a DeltaModel as an adapter
-    also where `peft` is not installed."""
+    """`transformers.Trainer` with the chunked causal-LM loss and the DeltaModel's training-time hooks,
+    saving and resuming a DeltaModel as an adapter also where `peft` is not installed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_callback(MethodHooks(self))
+
+    def task_loss(self, model, batch: dict) -> torch.Tensor:
+        """The mean token loss of `batch` for `before_training` hooks (no regulariser): the chunked loss
+        when it applies, else the model's own."""
+        if "labels" in batch and not set(batch) - PLAIN_BATCH_KEYS and chunked_loss_head(model) is not None:
+            return mean_token_loss(model, batch)
+        return model(**batch).loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = self._data_loss(model, inputs, return_outputs, num_items_in_batch)
+        inner = self.accelerator.unwrap_model(model)
+        regulariser = inner.extra_loss() if isinstance(inner, DeltaModel) and model.training else None
+        if regulariser is None:
+            return result
+        # once per optimizer step, as in train/loop.py: Trainer divides the loss by the accumulation
+        # steps unless the loss already counts the whole step's tokens
+        scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func
+        regulariser = regulariser / self.current_gradient_accumulation_steps if scaled else regulariser
+        return (result[0] + regulariser, *result[1:]) if return_outputs else result + regulariser
+
+    def _data_loss(self, model, inputs, return_outputs, num_items_in_batch):
         plain = (return_outputs or "labels" not in inputs or set(inputs) - PLAIN_BATCH_KEYS
                  or self.label_smoother is not None or self.compute_loss_func is not None
-                 or token_loss_parts(model) is None)
+                 or chunked_loss_head(model) is None)
         if plain:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss_sum, count = token_loss_sum(model, inputs)

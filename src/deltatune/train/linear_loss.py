@@ -9,42 +9,69 @@ the forward pass, so only one chunk of logits is ever alive and backward is a mu
     loss = sum over labelled rows i of logsumexp(z_i) - z_i[t_i],   z_i = W h_i (+ b)
     dloss/dh_i = (softmax(z_i) - onehot(t_i)) W,   dloss/dW = sum_i (softmax(z_i) - onehot(t_i))^T h_i
 
-`token_loss_parts(model)` says whether a model can take this path: a DeltaModel (or plain Transformers
-model) ...ForCausalLM / ...LMHeadModel whose output head is a plain, unadapted nn.Linear, with no soft prompt taking over
-its forward, no DDP wrapper and no logit scaling or soft-capping in its config. Anything else keeps the
-plain logits path, which gives the same numbers.
+`chunked_loss_head(model)` says whether a model can take this path: a DeltaModel (or plain Transformers
+model, either one possibly inside DDP) ...ForCausalLM / ...LMHeadModel whose output head is a plain,
+unadapted nn.Linear, with no soft prompt taking over its forward and no logit scaling or soft-capping in
+its config. Anything else keeps the plain logits path, which gives the same numbers.
+
+`head_passed_over(model)` lets the model run its own forward (DeltaModel.forward: its lock, per-row
+routing and checkpoint replay; DDP's gradient hooks when wrapped) with the head passed over, so one and
+N processes compute the loss the same way and no (tokens x vocabulary) tensor is made.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
-from .tokenize import IGNORE
+from ..core.model import DeltaModel
+from .data.tokenize import IGNORE
 
 CHUNK_ELEMENTS = 2**23  # logits per chunk: 8M floats, 32 MB in float32
 CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")  # Transformers' names for decoder-only LMs
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping")
 
 
-def token_loss_parts(model) -> tuple[nn.Module, nn.Linear] | None:
-    """(backbone returning last hidden states, output head) when the chunked loss applies, else None."""
-    from ..core.model import DeltaModel
-
-    if isinstance(model, DeltaModel):
-        if model.prompt_adapter() is not None:  # soft prompts / X-LoRA run the model their own way
+def chunked_loss_head(model: nn.Module) -> nn.Linear | None:
+    """The output head whose logits `linear_cross_entropy` computes in chunks, or None when the model
+    keeps the plain logits path. `model` may be wrapped in DDP (`.module`)."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if isinstance(inner, DeltaModel):
+        if inner.prompt_adapter() is not None:  # soft prompts / X-LoRA run the model their own way
             return None
-        model = model.model
-    config = getattr(model, "config", None)
-    if not type(model).__name__.endswith(CAUSAL_LM_CLASSES) or getattr(config, "is_encoder_decoder", False):
+        inner = inner.model
+    config = getattr(inner, "config", None)
+    if not type(inner).__name__.endswith(CAUSAL_LM_CLASSES) or getattr(config, "is_encoder_decoder", False):
         return None
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = model.get_output_embeddings()
-    if backbone is None or backbone is model or type(head) is not nn.Linear or not head.weight.is_floating_point():
+    head = inner.get_output_embeddings()
+    if type(head) is not nn.Linear or not head.weight.is_floating_point():
         return None
     if any(getattr(config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
         return None
-    return backbone, head
+    return head
+
+
+class _PassHidden(nn.Module):
+    """Stands in for the output head for one forward: hands back the hidden states it is given."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+@contextmanager
+def head_passed_over(model: nn.Module) -> Iterator[None]:
+    """Within the block, the model's `logits` are the last hidden states (B, T, d), the head's input."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    transformers_model = inner.model if isinstance(inner, DeltaModel) else inner
+    head = transformers_model.get_output_embeddings()
+    transformers_model.set_output_embeddings(_PassHidden())
+    try:
+        yield
+    finally:
+        transformers_model.set_output_embeddings(head)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

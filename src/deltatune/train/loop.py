@@ -21,36 +21,29 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..core.config import DeltaConfigError
+from ..core.model import get_peft_model
 from ..io.atomic import write_text
-from .build import (
-    check_data_files,
-    class_labels,
-    load_base,
-    load_tokenizer,
-    read_train_eval,
-    stored_model_name,
-    tokenize_samples,
-)
-from .checkpoint import (CHECKPOINTS, checkpoint_folders, list_checkpoints, load_checkpoint, save_checkpoint,
-                         saved_settings)
+from .build import check_data_files, class_labels, load_base, load_tokenizer, read_train_eval, stored_model_name, \
+    tokenize_samples
 from .config import RunConfig
-from .divergence import DivergenceError, check_step, gradient_norm
-from .evaluate import token_loss_sum
-from .early_stop import GENERATION_METRICS, BestTracker, check_best_run, finish_best
+from .data.order import SampleOrder, ordered_batches
+from .data.packing import check_packing_isolates
+from .data.tokenize import TEMPLATE_FILE, collate, target_count
+from .evaluate import mean_token_loss, token_loss_sum
 from .finish import TrainResult, evaluate_run, finish_run
-from .metrics import MetricsLog, peak_memory_mb, shown
-from .neftune import add_neftune
-from .optim import check_optimizer_installed, make_optimizer
-from .order import SampleOrder
-from .output_dir import claim_output_dir, clear_previous_run, is_main_rank
-from .runtime import enable_gradient_checkpointing, make_accelerator
-from .schedule import make_scheduler
-from .packing import check_packing_isolates
-from .resume_check import SCHEDULE_FIELDS, file_fingerprint, point_schedule, resume_changes, resume_note
-from .tokenize import TEMPLATE_FILE, collate, target_count
-from .trackers import (accelerator_options, check_trackers_installed, end_trackers, log_record,
-                       start_trackers, tracker_names)
+from .run.checkpoint import load_checkpoint, save_checkpoint
+from .run.divergence import DivergenceError, check_step, gradient_norm
+from .run.early_stop import GENERATION_METRICS, BestTracker, check_best_run, finish_best
+from .run.metrics import MetricsLog, peak_memory_mb, shown
+from .run.neftune import add_neftune
+from .run.optim import check_optimizer_installed, make_optimizer
+from .run.output_dir import claim_output_dir, clear_previous_run, is_main_rank
+from .run.resume_check import SCHEDULE_FIELDS, check_resume_length, file_fingerprint, point_schedule, resume_note, \
+    resume_point
+from .run.runtime import enable_gradient_checkpointing, make_accelerator
+from .run.schedule import make_scheduler
+from .run.trackers import accelerator_options, check_trackers_installed, end_trackers, log_record, start_trackers, \
+    tracker_names
 
 
 def train(
@@ -88,8 +81,6 @@ def train(
 
 def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_progress: bool,
            log) -> TrainResult:
-    from .. import get_peft_model
-
     tc, out = config.training, Path(config.output_dir)
     check_data_files(config.data)
     trackers = tracker_names(tc.report_to)
@@ -104,16 +95,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     method_config.base_model_name_or_path = stored_model_name(config.model.name_or_path)
     check_best_run(tc, eval_samples, method_config)
     train_data = file_fingerprint(config.data.train)
-    checkpoint, changed = None, {}
-    if resume:
-        found = list_checkpoints(out)
-        if not found:
-            broken = [p.name for p in checkpoint_folders(out)]
-            raise DeltaConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS}"
-                                   + (f" (incomplete, not used: {', '.join(broken)})" if broken else ""))
-        checkpoint = found[-1]
-        saved = saved_settings(checkpoint)
-        changed = resume_changes(saved, config, train_data, checkpoint)  # refuses before any load
+    checkpoint, saved, changed = resume_point(out, config, train_data) if resume else (None, None, {})
     accelerator = make_accelerator(tc.precision, **accelerator_options(trackers, out))
     main = accelerator.is_main_process
 
@@ -129,12 +111,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     if main and world > 1:
         log(f"data-parallel: {world} processes, global batch {global_batch}")
     steps = tc.max_steps or math.ceil(tc.epochs * len(train_set.examples) / global_batch)
-    if checkpoint is not None and saved["step"] >= steps:
-        length = f"max_steps={tc.max_steps}" if tc.max_steps else f"epochs={tc.epochs} ({steps} steps)"
-        raise DeltaConfigError(
-            f"--resume: training.{length} ends at or before {checkpoint.name}; "
-            f"expected a run longer than {saved['step']} steps"
-        )
+    if checkpoint is not None:
+        check_resume_length(checkpoint, saved, steps, config)
 
     torch.manual_seed(tc.seed)  # the adapter's initial weights: identical on every rank
     model = get_peft_model(base[0] if base else load_base(config.model, labels)[0], method_config)
@@ -161,7 +139,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     # rank and on a resumed run (before the checkpoint loads), so the result is the same everywhere
     with accelerator.autocast():
         inner.before_training(
-            training_batches(train_set.examples, tc.batch_size, tc.seed, tokenizer.pad_token_id, accelerator.device),
+            ordered_batches(train_set.examples, tc.batch_size, tc.seed, tokenizer.pad_token_id, accelerator.device),
             mean_token_loss,
         )
     noise = add_neftune(inner, tc.neftune_noise_alpha)  # after the checks above, which want clean outputs
@@ -313,14 +291,3 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
         finish_best(best, tc, inner, done, steps, metrics if main else None, log if main else None)
     return finish_run(config, accelerator, inner, tokenizer, eval_set, metrics, done, log, train_samples)
 
-
-def training_batches(examples, batch_size: int, seed: int, pad_id: int, device):
-    """Training batches in the loop's sample order, for `before_training` hooks."""
-    order = SampleOrder(len(examples), seed)
-    for first in range(0, len(examples), batch_size):
-        yield collate([examples[order[i]] for i in range(first, min(first + batch_size, len(examples)))], pad_id, device)
-
-
-def mean_token_loss(model, batch: dict) -> torch.Tensor:
-    loss, count = token_loss_sum(model, batch)
-    return loss / max(1, count)

@@ -18,7 +18,7 @@ import bisect
 
 import torch
 
-from ..core.config import DeltaConfigError
+from ...core.config import DeltaConfigError
 from .tokenize import IGNORE, Encoded, collate, model_inputs
 
 PROBE_TOKENS = 4  # length of each of the two probe examples in check_packing_isolates

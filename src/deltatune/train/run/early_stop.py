@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..core.config import DeltaConfig, DeltaConfigError
+from ...core.config import DeltaConfig, DeltaConfigError
 
 GREATER_IS_BETTER = {"eval_loss": False, "eval_ppl": False, "exact_match": True, "accuracy": True}
 GENERATION_METRICS = ("exact_match", "accuracy")

@@ -3,7 +3,11 @@ on N processes see exactly the samples an uninterrupted single-process run sees.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+
+from .tokenize import Encoded, collate
 
 
 class SampleOrder:
@@ -21,3 +25,10 @@ class SampleOrder:
                 ).tolist()
             }
         return self._perms[epoch][k % self.size]
+
+
+def ordered_batches(examples: list[Encoded], batch_size: int, seed: int, pad_id: int, device) -> Iterator[dict]:
+    """One epoch of padded batches in the loop's sample order (epoch 0), for `before_training` hooks."""
+    order = SampleOrder(len(examples), seed)
+    for first in range(0, len(examples), batch_size):
+        yield collate([examples[order[i]] for i in range(first, min(first + batch_size, len(examples)))], pad_id, device)

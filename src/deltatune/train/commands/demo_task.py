@@ -93,7 +93,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    data_dir = Path(__file__).resolve().parent.parent / "data"
+    data_dir = Path(__file__).resolve().parents[3] / "data"  # src/deltatune/data
     train, held_out = make_splits()
     write_jsonl(data_dir / "demo_train.jsonl", train)
     write_jsonl(data_dir / "demo_eval.jsonl", held_out)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.atomic import atomic_write, write_error, write_text
+from ...io.atomic import atomic_write, write_error, write_text
 
 
 PREDICTIONS = "predictions.jsonl"  # the final evaluation's answers, next to metrics.jsonl

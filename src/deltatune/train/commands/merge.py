@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import torch
-
-from ..core.config import DeltaConfigError
-from ..io.atomic import give_default_mode
-from .build import DTYPE, load_adapted
-from .config import DTYPES
+from ...core.config import DeltaConfigError
+from ...io.export import write_merged_model
+from ..build import DTYPE, load_adapted
+from ..config import DTYPES
 
 
 def merge_adapter(
@@ -22,8 +18,8 @@ def merge_adapter(
 
     The merge is computed in float32 (W + delta added without bf16/fp16 rounding on the way) and the
     merged weights are then cast once to `dtype`. The merged model is checked for NaN/inf before
-    anything is written (`safe_merge`), written to a temporary folder next to `out`, and renamed into
-    place, so `out` never holds a partial model.
+    anything is written (`safe_merge`), then written by io/export.py (a temporary folder next to `out`,
+    renamed into place, so `out` never holds a partial model).
 
     Args:
         adapter: an adapter directory (ours or one written by `peft`).
@@ -37,6 +33,7 @@ def merge_adapter(
     Raises:
         DeltaConfigError: an unknown `dtype` (before anything loads).
         FileExistsError: `out` exists and is not an empty directory.
+        WriteError: the disk or folder refused a write (nothing is left at `out`).
     """
     if dtype not in DTYPES:
         raise DeltaConfigError(f"--dtype {dtype}: must be one of {', '.join(DTYPES)}")
@@ -51,17 +48,4 @@ def merge_adapter(
     merged.eval()
     for param in merged.parameters():
         param.requires_grad_(False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        with torch.no_grad():
-            merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        give_default_mode(tmp)  # mkdtemp's 0700 and Transformers' 0600 weights would hide it from other users
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_merged_model(merged, tokenizer, out)

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..core.config import DeltaConfigError
-from ..io.atomic import remove_stale_temporaries
+from ...core.config import DeltaConfigError
+from ...io.atomic import remove_stale_temporaries
 from .checkpoint import CHECKPOINTS, checkpoint_folders, list_checkpoints, remove_checkpoint_temporaries
 
 LOCK_NAME = ".deltatune.lock"

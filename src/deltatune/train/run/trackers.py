@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..core.config import DeltaConfigError
+from ...core.config import DeltaConfigError
 
 # report_to name -> the modules that serve it (any one), and what to install
 TRACKERS = {

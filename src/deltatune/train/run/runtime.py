@@ -8,7 +8,7 @@ import sys
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..core.config import DeltaConfigError
+from ...core.config import DeltaConfigError
 
 
 def native_bf16() -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..core.config import DeltaConfigError
+from ...core.config import DeltaConfigError
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd", "adafactor")
 ALIASES = {"adamw_torch": "adamw", "adamw_bnb_8bit": "adamw_8bit", "bnb_adamw_8bit": "adamw_8bit"}

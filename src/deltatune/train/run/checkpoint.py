@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io.atomic import give_default_mode, is_write_failure, write_error
-from ..errors import CheckpointError  # noqa: F401  (re-exported)
+from ...io.atomic import atomic_folder, discard_folder
+from ...errors import CheckpointError  # noqa: F401  (re-exported)
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -105,45 +104,23 @@ def save_checkpoint(
         WriteError: the disk or folder refused a write; it names the file, says when the disk is full,
             and the checkpoints saved before are left as they were.
     """
-    root = Path(output_dir) / CHECKPOINTS
-    final = root / f"{PREFIX}{step:06d}"
-    tmp = None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        model.save_pretrained(str(tmp))
-        save_file(trainable_tensors(model), str(tmp / TRAINABLE))
+    final = Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:06d}"
+    # the same step saved again (a resumed run): atomic_folder moves the old one aside before the rename
+    with atomic_folder(final) as folder:
+        model.save_pretrained(str(folder))
+        save_file(trainable_tensors(model), str(folder / TRAINABLE))
         tensors: dict[str, torch.Tensor] = {}
         state = encode_state({"step": step, "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "rng": rng_state(), **extra}, tensors)
-        save_file(tensors, str(tmp / STATE_TENSORS))
-        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        (tmp / STATE_JSON).write_text(json.dumps({"files": sizes, "state": state}), encoding="utf-8")
-        for file in tmp.iterdir():  # on disk before the rename makes the checkpoint count
+        save_file(tensors, str(folder / STATE_TENSORS))
+        sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+        (folder / STATE_JSON).write_text(json.dumps({"files": sizes, "state": state}), encoding="utf-8")
+        for file in folder.iterdir():  # on disk before the rename makes the checkpoint count
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
-        if final.exists():  # the same step saved again (a resumed run): move the old one aside first
-            _discard(final)
-        give_default_mode(tmp)  # mkdtemp's 0700 (and any writer's 0600) as plain mkdir/open would make them
-        tmp.rename(final)
-    except BaseException as err:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, Exception) and is_write_failure(err):
-            raise write_error(final, err) from err
-        raise
     for old in list_checkpoints(output_dir)[:-keep]:
-        _discard(old)
+        discard_folder(old)  # renamed first: an interrupted delete never leaves a half `step-*` folder
     return final
-
-
-def _discard(path: Path) -> None:
-    """Delete a checkpoint folder; renamed to a hidden name first, so an interrupted delete leaves
-    a temporary (removed at the next run's start), never a half-deleted `step-*` folder."""
-    doomed = path.with_name(f".{path.name}.deleting")
-    shutil.rmtree(doomed, ignore_errors=True)
-    path.rename(doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def is_complete(path: Path) -> bool:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .build import read_samples
-from .config import RunConfig
-from .config_file import apply_override, from_dict, parse_override
-from .evaluate import score_generation
-from .output_dir import claim_output_dir
+from ..build import read_samples
+from ..config import RunConfig
+from ..config_file import apply_override, from_dict, parse_override
+from ..evaluate import score_generation
+from ..run.output_dir import claim_output_dir
 
 DEMO_SETTINGS = {
     "model": {"name_or_path": "smollm2-135m"},
@@ -68,9 +68,9 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), show: int
     Returns:
         {"base_exact_match", "tuned_exact_match", "train_eval_seconds", ...}.
     """
-    from ..models import load_default
-    from .loop import train
-    from .runtime import autocast, resolve_precision
+    from ...models import load_default
+    from ..loop import train
+    from ..run.runtime import autocast, resolve_precision
 
     config = demo_config(output_dir, overrides)
     overwrite = overwrite or output_dir is None

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import list_checkpoints
-from ..errors import DivergenceError  # noqa: F401  (re-exported)
+from ...errors import DivergenceError  # noqa: F401  (re-exported)
 
 
 def gradient_norm(params: list[torch.Tensor], clipped: torch.Tensor | None) -> torch.Tensor:

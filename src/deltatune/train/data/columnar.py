@@ -13,7 +13,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .files import DataError, Row, pick_split
+from ...errors import DataError
+from .rows import Row, pick_split
 
 BUILDERS = {"parquet": "parquet", "arrow": "arrow"}  # our file kind -> datasets' packaged builder
 

@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..core.config import DeltaConfigError
-from .config import RunConfig, build_method_config
-from .files import data_paths
+from ...core.config import DeltaConfigError
+from ..config import RunConfig, build_method_config
+from ..data.files import data_paths
+from .checkpoint import CHECKPOINTS, checkpoint_folders, list_checkpoints, saved_settings
 
 SAFE_ON_RESUME = {
     "training.max_steps": "the run's length; the schedule stretches to it",
@@ -144,3 +145,30 @@ def resume_note(checkpoint: Path, step: int, changed: dict[str, tuple]) -> str:
         f"resumed at step {step} from {checkpoint.name} with {shown} "
         f"(steps 1-{step} ran with the earlier values)"
     )
+
+
+def resume_point(out: Path, config: RunConfig, train_data: dict) -> tuple[Path, dict, dict[str, tuple]]:
+    """`--resume`: the newest complete checkpoint in `out`, its saved settings, and the fields that changed.
+
+    Raises:
+        DeltaConfigError: no complete checkpoint (naming the incomplete ones), or a field that may not
+            change did (resume_changes); both before any model loads.
+    """
+    found = list_checkpoints(out)
+    if not found:
+        broken = [p.name for p in checkpoint_folders(out)]
+        raise DeltaConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS}"
+                               + (f" (incomplete, not used: {', '.join(broken)})" if broken else ""))
+    saved = saved_settings(found[-1])
+    return found[-1], saved, resume_changes(saved, config, train_data, found[-1])
+
+
+def check_resume_length(checkpoint: Path, saved: dict, steps: int, config: RunConfig) -> None:
+    """Refuse a resumed run that would end at or before its checkpoint's step."""
+    if saved["step"] >= steps:
+        tc = config.training
+        length = f"max_steps={tc.max_steps}" if tc.max_steps else f"epochs={tc.epochs} ({steps} steps)"
+        raise DeltaConfigError(
+            f"--resume: training.{length} ends at or before {checkpoint.name}; "
+            f"expected a run longer than {saved['step']} steps"
+        )

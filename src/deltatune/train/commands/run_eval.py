@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..core.config import DeltaConfigError
-from ..io.atomic import write_json
-from .build import (adapter_base_name, check_data_files, class_labels, load_adapted, read_eval_samples, read_samples,
+from ...core.config import DeltaConfigError
+from ...io.atomic import write_json
+from ..build import (adapter_base_name, check_data_files, class_labels, load_adapted, read_eval_samples, read_samples,
                     tokenize_samples)
-from .config import DataSection
-from .config_file import load_config
-from .evaluate import eval_loss, prediction_rows, score_answers
-from .metrics import EVAL_METRICS, EVAL_PREDICTIONS, shown, write_predictions
+from ..config import DataSection
+from ..config_file import load_config
+from ..evaluate import eval_loss, prediction_rows, score_answers
+from ..run.metrics import EVAL_METRICS, EVAL_PREDICTIONS, shown, write_predictions
 
 
 def _evaluate(

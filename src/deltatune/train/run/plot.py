@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from ..io.atomic import atomic_write
+from ...io.atomic import atomic_write
 
 
 def loss_figure(records: list[dict], title: str | None = None):

@@ -13,12 +13,13 @@ from __future__ import annotations
 import csv
 import glob
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from ..errors import DataError  # noqa: F401  (re-exported)
+from ...errors import DataError  # noqa: F401  (re-exported)
+from .columnar import read_saved_rows, read_table_rows
+from .rows import Row, pick_split  # noqa: F401  (Row re-exported: every reader's record)
 
 BUNDLED_PREFIX = "deltatune:"
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data"
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "data"  # src/deltatune/data
 SUFFIXES = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -29,20 +30,6 @@ SUFFIXES = {
 }
 # files `save_to_disk` writes: a Dataset folder holds state.json, a DatasetDict folder dataset_dict.json
 SAVED_MARKERS = ("state.json", "dataset_dict.json")
-
-
-@dataclass
-class Row:
-    """One record from a data file and where it came from."""
-
-    data: dict
-    file: str
-    line: int  # the line a text file's row starts on; the 0-based row index (`ds[i]`) in a table
-    unit: str = "line"  # "line" or "row"
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}:{self.line}" if self.unit == "line" else f"{self.file}:row {self.line}"
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -74,28 +61,6 @@ def _folder_files(folder: Path) -> list[Path]:
         elif entry.suffix.lower() in SUFFIXES:
             found.append(entry)
     return found
-
-
-def pick_split(splits: list[str], wanted: str | None, preferred: tuple[str, ...], folder: Path) -> str:
-    """The split to read from a folder that holds several: `wanted` (data.split), else the first of
-    `preferred` that exists, else the only split.
-
-    Raises:
-        DataError: `wanted` is not a split, or the choice is ambiguous (the message lists the splits).
-    """
-    if wanted is not None:
-        if wanted not in splits:
-            raise DataError(f"{folder}: data.split={wanted!r} is not a split here; the splits are {splits}")
-        return wanted
-    for name in preferred:
-        if name in splits:
-            return name
-    if len(splits) == 1:
-        return splits[0]
-    raise DataError(
-        f"{folder}: holds the splits {splits}; set data.split to one of them "
-        "(or name one split's files or folder directly)"
-    )
 
 
 def _split_files(folder: Path, split: str | None, splits: tuple[str, ...]) -> list[Path] | None:
@@ -214,8 +179,6 @@ def _csv_rows(path: Path, text: str) -> list[Row]:
 
 def _file_rows(resolved: Path, split: str | None, splits: tuple[str, ...]) -> list[Row]:
     if resolved.is_dir():  # a save_to_disk folder (data_paths passes no other folder)
-        from .columnar import read_saved_rows
-
         return read_saved_rows(resolved, split, splits)
     kind = SUFFIXES.get(resolved.suffix.lower())
     if kind is None:
@@ -224,8 +187,6 @@ def _file_rows(resolved: Path, split: str | None, splits: tuple[str, ...]) -> li
             "or a folder written by save_to_disk"
         )
     if kind in ("parquet", "arrow"):
-        from .columnar import read_table_rows
-
         return read_table_rows(resolved, kind)
     try:
         text = resolved.read_text(encoding="utf-8-sig")

@@ -1,0 +1,1 @@
+"""The CLI commands other than `train`: demo, eval, generate/chat and merge."""

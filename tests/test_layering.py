@@ -39,6 +39,7 @@ METHODS_MAY_NOT_NAME = {  # what the base-layer view (core/base.py) and io/ alon
     "bnb": r"\bbnb\b", "hqq": r"\bhqq\b", "safetensors": r"safetensors", "adapter_config": r"adapter_config",
     "open(": r"\bopen\(",
 }
+TYPE_GUARDS = ("TYPE_CHECKING", "typing.TYPE_CHECKING")
 CAPABILITIES = ("uses_routing", "adds_in_place", "mixed_forward", "merged_weight", "unmerged_weight", "mergeable",
                 "forward_model", "generate_model", "disk_prefix", "merge_uses_reference", "call_state", "merge_rule",
                 "delta_weight", "use_dora")
@@ -51,6 +52,7 @@ class Edge:
     file: str
     line: int
     local: bool  # inside a function
+    type_only: bool = False  # under `if TYPE_CHECKING:`: never runs, so it makes no cycle (still may not point up)
 
 
 def modules_of(root: Path, package: str) -> dict[str, Path]:
@@ -95,12 +97,14 @@ def import_edges(root: Path, package: str) -> list[Edge]:
         tree = ast.parse(file.read_text(encoding="utf-8"), str(file))
         functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
         local = {id(n) for f in functions for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        guards = [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) in TYPE_GUARDS]
+        typing_only = {id(n) for g in guards for b in g.body for n in ast.walk(b)}
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for target in _resolve(module, file.name == "__init__.py", node, known):
                     if target != module:
                         edges.append(Edge(module, target, str(file.relative_to(root)), node.lineno,
-                                          id(node) in local))
+                                          id(node) in local, id(node) in typing_only))
     return edges
 
 
@@ -128,6 +132,8 @@ def import_cycles(edges: list[Edge]) -> list[str]:
     file:line of each import on the way."""
     graph: dict[str, dict[str, Edge]] = {}
     for e in edges:
+        if e.type_only:
+            continue
         graph.setdefault(e.source, {}).setdefault(e.target, e)
         graph.setdefault(e.target, {})
     index, low, stack, on_stack, components = {}, {}, [], set(), []
@@ -312,6 +318,18 @@ def test_self_check_finds_capability_probing(tmp_path):
     root = _fake_package(tmp_path, {"__init__.py": "", "a.py": "ok = getattr(m, 'weight')\n"
                                                                "x = hasattr(adapter, 'delta_weight')\n"})
     assert capability_probes(root, "pkg") == ["pkg/a.py:2: hasattr(..., 'delta_weight')"]
+
+
+def test_self_check_a_type_only_import_makes_no_cycle_but_may_not_point_up(tmp_path):
+    root = _fake_package(tmp_path, {
+        "core/__init__.py": "", "core/a.py": "from . import b\n",
+        "core/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n    from ..io import w\n",
+        "io/__init__.py": "", "io/w.py": "",
+    })
+    found = import_edges(root, "pkg")
+    assert import_cycles(found) == []
+    assert sorted(e.target for e in found if e.type_only) == ["pkg.core.a", "pkg.io.w"]
+    assert any("pkg.io.w" in v for v in upward_edges(found, _fake_layer))
 
 
 def test_self_check_refuses_a_module_without_a_layer():

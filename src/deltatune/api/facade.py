@@ -17,7 +17,7 @@ from torch import nn
 from ..compose.weighted import add_weighted_adapter
 from ..core import model as core
 from ..core.config import DeltaConfig
-from ..io.adapter_files import load_adapter, read_adapter, save_adapters, weights_fill
+from ..io.adapter_files import load_adapter, read_adapter, read_referenced, save_adapters, weights_fill
 
 
 class DeltaModel(core.DeltaModel):
@@ -26,10 +26,18 @@ class DeltaModel(core.DeltaModel):
     def __init__(self, model: nn.Module, config: DeltaConfig, adapter_name: str = "default",
                  weights: dict[str, torch.Tensor] | None = None, source: str = "weights", *,
                  fill: core.Fill | None = None) -> None:
-        """Wrap `model` with adapter `adapter_name`; `weights` (disk keys, read from `source`) fill it."""
+        """Wrap `model` with adapter `adapter_name`; `weights` (disk keys, read from `source`) fill it. The saved
+        adapters a config is built from (X-LoRA's experts) are read first (io/adapter_files.read_referenced)."""
         if weights is not None:
             fill = weights_fill(weights, source)
+        elif fill is None:
+            read_referenced(config)
         super().__init__(model, config, adapter_name, fill=fill)
+
+    def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
+        """Inject a new (inactive unless it is the first) adapter named `adapter_name`, after reading the saved
+        adapters its config is built from (X-LoRA's experts)."""
+        self.inject(adapter_name, read_referenced(config))
 
     # ------------------------------------------------------------------ files (io/ owns the format)
     @core.exclusive
@@ -68,4 +76,12 @@ class DeltaModel(core.DeltaModel):
                              svd_full_matrices, density, majority_sign_method)
 
 
-get_peft_model = core.get_peft_model  # builds this class (set_class_to_build); one definition, in core
+def get_peft_model(model: nn.Module, peft_config: DeltaConfig, adapter_name: str = "default",
+                   **_: object) -> DeltaModel:
+    """Wrap `model` with a new trainable adapter built from `peft_config` (Hugging Face PEFT's entry point).
+
+    Raises:
+        ValueError: `model` is already a DeltaModel (use add_adapter()).
+        DeltaConfigError: a bad config field or target, or an adapter the config is built from that cannot be read.
+    """
+    return core.get_peft_model(model, read_referenced(peft_config), adapter_name)

@@ -210,7 +210,7 @@ def register_method(config_cls: type[DeltaConfig]) -> type[DeltaConfig]:
     Raises:
         AdapterContractError: a config that targets layers names no `adapter_types`, or a class misses a piece.
     """
-    if False and config_cls.targets_layers and not config_cls.adapter_types:  # TEMP
+    if config_cls.targets_layers and not config_cls.adapter_types:
         raise AdapterContractError(f"{config_cls.__name__} targets layers but names no adapter_types")
     for adapter_type in config_cls.adapter_types:
         check_adapter_class(adapter_type, LayerAdapter)

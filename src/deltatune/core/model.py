@@ -195,9 +195,7 @@ class DeltaModel(nn.Module):
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
         """Inject a new (inactive unless it is the first) adapter named `adapter_name`."""
-        from ..io.adapter_files import read_referenced  # TEMP (facade): the peft-style facade makes this call
-
-        self.inject(adapter_name, read_referenced(config))  # TEMP (facade): X-LoRA's experts read first
+        self.inject(adapter_name, config)
 
     @exclusive
     def inject(self, adapter_name: str, config: DeltaConfig, *, fill: Fill | None = None) -> None:
@@ -619,9 +617,6 @@ def get_peft_model(model: nn.Module, peft_config: DeltaConfig, adapter_name: str
     """Wrap `model` with a new trainable adapter built from `peft_config`."""
     if isinstance(model, DeltaModel):
         raise ValueError("model is already a DeltaModel; use add_adapter() to add another adapter")
-    from ..io.adapter_files import read_referenced  # TEMP (facade): the peft-style facade makes this call
-
-    read_referenced(peft_config)  # TEMP (facade): X-LoRA's expert directories, read before the model
     return DeltaModel(model, peft_config, adapter_name)
 
 

@@ -21,7 +21,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..core.model import get_peft_model
+from ..api import get_peft_model
 from ..io.atomic import write_text
 from .build import check_data_files, class_labels, load_base, load_tokenizer, read_train_eval, stored_model_name, \
     tokenize_samples

@@ -44,7 +44,8 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from ..core.config import DeltaConfig
 from ..core.layer import DeltaLayer, ModulesToSave
-from ..core.model import DeltaModel, get_peft_model
+from ..api import get_peft_model
+from ..core.model import DeltaModel
 from ..core.protocols import TakesOverForward, declares
 
 logger = logging.getLogger(__name__)

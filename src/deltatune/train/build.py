@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..core.config import DeltaConfigError, TaskType
-from ..core.model import DeltaModel
+from ..api import DeltaModel
 from ..io.adapter_files import read_config
 from ..models import load_model
 from .config import DataSection, ModelSection

@@ -259,6 +259,24 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs_on_resume(tiny_run, tmp_pat
         "(incomplete, not used: step-000002, step-000003)"]
 
 
+def test_a_run_loads_the_tokenizer_once(tiny_run, monkeypatch):
+    """The run loads the tokenizer before the model (to check its data) and hands it to the model loader,
+    which used to load a second one and drop it."""
+    import deltatune.io.models as models
+
+    loads = []
+    real = models.load_tokenizer
+
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_tokenizer", counted)
+    monkeypatch.setattr(loop, "load_tokenizer", counted)
+    train(load_config(run_config(tiny_run, "once", max_steps=1), []), show_progress=False, log=lambda *_: None)
+    assert len(loads) == 1
+
+
 def refuse_to_load_a_model(monkeypatch):
     def loaded(*_, **__):
         raise AssertionError("the model was loaded before the output_dir was checked")

@@ -313,8 +313,10 @@ def load_model(
     task: str = "causal_lm",
     labels: list[str] | None = None,
     trust_remote_code: bool = False,
+    tokenizer=None,
 ):
-    """Load a model for training (`model.task`: "causal_lm" or "sequence_classification") and its tokenizer.
+    """Load a model for training (`model.task`: "causal_lm" or "sequence_classification") and its tokenizer
+    (`tokenizer`, when the caller loaded it already: a run loads it once, before the model, to check its data).
 
     Returns:
         `(model, tokenizer)`; the tokenizer has a pad token (the EOS token when it had none), and a decoder
@@ -329,7 +331,7 @@ def load_model(
     if task == "sequence_classification" and not labels:
         raise DeltaConfigError("model.task=sequence_classification: no labels (the training rows' `label`)")
     path = resolve_model(name_or_path)
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer(path, trust_remote_code)
     model = load_base(name_or_path, dtype, task, labels, trust_remote_code)
     if task == "sequence_classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

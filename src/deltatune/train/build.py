@@ -133,16 +133,12 @@ def check_data_files(data: DataSection, need_train: bool = True) -> None:
         resolve_chat_template(data.chat_template)
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    from ..models import load_tokenizer as load
-
-    return load(name_or_path, trust_remote_code)
-
-
-def load_base(model: ModelSection, labels: list[str] | None = None):
-    """The base model (eval mode) with the head `model.task` names, and its tokenizer, from an alias, a
-    local directory or a hub id in the local cache; `labels` are a sequence classifier's class names."""
-    base, tokenizer = load_model(model.name_or_path, DTYPE[model.dtype], model.task, labels, model.trust_remote_code)
+def load_base(model: ModelSection, labels: list[str] | None = None, tokenizer=None):
+    """The base model (eval mode) with the head `model.task` names, and its tokenizer (`tokenizer` when the run
+    loaded it already), from an alias, a local directory or a hub id in the local cache; `labels` are a
+    sequence classifier's class names."""
+    base, tokenizer = load_model(model.name_or_path, DTYPE[model.dtype], model.task, labels, model.trust_remote_code,
+                                 tokenizer)
     if model.quantize:
         from ..quant import quantize
 

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from ..api import get_peft_model
 from ..io.atomic import write_text
-from .build import check_data_files, class_labels, load_base, load_tokenizer, read_train_eval, stored_model_name, \
+from ..models import load_tokenizer
+from .build import check_data_files, class_labels, load_base, read_train_eval, stored_model_name, \
     tokenize_samples
 from .config import RunConfig
 from .data.order import SampleOrder, ordered_batches
@@ -115,7 +116,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
         check_resume_length(checkpoint, saved, steps, config)
 
     torch.manual_seed(tc.seed)  # the adapter's initial weights: identical on every rank
-    model = get_peft_model(base[0] if base else load_base(config.model, labels)[0], method_config)
+    model = get_peft_model(base[0] if base else load_base(config.model, labels, tokenizer)[0], method_config)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=tc.offload_checkpoints)
     model.train()

@@ -13,7 +13,7 @@ import torch
 from ..core.config import DeltaConfigError, TaskType
 from ..core.model import DeltaModel
 from ..io.adapter_files import read_config
-from ..models import load_model
+from ..models import load_model, load_tokenizer  # noqa: F401  (load_tokenizer: the loop's, one place)
 from .config import DataSection, ModelSection
 from .data.files import DataError, data_paths, read_rows
 from .data.formats import Sample, map_columns, to_samples
@@ -131,12 +131,6 @@ def check_data_files(data: DataSection, need_train: bool = True) -> None:
         data_paths(data.eval, None, EVAL_SPLITS)
     if data.chat_template:
         resolve_chat_template(data.chat_template)
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    from ..models import load_tokenizer as load
-
-    return load(name_or_path, trust_remote_code)
 
 
 def load_base(model: ModelSection, labels: list[str] | None = None):

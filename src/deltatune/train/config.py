@@ -154,7 +154,6 @@ class ModelSection:
         require(self.task in TASK_TYPES, "model.task", self.task, f"must be one of {list(TASK_TYPES)}")
         require(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {sorted(DTYPES)}")
         self.dtype = DTYPES[self.dtype]
-        from ..core.config import DeltaConfigError
         from ..quant import parse_quantize
 
         try:

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import torch
 
+from ... import models  # models.load_default looked up at call time (tests replace it)
 from ..build import read_samples
 from ..config import RunConfig
 from ..config_file import apply_override, from_dict, parse_override
 from ..evaluate import score_generation
+from ..loop import train
 from ..run.output_dir import claim_output_dir
+from ..run.runtime import autocast, resolve_precision
 
 DEMO_SETTINGS = {
     "model": {"name_or_path": "smollm2-135m"},
@@ -68,10 +71,6 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), show: int
     Returns:
         {"base_exact_match", "tuned_exact_match", "train_eval_seconds", ...}.
     """
-    from ...models import load_default
-    from ..loop import train
-    from ..run.runtime import autocast, resolve_precision
-
     config = demo_config(output_dir, overrides)
     overwrite = overwrite or output_dir is None
     with claim_output_dir(config.output_dir, resume=False, overwrite=overwrite):
@@ -80,7 +79,7 @@ def run_demo(output_dir: str | None = None, overrides: list[str] = (), show: int
     eval_samples = eval_samples[: config.eval.max_samples]  # the same rows train() scores
     print("deltatune demo: teach SmolLM2-135M-Instruct to turn a sentence into one line of JSON (LoRA)")
     start = time.perf_counter()
-    model, tokenizer = load_default()
+    model, tokenizer = models.load_default()
     precision = resolve_precision(config.training.precision)
     print(
         f"loaded the embedded model in {time.perf_counter() - start:.1f} s; precision {precision}, "

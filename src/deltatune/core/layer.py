@@ -29,7 +29,7 @@ class DeltaLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, calls: CallSlot, module_name: str) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self._view: BaseLayer | None = None
+        self._view = BaseLayer(base_layer)  # built here, not on first forward: a compiled model would retrace
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []

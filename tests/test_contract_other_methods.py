@@ -50,7 +50,8 @@ class NoCallState(nn.Module, TakesOverForward):
      "NoCallState declares TakesOverForward but does not define 'call_state'")])
 def test_a_declared_protocol_missing_a_piece_is_refused_at_registration(field_name, value, refusal):
     before = registered_methods()
-    config_cls = dataclass(type("Incomplete", (DeltaConfig,), {"peft_type": "INCOMPLETE", field_name: value}))
+    fields = {"peft_type": "INCOMPLETE", field_name: value, "targets_layers": field_name == "adapter_types"}
+    config_cls = dataclass(type("Incomplete", (DeltaConfig,), fields))
     with pytest.raises(AdapterContractError, match=refusal):
         register_method(config_cls)
     assert registered_methods() == before  # nothing half-registered
@@ -62,16 +63,23 @@ def experts_copy(tmp_path) -> dict[str, str]:
 
 
 def test_xlora_experts_not_read_are_refused_before_the_model_is_touched():
-    """A config built by hand and passed to DeltaModel(...) directly never read its experts: one clear error
-    naming them, and the model is left as it was (get_peft_model / from_pretrained read them)."""
-    base = tiny_llama()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    config = dt.XLoraConfig(adapters=xlora_experts(), hidden_size=16)
+    """The public DeltaModel(...) reads a hand-built config's experts itself (the api layer calls io), as
+    get_peft_model does; core's own inject, which reads no file, refuses a config whose experts nobody read: one
+    clear error naming them, and the model is left as it was."""
+    ids, experts = torch.randint(0, 64, (1, 5)), xlora_experts()  # saved once per session (draws numbers)
+    torch.manual_seed(0)
+    built = dt.DeltaModel(tiny_llama(), dt.XLoraConfig(adapters=experts, hidden_size=16))
+    torch.manual_seed(0)
+    from_peft_entry = dt.get_peft_model(tiny_llama(), dt.XLoraConfig(adapters=experts, hidden_size=16))
+    torch.testing.assert_close(built(ids).logits, from_peft_entry(ids).logits, rtol=0, atol=0)
+    plain = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
     with pytest.raises(dt.DeltaConfigError, match="not read") as err:
-        dt.DeltaModel(base, config)
+        plain.inject("x", dt.XLoraConfig(adapters=xlora_experts(), hidden_size=16))
     assert xlora_experts()["0"] in str(err.value)
-    assert not any(isinstance(m, dt.DeltaModel) or type(m).__name__ == "DeltaLayer" for m in base.modules())
-    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert list(plain.peft_config) == ["default"]
+    assert plain.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
 
 
 def test_xlora_expert_files_are_read_by_io_and_errors_name_the_expert(tmp_path):

@@ -172,15 +172,23 @@ def _factor_rank(ranks: list[int], combination_type: str) -> int:
     return ranks[0]
 
 
+def _config_rank(config: DeltaConfig) -> int | None:
+    """A config's rank setting, max(r, rank_pattern values), for the methods whose config has an integer `r`."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    r = values.get("r")
+    if not isinstance(r, int) or isinstance(r, bool):
+        return None
+    return max([r, *(values.get("rank_pattern") or {}).values()])
+
+
 def _svd_rank(configs: list[DeltaConfig], factor_ranks: dict[str, int], svd_rank: int | None) -> int:
-    """svd_rank, else the largest rank of the sources that have one: their low-rank factors', or a LoRA
-    config's max(r, rank_pattern) (DoRA). Other methods' `r` is not the rank of their update (a LoHa's is up
-    to r^2, OFT's r counts blocks), so merging only those needs svd_rank."""
-    ranks = list(factor_ranks.values())
-    ranks += [max([c.r, *c.rank_pattern.values()]) for c in configs if isinstance(c, LoraConfig)]
+    """svd_rank, else the largest rank among the sources: their low-rank factors', and each config's `r`
+    (with its rank_pattern). For LoHa, LoKr or OFT that `r` is the method's setting, not the rank of the
+    update (up to r^2 for LoHa; OFT's r counts blocks): pass svd_rank for a closer result."""
+    ranks = list(factor_ranks.values()) + [r for r in map(_config_rank, configs) if r is not None]
     if svd_rank is None and not ranks:
-        raise DeltaConfigError("svd_rank is required: none of these adapters is a LoRA whose rank r could be "
-                               "the default")
+        raise DeltaConfigError("svd_rank is required: none of these adapters has a rank r that could be the "
+                               "default")
     return svd_rank or max(ranks)
 
 

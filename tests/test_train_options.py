@@ -180,6 +180,18 @@ def test_neftune_run_trains_with_noise_and_returns_a_clean_model(files):
     assert torch.equal(embedding(ids), plain.model.get_base_model().get_input_embeddings()(ids))
 
 
+def test_share_dropout_masks_reaches_the_model_and_changes_the_draws(files):
+    """training.share_dropout_masks=false gives each layer its own dropout mask (peft's way): the trained model
+    carries the choice, and the same seed trains to other weights than with the shared masks."""
+    settings = {"max_steps": 2, "lr": 1e-2}
+    shared = train(config_for(files, "shared", ["method.lora_dropout=0.3"], **settings), **QUIET)
+    own = train(config_for(files, "own", ["method.lora_dropout=0.3"], share_dropout_masks=False, **settings),
+                **QUIET)
+    assert shared.model.share_dropout_masks is True and own.model.share_dropout_masks is False
+    a, b = adapter(files["root"] / "shared"), adapter(files["root"] / "own")
+    assert any(not torch.equal(a[k], b[k]) for k in a if "lora_A" in k)
+
+
 # ------------------------------------------------------------------------------------------ trackers
 def test_tensorboard_events_hold_loss_and_lr(files):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -117,6 +117,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
 
     torch.manual_seed(tc.seed)  # the adapter's initial weights: identical on every rank
     model = get_peft_model(base[0] if base else load_base(config.model, labels, tokenizer)[0], method_config)
+    model.share_dropout_masks = tc.share_dropout_masks  # q/k/v share one mask, or independent ones (core/call.py)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=tc.offload_checkpoints)
     model.train()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import torch
+
 from common import load_smollm2, run_worker, shape_args, timed, token_batch
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")

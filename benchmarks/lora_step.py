@@ -10,7 +10,8 @@ deltatune / peft, for LoRA and DoRA with dropout 0.05 and 0, then DoRA / LoRA st
 layer, as peft draws them, instead of one mask shared by the layers that read one input (q/k/v, gate/up);
 its peft row is the "lora p=0.05" peft run, and the shared/independent step-time ratio is printed last.
 Every set-up takes the loss the way Hugging Face users do (`model(..., labels=ids).loss`); the
-`deltatune+loss` rows take it the way `deltatune train` does (train/linear_loss.py: the loss straight from the hidden states, no full logits tensor).
+`deltatune+loss` rows take it the way `deltatune train` does (train/linear_loss.py: the loss straight
+from the hidden states, no full logits tensor).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 
 import torch
 
-from common import shape_args, load_smollm2, peak_rss_gb, run_worker, timed, token_batch
+from common import load_smollm2, peak_rss_gb, run_worker, shape_args, timed, token_batch
 
 
 def build(setup: str, dropout: float, dora: bool, share: bool = True):
@@ -91,7 +92,8 @@ def measure(jobs: list[tuple[str, ...]], shape: list[str], rounds: int) -> dict:
 def main() -> None:
     args, shape = shape_args(__doc__, rounds=True)
     if args.worker:
-        setup, dropout, dora, share = args.worker[0], float(args.worker[1]), args.worker[2] == "1", args.worker[3] == "1"
+        setup, dropout = args.worker[0], float(args.worker[1])
+        dora, share = args.worker[2] == "1", args.worker[3] == "1"
         print(json.dumps(worker(setup, dropout, dora, share, args.batch, args.seq, args.steps)))
         return
     variants = {k: v for k, v in VARIANTS.items() if k.startswith(tuple(args.only or ("lora", "dora")))}
@@ -114,11 +116,12 @@ def main() -> None:
                   f"{ours['seconds'] / theirs['seconds']:>11.2f}{ours['rss_gb'] / theirs['rss_gb']:>11.2f}")
     for p in ("0.05", "0"):
         if f"dora p={p}" in table and f"lora p={p}" in table:
-            ratios = ", ".join(f"{lib} {table[f'dora p={p}'][lib]['seconds'] / table[f'lora p={p}'][lib]['seconds']:.2f}"
-                               for lib in LIBRARIES)
+            dora_row, lora_row = table[f"dora p={p}"], table[f"lora p={p}"]
+            ratios = ", ".join(f"{lib} {dora_row[lib]['seconds'] / lora_row[lib]['seconds']:.2f}" for lib in LIBRARIES)
             print(f"DoRA / LoRA step time, dropout {p}: {ratios}")
     if "lora p=0.05" in table and "lora p=0.05 indep" in table:
-        ratios = ", ".join(f"{lib} {table['lora p=0.05'][lib]['seconds'] / table['lora p=0.05 indep'][lib]['seconds']:.2f}"
+        shared, independent = table["lora p=0.05"], table["lora p=0.05 indep"]
+        ratios = ", ".join(f"{lib} {shared[lib]['seconds'] / independent[lib]['seconds']:.2f}"
                            for lib in LIBRARIES[1:])
         print(f"LoRA dropout 0.05 step time, shared / independent masks: {ratios}")
 

@@ -8,9 +8,10 @@ examples, cosine schedule with 2 warm-up steps, AdamW, seed 0, bf16 autocast whe
 threads), scored on the first 100 held-out examples by exact match of greedy answers. Only the method
 section and the learning rate change per row (ROWS below: each method's usual rate for a short run, not
 tuned per method; AdaLoRA's singular values start at zero, so it gets 1e-2; prefix tuning starts from
-zero prefixes, since peft's N(0, 1) prefixes take the loss from 0.5 to 9.3 at step 1); the QLoRA row also sets `model.quantize: nf4` (issue: within 5 points of LoRA). Each
-row trains in its own process through `deltatune.train.loop.train`, so peak RSS is that run's. Step time
-is the median of `step_s` over steps 2..N in metrics.jsonl (step 1 also warms up).
+zero prefixes, since peft's N(0, 1) prefixes take the loss from 0.5 to 9.3 at step 1); the QLoRA row
+also sets `model.quantize: nf4` (issue: within 5 points of LoRA). Each row trains in its own process
+through `deltatune.train.loop.train`, so peak RSS is that run's. Step time is the median of `step_s` over
+steps 2..N in metrics.jsonl (step 1 also warms up).
 
 X-LoRA gates two frozen experts: the adapter the LoRA row trained and a distractor of the same shapes
 and per-module norm with random directions; its row shows whether the classifier learns to pick the
@@ -62,7 +63,8 @@ ROWS = {  # key: (table label, method section, learning rate[, model section ove
                                          "target_modules": ALL_LINEAR}, 1e-4),
     "prompt": ("prompt tuning 20 tokens", {"name": "prompt_tuning", "num_virtual_tokens": 20,
                                            "task_type": "CAUSAL_LM", "prompt_tuning_init": "TEXT",
-                                           "prompt_tuning_init_text": "Extract name, age, city and job as JSON:"}, 3e-2),
+                                           "prompt_tuning_init_text": "Extract name, age, city and job as JSON:"},
+               3e-2),
     "ptuning": ("P-tuning 20 tokens (MLP)", {"name": "p_tuning", "num_virtual_tokens": 20, "task_type": "CAUSAL_LM",
                                              "encoder_hidden_size": 128}, 1e-2),
     "prefix": ("prefix tuning 20 tokens, zero init", {"name": "prefix_tuning", "num_virtual_tokens": 20,
@@ -76,7 +78,8 @@ def distractor_expert(expert: Path, target: Path, seed: int = 0) -> Path:
     """An adapter like `expert` (same keys, shapes, per-module ||B A||) pointing in random directions."""
     from safetensors.torch import load_file, save_file
 
-    tensors, generator, out = load_file(str(expert / "adapter_model.safetensors")), torch.Generator().manual_seed(seed), {}
+    tensors = load_file(str(expert / "adapter_model.safetensors"))
+    generator, out = torch.Generator().manual_seed(seed), {}
     for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
         b_key = key.replace("lora_A", "lora_B")
         a, b = tensors[key], tensors[b_key]

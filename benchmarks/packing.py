@@ -17,8 +17,8 @@ import random
 import time
 
 import torch
-from common import load_smollm2_and_tokenizer, peak_rss_gb, run_worker
 
+from common import load_smollm2_and_tokenizer, peak_rss_gb, run_worker
 from deltatune import LoraConfig, get_peft_model
 from deltatune.train.evaluate import token_loss_sum
 from deltatune.train.files import Row, read_rows, resolve_data_path

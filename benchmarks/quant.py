@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 
 import torch
-from common import shape_args, load_smollm2, peak_rss_gb, run_worker, timed, token_batch
+
+from common import load_smollm2, peak_rss_gb, run_worker, shape_args, timed, token_batch
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 
@@ -122,7 +123,8 @@ def main() -> None:
     print(f"NF4 with the float parts (embeddings, norms) in bf16, as QLoRA loads them: {bf16 / 1e6:.1f} MB, "
           f"{bf16 / float_bytes:.3f} of float32")
     ours, theirs = results["deltatune-qlora"], results["peft-qlora"]
-    print(f"{'qlora ours/peft':<17}{ours['seconds'] / theirs['seconds']:>11.2f}{ours['rss_gb'] / theirs['rss_gb']:>10.2f}")
+    print(f"{'qlora ours/peft':<17}{ours['seconds'] / theirs['seconds']:>11.2f}"
+          f"{ours['rss_gb'] / theirs['rss_gb']:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tiny_models import tiny_gpt2, tiny_llama, tiny_t5
 from torch import nn
 
 import deltatune as dt
+from tiny_models import tiny_gpt2, tiny_llama, tiny_t5
 
 FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "t5": tiny_t5}
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "t5": ["q", "v", "wi"]}

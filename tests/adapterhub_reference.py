@@ -52,7 +52,7 @@ def run(job):
                 randomize(sub.adapters[spec["name"]], seed)
     for folder in job.get("load", []):
         model.load_adapter(folder, use_safetensors=True)
-    for i, spec in enumerate(job.get("fusions", [])):
+    for spec in job.get("fusions", []):
         if "load" in spec:
             model.load_adapter_fusion(spec["load"], use_safetensors=True)
         else:

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from tiny_models import VOCAB, tiny_bert_cls, tiny_convnet, tiny_gpt2, tiny_llama, tiny_t5
-from tiny_vision import tiny_unet, tiny_vit
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
+from tiny_models import VOCAB, tiny_bert_cls, tiny_convnet, tiny_gpt2, tiny_llama, tiny_t5
+from tiny_vision import tiny_unet, tiny_vit
 
 FLOAT, QUANTIZED = "float", ("nf4", "hqq4")  # and "int8" for the LoRA family (LLM.int8 on CPU)
 
@@ -68,7 +68,7 @@ ALL = ("llama", "gpt2", "bert", "t5", "vit", "convnet")
 TEXT = ("llama", "gpt2", "bert", "t5")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pristine(family: str, base: str) -> nn.Module:
     if base == FLOAT:
         return FAMILIES[family].build().requires_grad_(False)
@@ -117,7 +117,7 @@ class Row:
 
 
 # ---------------------------------------------------------------------- rows that need other adapters
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def xlora_experts() -> dict[str, str]:
     """Two saved LoRA experts with random weights on tiny_llama: {"0": dir, "1": dir}."""
     root = tempfile.mkdtemp(prefix="xlora-experts-")

@@ -8,7 +8,7 @@ zero) are a real zero: call `randomize_trainable(model)` first when the method s
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

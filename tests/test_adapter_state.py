@@ -199,7 +199,7 @@ def snapshot(model) -> dict:
     return dict(tensors={k: v.clone() for k, v in model.state_dict().items()},
                 adapters=list(model.peft_config), active=list(model.active_adapters),
                 merged=merged_sets(model),
-                layer_active={n: list(l.active) for n, l in layers},
+                layer_active={n: list(layer.active) for n, layer in layers},
                 trainable=sorted(n for n, p in model.named_parameters() if p.requires_grad),
                 disabled=model._disabled, output=logits(model, IDS))
 

@@ -19,8 +19,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
-from deltatune import (AdapterFileError, BottleneckConfig, DeltaConfigError, get_peft_model, load_adapterhub,
-                       save_adapterhub)
+from deltatune import (
+    AdapterFileError,
+    BottleneckConfig,
+    DeltaConfigError,
+    get_peft_model,
+    load_adapterhub,
+    save_adapterhub,
+)
 from deltatune.compose.fusion import add_fusion, stack_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +108,7 @@ def reference(tmp_path_factory):
         for model in MODELS:
             weights = root / f"base-{model}-{dtype}.safetensors"
             save_file({k: v.contiguous() for k, v in base_model(model, dtype).state_dict().items()}, str(weights))
-        common = lambda model: {"model": model, "config": MODELS[model][2], "input_ids": INPUT_IDS,  # noqa: E731
+        common = lambda model, dtype=dtype: {"model": model, "config": MODELS[model][2], "input_ids": INPUT_IDS,  # noqa: E731
                                 "dtype": dtype, "base_weights": str(root / f"base-{model}-{dtype}.safetensors")}
         for case, model, configs, active in THEIRS:
             folder = root / dtype / case

@@ -108,7 +108,8 @@ def test_issue_replay_one_layer_vit(head):
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model = dt.get_peft_model(base, dt.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=head)).train()
     randomize_trainable(model)
-    grads = assert_every_trainable_param_gets_grad(model, {"pixel_values": image_batch(), "labels": torch.tensor([0, 2])})
+    grads = assert_every_trainable_param_gets_grad(model, {"pixel_values": image_batch(),
+                                                           "labels": torch.tensor([0, 2])})
     assert sum(".lora_" in name for name in grads) == 2
 
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from helpers_train import make_tiny_model_dir, run_cli, upper_rows, write_config, write_jsonl
 from safetensors.torch import load_file, save_file
 
 from deltatune.cli import main
+from helpers_train import make_tiny_model_dir, run_cli, upper_rows, write_config, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import torch
-from helpers_train import make_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 import deltatune as dt
 from deltatune.cli import main
+from helpers_train import make_tiny_model_dir
 
 
 def test_convert_loha_to_lora(tmp_path, capsys):

@@ -99,11 +99,10 @@ def test_a_row_that_fits_no_format_keeps_its_own_message(capsys, config, tmp_pat
 
 def test_data_error_after_truncation_names_the_file(capsys, config, tmp_path):
     """Caught at tokenization (needs a tokenizer): here through the library call the CLI makes."""
-    from helpers_train import make_tokenizer
-
     from deltatune.train.data.files import DataError, read_rows
     from deltatune.train.data.formats import to_samples
     from deltatune.train.data.tokenize import encode
+    from helpers_train import make_tokenizer
 
     samples, _ = to_samples(read_rows(tmp_path / "train.jsonl"))
     with pytest.raises(DataError) as caught:

@@ -206,7 +206,6 @@ def test_a_made_up_reparameterizing_adapter_is_extracted_and_its_bias_reported()
         if ".adapters.s." in key:
             param.add_(torch.randn(param.shape, generator=generator) * 0.3)
     bias = model.model.transformer.h[0].attn.c_attn.base_layer.bias.detach().clone()
-    ids = token_batch(2, 5)
     report = extract_lora(model, "s", rank=16)  # full rank of the (16, 48) Conv1D
     assert report.skipped == ["transformer.h.0.attn.c_attn.bias", "transformer.h.1.attn.c_attn.bias"]
     assert torch.equal(model.model.transformer.h[0].attn.c_attn.base_layer.bias, bias)  # put back

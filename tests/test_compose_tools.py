@@ -117,9 +117,8 @@ def test_extract_from_other_methods_at_full_rank_is_exact(method):
 
 @torch.no_grad()
 def test_extract_reports_what_a_lora_cannot_carry():
-    from tiny_models import tiny_gpt2
-
     from deltatune.methods.ia3 import IA3Config
+    from tiny_models import tiny_gpt2
 
     gpt2 = tiny_gpt2()
     for block in gpt2.transformer.h:

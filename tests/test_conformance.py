@@ -18,14 +18,14 @@ import warnings
 import peft
 import pytest
 import torch
-from conformance_counts import expected_trainable
-from conformance_rows import FAMILIES, FLOAT, PAIRS, ROWS, base_model, build, cases, forward_kwargs, llama64
-from tiny_models import token_batch
-from tiny_vision import image_batch
 
 import deltatune as dt
+from conformance_counts import expected_trainable
+from conformance_rows import FAMILIES, FLOAT, PAIRS, ROWS, base_model, build, cases, forward_kwargs, llama64
 from deltatune import quant
 from deltatune.core.layer import DeltaLayer, ModulesToSave, read_weight
+from tiny_models import token_batch
+from tiny_vision import image_batch
 
 TOL = 1e-5
 QUANT_ERROR = {"nf4": 0.10, "hqq4": 0.10, "int8": 0.01}  # ||dequant(quant(W)) - W|| / ||W|| (test_quant.py)

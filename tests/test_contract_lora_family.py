@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_models import image_batch, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 
 import deltatune as dt
@@ -28,6 +27,7 @@ from deltatune.core.config import DeltaConfig, register_method, registered_metho
 from deltatune.core.layer import DeltaLayer
 from deltatune.core.protocols import Additive, Reparameterizing, declares
 from deltatune.errors import AdapterContractError, MergeError
+from tiny_models import tiny_convnet, tiny_gpt2, tiny_llama, token_batch
 
 TOL = 1e-5
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "convnet": tiny_convnet}

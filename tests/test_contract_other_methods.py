@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conformance_rows import xlora_experts
-from tiny_models import tiny_llama
 from torch import nn
 
 import deltatune as dt
+from conformance_rows import xlora_experts
 from deltatune.core.config import DeltaConfig, register_method, registered_methods
 from deltatune.core.protocols import Additive, TakesOverForward
 from deltatune.errors import AdapterContractError
+from tiny_models import tiny_llama
 
 
 class NoDelta(nn.Module, Additive):

@@ -18,7 +18,8 @@ def adapted(model) -> list[str]:
 @pytest.mark.parametrize("config,expected", [
     (dict(target_modules=["q_proj"]), ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]),
     (dict(target_modules=["self_attn.v_proj"]), ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]),
-    (dict(target_modules=r".*\.1\.mlp\.(up|down)_proj"), ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]),
+    (dict(target_modules=r".*\.1\.mlp\.(up|down)_proj"),
+     ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]),
     (dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
      ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]),
     (dict(target_modules=["q_proj"], layers_to_transform=0), ["model.layers.0.self_attn.q_proj"]),

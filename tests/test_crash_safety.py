@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_train import ROOT, make_tiny_model_dir, upper_rows, write_config, write_jsonl
 from safetensors.torch import load_file
-from tiny_models import tiny_llama
 
 import deltatune as dt
 import deltatune.io.adapter_files as adapter_files
@@ -30,9 +28,11 @@ import deltatune.train.run.checkpoint as checkpoint
 from deltatune.core.config import DeltaConfigError
 from deltatune.io.adapter_files import AdapterFileError
 from deltatune.io.atomic import WriteError
-from deltatune.train.run.output_dir import claim_output_dir
 from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
+from deltatune.train.run.output_dir import claim_output_dir
+from helpers_train import ROOT, make_tiny_model_dir, upper_rows, write_config, write_jsonl
+from tiny_models import tiny_llama
 
 STEPS = 16  # the kill lands in the first half: the steps left outlast the polling delay
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers_train import make_tokenizer
 
 from deltatune.train.data.files import DataError, read_rows
 from deltatune.train.data.formats import detect_format, to_samples
 from deltatune.train.data.packing import pack
 from deltatune.train.data.tokenize import IGNORE, collate, encode, prompt_text
+from helpers_train import make_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,23 @@ import datasets
 import pyarrow.feather as feather
 import pytest
 import yaml
-from helpers_train import CHATML, ROOT, make_tiny_model_dir, make_tokenizer, upper_rows, write_jsonl
 
 from deltatune.core.config import DeltaConfigError
 from deltatune.train import config_reference
-from deltatune.train.build import (hold_out, load_adapted, read_eval_samples, read_samples, read_train_eval,
-                                   tokenize_samples)
+from deltatune.train.build import (
+    hold_out,
+    load_adapted,
+    read_eval_samples,
+    read_samples,
+    read_train_eval,
+    tokenize_samples,
+)
 from deltatune.train.config import DataSection, ModelSection
 from deltatune.train.config_file import load_config
 from deltatune.train.data.files import DataError, read_rows
-from deltatune.train.run.resume_check import file_fingerprint
 from deltatune.train.data.tokenize import prompt_text, resolve_chat_template
+from deltatune.train.run.resume_check import file_fingerprint
+from helpers_train import CHATML, ROOT, make_tiny_model_dir, make_tokenizer, upper_rows, write_jsonl
 
 QA = [{"question": f"what is {i} + {i}?", "answer": str(2 * i), "source": "sums"} for i in range(12)]
 PC = [{"prompt": r["question"], "completion": r["answer"]} for r in QA]

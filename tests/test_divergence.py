@@ -9,13 +9,13 @@ import re
 
 import pytest
 import torch
-from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from deltatune import cli
 from deltatune.train.config_file import load_config
-from deltatune.train.run.divergence import DivergenceError, check_step
 from deltatune.train.loop import train
+from deltatune.train.run.divergence import DivergenceError, check_step
+from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
 
 QUIET = {"show_progress": False, "log": lambda *_: None}
 DIVERGED = r"^training diverged at step (\d+): the (loss is (nan|inf)|gradient norm is (nan|inf) \(loss .*\)); "

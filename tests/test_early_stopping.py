@@ -8,13 +8,13 @@ import json
 
 import pytest
 import torch
-from helpers_train import QUIET, run_config, run_files, run_cli, write_config
 from safetensors.torch import load_file
 
 from deltatune.core.config import DeltaConfigError
 from deltatune.train import finish, loop
-from deltatune.train.run.early_stop import BestTracker
 from deltatune.train.loop import train
+from deltatune.train.run.early_stop import BestTracker
+from helpers_train import QUIET, run_cli, run_config, run_files, write_config
 
 # eval loss by step: best at 2, then worse at 3 and 4 -> patience 2 stops after step 4
 LOSSES = {1: 3.0, 2: 2.0, 3: 2.5, 4: 2.4, 5: 1.0, 6: 0.5, 7: 0.4, 8: 0.3}

@@ -12,12 +12,12 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_convnet, tiny_llama, tiny_t5, token_batch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune
 from deltatune import AdapterFileError, DeltaConfigError, DeltaModel, LoraConfig, MergeError, get_peft_model
+from tiny_models import tiny_convnet, tiny_llama, tiny_t5, token_batch
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"

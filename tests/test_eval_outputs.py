@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
 
 from deltatune.cli import main
+from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,8 @@ def test_eval_config_and_adapter_write_answers_and_show_progress(run, capsys):
     assert json.loads((out / "eval_metrics.json").read_text())["exact_match"] == pytest.approx(100 * hits / 6)
     assert [r["answer"] for r in answers] == [r["answer"] for r in from_config]
     # loss only: no answers, and none left from before
-    assert main(["eval", "--adapter", str(run["out"]), "--data", str(own), "--max-samples", "0", "--out", str(out)]) == 0
+    assert main(["eval", "--adapter", str(run["out"]), "--data", str(own), "--max-samples", "0",
+                 "--out", str(out)]) == 0
     assert not (out / "eval_predictions.jsonl").exists() and "exact_match" not in json.loads(
         (out / "eval_metrics.json").read_text())
 

@@ -9,7 +9,6 @@ import stat
 
 import pytest
 import torch
-from tiny_models import tiny_bert_cls, tiny_llama, token_batch
 
 import deltatune as dt
 from deltatune.api import class_to_build
@@ -19,6 +18,7 @@ from deltatune.core.config import DeltaConfigError
 from deltatune.io import models
 from deltatune.io.adapter_files import AdapterFileError, read_adapter, weights_fill
 from deltatune.io.atomic import atomic_folder
+from tiny_models import tiny_bert_cls, tiny_llama, token_batch
 
 LORA = {"r": 2, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5, token_batch
 
 import deltatune as dt
 from deltatune.compose.fusion import AdapterFusionConfig, add_fusion, stack_adapters
 from deltatune.core.call import CallContext
 from deltatune.core.config import DeltaConfigError
 from deltatune.methods.bottleneck import BottleneckConfig
+from tiny_models import tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5, token_batch
 
 TOL = 1e-5
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_cls, "t5": tiny_t5}
@@ -58,7 +58,8 @@ def test_fusion_formula_by_hand():
     with torch.no_grad():
         h = mlp.base_layer(x)
         # keys and values over each adapter's update (its up-projection), the residual h added after
-        updates = [a.adapter_up(torch.relu(a.adapter_down(h))), b.adapter_up(torch.nn.functional.gelu(b.adapter_down(h)))]
+        updates = [a.adapter_up(torch.relu(a.adapter_down(h))),
+                   b.adapter_up(torch.nn.functional.gelu(b.adapter_down(h)))]
         q = fusion.fusion_query(h)
         scores = torch.stack([(fusion.fusion_key(u) * q).sum(-1) for u in updates], -1)  # (2, 3, n)
         probs = torch.softmax(scores / fusion.temperature, -1)

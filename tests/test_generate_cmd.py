@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from helpers_train import make_tiny_model_dir, write_config, write_jsonl
 from transformers import AutoTokenizer
 
 from deltatune import DeltaModel
@@ -22,6 +21,7 @@ from deltatune.train.commands.run_generate import (
     generate_text,
     shared_system_prompt,
 )
+from helpers_train import make_tiny_model_dir, write_config, write_jsonl
 
 SYSTEM = "You are a concise support agent for ShopCo."
 # SmolLM2's template puts its own system prompt in front of a chat that has none (the bug in item 6)

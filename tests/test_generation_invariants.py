@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import deltatune as dt
 from adapted_models import MODEL_LEVEL, SUPPORTED, build, randomize
 from invariants import assert_generate_matches_stepwise, greedy_stepwise, logits_of
 from tiny_models import VOCAB, token_batch
-
-import deltatune as dt
 
 GENERATION_CASES = [(m, f) for m in (*MODEL_LEVEL, "LORA") for f in SUPPORTED[m]]
 
@@ -85,9 +85,8 @@ def test_a_cache_of_the_callers_own_is_refused_under_either_name(method, message
 def test_eval_answers_do_not_depend_on_the_batch(method, tmp_path):
     """`deltatune eval`'s batched greedy answers (left-padded batches of different lengths) equal each
     prompt generated alone, and the stepwise greedy forward's."""
-    from test_methods_prompts import word_tokenizer
-
     from deltatune.train.evaluate import generate
+    from test_methods_prompts import word_tokenizer
 
     tokenizer = word_tokenizer()
     tokenizer.pad_token = "w0"

@@ -12,13 +12,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conformance_rows import ROWS, build
-from helpers_train import run_cli
 
 import deltatune as dt
+from conformance_rows import ROWS, build
 from deltatune.adapter_report import adapter_report
 from deltatune.core.layer import DeltaLayer
 from deltatune.train.config import RunConfig
+from helpers_train import run_cli
 
 
 def first_row(peft_type: str) -> str:

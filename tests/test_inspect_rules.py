@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import tiny_llama
 
 import deltatune as dt
 import deltatune.io.adapter_files as adapter_files
@@ -24,6 +23,7 @@ from deltatune.adapter_report import SOURCES, check_adapter, serving_compatibili
 from deltatune.cli import main
 from deltatune.core.config import DeltaConfigError
 from deltatune.io.adapter_files import AdapterFileError, read_config
+from tiny_models import tiny_llama
 
 PREFIX = "base_model.model.model.layers.0."
 MODULES = ("self_attn.q_proj", "self_attn.v_proj")  # tiny_llama: hidden 16

@@ -18,19 +18,19 @@ import peft
 import pytest
 import torch
 import yaml
-from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
-from merge_checks import assert_merged_equals_unmerged
-from tiny_models import token_batch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune import models
 from deltatune.io.adapter_files import CONFIG_NAME
 from deltatune.train.build import load_adapted
-from deltatune.train.run.checkpoint import save_checkpoint
+from deltatune.train.commands.merge import merge_adapter
 from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
-from deltatune.train.commands.merge import merge_adapter
+from deltatune.train.run.checkpoint import save_checkpoint
+from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
+from merge_checks import assert_merged_equals_unmerged
+from tiny_models import token_batch
 
 QUIET = {"show_progress": False, "log": lambda *_: None}
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -17,10 +17,10 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import image_batch, tiny_bert_cls, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 
 import deltatune
+from tiny_models import image_batch, tiny_bert_cls, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
 
 TOL = 1e-5
 LLAMA_ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

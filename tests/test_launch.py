@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from helpers_train import make_tiny_model_dir, run_cli, upper_rows, write_config, write_jsonl
 
 from deltatune.train.run.runtime import lone_launch_warning
+from helpers_train import make_tiny_model_dir, run_cli, upper_rows, write_config, write_jsonl
 
 SIMPLE_LAUNCH = {"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 

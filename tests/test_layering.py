@@ -286,7 +286,8 @@ def _fake_layer(module: str) -> str:
 def test_self_check_finds_an_upward_import_also_inside_a_function(tmp_path):
     root = _fake_package(tmp_path, {
         "__init__.py": "", "errors.py": "", "io/__init__.py": "", "io/files.py": "",
-        "core/__init__.py": "", "core/model.py": "from ..errors import x\n\ndef save():\n    from ..io.files import w\n",
+        "core/__init__.py": "",
+        "core/model.py": "from ..errors import x\n\ndef save():\n    from ..io.files import w\n",
     })
     found = upward_edges(import_edges(root, "pkg"), _fake_layer)
     assert found == ["pkg/core/model.py:4: pkg.core.model (core) imports pkg.io.files (io) in a function"]
@@ -323,7 +324,8 @@ def test_self_check_finds_capability_probing(tmp_path):
 def test_self_check_a_type_only_import_makes_no_cycle_but_may_not_point_up(tmp_path):
     root = _fake_package(tmp_path, {
         "core/__init__.py": "", "core/a.py": "from . import b\n",
-        "core/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n    from ..io import w\n",
+        "core/b.py": ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                      "    from . import a\n    from ..io import w\n"),
         "io/__init__.py": "", "io/w.py": "",
     })
     found = import_edges(root, "pkg")

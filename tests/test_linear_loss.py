@@ -11,12 +11,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
-from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 import deltatune
 from deltatune.train import evaluate, linear_loss
 from deltatune.train.evaluate import token_loss_sum
 from deltatune.train.linear_loss import chunked_loss_head, linear_cross_entropy
+from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
 
 @pytest.mark.parametrize("with_bias,head_trains", [(False, False), (True, True)])

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from deltatune.core.call import CallContext
-from deltatune.methods.lora_ops import (KEEP_LEVELS, DropoutMasks, LoraLinearFunction, draw_keep_mask, keep_threshold,
-                                       lora_linear, new_mask_seed)
+from deltatune.methods.lora_ops import (
+    KEEP_LEVELS,
+    DropoutMasks,
+    LoraLinearFunction,
+    draw_keep_mask,
+    keep_threshold,
+    lora_linear,
+    new_mask_seed,
+)
 
 
 def test_gradcheck_without_dropout():

@@ -20,8 +20,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune import MergeError
-from merge_checks import (assert_disable_is_base, assert_merged_equals_unmerged, assert_unload_is_base,
-                          base_parameters, model_output)
+from merge_checks import (
+    assert_disable_is_base,
+    assert_merged_equals_unmerged,
+    assert_unload_is_base,
+    base_parameters,
+    model_output,
+)
 from tiny_models import tiny_convnet, tiny_gpt2, tiny_llama, token_batch
 
 

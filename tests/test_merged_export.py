@@ -7,13 +7,13 @@ import errno
 
 import pytest
 import torch
-from helpers_train import make_tokenizer
-from tiny_models import tiny_llama, token_batch
 from transformers import AutoModelForCausalLM
 
 from deltatune import LoraConfig, get_peft_model
 from deltatune.errors import WriteError
 from deltatune.io.export import write_merged_model
+from helpers_train import make_tokenizer
+from tiny_models import tiny_llama, token_batch
 
 
 def merged_model():

@@ -19,7 +19,6 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import image_batch, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 
 import deltatune as dt
@@ -28,6 +27,7 @@ from deltatune.methods.relora import ReLoraConfig, relora_lr_multiplier, to_cumu
 from deltatune.methods.ulora import ULoraConfig
 from deltatune.methods.vera import VeraConfig
 from deltatune.methods.xlora import XLoraConfig
+from tiny_models import image_batch, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
 
 TOL = 1e-5
 

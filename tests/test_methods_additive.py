@@ -7,17 +7,17 @@ formulas written out here; mixed-adapter batches row by row.
 
 from __future__ import annotations
 
-import math
 import json
+import math
 
 import peft
 import pytest
 import torch
-from tiny_models import tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5, token_batch
 
 import deltatune as dt
 from deltatune.core.config import DeltaConfigError, config_class
 from deltatune.core.layer import DeltaLayer
+from tiny_models import tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5, token_batch
 
 TOL = 1e-5
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_cls, "t5": tiny_t5}
@@ -32,7 +32,8 @@ def config(peft_type: str, **kwargs):
 T5_IA3 = {"target_modules": ["k", "v", "wi"], "feedforward_modules": ["wi"]}
 METHODS = {
     "ia3": lambda m: config("IA3", task_type="SEQ_CLS" if m == "bert" else None, **(T5_IA3 if m == "t5" else {})),
-    "ia3_all_ff": lambda m: config("IA3", target_modules=".*(v_proj|c_attn|value|\\.v|wi|down_proj|c_fc|intermediate.dense)",
+    "ia3_all_ff": lambda m: config("IA3",
+                                   target_modules=".*(v_proj|c_attn|value|\\.v|wi|down_proj|c_fc|intermediate.dense)",
                                    feedforward_modules=".*(wi|down_proj|c_fc|intermediate.dense)"),
     "ln_tuning": lambda m: config("LN_TUNING"),
     "bitfit": lambda m: config("BITFIT", **BITFIT[m]),

@@ -25,8 +25,6 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from invariants import assert_generate_matches_stepwise, greedy_stepwise
-from tiny_models import VOCAB, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5, token_batch
 from torch import nn
 
 import deltatune
@@ -36,6 +34,8 @@ from deltatune.methods.llama_adapter import AdaptionPromptConfig
 from deltatune.methods.prefix import PrefixTuningConfig
 from deltatune.methods.prompt import PromptTuningConfig
 from deltatune.methods.ptuning import PromptEncoderConfig
+from invariants import assert_generate_matches_stepwise, greedy_stepwise
+from tiny_models import VOCAB, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5, token_batch
 
 TOL = 1e-5
 OURS = {"PROMPT_TUNING": PromptTuningConfig, "P_TUNING": PromptEncoderConfig,

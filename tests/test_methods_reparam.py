@@ -19,8 +19,6 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_convnet, tiny_gpt2, tiny_llama, token_batch
-from tiny_vision import image_batch, tiny_unet, tiny_vit
 from torch import nn
 
 import deltatune
@@ -29,6 +27,8 @@ from deltatune.methods.boft import BOFTConfig
 from deltatune.methods.loha import LoHaConfig
 from deltatune.methods.lokr import LoKrConfig
 from deltatune.methods.oft import OFTConfig
+from tiny_models import tiny_convnet, tiny_gpt2, tiny_llama, token_batch
+from tiny_vision import image_batch, tiny_unet, tiny_vit
 
 TOL = 1e-5
 LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 import deltatune as dt
-from deltatune.train.evaluate import token_loss_sum
 from deltatune.train.data.packing import check_packing_isolates, pack
 from deltatune.train.data.tokenize import IGNORE, Encoded, collate
+from deltatune.train.evaluate import token_loss_sum
+from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 PAD = 0
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import deltatune as dt
 from adapted_models import CASES, CONFIGS, build, randomize
 from invariants import assert_padding_invariant
 from tiny_models import tiny_bert_cls
-
-import deltatune as dt
 
 ROW = torch.tensor([5, 6, 7, 9])
 

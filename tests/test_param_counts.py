@@ -7,11 +7,11 @@ import warnings
 
 import pytest
 import torch
-from test_quant import llama64
 from torch import nn
 
 import deltatune as dt
 from deltatune import quant
+from test_quant import llama64
 
 HQQ_KINDS = ["hqq1", "hqq2", "hqq3", "hqq4", "hqq8"]
 KINDS = ["nf4", "fp4", "int8"] + (HQQ_KINDS if importlib.util.find_spec("hqq") else [])

@@ -14,14 +14,13 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from helpers_train import make_tokenizer
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl import DPOConfig, KTOConfig
 from trl.trainer.utils import add_fused_lm_head
 
-from deltatune import (DeltaDPOTrainer, DeltaKTOTrainer, DeltaModel, LoraConfig, PromptTuningConfig,
-                       get_peft_model)
+from deltatune import DeltaDPOTrainer, DeltaKTOTrainer, DeltaModel, LoraConfig, PromptTuningConfig, get_peft_model
+from helpers_train import make_tokenizer
 
 TOKENIZER = make_tokenizer()
 PAIRS = {

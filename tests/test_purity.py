@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import peft
 import torch
-from tiny_models import tiny_llama, token_batch
 
 import deltatune as dt
 from deltatune.core.layer import DeltaLayer
+from tiny_models import tiny_llama, token_batch
 
 
 def coft_model(eps: float = 0.3) -> dt.DeltaModel:
@@ -82,6 +82,7 @@ def test_peft_bias_all_file_with_a_trained_classifier_loads(tmp_path):
     classifier.original_module.bias (the frozen base value): the file loads, gives peft's output (also
     when hand-edited values in those keys disagree), and disabled it is still the base exactly."""
     from safetensors.torch import load_file, save_file
+
     from tiny_models import tiny_bert_cls
 
     config = dict(r=2, target_modules=["query", "value"], bias="all", task_type="SEQ_CLS")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers_train import fresh_clone, make_tiny_model_dir
 
 from deltatune.cli import main
 from deltatune.core.config import DeltaConfigError
 from deltatune.train.config_file import load_config
+from helpers_train import fresh_clone, make_tiny_model_dir
 
 QUICK = ["training.max_steps=2", "training.save_every=0", "training.eval_every=0", "eval.max_new_tokens=4"]
 
@@ -61,9 +61,11 @@ def test_missing_data_names_key_paths_and_rule(clone, capsys):
     assert "next to that file, then in the current directory" in err and "\n" not in err
     (clone / "sub").mkdir()
     shutil.copy("my_run.yaml", "sub/my_run.yaml")
-    with pytest.raises(Exception, match=f"looked for {clone / 'sub/mine/train.jsonl'} and {clone / 'mine/train.jsonl'}"):
+    with pytest.raises(Exception,
+                       match=f"looked for {clone / 'sub/mine/train.jsonl'} and {clone / 'mine/train.jsonl'}"):
         load_config("sub/my_run.yaml")
-    with pytest.raises(Exception, match=rf"data.eval='nope.jsonl' \(on the command line\).*{clone / 'nope.jsonl'}.*current directory"):
+    with pytest.raises(Exception, match=rf"data.eval='nope.jsonl' \(on the command line\).*{clone / 'nope.jsonl'}"
+                                        r".*current directory"):
         load_config("examples/own_data.yaml", ["data.eval=nope.jsonl"])
     # a bad key is named before a missing file
     with pytest.raises(DeltaConfigError, match="did you mean 'training.lr'"):

@@ -17,19 +17,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
 
 import deltatune as dt
 import deltatune.io.atomic as atomic
-import deltatune.train.run.checkpoint as checkpoint
 import deltatune.train.loop as loop
+import deltatune.train.run.checkpoint as checkpoint
 from deltatune.core.config import DeltaConfigError
 from deltatune.core.layer import DeltaLayer
 from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
-from helpers_train import (ROOT, make_tiny_model_dir, make_tokenizer, run_cli, upper_rows, write_config,
-                           write_jsonl)
+from helpers_train import ROOT, make_tiny_model_dir, make_tokenizer, run_cli, upper_rows, write_config, write_jsonl
 from tiny_models import tiny_llama, token_batch
-from transformers import AutoModelForCausalLM
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -70,7 +69,7 @@ def test_random_configs_keep_every_promise(config, seed, tmp_path_factory):
     ids = token_batch(2, 5, seed=seed)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.2)
         before = {n: p.clone() for n, p in model.named_parameters() if ".base_layer." in n}
@@ -298,9 +297,9 @@ def test_a_new_run_refuses_an_output_dir_holding_an_earlier_run_before_the_model
             train(config, resume=True, overwrite=True, show_progress=False, log=lambda *_: None)
     assert str(refused.value) == (
         f"output_dir={out} is not empty: it holds a trained adapter (adapter_model.safetensors), "
-        "2 checkpoint(s) in checkpoints/ (newest step-000003), adapter_config.json, deltatune_prompt.json, loss.png, metrics.jsonl, "
-        "run_config.yaml; pass --resume to continue that run, --overwrite to replace it, or choose another "
-        "output_dir")
+        "2 checkpoint(s) in checkpoints/ (newest step-000003), adapter_config.json, deltatune_prompt.json, "
+        "loss.png, metrics.jsonl, run_config.yaml; pass --resume to continue that run, --overwrite to replace it, "
+        "or choose another output_dir")
     assert {p: p.read_bytes() for p in before} == before  # nothing touched
     (out / "notes.txt").write_text("mine")
     train(load_config(run_config(tiny_run, "earlier", max_steps=2), []), overwrite=True, show_progress=False,

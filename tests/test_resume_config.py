@@ -9,7 +9,6 @@ import json
 
 import pytest
 import yaml
-from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
 
 from deltatune import cli
 from deltatune.core.config import DeltaConfigError
@@ -18,6 +17,7 @@ from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
 from deltatune.train.run.resume_check import SAFE_ON_RESUME
 from deltatune.train.run.schedule import lr_factor
+from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
 
 QUIET = {"show_progress": False, "log": lambda *_: None}
 MAY_CHANGE = ", ".join(SAFE_ON_RESUME)

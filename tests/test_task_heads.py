@@ -10,12 +10,12 @@ import string
 
 import pytest
 import torch
-from helpers_train import fresh_clone
 from safetensors.torch import load_file
 
 from deltatune.cli import main
 from deltatune.core.config import DeltaConfigError
 from deltatune.train.config_file import load_config
+from helpers_train import fresh_clone
 
 CHARS = list(string.ascii_lowercase + string.digits + string.punctuation)
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + CHARS + ["##" + c for c in CHARS]

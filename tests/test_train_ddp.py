@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_train import make_tiny_model_dir, run_cli, upper_rows, write_config, write_jsonl
 from safetensors.torch import load_file
 
 from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
+from helpers_train import make_tiny_model_dir, run_cli, upper_rows, write_config, write_jsonl
 
 
 @pytest.mark.skipif(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_train import make_tokenizer, upper_rows
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from deltatune import DeltaModel, LoraConfig, get_peft_model
 from deltatune.train.data.files import Row
 from deltatune.train.data.formats import to_sample
-from deltatune.train.hf import DeltaTrainer
 from deltatune.train.data.tokenize import Encoded, collate, encode
+from deltatune.train.hf import DeltaTrainer
+from helpers_train import make_tokenizer, upper_rows
 
 TOKENIZER = make_tokenizer()
 

@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-from helpers_train import QUIET, run_config, run_files
 from safetensors.torch import load_file
 
 from deltatune.train.loop import train
 from deltatune.train.run.schedule import lr_factor
-
+from helpers_train import QUIET, run_config, run_files
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import math
 
 import pytest
 import yaml
-from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
 
 from deltatune import DeltaConfigError
 from deltatune.train.config_file import load_config
 from deltatune.train.loop import train
+from helpers_train import make_tiny_model_dir, upper_rows, write_config, write_jsonl
 
 QUIET = {"show_progress": False, "log": lambda *_: None}
 METHODS = {  # method section of the run config

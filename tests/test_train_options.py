@@ -8,24 +8,23 @@ import math
 import os
 import subprocess
 import sys
-import tomllib
 import warnings
 
 import pytest
+import tomllib
 import torch
-from helpers_train import QUIET, run_config, run_files, ROOT, write_config
 from safetensors.torch import load_file
 
 from deltatune import cli
 from deltatune.core.config import DeltaConfigError
 from deltatune.train import loop
-from deltatune.train.run.checkpoint import decode_state, encode_state
 from deltatune.train.config import TrainingSection
 from deltatune.train.loop import train
+from deltatune.train.run.checkpoint import decode_state, encode_state
 from deltatune.train.run.neftune import add_neftune
 from deltatune.train.run.optim import make_optimizer
 from deltatune.train.run.plot import loss_figure
-
+from helpers_train import QUIET, ROOT, run_config, run_files, write_config
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ import datasets
 import peft
 import pytest
 import torch
-from helpers_train import make_tokenizer
-from tiny_models import VOCAB, tiny_bert_cls, tiny_gpt2, tiny_llama, token_batch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
@@ -26,6 +24,8 @@ from deltatune.api import facade as plain_model
 from deltatune.api import peft_face
 from deltatune.io.adapter_files import AdapterFileError
 from deltatune.train.hf import DeltaTrainer
+from helpers_train import make_tokenizer
+from tiny_models import VOCAB, tiny_bert_cls, tiny_gpt2, tiny_llama, token_batch
 
 # what Trainer writes next to the model in a checkpoint; the model itself must be these two files only
 TRAINER_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}

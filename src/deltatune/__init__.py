@@ -1,35 +1,35 @@
 """deltatune: parameter-efficient fine-tuning for PyTorch models, with adapters in the Hugging Face PEFT layout."""
 
-from .core.config import DeltaConfig, DeltaConfigError, TaskType, registered_methods
-from .core.layer import MergeError
-from .api import DeltaModel, get_peft_model
-from .io.adapter_files import AdapterFileError
-from .io.adapterhub import load_adapterhub, save_adapterhub
 from . import methods  # noqa: F401  (registers every method)
+from .api import DeltaModel, get_peft_model
 from .compose.extract import convert_to_lora, extract_lora, extract_lora_from_finetune
 from .compose.fusion import AdapterFusionConfig, add_fusion, stack_adapters
 from .compose.hotswap import hotswap_adapter, prepare_model_for_hotswap
 from .compose.proxy import ProxyTuningLogitsProcessor, proxy_generate
+from .core.config import DeltaConfig, DeltaConfigError, TaskType, registered_methods
+from .core.layer import MergeError
+from .io.adapter_files import AdapterFileError
+from .io.adapterhub import load_adapterhub, save_adapterhub
 from .methods.adalora import AdaLoraConfig
-from .quant import dequantize, quantize
 from .methods.bitfit import BitFitConfig
+from .methods.boft import BOFTConfig
 from .methods.bottleneck import BottleneckConfig
 from .methods.child_tuning import ChildTuningConfig, estimate_fisher_mask
 from .methods.ia3 import IA3Config
 from .methods.llama_adapter import AdaptionPromptConfig
 from .methods.ln_tuning import LNTuningConfig
-from .methods.prefix import PrefixTuningConfig
-from .methods.prompt import PromptTuningConfig
-from .methods.ptuning import PromptEncoderConfig
-from .methods.boft import BOFTConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
 from .methods.oft import OFTConfig
+from .methods.prefix import PrefixTuningConfig
+from .methods.prompt import PromptTuningConfig
+from .methods.ptuning import PromptEncoderConfig
 from .methods.relora import ReLoraConfig, relora_lr_multiplier, to_cumulative_lora
 from .methods.ulora import ULoraConfig
 from .methods.vera import VeraConfig
 from .methods.xlora import XLoraConfig
+from .quant import dequantize, quantize
 
 PeftModel = DeltaModel  # so `PeftModel.from_pretrained(base, dir)` snippets run unchanged
 

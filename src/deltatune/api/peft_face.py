@@ -13,9 +13,9 @@ peft's shape `model.base_model.model` (the tuner, holding the user's model): her
 DeltaModel itself, whose `.model` is the user's model.
 
 `DeltaModel(...)` builds this class instead of the facade when `peft` is already imported (api/__init__.py
-`class_to_build`), so a process that never imports peft pays nothing (importing peft takes seconds and pulls in bitsandbytes).
-Importing Transformers' `Trainer` or TRL imports peft, so a script that imports them before building its
-model gets this class. Importing this module imports peft.
+`class_to_build`), so a process that never imports peft pays nothing (importing peft takes seconds and
+pulls in bitsandbytes). Importing Transformers' `Trainer` or TRL imports peft, so a script that imports
+them before building its model gets this class. Importing this module imports peft.
 """
 
 from __future__ import annotations

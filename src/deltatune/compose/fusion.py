@@ -165,11 +165,11 @@ class AdapterFusionConfig(DeltaConfig):
     def supports(self, base: BaseLayer) -> bool:
         return True  # what matters is the adapters at the layer, checked in make_adapter
 
-    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> "FusionModelState":
+    def make_model_adapter(self, model: nn.Module, adapter_name: str) -> FusionModelState:
         return FusionModelState(model)
 
-    def make_adapter(self, base: BaseLayer, module_name: str, shared: "FusionModelState | None" = None
-                     ) -> "FusionAdapter":
+    def make_adapter(self, base: BaseLayer, module_name: str, shared: FusionModelState | None = None
+                     ) -> FusionAdapter:
         layer = shared.model.get_submodule(module_name)
         missing = [n for n in self.adapter_names if not isinstance(layer, DeltaLayer) or n not in layer.adapters]
         if missing:

@@ -24,6 +24,7 @@ import inspect
 import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
+
 from ..errors import VocabularyMismatchError  # noqa: F401  (re-exported)
 
 SHARED = "proxy-tuning needs one shared vocabulary"

@@ -93,8 +93,8 @@ def add_weighted_adapter(model, adapters: Sequence[str], weights: Sequence[float
         which = "/".join(sorted({_label(c) for c in lacking}))
         allowed = "'linear' or an svd type" if ia3 else "an svd type (the result is a LoRA)"
         raise DeltaConfigError(f"combination_type={combination_type!r} is not supported for {which} adapters "
-                               f"{adapters}: it mixes LoRA factors, and their update is no product s B A of such factors "
-                               f"(core/protocols.py LowRank); use {allowed}")
+                               f"{adapters}: it mixes LoRA factors, and their update is no product s B A of such "
+                               f"factors (core/protocols.py LowRank); use {allowed}")
     _check_heads(model, adapters)
     model.inject(adapter_name, config)
     try:

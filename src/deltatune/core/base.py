@@ -72,7 +72,8 @@ class BaseLayer:
         self.is_quantized = is_quantized(module)
         self._backend = quant.backend_for(module) if self.is_quantized else None
         self.fan_in_fan_out = is_conv1d(module)
-        if isinstance(module, nn.Linear) or self.fan_in_fan_out or (self.is_quantized and hasattr(module, "in_features")):
+        if (isinstance(module, nn.Linear) or self.fan_in_fan_out
+                or (self.is_quantized and hasattr(module, "in_features"))):
             self.kind = "linear"
         elif isinstance(module, nn.Embedding):
             self.kind = "embedding"

@@ -68,7 +68,7 @@ class CallContext:
         """The per-row adapter slots (batch,) for a layer that sees `batch` rows."""
         return self.per_sample(self.adapter_index, batch, "adapter_names")
 
-    def rows(self, rows: torch.Tensor, batch: int) -> "CallContext":
+    def rows(self, rows: torch.Tensor, batch: int) -> CallContext:
         """The context for some rows of a `batch`-row input, run through one adapter on their own: their task
         ids, no mixed routing, the same dropout choice and memo."""
         task_ids = None if self.task_ids is None else self.per_sample(self.task_ids, batch, "task_ids")[rows]

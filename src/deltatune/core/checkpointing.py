@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, ContextManager
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -62,7 +62,8 @@ def reentrant_blocks(model: nn.Module, checkpointing: list[nn.Module] | None = N
 
 # capture() -> (tensors, replay): the per-call state at the moment a block runs; `replay(tensors)` is a
 # context manager that puts it back, with `tensors` standing for the captured ones (the checkpoint's copies).
-Capture = Callable[[], tuple[tuple[torch.Tensor, ...], Callable[[tuple[torch.Tensor, ...]], ContextManager]]]
+Capture = Callable[[], tuple[tuple[torch.Tensor, ...],
+                             Callable[[tuple[torch.Tensor, ...]], contextlib.AbstractContextManager]]]
 
 
 def replaying_checkpoint(checkpoint_function, capture: Capture):

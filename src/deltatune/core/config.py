@@ -13,8 +13,9 @@ import dataclasses
 import difflib
 import enum
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -133,12 +134,12 @@ class DeltaConfig:
         touched."""
         return {}
 
-    def use_referenced(self, adapters: dict[str, tuple["DeltaConfig", dict[str, torch.Tensor]]]) -> None:
+    def use_referenced(self, adapters: dict[str, tuple[DeltaConfig, dict[str, torch.Tensor]]]) -> None:
         """Take the adapters `referenced_adapters()` names, as io/ read them: by name, (config, tensors keyed
         `<module path>.<local name>`). Kept on this object only: an attribute, not a field, so never saved."""
         self._referenced = adapters
 
-    def referenced(self) -> dict[str, tuple["DeltaConfig", dict[str, torch.Tensor]]]:
+    def referenced(self) -> dict[str, tuple[DeltaConfig, dict[str, torch.Tensor]]]:
         """What `use_referenced` was given (checked before the model is touched: DeltaModel.inject).
 
         Raises:
@@ -181,7 +182,7 @@ class DeltaConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "DeltaConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> DeltaConfig:
         """Build a config from a dict (a parsed adapter_config.json); unknown keys warn and are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs, ignored = {}, {}

@@ -20,7 +20,7 @@ import weakref
 import torch
 
 OWN_KEYWORDS = ("adapter_names", "task_ids")
-_signed: "weakref.WeakKeyDictionary[object, types.FunctionType]" = weakref.WeakKeyDictionary()
+_signed: weakref.WeakKeyDictionary[object, types.FunctionType] = weakref.WeakKeyDictionary()
 
 
 def signature_like(base_forward, own_keywords=OWN_KEYWORDS) -> inspect.Signature:

@@ -48,7 +48,7 @@ def nonfinite_refusal(adapter: nn.Module) -> str | None:
     return f"its trained values {bad} hold NaN/inf" if bad else None
 
 
-def merge_order(layer: "DeltaLayer", todo: list[str]) -> list[str]:
+def merge_order(layer: DeltaLayer, todo: list[str]) -> list[str]:
     """The order `todo` is merged in: the layer's active order (the unmerged forward's), others after,
     with the reads_base adapters of the opening run of additive / reads_base ones moved to its front."""
     ordered = [n for n in layer.active if n in todo] + [n for n in todo if n not in layer.active]
@@ -61,7 +61,7 @@ def merge_order(layer: "DeltaLayer", todo: list[str]) -> list[str]:
             + ordered[lead:])
 
 
-def check_merge(layer: "DeltaLayer", todo: list[str]) -> None:
+def check_merge(layer: DeltaLayer, todo: list[str]) -> None:
     """Raise MergeError, before anything is written, when merging `todo` into `layer` would give other
     outputs than the unmerged forward of the same adapters. Only additive updates may be merged on top of
     earlier merges, or merged while other active adapters on the layer stay unmerged: every other rule
@@ -113,7 +113,7 @@ def refuse_shared_targets(model: nn.Module, bases: dict[str, nn.Module], what: s
                                    "that weight and would change them too; leave it out of target_modules")
 
 
-def shared_parameters(model: nn.Module, layers: list["DeltaLayer"]) -> dict["DeltaLayer", dict[str, list[str]]]:
+def shared_parameters(model: nn.Module, layers: list[DeltaLayer]) -> dict[DeltaLayer, dict[str, list[str]]]:
     """For each layer whose base module's own parameters other modules of `model` also hold (tied input
     embeddings and output head, one module used at two places): {parameter name: the other holders'
     paths}. Found by parameter identity over the whole model."""

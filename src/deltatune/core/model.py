@@ -16,19 +16,24 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .base import BaseLayer, dequantize_model
+from ..errors import MergeError
+from .base import BaseLayer, dequantize_model, is_quantized
+from .call import CallSlot
 from .checkpointing import gradients_through_checkpoints
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .forward_signature import SignedForward
-from ..errors import MergeError
-from .base import BaseLayer, is_quantized
-from .call import CallSlot
 from .layer import BASE_ADAPTER, DeltaLayer, ModulesToSave
 from .merging import refuse_shared_targets, shared_parameters
-from .protocols import TakesOverForward, declares
 from .originals import BaseValues
-from .targeting import (adaptable_modules, canonical_name, canonical_param_name, check_every_key_matches,
-                        name_matches, select_targets)
+from .protocols import TakesOverForward, declares
+from .targeting import (
+    adaptable_modules,
+    canonical_name,
+    canonical_param_name,
+    check_every_key_matches,
+    name_matches,
+    select_targets,
+)
 
 WRAPPER_TYPES = (DeltaLayer, ModulesToSave)
 
@@ -71,14 +76,14 @@ class ModelLock:
     def __init__(self) -> None:
         self._lock = threading.RLock()
 
-    def __enter__(self) -> "ModelLock":
+    def __enter__(self) -> ModelLock:
         self._lock.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
         self._lock.release()
 
-    def __deepcopy__(self, memo) -> "ModelLock":
+    def __deepcopy__(self, memo) -> ModelLock:
         return ModelLock()
 
     def __reduce__(self):

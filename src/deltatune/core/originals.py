@@ -11,7 +11,7 @@ Memory: one copy of each such tensor (biases: a vector per layer; ReLoRA: each t
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn

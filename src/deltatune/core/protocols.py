@@ -25,7 +25,8 @@ checked at registration, and fast enough for a forward), never a method's name.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ class LayerAdapter(Protocol):
 
     merge_rule: str  # one of MERGE_RULES
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: "BaseLayer", call: "CallContext",
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
                 owns_base_out: bool = False) -> torch.Tensor:
         """The layer's output with this adapter applied on top of `base_out`. x: the module's first input;
         for a block returning a tuple, base_out is its first element. `owns_base_out`: base_out is the
@@ -59,21 +60,21 @@ class LayerAdapter(Protocol):
 
 @runtime_checkable
 class Additive(LayerAdapter, Protocol):
-    def delta_weight(self, base: "BaseLayer") -> torch.Tensor:
+    def delta_weight(self, base: BaseLayer) -> torch.Tensor:
         """W' - W in the base weight's layout (float), the whole effect of this adapter on the weight."""
         ...
 
 
 @runtime_checkable
 class Reparameterizing(LayerAdapter, Protocol):
-    def merged_weight(self, base: "BaseLayer", weight: torch.Tensor, reference: dict[str, torch.Tensor]
+    def merged_weight(self, base: BaseLayer, weight: torch.Tensor, reference: dict[str, torch.Tensor]
                       ) -> torch.Tensor:
         """The weight (float, base layout) with this adapter merged into `weight`; `reference` holds the
         plain base parameters by name (a norm-based update reads the unmerged W0). May write the base's other
         parameters (bias, norm) in place; core restores them if the merge is refused."""
         ...
 
-    def unmerged_weight(self, base: "BaseLayer", weight: torch.Tensor) -> torch.Tensor:
+    def unmerged_weight(self, base: BaseLayer, weight: torch.Tensor) -> torch.Tensor:
         """The inverse of merged_weight on the current (merged) weight."""
         ...
 
@@ -81,8 +82,8 @@ class Reparameterizing(LayerAdapter, Protocol):
 @runtime_checkable
 class Batched(LayerAdapter, Protocol):
     @staticmethod
-    def mixed_forward(adapters: list, x: torch.Tensor, base_out: torch.Tensor, base: "BaseLayer",
-                      index: torch.Tensor, call: "CallContext") -> torch.Tensor | None:
+    def mixed_forward(adapters: list, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer,
+                      index: torch.Tensor, call: CallContext) -> torch.Tensor | None:
         """Every row through its own adapter in one call: `adapters[slot]` (same class, or None where a slot
         has no adapter on this layer), `index` (batch,) slot per row (-1: the base model). None when this
         call's adapters or input need the per-adapter path (core then runs each adapter on its rows)."""

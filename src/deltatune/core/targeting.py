@@ -1,4 +1,4 @@
-"""Which modules a config adapts, and the check that every name or pattern a config gives matches one.
+r"""Which modules a config adapts, and the check that every name or pattern a config gives matches one.
 
 `target_modules` as a list matches a module whose name equals an entry or ends with "." + entry; as a
 string it is a regular expression that must match the whole name; "all-linear" means every linear
@@ -20,12 +20,11 @@ import difflib
 import functools
 import re
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
-from ..naming import (OUTPUT_HEAD_NAMES, PATTERN_SECONDS, fullmatch, name_matches,  # noqa: F401  (re-exported)
-                      output_head_names)
+from ..naming import OUTPUT_HEAD_NAMES, PATTERN_SECONDS, fullmatch, name_matches, output_head_names  # noqa: F401  (re-exported)
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError
 
 ALL_LINEAR = "all-linear"
@@ -33,7 +32,7 @@ COMMON_LAYER_LISTS = ("layers", "h", "block", "blocks", "layer", "encoder.layer"
 
 
 def key_matches(key: str, name: str, field: str = "rank_pattern") -> bool:
-    """A per-module key (rank_pattern, alpha_pattern) matches `name`: peft's `(.*\.)?(key)$`."""
+    r"""A per-module key (rank_pattern, alpha_pattern) matches `name`: peft's `(.*\.)?(key)$`."""
     return fullmatch(rf"(.*\.)?(?:{key})", name, f"{field} key {key!r}")
 
 

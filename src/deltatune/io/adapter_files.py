@@ -24,12 +24,11 @@ from safetensors.torch import load_file
 
 from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
 from ..core.model import check_adapter_name
-from .models import loadable_name
-from .atomic import json_text, safetensors_bytes, write_bytes, write_json, write_text
-from .keymap import (DISK_PREFIX, adapter_slots, base_weight_slots, embedding_layer_slots,
-                     trained_head_bias_extras)
-from .vocabulary import embedding_tensors, resize_hint
 from ..errors import AdapterFileError  # noqa: F401  (re-exported)
+from .atomic import json_text, safetensors_bytes, write_bytes, write_json, write_text
+from .keymap import DISK_PREFIX, adapter_slots, base_weight_slots, embedding_layer_slots, trained_head_bias_extras
+from .models import loadable_name
+from .vocabulary import embedding_tensors, resize_hint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -92,9 +92,10 @@ BN_DEFAULTS = {  # a full BnConfig as `adapters` writes it (SeqBnConfig's defaul
     "phm_bias": True, "phm_c_init": "normal", "phm_dim": 4, "phm_init_range": 0.0001, "phm_layer": False,
     "phm_rank": 1, "reduction_factor": 16, "residual_before_ln": True, "scaling": 1.0, "shared_W_phm": False,
     "shared_phm_rule": True, "stochastic_depth": 0.0, "use_gating": False}
+# their "dynamic" fusion, the one deltatune's fusion is
 FUSION_CONFIG = {"dropout_prob": None, "key": True, "query": True, "query_before_ln": False,
                  "regularization": True, "residual_before": False, "temperature": False, "value": True,
-                 "value_before_softmax": True, "value_initialized": True}  # their "dynamic" fusion, the one deltatune's fusion is
+                 "value_before_softmax": True, "value_initialized": True}
 
 
 # ---------------------------------------------------------------------------------------------- the model

@@ -15,11 +15,12 @@ import os
 import re
 import shutil
 import tempfile
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from safetensors.torch import save
+
 from ..errors import WriteError  # noqa: F401  (re-exported)
 
 # what atomic_write leaves behind when killed: .NAME.XXXXXXXX.tmp (mkstemp's 8 random characters)

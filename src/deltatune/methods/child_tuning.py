@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -197,7 +197,7 @@ class ChildTuningConfig(DeltaConfig):
                 grad.mul_(adapter.child_mask)
 
 
-def child_adapters(model: nn.Module, adapter_name: str) -> list[tuple[str, "ChildTuningAdapter"]]:
+def child_adapters(model: nn.Module, adapter_name: str) -> list[tuple[str, ChildTuningAdapter]]:
     """(module name, adapter) for every layer of a DeltaModel that holds Child-Tuning adapter `adapter_name`."""
     return [(name, layer.adapters[adapter_name]) for name, layer in model.delta_layers()
             if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters

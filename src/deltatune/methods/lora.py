@@ -192,7 +192,8 @@ class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched, LowRank):
                 owns_base_out: bool = False) -> torch.Tensor:
         p, path = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0, self.path(base)
         if path == "linear":
-            return lora_linear(x, base_out, self.lora_A.weight, self.lora_B.weight, self.scaling, p, call, owns_base_out)
+            return lora_linear(x, base_out, self.lora_A.weight, self.lora_B.weight, self.scaling, p, call,
+                               owns_base_out)
         if path == "dora_linear":
             return dora.dora_linear(x, base_out, base.read_weight(copy=False), base.bias, self.lora_A.weight,
                                     self.lora_B.weight, self.lora_magnitude_vector, self.scaling, p, call)
@@ -253,7 +254,8 @@ class LoraConfig(DeltaConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r, "must be a positive integer")
+        require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r,
+                "must be a positive integer")
         require(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool)
                 and self.lora_alpha >= 0, "lora_alpha",
                 self.lora_alpha, "must be a number >= 0")
@@ -294,9 +296,10 @@ class LoraConfig(DeltaConfig):
 
     @property
     def changes_base_weights(self) -> bool:
-        return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(("pissa", "olora", "loftq"))
+        return (isinstance(self.init_lora_weights, str)
+                and self.init_lora_weights.startswith(("pissa", "olora", "loftq")))
 
-    def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> "LoraAdapter":
+    def make_adapter(self, base: BaseLayer, module_name: str, shared: nn.Module | None = None) -> LoraAdapter:
         r = pattern_value(self.rank_pattern, module_name, self.r)
         alpha = pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
         scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r

@@ -253,13 +253,14 @@ def stack_slots(factors: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 def stacked_factors(factors: list, memo: dict | None, key: object, dense: bool) -> list:
     """[A^T stacked, B^T stacked, scalings (stack_slots), A^T side by side (in, slots * r_max) when `dense`,
-    else None] for `factors`. Cached in the call's `memo` under `key` (one per base layer) when no gradient is wanted: the factors
-    cannot change within one call, and a generate() call is one call for all its decode steps, so they
-    stack once per layer for the whole generation. Cost per layer and call: copying (slots + 1) * (in + out)
-    * r_max floats (the dense path copies A once more): for SmolLM2 (30 blocks; in + out summed over a
-    block's 7 linears = 10,176) with 8 adapters of r=16, 30 * 10,176 * 16 * 9 = 44M floats, 0.18 GB, against
-    a forward over 32 x 128 tokens of about 0.9 TFLOP whose gather step alone copies 32 / 9 times as much.
-    A single forward per call of one token per sample (a decode step outside generate()) pays it each time."""
+    else None] for `factors`. Cached in the call's `memo` under `key` (one per base layer) when no gradient is
+    wanted: the factors cannot change within one call, and a generate() call is one call for all its decode
+    steps, so they stack once per layer for the whole generation. Cost per layer and call: copying (slots + 1)
+    * (in + out) * r_max floats (the dense path copies A once more): for SmolLM2 (30 blocks; in + out summed
+    over a block's 7 linears = 10,176) with 8 adapters of r=16, 30 * 10,176 * 16 * 9 = 44M floats, 0.18 GB,
+    against a forward over 32 x 128 tokens of about 0.9 TFLOP whose gather step alone copies 32 / 9 times as
+    much. A single forward per call of one token per sample (a decode step outside generate()) pays it each
+    time."""
     tensors = tuple(t for f in factors if f is not None for t in f[:2])
     cacheable = memo is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     hit = memo.get(key) if cacheable else None

@@ -19,7 +19,7 @@ their implementations (tests/test_fast_paths.py must list a case for every name)
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

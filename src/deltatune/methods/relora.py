@@ -87,7 +87,7 @@ class ReLoraConfig(LoraConfig):
         if optimizer is None:
             raise ValueError("ReLoRA resets the optimizer state at each merge: call "
                              "model.after_optimizer_step(step, optimizer) with the optimizer")
-        for path, layer in model.delta_layers():
+        for _path, layer in model.delta_layers():
             if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters:
                 if not layer.base.is_quantized:  # disable / unload give W0, exactly
                     model.keep_base_values(adapter_name, [layer.base.weight])

@@ -48,7 +48,7 @@ class XLoraClassifier(nn.Module, TakesOverForward):
 
     disk_prefix = "base_model.internal_xlora_classifier."
 
-    def __init__(self, config: "XLoraConfig", hidden_size: int, layer_numbers: dict[str, int]) -> None:
+    def __init__(self, config: XLoraConfig, hidden_size: int, layer_numbers: dict[str, int]) -> None:
         super().__init__()
         self.config, self.layer_numbers = config, layer_numbers
         self.n_layers, self.n_experts = len(layer_numbers), len(config.adapters)

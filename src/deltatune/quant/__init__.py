@@ -7,8 +7,9 @@ Two ways in, handled alike:
 
 then `get_peft_model(model, config)` as usual: every method runs on top of the quantized layer's own
 forward, and merges go through core's base-layer view (core/base.py `read_weight` / `write_weight`), which
-dequantize and requantize here (merging into a 4-bit base rounds the merged weight once more; the warning states by how much). For
-an exact merged float model: `dequantize(model)` first, then `merge_and_unload()`.
+dequantize and requantize here (merging into a 4-bit base rounds the merged weight once more; the
+warning states by how much). For an exact merged float model: `dequantize(model)` first, then
+`merge_and_unload()`.
 
 Dtypes: adapters are created in the quantized layer's compute dtype (float32 unless the spec or
 Transformers' `bnb_4bit_compute_dtype` says otherwise); norms, biases and embeddings keep the dtype the

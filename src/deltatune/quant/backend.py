@@ -19,8 +19,8 @@ layers, installs the walk that knows those wrappers when it is imported (core/ba
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -189,8 +189,9 @@ def quantize(model: nn.Module, spec: str | dict | QuantSpec | None = "nf4", doub
 
     Args:
         model: a Transformers model, a DeltaModel, or any nn.Module.
-        spec: "nf4", "fp4", "int8" (bitsandbytes), "hqq1".."hqq8" (HQQ), a dict with those QuantSpec fields (as the `model.quantize` training
-            key gives it, optionally with "skip"), a QuantSpec, or None / "none" for no quantization.
+        spec: "nf4", "fp4", "int8" (bitsandbytes), "hqq1".."hqq8" (HQQ), a dict with those QuantSpec fields
+            (as the `model.quantize` training key gives it, optionally with "skip"), a QuantSpec, or None /
+            "none" for no quantization.
         double_quant: overrides the spec's double quantization (4-bit only).
         skip: module names to keep in float: a list (exact name or dotted suffix) or a regex.
         compute_dtype: overrides the spec's compute dtype.

@@ -6,8 +6,8 @@
 
 from .config import RunConfig
 from .config_file import load_config
-from .run.divergence import DivergenceError
 from .finish import TrainResult
 from .loop import train
+from .run.divergence import DivergenceError
 
 __all__ = ["DivergenceError", "RunConfig", "TrainResult", "load_config", "train"]

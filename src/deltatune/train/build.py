@@ -10,16 +10,23 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import DeltaConfigError, TaskType
 from ..api import DeltaModel
+from ..core.config import DeltaConfigError, TaskType
 from ..io.adapter_files import read_config
 from ..models import load_model
 from .config import DataSection, ModelSection
 from .data.files import DataError, data_paths, read_rows
 from .data.formats import Sample, map_columns, to_samples
 from .data.packing import pack
-from .data.tokenize import (TEMPLATE_FILE, Encoded, EncodeStats, apply_chat_template_choice, encode, encode_classes,
-                       resolve_chat_template)
+from .data.tokenize import (
+    TEMPLATE_FILE,
+    Encoded,
+    EncodeStats,
+    apply_chat_template_choice,
+    encode,
+    encode_classes,
+    resolve_chat_template,
+)
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

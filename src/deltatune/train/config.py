@@ -24,8 +24,8 @@ from typing import Any
 
 from ..core.config import DeltaConfigError, config_class
 from ..errors import require
-from .run.early_stop import check_best_settings
 from .data.formats import COLUMN_KEYS, FORMATS
+from .run.early_stop import check_best_settings
 from .run.optim import check_optimizer_settings, optimizer_name
 from .run.trackers import tracker_names
 

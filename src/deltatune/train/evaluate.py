@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from ..core.model import DeltaModel
 from .data.formats import Sample
-from .linear_loss import chunked_loss_head, head_passed_over, linear_cross_entropy
 from .data.tokenize import IGNORE, Encoded, collate, model_inputs, prompt_text
+from .linear_loss import chunked_loss_head, head_passed_over, linear_cross_entropy
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

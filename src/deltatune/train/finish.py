@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from .build import Dataset
+from .commands.run_generate import write_prompt_record
 from .config import RunConfig
-from .evaluate import eval_loss, is_sequence_classifier, prediction_rows, score_answers
 from .data.formats import Sample
+from .evaluate import eval_loss, is_sequence_classifier, prediction_rows, score_answers
 from .run.metrics import PREDICTIONS, MetricsLog, shown, write_predictions
 from .run.plot import plot_loss
-from .commands.run_generate import write_prompt_record
 from .run.trackers import end_trackers, log_record
 
 

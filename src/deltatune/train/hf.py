@@ -51,7 +51,7 @@ class MethodHooks(TrainerCallback):
     """Calls a DeltaModel's training-time hooks from Trainer's events; the step is the 0-based index of the
     optimizer step being taken (`state.global_step` before Trainer counts it), as in train/loop.py."""
 
-    def __init__(self, trainer: "DeltaTrainer") -> None:
+    def __init__(self, trainer: DeltaTrainer) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):

@@ -21,8 +21,8 @@ N processes compute the loss the same way and no (tokens x vocabulary) tensor is
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 from ..api import get_peft_model
 from ..io.atomic import write_text
 from ..models import load_tokenizer
-from .build import check_data_files, class_labels, load_base, read_train_eval, stored_model_name, \
-    tokenize_samples
+from .build import check_data_files, class_labels, load_base, read_train_eval, stored_model_name, tokenize_samples
 from .config import RunConfig
 from .data.order import SampleOrder, ordered_batches
 from .data.packing import check_packing_isolates
@@ -39,12 +38,24 @@ from .run.metrics import MetricsLog, peak_memory_mb, shown
 from .run.neftune import add_neftune
 from .run.optim import check_optimizer_installed, make_optimizer
 from .run.output_dir import claim_output_dir, clear_previous_run, is_main_rank
-from .run.resume_check import SCHEDULE_FIELDS, check_resume_length, file_fingerprint, point_schedule, resume_note, \
-    resume_point
+from .run.resume_check import (
+    SCHEDULE_FIELDS,
+    check_resume_length,
+    file_fingerprint,
+    point_schedule,
+    resume_note,
+    resume_point,
+)
 from .run.runtime import enable_gradient_checkpointing, make_accelerator
 from .run.schedule import make_scheduler
-from .run.trackers import accelerator_options, check_trackers_installed, end_trackers, log_record, start_trackers, \
-    tracker_names
+from .run.trackers import (
+    accelerator_options,
+    check_trackers_installed,
+    end_trackers,
+    log_record,
+    start_trackers,
+    tracker_names,
+)
 
 
 def train(

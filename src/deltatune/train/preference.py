@@ -42,9 +42,9 @@ import logging
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
+from ..api import get_peft_model
 from ..core.config import DeltaConfig
 from ..core.layer import DeltaLayer, ModulesToSave
-from ..api import get_peft_model
 from ..core.model import DeltaModel
 from ..core.protocols import TakesOverForward, declares
 

@@ -7,8 +7,15 @@ from pathlib import Path
 
 from ...core.config import DeltaConfigError
 from ...io.atomic import write_json
-from ..build import (adapter_base_name, check_data_files, class_labels, load_adapted, read_eval_samples, read_samples,
-                    tokenize_samples)
+from ..build import (
+    adapter_base_name,
+    check_data_files,
+    class_labels,
+    load_adapted,
+    read_eval_samples,
+    read_samples,
+    tokenize_samples,
+)
 from ..config import DataSection
 from ..config_file import load_config
 from ..evaluate import eval_loss, prediction_rows, score_answers

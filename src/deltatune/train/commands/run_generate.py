@@ -21,9 +21,9 @@ import torch
 
 from ...core.config import DeltaConfigError
 from ..build import load_adapted
-from ..evaluate import generate
 from ..data.formats import Sample
 from ..data.tokenize import ensure_chat_template, prompt_text
+from ..evaluate import generate
 
 PROMPT_FILE = "deltatune_prompt.json"
 TRAINING_SYSTEM = object()  # default of `system`: the training run's recorded system prompt

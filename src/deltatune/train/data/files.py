@@ -14,6 +14,7 @@ import csv
 import glob
 import json
 from pathlib import Path
+
 from ...errors import DataError  # noqa: F401  (re-exported)
 from .columnar import read_saved_rows, read_table_rows
 from .rows import Row, pick_split  # noqa: F401  (Row re-exported: every reader's record)

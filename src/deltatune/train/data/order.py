@@ -31,4 +31,5 @@ def ordered_batches(examples: list[Encoded], batch_size: int, seed: int, pad_id:
     """One epoch of padded batches in the loop's sample order (epoch 0), for `before_training` hooks."""
     order = SampleOrder(len(examples), seed)
     for first in range(0, len(examples), batch_size):
-        yield collate([examples[order[i]] for i in range(first, min(first + batch_size, len(examples)))], pad_id, device)
+        batch = [examples[order[i]] for i in range(first, min(first + batch_size, len(examples)))]
+        yield collate(batch, pad_id, device)

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ...io.atomic import atomic_folder, discard_folder
 from ...errors import CheckpointError  # noqa: F401  (re-exported)
+from ...io.atomic import atomic_folder, discard_folder
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"

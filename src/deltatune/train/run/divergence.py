@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import list_checkpoints
 from ...errors import DivergenceError  # noqa: F401  (re-exported)
+from .checkpoint import list_checkpoints
 
 
 def gradient_norm(params: list[torch.Tensor], clipped: torch.Tensor | None) -> torch.Tensor:

@@ -15,7 +15,6 @@ import torch
 
 from ...io.atomic import atomic_write, write_error, write_text
 
-
 PREDICTIONS = "predictions.jsonl"  # the final evaluation's answers, next to metrics.jsonl
 EVAL_PREDICTIONS = "eval_predictions.jsonl"  # `deltatune eval`'s answers, next to its eval_metrics.json
 EVAL_METRICS = "eval_metrics.json"

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ...core.config import DeltaConfigError
 from ...io.atomic import remove_stale_temporaries

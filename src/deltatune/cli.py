@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from .errors import DeltaError
+from .errors import DeltaConfigError, DeltaError
 
 # printed as one line with exit status 2; anything else is a bug and keeps its traceback. DeltaError covers
 # every error deltatune raises for bad input (errors.py); the builtins are the missing files and packages
@@ -62,7 +62,6 @@ def _eval(args) -> None:
 
 
 def _generate(args) -> None:
-    from .core.config import DeltaConfigError
     from .train.commands.run_generate import TRAINING_SYSTEM, Generator, Sampling, chat_loop, generate_text
 
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
@@ -112,7 +111,6 @@ def _convert(args) -> None:
     from .compose.extract import convert_to_lora
 
     if "adapterhub" in (args.source, args.to):  # AdapterHub bottleneck adapters, either way (io/adapterhub.py)
-        from .core.config import DeltaConfigError
         from .io.adapterhub import convert_adapterhub
 
         if args.adapter is None or args.source == args.to:
@@ -124,8 +122,6 @@ def _convert(args) -> None:
         print(f"{written} adapter written to {args.out}")
         return
     if args.rank is None:
-        from .core.config import DeltaConfigError
-
         raise DeltaConfigError("convert --to lora needs --rank N")
     report = convert_to_lora(out=args.out, rank=args.rank, adapter=args.adapter, finetuned=args.finetuned,
                              base_model=args.base)

@@ -14,6 +14,7 @@ from ..api import DeltaModel
 from ..core.config import DeltaConfigError, TaskType
 from ..io.adapter_files import read_config
 from ..models import load_model
+from ..quant import quantize
 from .config import DataSection, ModelSection
 from .data.files import DataError, data_paths, read_rows
 from .data.formats import Sample, map_columns, to_samples
@@ -147,8 +148,6 @@ def load_base(model: ModelSection, labels: list[str] | None = None, tokenizer=No
     base, tokenizer = load_model(model.name_or_path, DTYPE[model.dtype], model.task, labels, model.trust_remote_code,
                                  tokenizer)
     if model.quantize:
-        from ..quant import quantize
-
         base = quantize(base, model.quantize)
     return base, tokenizer
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..core.config import DeltaConfigError, config_class
 from ..errors import require
+from ..quant import parse_quantize
 from .data.formats import COLUMN_KEYS, FORMATS
 from .run.early_stop import check_best_settings
 from .run.optim import check_optimizer_settings, optimizer_name
@@ -154,8 +155,6 @@ class ModelSection:
         require(self.task in TASK_TYPES, "model.task", self.task, f"must be one of {list(TASK_TYPES)}")
         require(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {sorted(DTYPES)}")
         self.dtype = DTYPES[self.dtype]
-        from ..quant import parse_quantize
-
         try:
             parse_quantize(self.quantize)
         except DeltaConfigError as err:

@@ -303,8 +303,8 @@ def test_generate_stacks_each_layers_factors_once_for_all_decode_steps(monkeypat
     real = lora_ops.stacked_factors
 
     def spy(factors, memo, key, dense):
-        memos.add(id(memo))
-        if key not in memo:
+        memos.add(None if memo is None else id(memo))
+        if memo is not None and key not in memo:
             builds.append(key)
         return real(factors, memo, key, dense)
 
@@ -314,7 +314,9 @@ def test_generate_stacks_each_layers_factors_once_for_all_decode_steps(monkeypat
                    adapter_names=["default", "other"])
     assert len(memos) == 1  # one call: prefill and every decode step
     assert len(builds) == len(set(builds)) == 4  # 2 blocks x (q_proj, v_proj), stacked once each
+    memos.clear()
     first = model(ids, adapter_names=["default", "other"]).logits
+    assert memos == {None}  # a single forward keeps no stacks: each layer uses its own once
     layer = dict(model.delta_layers())["model.layers.0.self_attn.q_proj"]
     layer.adapters["other"].lora_B.weight.mul_(3)  # in place between calls: the next call stacks again
     assert not torch.allclose(model(ids, adapter_names=["default", "other"]).logits, first)

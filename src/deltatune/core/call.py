@@ -27,6 +27,8 @@ class CallContext:
         task_ids: (batch,) task id per input row, for task-conditioned methods (ULoRA); None if not given.
         expand: how many times generate() repeats each input row (beams, num_return_sequences).
         disabled: adapters are switched off (the call runs inside `DeltaModel.disable_adapter()`).
+        repeated: the call runs the model several times on the same adapters (generate's decode steps), so a
+            kernel may keep per-layer work in `memo` for the next step; a single forward keeps nothing.
         share_dropout: sibling layers that read the same input tensor (q/k/v, gate/up) share one dropout
             mask, as one dropout before a fused projection would (faster on a CPU); False draws an
             independent mask per layer, as `peft` does.
@@ -39,6 +41,7 @@ class CallContext:
     task_ids: torch.Tensor | None = None
     expand: int = 1
     disabled: bool = False
+    repeated: bool = False
     share_dropout: bool = True
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 

@@ -483,7 +483,7 @@ class DeltaModel(nn.Module):
     # ------------------------------------------------------------------ forward / generate
     @contextlib.contextmanager
     def _route(self, adapter_names: list[str] | None, task_ids: torch.Tensor | None = None,
-               rows: int | None = None, expand: int = 1):
+               rows: int | None = None, expand: int = 1, repeated: bool = False):
         """Route one call: `adapter_names` / `task_ids` give one entry per input row (`rows`, when known);
         generate() repeats each row `expand` times and layers expand the entries to match (CallContext).
         Everything is checked before the routing is set.
@@ -510,7 +510,7 @@ class DeltaModel(nn.Module):
             slots = torch.tensor([names.index(n) if n != BASE_ADAPTER else -1 for n in adapter_names],
                                  device=device)
         call = self._calls.new_call(adapter_names=tuple(names), adapter_index=slots, task_ids=task_ids,
-                                    expand=expand)
+                                    expand=expand, repeated=repeated)
         with self._calls.entered(call):
             yield call
 
@@ -570,7 +570,7 @@ class DeltaModel(nn.Module):
     def generate(self, *args, adapter_names: list[str] | None = None, task_ids: torch.Tensor | None = None,
                  **kwargs):
         rows, expand = self._input_rows(args, kwargs), self._generate_expansion(kwargs)
-        with self._route(adapter_names, task_ids, rows, expand):
+        with self._route(adapter_names, task_ids, rows, expand, repeated=True):
             hook = self.prompt_adapter()
             if hook:
                 return hook.generate_model(self.model, *args, **kwargs)

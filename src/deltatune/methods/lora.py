@@ -214,7 +214,8 @@ class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched, LowRank):
         if any(a.training and not isinstance(a.dropout, nn.Identity) for a in present):
             return None
         factors = [(a.A, a.B, a.scaling) if a is not None else None for a in adapters]
-        return mixed_lora_linear(factors, x, base_out, index, call.memo, ("lora_stacks", base.module))
+        memo = call.memo if call.repeated else None  # a single forward uses each layer's stack once
+        return mixed_lora_linear(factors, x, base_out, index, memo, ("lora_stacks", base.module))
 
     # ---------------------------------------------------------------- merge (DoRA is not additive)
     def merged_weight(self, base: BaseLayer, weight: torch.Tensor, reference: dict[str, torch.Tensor]

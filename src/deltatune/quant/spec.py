@@ -42,12 +42,14 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.type not in QUANT_TYPES:
             raise DeltaConfigError(f"quantize type={self.type!r}: must be one of {QUANT_TYPES}")
-        if self.type.startswith("hqq"):  # the type names its backend
-            object.__setattr__(self, "backend", "hqq")
-            object.__setattr__(self, "double_quant", False)
+        owner = next(name for name, types in BACKEND_TYPES.items() if self.type in types)
+        if self.backend == "bitsandbytes" and owner != "bitsandbytes":  # the default: the type names its backend
+            object.__setattr__(self, "backend", owner)
         elif self.backend in BACKEND_TYPES and self.type not in BACKEND_TYPES[self.backend]:
             raise DeltaConfigError(f"quantize type={self.type!r}: backend {self.backend!r} offers "
                                    f"{BACKEND_TYPES[self.backend]}")
+        if self.backend != "bitsandbytes":  # double quantization is bitsandbytes' 4-bit scheme
+            object.__setattr__(self, "double_quant", False)
         if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
             raise DeltaConfigError(f"quantize blocksize={self.blocksize!r}: must be a power of two in 64..4096")
         for key in ("compute_dtype", "quant_storage"):
@@ -59,9 +61,9 @@ class QuantSpec:
 
     @property
     def bits(self) -> int:
-        if self.type.startswith("hqq"):
-            return int(self.type[3:])
-        return 8 if self.type == "int8" else 4
+        """The bits per weight the type's name ends with (nf4, int8, hqq3, ...)."""
+        digits = self.type[len(self.type.rstrip("0123456789")):]
+        return int(digits) if digits else 4
 
     @classmethod
     def parse(cls, spec: str | dict | QuantSpec, **overrides: Any) -> QuantSpec:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.base import BaseLayer, float_weight_dtype
+from ..core.base import BaseLayer
 from ..core.config import DeltaConfigError
 from ..core.layer import DeltaLayer, ModulesToSave
 from ..core.merging import merge_rule
@@ -49,15 +49,6 @@ def to_out_first(base: BaseLayer, delta: torch.Tensor) -> torch.Tensor:
         return delta.T
     delta = base.to_out_first(delta)  # the view knows Conv1D's (in, out) layout
     return delta.flatten(1) if delta.dim() > 2 else delta
-
-
-def merge_reference(base: BaseLayer) -> dict[str, torch.Tensor]:
-    """The plain base parameters by name (float), as DeltaLayer.plan_merge hands them to merged_weight."""
-    reference = {"weight": base.read_weight()}
-    for name, param in base.module.named_parameters(recurse=False):
-        if name != "weight":
-            reference[name] = param.detach().to(float_weight_dtype(param.dtype), copy=True)
-    return reference
 
 
 def layer_delta(layer: DeltaLayer, adapter_name: str, unrepresented: list[str] | None = None) -> torch.Tensor:
@@ -86,7 +77,7 @@ def layer_delta(layer: DeltaLayer, adapter_name: str, unrepresented: list[str] |
     if declares(adapter, Additive):
         return adapter.delta_weight(base).detach().float()
     others = {name: p.detach().clone() for name, p in base.module.named_parameters() if name != "weight"}
-    reference = merge_reference(base)
+    reference = base.merge_reference()
     weight = reference["weight"]
     with torch.no_grad():
         delta = adapter.merged_weight(base, weight.clone(), reference).float() - weight

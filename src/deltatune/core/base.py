@@ -169,6 +169,15 @@ class BaseLayer:
         weight = self.module.weight.detach()
         return weight.to(float_weight_dtype(weight.dtype), copy=True) if copy else weight
 
+    def merge_reference(self) -> dict[str, torch.Tensor]:
+        """The plain base parameters by name, as float copies (`read_weight` for the weight): what merges hand a
+        reparameterizing adapter as `reference` (core/layer.py plan_merge, compose/extract.py)."""
+        reference = {"weight": self.read_weight()}
+        for name, param in self.module.named_parameters(recurse=False):
+            if name != "weight":
+                reference[name] = param.detach().to(float_weight_dtype(param.dtype), copy=True)
+        return reference
+
     def write_weight(self, weight: torch.Tensor) -> None:
         """Store `weight` (the module's layout) back, rounded once to the stored dtype; a quantized module is
         requantized (quant/ warns with the rounding error it measured)."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import MergeError
-from .base import BaseLayer, float_weight_dtype, read_weight, write_weight  # noqa: F401  (re-exported)
+from .base import BaseLayer, read_weight, write_weight  # noqa: F401  (re-exported)
 from .call import CallContext, CallSlot
 from .merging import check_merge, merge_order, merge_rule
 from .protocols import Additive, Batched, LayerAdapter, Reparameterizing, declares
@@ -143,10 +143,7 @@ class DeltaLayer(nn.Module):
         self._planned_restore = {name: (param, None if param is None else param.detach().clone())
                                  for name, param in self.base_layer._parameters.items() if name != "weight"}
         todo = merge_order(self, todo)
-        reference = {"weight": self.base.read_weight()}
-        for name, param in self.base_layer.named_parameters(recurse=False):
-            if name != "weight":
-                reference[name] = param.detach().to(float_weight_dtype(param.dtype), copy=True)
+        reference = self.base.merge_reference()
         weight = reference["weight"].clone()
         self._planned_deltas = {}
         for position, name in enumerate(todo):

@@ -42,11 +42,6 @@ INIT_MODES = (True, False, "gaussian", "pissa", "olora", "loftq")
 KINDS = ("linear", "embedding", "conv")  # the base kinds LoRA adapts (core/base.py)
 
 
-def init_needs_float(init: bool | str, base: BaseLayer) -> bool:
-    """PiSSA / OLoRA factor W itself, so they refuse a quantized base weight."""
-    return isinstance(init, str) and init != "loftq" and base.is_quantized
-
-
 class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched, LowRank):
     """One LoRA (optionally DoRA) adapter for one base module."""
 
@@ -120,14 +115,11 @@ class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched, LowRank):
 
     # ---------------------------------------------------------------- init
     def _init(self, base: BaseLayer, init: bool | str, module_name: str) -> None:
-        if init is False:  # random A and B, as nn.Linear / nn.Conv initialise them
-            if self.kind == "embedding":
-                nn.init.normal_(self.lora_embedding_A)
-                nn.init.normal_(self.lora_embedding_B)
-            return
-        if self.kind == "embedding":
-            nn.init.zeros_(self.lora_embedding_A)
+        if self.kind == "embedding":  # B ~ N(0, 1); A = 0, or N(0, 1) too with init False
+            (nn.init.normal_ if init is False else nn.init.zeros_)(self.lora_embedding_A)
             nn.init.normal_(self.lora_embedding_B)
+            return
+        if init is False:  # random A and B, as nn.Linear / nn.Conv initialise them
             return
         if init is True:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -209,9 +201,8 @@ class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched, LowRank):
         """Every sample through its own adapter, no loop over samples (linear, non-DoRA, no training dropout;
         lora_ops.mixed_lora_linear; the call's memo caches the stacked factors per base layer)."""
         present = [a for a in adapters if a is not None]
-        if any(a.kind != "linear" or a.use_dora for a in present) or x.dim() < 2:
-            return None
-        if any(a.training and not isinstance(a.dropout, nn.Identity) for a in present):
+        dropping = any(a.training and not isinstance(a.dropout, nn.Identity) for a in present)
+        if x.dim() < 2 or dropping or any(a.kind != "linear" or a.use_dora for a in present):
             return None
         factors = [(a.A, a.B, a.scaling) if a is not None else None for a in adapters]
         memo = call.memo if call.repeated else None  # a single forward uses each layer's stack once
@@ -223,12 +214,12 @@ class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched, LowRank):
         """W + s B A; DoRA: dora.merged_adapter_weight (its norm is of the plain base weight in `reference`)."""
         if self.use_dora:
             return dora.merged_adapter_weight(self, base, weight, reference)
-        return weight + self._from_out_first(self._delta_out_first()).to(weight.dtype)
+        return weight + self.delta_weight(base).to(weight.dtype)
 
     def unmerged_weight(self, base: BaseLayer, weight: torch.Tensor) -> torch.Tensor:
         if self.use_dora:
             return dora.unmerged_adapter_weight(self, base, weight)
-        return weight - self._from_out_first(self._delta_out_first()).to(weight.dtype)
+        return weight - self.delta_weight(base).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, r={self.r}, scaling={self.scaling:g}, dora={self.use_dora}"
@@ -290,7 +281,7 @@ class LoraConfig(DeltaConfig):
         if self.changes_base_weights and kind != "linear":
             raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__}: "
                                    f"init_lora_weights={self.init_lora_weights!r} supports linear layers only")
-        if self.changes_base_weights and init_needs_float(self.init_lora_weights, base):
+        if self.changes_base_weights and self.init_lora_weights != "loftq" and base.is_quantized:  # PiSSA, OLoRA
             raise DeltaConfigError(f"target module {module_name!r} is quantized: init_lora_weights="
                                    f"{self.init_lora_weights!r} needs the float weights; initialize on the "
                                    "float model, then quantize it")

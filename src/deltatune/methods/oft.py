@@ -264,8 +264,7 @@ class OFTConfig(DeltaConfig):
                 "r * oft_block_size == in_features")
         require(isinstance(self.module_dropout, (int, float)) and 0 <= self.module_dropout < 1, "module_dropout",
                 self.module_dropout, "must be in [0, 1)")
-        require(self.bias in BIAS_MODES, "bias", self.bias,
-                f"must be one of {BIAS_MODES} ('oft_only' is not supported yet)")
+        require(self.bias in BIAS_MODES, "bias", self.bias, f"must be one of {BIAS_MODES} ('oft_only': not yet)")
         require(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "must be true or false")
         require(isinstance(self.eps, (int, float)) and self.eps > 0, "eps", self.eps, "must be > 0")
         self.fan_in_fan_out = no_fan_in_fan_out(self.fan_in_fan_out, "OFT")

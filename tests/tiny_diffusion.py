@@ -91,7 +91,8 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A whole Stable-Diffusion-style pipeline: UNet, VAE, CLIP text encoder + tokenizer, DDPM scheduler."""
     return StableDiffusionPipeline(
         unet=tiny_unet(seed), vae=tiny_vae(seed + 1), text_encoder=tiny_clip_text_encoder(seed + 2),
-        tokenizer=tiny_clip_tokenizer(), scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False),
+        tokenizer=tiny_clip_tokenizer(),
+        scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

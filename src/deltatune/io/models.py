@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -380,8 +381,14 @@ def load_pipeline(folder: str | os.PathLike, dtype: torch.dtype = torch.float32)
         )
     try:
         from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
     except ImportError:
         raise ModuleNotFoundError(f"image models need the diffusers package: {DIFFUSION_HINT}") from None
-    pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is not a long step
+    # FutureWarnings about the folder's own config (an old scheduler's steps_offset; torch_dtype, which
+    # newer diffusers calls dtype and older versions take alone) are for its author, not for this run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -100,3 +100,41 @@ def test_image_settings_on_a_text_run_are_refused(files, capsys):
     path = write_config(files, "text-run")
     assert main(["train", str(path), "model.task=causal_lm", "image.resolution=null", "image.snr_gamma=5"]) == 2
     assert "image.snr_gamma=5.0: is a text-to-image setting; set model.task: text-to-image" in capsys.readouterr().err
+
+
+def _pipeline_with_target(files, target: str):
+    import shutil
+
+    folder = files["root"] / f"pipeline-{target}"
+    if not folder.exists():
+        shutil.copytree(files["pipeline"], folder)
+        path = folder / "scheduler" / "scheduler_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": target}))
+    return folder
+
+
+def test_scheduler_targets(files, capsys):
+    """A v-prediction pipeline trains (its target is v); a "sample" target is refused by name."""
+    folder = _pipeline_with_target(files, "v_prediction")
+    assert main(["train", str(write_config(files, "v-run", max_steps=2)), f"model.name_or_path={folder}"]) == 0
+    capsys.readouterr()
+    line = run_fails(files, "sample-run", capsys, f"model.name_or_path={_pipeline_with_target(files, 'sample')}")
+    assert "prediction_type='sample'" in line and "v_prediction" in line
+
+
+def test_relative_folders_are_found_next_to_the_config(files, tmp_path, monkeypatch):
+    """data.train and image.class_data written relative in the YAML resolve next to the YAML file, as text
+    runs' data files do."""
+    import yaml
+
+    from deltatune.train import load_config
+
+    path = write_config(files, "relative", {"class_data": "classes-rel", "class_prompt": "a square"})
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["train"] = "images"
+    path.write_text(yaml.safe_dump(raw))
+    write_image_folder(files["root"] / "classes-rel", {"c": square((9, 9, 9))})
+    monkeypatch.chdir(tmp_path)  # somewhere else
+    config = load_config(path)
+    assert config.data.train == str(files["root"] / "images")
+    assert config.image.class_data == str(files["root"] / "classes-rel")

@@ -151,7 +151,7 @@ class ModelSection:
     dtype: str = "float32"
     quantize: str | dict | None = None  # "nf4" | "fp4" | "int8" or {type, double_quant, blocksize, skip}
     trust_remote_code: bool = False  # run Python code shipped with the model (auto_map); opt-in only
-    task: str = "causal_lm"  # or sequence_classification: a classifier head over {text, label} rows
+    task: str = "causal_lm"  # or sequence_classification ({text, label} rows), or text-to-image (a pipeline)
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "model")

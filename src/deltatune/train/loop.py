@@ -233,7 +233,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     bar = tqdm(
         total=steps, initial=start, desc="train", disable=not (main and show_progress), dynamic_ncols=True
     )
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_units, window_start = 0.0, 0, time.perf_counter()
     train_started, done = window_start, start
     for step in range(start, steps):
         first = step * global_batch
@@ -275,7 +275,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             bar.close()  # so the error starts a line of its own
             raise
         window_loss += step_total / step_targets
-        window_tokens += sum(loss_steps.size(i) for i in step_ids)
+        window_units += sum(loss_steps.size(i) for i in step_ids)
         bar.update(1)
         if done % tc.log_every == 0 or done == steps:
             n = tc.log_every if done % tc.log_every == 0 else done % tc.log_every
@@ -285,7 +285,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
                 "epoch": round(done * global_batch / examples, 4),
                 "loss": window_loss / n,
                 "lr": step_lr,
-                f"{loss_steps.unit}_per_s": window_tokens / max(elapsed, 1e-9),
+                f"{loss_steps.unit}_per_s": window_units / max(elapsed, 1e-9),
                 "step_s": elapsed / n,
                 "peak_mem_mb": peak_memory_mb(),
             }
@@ -294,7 +294,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             if main:
                 metrics.write(record)
                 log_record(accelerator, record, "train")
-            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            window_loss, window_units, window_start = 0.0, 0, time.perf_counter()
         # with a best to track, the last step is evaluated too (it may be the best)
         due = done % tc.eval_every == 0 and done < steps if tc.eval_every else False
         if eval_set and (due or best is not None and done == steps):

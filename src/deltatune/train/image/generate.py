@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ...api import DeltaModel
 from ...errors import AdapterFileError, DeltaConfigError
@@ -92,6 +93,7 @@ def generate_images(adapter_dir: str | Path, prompts: list[str], out: str | Path
     out.mkdir(parents=True, exist_ok=True)
     runs = [("", ExitStack)] + ([("base-", lambda: _disabled(adapted))] if base else [])
     written = []
+    bar = tqdm(total=len(runs) * len(prompts), desc="generate", unit="prompt", dynamic_ncols=True, leave=False)
     for prefix, context in runs:
         with context(), torch.no_grad():
             for index, prompt in enumerate(prompts):
@@ -103,6 +105,8 @@ def generate_images(adapter_dir: str | Path, prompts: list[str], out: str | Path
                     path = out / f"{prefix}{index * sampling.num_images + number:03d}-{_slug(prompt)}.png"
                     image.save(path)
                     written.append(path)
+                bar.update(1)
+    bar.close()
     return written
 
 

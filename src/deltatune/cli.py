@@ -4,6 +4,7 @@ deltatune demo [--out DIR [--overwrite]] [key=value ...]
 deltatune train CONFIG.yaml [key=value ...] [--resume | --overwrite]
 deltatune eval  CONFIG.yaml [key=value ...] | --adapter DIR --data FILE
 deltatune generate --adapter DIR "prompt" | --chat [--system TEXT] [--temperature T --seed N]
+deltatune generate --adapter RUN_DIR "prompt" [--out DIR --steps N --guidance-scale G --seed N]  # images
 deltatune merge --adapter DIR --out DIR
 deltatune inspect DIR
 """
@@ -62,8 +63,13 @@ def _eval(args) -> None:
 
 
 def _generate(args) -> None:
+    from .io.models import is_pipeline_folder
     from .train.commands.run_generate import TRAINING_SYSTEM, Generator, Sampling, chat_loop, generate_text
+    from .train.image.generate import is_image_adapter
 
+    if is_image_adapter(args.adapter) or is_pipeline_folder(args.model):
+        _generate_images(args)
+        return
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
     system = TRAINING_SYSTEM if args.system is None else args.system
     chat = False if args.plain else None
@@ -86,6 +92,17 @@ def _generate(args) -> None:
         sampling=sampling,
     ):
         print(answer)
+
+
+def _generate_images(args) -> None:
+    from .train.image.generate import ImageSampling, generate_images
+
+    if args.chat:
+        raise DeltaConfigError("--chat is for language models; an image pipeline takes prompts")
+    sampling = ImageSampling(args.steps, args.guidance_scale, 0 if args.seed is None else args.seed,
+                             args.height, args.width, args.num_images)
+    for path in generate_images(args.adapter, args.prompt, args.out, args.model, sampling, base=args.base):
+        print(path)
 
 
 def _merge(args) -> None:
@@ -228,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--plain", action="store_true", help="send the prompt as raw text, not a chat message")
-    p.add_argument("--base", action="store_true", help="also print the base model's answer")
+    p.add_argument("--base", action="store_true",
+                   help="also print the base model's answer (image pipelines: also write its images)")
     p.add_argument(
         "--system",
         help="system prompt (default: the one the training rows had, recorded in deltatune_prompt.json; "
@@ -244,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat: read user turns from standard input, one per line, keeping the conversation; "
         "an empty line or end of input stops",
     )
+    images = p.add_argument_group("image pipelines (an adapter trained with model.task: text-to-image)")
+    images.add_argument("--out", default="samples", help="folder for the PNGs (default: samples)")
+    images.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    images.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    images.add_argument("--height", type=int, help="image height (default: the pipeline's)")
+    images.add_argument("--width", type=int, help="image width (default: the pipeline's)")
+    images.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("merge", help="merge an adapter into its base model and save a full model")

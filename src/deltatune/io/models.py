@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -353,3 +354,41 @@ def load_default(dtype: torch.dtype = torch.float32):
         `(model, tokenizer)`.
     """
     return load_model(DEFAULT_ALIAS, dtype)
+
+
+PIPELINE_INDEX = "model_index.json"  # what marks a diffusers pipeline folder
+DIFFUSION_HINT = "pip install 'deltatune[diffusion]'"
+
+
+def is_pipeline_folder(name_or_path: str | os.PathLike | None) -> bool:
+    """Whether `name_or_path` is a local diffusers pipeline folder (it holds model_index.json)."""
+    return bool(name_or_path) and (Path(name_or_path).expanduser() / PIPELINE_INDEX).is_file()
+
+
+def load_pipeline(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline (UNet or DiT, VAE, text encoder(s), tokenizer(s), scheduler) from a local
+    pipeline folder, through `DiffusionPipeline.from_pretrained(folder)`; nothing is downloaded.
+
+    Raises:
+        ModelNotFoundError: `folder` is not a directory holding model_index.json.
+        ModuleNotFoundError: diffusers is not installed (names the `diffusion` extra).
+    """
+    path = Path(folder).expanduser()
+    if not (path / PIPELINE_INDEX).is_file():
+        raise ModelNotFoundError(
+            f"model {str(folder)!r}: {path / PIPELINE_INDEX} is missing; an image model is a local diffusers "
+            "pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+    try:
+        from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+    except ImportError:
+        raise ModuleNotFoundError(f"image models need the diffusers package: {DIFFUSION_HINT}") from None
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is not a long step
+    # FutureWarnings about the folder's own config (an old scheduler's steps_offset; torch_dtype, which
+    # newer diffusers calls dtype and older versions take alone) are for its author, not for this run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        pipeline = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

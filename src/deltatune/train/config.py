@@ -6,6 +6,7 @@
               val_split, chat_template
     training: max_steps | epochs, batch_size, grad_accum, lr, schedule, warmup_steps, ...
     eval:     max_samples, exact_match, max_new_tokens, batch_size
+    image:    text-to-image settings (image/settings.py)
     output_dir
 
 Every error names the key at fault; an unknown key suggests the nearest valid one.
@@ -26,6 +27,7 @@ from ..core.config import DeltaConfigError, config_class
 from ..errors import require
 from ..quant import parse_quantize
 from .data.formats import COLUMN_KEYS, FORMATS
+from .image.settings import TEXT_TO_IMAGE, UNET_TARGETS, ImageSection, check_image_run
 from .run.early_stop import check_best_settings
 from .run.optim import check_optimizer_settings, optimizer_name
 from .run.trackers import tracker_names
@@ -138,8 +140,9 @@ def coerce(key: str, value: Any, annotation: Any, keep_ints: bool = False) -> An
     raise DeltaConfigError(f"{key}={value!r}: must be {describe(annotation)}")
 
 
-# model.task -> the adapter's task_type (SEQ_CLS also trains and saves the new classifier head)
-TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}
+# model.task -> the adapter's task_type (SEQ_CLS also trains and saves the new classifier head); an image
+# model's adapters have none (peft leaves it unset for diffusers models)
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", TEXT_TO_IMAGE: None}
 
 
 @dataclass
@@ -148,7 +151,7 @@ class ModelSection:
     dtype: str = "float32"
     quantize: str | dict | None = None  # "nf4" | "fp4" | "int8" or {type, double_quant, blocksize, skip}
     trust_remote_code: bool = False  # run Python code shipped with the model (auto_map); opt-in only
-    task: str = "causal_lm"  # or sequence_classification: a classifier head over {text, label} rows
+    task: str = "causal_lm"  # or sequence_classification ({text, label} rows), or text-to-image (a pipeline)
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "model")
@@ -306,7 +309,8 @@ class EvalSection:
         require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
 
-SECTIONS = {"model": ModelSection, "data": DataSection, "training": TrainingSection, "eval": EvalSection}
+SECTIONS = {"model": ModelSection, "data": DataSection, "training": TrainingSection, "eval": EvalSection,
+            "image": ImageSection}
 
 
 @dataclass
@@ -316,9 +320,13 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    image: ImageSection = field(default_factory=ImageSection)
     output_dir: str = "runs/deltatune"
 
     def __post_init__(self) -> None:
+        check_image_run(self)
+        if self.model.task == TEXT_TO_IMAGE:
+            return  # check_image_run refused what does not apply (packing, task_type)
         require(
             self.model.task == "causal_lm" or not self.data.packing,
             "data.packing", self.data.packing, "packs token sequences for a causal LM; model.task="
@@ -334,7 +342,10 @@ class RunConfig:
     def method_config(self):
         """The method's config dataclass (e.g. LoraConfig) built from the `method` section, for the task
         `model.task` names."""
-        return build_method_config(self.method, TASK_TYPES[self.model.task])
+        built = build_method_config(self.method, TASK_TYPES[self.model.task])
+        if self.model.task == TEXT_TO_IMAGE and getattr(built, "target_modules", ()) is None:
+            built.target_modules = list(UNET_TARGETS)  # the denoiser's attention projections
+        return built
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -167,6 +167,10 @@ def _locate(key: str, value: Any, yaml_file: Path | None) -> Any:
 
 
 def _resolve_data_paths(raw: dict, yaml_file: Path | None, cli_keys: set[str]) -> None:
+    image = raw.get("image")  # a text-to-image run's class-image folder, by the same rule as data.train
+    if isinstance(image, dict) and image.get("class_data") is not None:
+        from_cli = yaml_file is None or "image" in cli_keys or "image.class_data" in cli_keys
+        image["class_data"] = _locate("image.class_data", image["class_data"], None if from_cli else yaml_file)
     data = raw.get("data")
     if not isinstance(data, dict):
         return

@@ -70,7 +70,8 @@ def finish_run(
     predictions: list[str] = []
     if accelerator.is_main_process:
         model.save_pretrained(str(out))
-        write_prompt_record(out, train_samples, config.data.template)
+        if train_samples:  # text rows only: how generate should render prompts
+            write_prompt_record(out, train_samples, config.data.template)
         if eval_set:
             final, predictions = evaluate_run(config, accelerator, model, tokenizer, eval_set,
                                               config.eval.exact_match)

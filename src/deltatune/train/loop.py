@@ -6,8 +6,11 @@ stopped, and N processes match one process with the same global batch:
   [s*G, (s+1)*G) of the stream of per-epoch permutations, G = batch_size * grad_accum * processes;
   rank r takes its own slice of every micro-batch.
 - Dropout is reseeded from (seed, step, micro-batch, rank) before every forward.
-- The loss is summed over tokens and divided by the token count of the whole optimizer step (known to
-  every rank in advance), so gradients do not depend on how a step is split.
+- The loss is summed over tokens (images) and divided by the token (image) count of the whole optimizer
+  step (known to every rank in advance), so gradients do not depend on how a step is split.
+
+The task decides the data, the model and the loss of a step (steps.py: TokenSteps for language models,
+image/run.py: ImageSteps for text-to-image); everything else here is the same for every task.
 """
 
 from __future__ import annotations
@@ -24,13 +27,23 @@ from tqdm.auto import tqdm
 from ..api import get_peft_model
 from ..io.atomic import write_text
 from ..models import load_tokenizer
-from .build import check_data_files, class_labels, load_base, read_train_eval, stored_model_name, tokenize_samples
+from .build import (
+    DTYPE,
+    check_data_files,
+    class_labels,
+    load_base,
+    read_train_eval,
+    stored_model_name,
+    tokenize_samples,
+)
 from .config import RunConfig
 from .data.order import SampleOrder, ordered_batches
 from .data.packing import check_packing_isolates
-from .data.tokenize import TEMPLATE_FILE, collate, target_count
-from .evaluate import mean_token_loss, token_loss_sum
+from .data.tokenize import TEMPLATE_FILE
+from .evaluate import mean_token_loss
 from .finish import TrainResult, evaluate_run, finish_run
+from .image.run import build_image_model, read_image_data
+from .image.settings import TEXT_TO_IMAGE
 from .run.checkpoint import load_checkpoint, save_checkpoint
 from .run.divergence import DivergenceError, check_step, gradient_norm
 from .run.early_stop import GENERATION_METRICS, BestTracker, check_best_run, finish_best
@@ -56,6 +69,9 @@ from .run.trackers import (
     start_trackers,
     tracker_names,
 )
+from .steps import TokenSteps
+
+SPEED_KEYS = {"tokens": "tok_s", "images": "img_s"}  # the progress bar's throughput field per unit
 
 
 def train(
@@ -94,40 +110,60 @@ def train(
 def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_progress: bool,
            log) -> TrainResult:
     tc, out = config.training, Path(config.output_dir)
-    check_data_files(config.data)
+    images = config.model.task == TEXT_TO_IMAGE
+    if images:  # every image and caption read and checked now, before any model loads
+        image_data = read_image_data(config.image, config.data.train)
+        train_samples, fmt, eval_samples, eval_fmt = [], None, None, None
+    else:
+        check_data_files(config.data)
     trackers = tracker_names(tc.report_to)
     check_trackers_installed(trackers)
     check_optimizer_installed(tc.optimizer)
-    # eval: data.eval, or the rows data.val_split holds out of data.train
-    train_samples, fmt, eval_samples, eval_fmt = read_train_eval(config.data)
-    eval_samples = eval_samples[: config.eval.max_samples] if eval_samples else None
+    if not images:  # eval: data.eval, or the rows data.val_split holds out of data.train
+        train_samples, fmt, eval_samples, eval_fmt = read_train_eval(config.data)
+        eval_samples = eval_samples[: config.eval.max_samples] if eval_samples else None
     # a classifier's head gets one output per training label (sorted); a causal LM has none
     labels = class_labels(train_samples) if config.model.task == "sequence_classification" else None
     method_config = config.method_config()
     method_config.base_model_name_or_path = stored_model_name(config.model.name_or_path)
     check_best_run(tc, eval_samples, method_config)
-    train_data = file_fingerprint(config.data.train)
+    train_data = file_fingerprint(image_data.fingerprint_files() if images else config.data.train)
     checkpoint, saved, changed = resume_point(out, config, train_data) if resume else (None, None, {})
     accelerator = make_accelerator(tc.precision, **accelerator_options(trackers, out))
     main = accelerator.is_main_process
 
-    tokenizer = base[1] if base else load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
-    train_set = tokenize_samples(train_samples, fmt, tokenizer, config.data, config.data.packing, labels)
-    eval_set = tokenize_samples(eval_samples, eval_fmt, tokenizer, config.data, labels=labels) if eval_samples else None
-    if main:
-        log(f"train data: {train_set.stats.summary()}")
-        if eval_set:
-            log(f"eval data: {eval_set.stats.summary()}")
+    if images:
+        tokenizer, train_set, eval_set, examples = None, None, None, len(image_data.instances)
+        data_stats = {"train": {"images": examples, "class_images": len(image_data.classes)}, "eval": None}
+        if main:
+            log(f"train data: {image_data.summary()}")
+    else:
+        tokenizer = base[1] if base else load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+        train_set = tokenize_samples(train_samples, fmt, tokenizer, config.data, config.data.packing, labels)
+        eval_set = (tokenize_samples(eval_samples, eval_fmt, tokenizer, config.data, labels=labels)
+                    if eval_samples else None)
+        examples = len(train_set.examples)
+        data_stats = {"train": vars(train_set.stats), "eval": vars(eval_set.stats) if eval_set else None}
+        if main:
+            log(f"train data: {train_set.stats.summary()}")
+            if eval_set:
+                log(f"eval data: {eval_set.stats.summary()}")
     world = accelerator.num_processes
     global_batch = tc.batch_size * tc.grad_accum * world
     if main and world > 1:
         log(f"data-parallel: {world} processes, global batch {global_batch}")
-    steps = tc.max_steps or math.ceil(tc.epochs * len(train_set.examples) / global_batch)
+    steps = tc.max_steps or math.ceil(tc.epochs * examples / global_batch)
     if checkpoint is not None:
         check_resume_length(checkpoint, saved, steps, config)
 
-    torch.manual_seed(tc.seed)  # the adapter's initial weights: identical on every rank
-    model = get_peft_model(base[0] if base else load_base(config.model, labels, tokenizer)[0], method_config)
+    # the adapter's initial weights come from tc.seed: identical on every rank
+    if images:
+        model, loss_steps, tokenizer = build_image_model(config, image_data, method_config, tc.seed,
+                                                         DTYPE[config.model.dtype])
+    else:
+        torch.manual_seed(tc.seed)
+        model = get_peft_model(base[0] if base else load_base(config.model, labels, tokenizer)[0], method_config)
+        loss_steps = TokenSteps(train_set.examples, tokenizer.pad_token_id)
     model.share_dropout_masks = tc.share_dropout_masks  # q/k/v share one mask, or independent ones (core/call.py)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=tc.offload_checkpoints)
@@ -146,16 +182,19 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
-    if config.data.packing:  # before any training: the model must keep packed examples apart
-        check_packing_isolates(inner, train_set.examples[0], tokenizer.pad_token_id, accelerator.device)
-    # methods that look at training data first (Child-Tuning_D's Fisher mask): the same batches on every
-    # rank and on a resumed run (before the checkpoint loads), so the result is the same everywhere
-    with accelerator.autocast():
-        inner.before_training(
-            ordered_batches(train_set.examples, tc.batch_size, tc.seed, tokenizer.pad_token_id, accelerator.device),
-            mean_token_loss,
-        )
-    noise = add_neftune(inner, tc.neftune_noise_alpha)  # after the checks above, which want clean outputs
+    noise = None
+    if not images:
+        if config.data.packing:  # before any training: the model must keep packed examples apart
+            check_packing_isolates(inner, train_set.examples[0], tokenizer.pad_token_id, accelerator.device)
+        # methods that look at training data first (Child-Tuning_D's Fisher mask): the same batches on every
+        # rank and on a resumed run (before the checkpoint loads), so the result is the same everywhere
+        with accelerator.autocast():
+            inner.before_training(
+                ordered_batches(train_set.examples, tc.batch_size, tc.seed, tokenizer.pad_token_id,
+                                accelerator.device),
+                mean_token_loss,
+            )
+        noise = add_neftune(inner, tc.neftune_noise_alpha)  # after the checks above, which want clean outputs
     best = None
     if tc.metric_for_best:
         best = BestTracker(tc.metric_for_best, tc.early_stopping_patience, tc.early_stopping_threshold,
@@ -186,21 +225,15 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
         resumed = {"step": start, "resumed": checkpoint.name}
         metrics.write({**resumed, "changed": {key: list(values) for key, values in changed.items()}})
     if main and checkpoint is None:
-        metrics.write(
-            {
-                "step": 0,
-                "data": {"train": vars(train_set.stats), "eval": vars(eval_set.stats) if eval_set else None},
-            }
-        )
+        metrics.write({"step": 0, "data": data_stats})
 
-    order, examples = SampleOrder(len(train_set.examples), tc.seed), train_set.examples
-    counts = [target_count(e) for e in examples]
-    pad_id = tokenizer.pad_token_id
+    order = SampleOrder(examples, tc.seed)
+    counts = [loss_steps.weight(i) for i in range(examples)]
     device = accelerator.device
     bar = tqdm(
         total=steps, initial=start, desc="train", disable=not (main and show_progress), dynamic_ncols=True
     )
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_units, window_start = 0.0, 0, time.perf_counter()
     train_started, done = window_start, start
     for step in range(start, steps):
         first = step * global_batch
@@ -209,11 +242,12 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
         step_loss = torch.zeros((), device=device)
         for micro in range(tc.grad_accum):
             offset = micro * tc.batch_size * world + accelerator.process_index * tc.batch_size
-            batch = collate([examples[i] for i in step_ids[offset : offset + tc.batch_size]], pad_id, device)
+            # seeds dropout, and an image batch's crops, flips, noise and timesteps
             torch.manual_seed(hash((tc.seed, step, micro, accelerator.process_index)) % 2**62)
+            batch = loss_steps.batch(step_ids[offset : offset + tc.batch_size], device)
             sync = nullcontext() if micro == tc.grad_accum - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                loss_sum, _ = token_loss_sum(model, batch)
+                loss_sum = loss_steps.loss_sum(model, batch)
                 # DDP averages gradients over processes, hence * world
                 loss = loss_sum * world / step_targets
                 regulariser = inner.extra_loss()  # e.g. AdaLoRA's orthogonality term, once per step
@@ -241,27 +275,26 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             bar.close()  # so the error starts a line of its own
             raise
         window_loss += step_total / step_targets
-        window_tokens += sum(len(examples[i].input_ids) for i in step_ids)
+        window_units += sum(loss_steps.size(i) for i in step_ids)
         bar.update(1)
         if done % tc.log_every == 0 or done == steps:
             n = tc.log_every if done % tc.log_every == 0 else done % tc.log_every
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": done,
-                "epoch": round(done * global_batch / len(examples), 4),
+                "epoch": round(done * global_batch / examples, 4),
                 "loss": window_loss / n,
                 "lr": step_lr,
-                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                f"{loss_steps.unit}_per_s": window_units / max(elapsed, 1e-9),
                 "step_s": elapsed / n,
                 "peak_mem_mb": peak_memory_mb(),
             }
-            bar.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-            )
+            speed = {SPEED_KEYS.get(loss_steps.unit, "per_s"): f"{record[f'{loss_steps.unit}_per_s']:.0f}"}
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", **speed)
             if main:
                 metrics.write(record)
                 log_record(accelerator, record, "train")
-            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            window_loss, window_units, window_start = 0.0, 0, time.perf_counter()
         # with a best to track, the last step is evaluated too (it may be the best)
         due = done % tc.eval_every == 0 and done < steps if tc.eval_every else False
         if eval_set and (due or best is not None and done == steps):

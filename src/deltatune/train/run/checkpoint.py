@@ -113,9 +113,11 @@ def save_checkpoint(
         state = encode_state({"step": step, "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "rng": rng_state(), **extra}, tensors)
         save_file(tensors, str(folder / STATE_TENSORS))
-        sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
+        # by path inside the checkpoint: an image run's adapter sits in per-component subfolders
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
         (folder / STATE_JSON).write_text(json.dumps({"files": sizes, "state": state}), encoding="utf-8")
-        for file in folder.iterdir():  # on disk before the rename makes the checkpoint count
+        for file in [*files, folder / STATE_JSON]:  # on disk before the rename makes the checkpoint count
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
     for old in list_checkpoints(output_dir)[:-keep]:

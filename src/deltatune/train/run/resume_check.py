@@ -77,7 +77,7 @@ def flat_settings(config: dict) -> dict[str, Any]:
     """A RunConfig.to_dict() as {dotted field: value}; the method section as its built config (so
     `lora` and `LORA`, or a default written out, compare equal)."""
     out = {"output_dir": config.get("output_dir")}
-    for section in ("model", "data", "training", "eval"):
+    for section in ("model", "data", "training", "eval", "image"):
         out.update({f"{section}.{key}": value for key, value in (config.get(section) or {}).items()})
     try:
         method = build_method_config(config.get("method") or {}).to_dict()

@@ -235,6 +235,8 @@ def export_kohya(pipeline: str | os.PathLike, adapters: Mapping[str, str | os.Pa
     layout) onto its component, and write one kohya/LyCORIS file to `out`."""
     from diffusers import DiffusionPipeline
 
+    writing_prefixes(list(adapters))  # a component the format has no prefix for: refused before any loading
+    read = {component: read_adapter(folder) for component, folder in adapters.items()}
     pipe = DiffusionPipeline.from_pretrained(str(pipeline))
     models = {}
     for component, folder in adapters.items():
@@ -242,6 +244,6 @@ def export_kohya(pipeline: str | os.PathLike, adapters: Mapping[str, str | os.Pa
         if not isinstance(base, nn.Module):
             raise DeltaConfigError(f"--adapter {component}={folder}: the pipeline in {pipeline} has no model "
                                    f"{component!r}")
-        config, weights = read_adapter(folder)
+        config, weights = read[component]
         models[component] = DeltaModel(base, config, fill=weights_fill(weights, str(folder)))
     return save_kohya(models, out)

@@ -259,3 +259,62 @@ def test_saving_dora_or_other_methods_is_refused(tmp_path):
     with pytest.raises(DeltaConfigError, match="DoRA"):
         save_kohya({"unet": dm}, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_two_text_encoders_get_te1_te2_and_read_back(tmp_path):
+    """SDXL-style pipelines: text_encoder -> lora_te1_, text_encoder_2 -> lora_te2_, and back to the right one."""
+    te1 = get_peft_model(tiny_clip_text_encoder(2), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    te2 = get_peft_model(tiny_clip_text_encoder(5), LoHaConfig(r=2, target_modules=["fc1"], init_weights=False))
+    path = save_kohya({"text_encoder": te1, "text_encoder_2": te2}, tmp_path / "xl.safetensors")
+    keys = load_file(path)
+    assert {k.split("_text_model")[0] for k in keys} == {"lora_te1", "lora_te2"}
+    back = load_kohya(path, {"text_encoder": tiny_clip_text_encoder(2), "text_encoder_2": tiny_clip_text_encoder(5)})
+    with torch.no_grad():
+        for ours, again in ((te1, back["text_encoder"]), (te2, back["text_encoder_2"])):
+            assert torch.equal(ours(input_ids=IDS).last_hidden_state, again(input_ids=IDS).last_hidden_state)
+
+
+def test_missing_alpha_means_scale_one_as_in_diffusers(tmp_path):
+    unet = get_peft_model(tiny_unet(0), LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "conv2"],
+                                                   init_lora_weights=False))
+    tensors = {k: v for k, v in load_file(save_kohya({"unet": unet}, tmp_path / "a.safetensors")).items()
+               if not k.endswith(".alpha")}
+    save_file(tensors, str(tmp_path / "no_alpha.safetensors"))
+    got = load_kohya(tmp_path / "no_alpha.safetensors", {"unet": tiny_unet(0)})
+    pipe = tiny_sd_pipeline(0)
+    pipe.load_lora_weights(str(tmp_path / "no_alpha.safetensors"))
+    with torch.no_grad():
+        mine, theirs = got["unet"](**latent_batch()).sample, pipe.unet(**latent_batch()).sample
+        assert (mine - theirs).abs().max().item() <= TOL
+        assert (mine - unet(**latent_batch()).sample).abs().max().item() > 1e-3  # scale 1, not the saved 4 / 2
+        for _path, layer in got["unet"].delta_layers():
+            assert layer.adapters["default"].scaling == 1.0
+
+
+def test_load_into_an_existing_delta_model_adds_an_adapter(tmp_path):
+    source = get_peft_model(tiny_unet(0), LoraConfig(r=2, target_modules=["to_v"], init_lora_weights=False))
+    path = save_kohya({"unet": source}, tmp_path / "s.safetensors")
+    dm = get_peft_model(tiny_unet(0), LoraConfig(r=4, target_modules=["to_q"]))
+    load_kohya(path, {"unet": dm}, adapter_name="style")
+    assert set(dm.peft_config) == {"default", "style"}
+    dm.set_adapter("style")
+    with torch.no_grad():
+        assert torch.equal(dm(**latent_batch()).sample, source(**latent_batch()).sample)
+    with pytest.raises(DeltaConfigError, match="already exists"):
+        load_kohya(path, {"unet": dm}, adapter_name="style")
+
+
+def test_flattened_names_two_modules_share_are_refused():
+    from torch import nn
+
+    from deltatune.io.kohya_keys import resolve
+
+    model = nn.Module()
+    model.a_b = nn.Module()
+    model.a_b.c = nn.Linear(2, 2)
+    model.a = nn.Module()
+    model.a.b_c = nn.Linear(2, 2)
+    table = module_table(model)
+    assert table["a_b_c"] is None
+    with pytest.raises(DeltaConfigError, match="several modules of unet flatten to 'a_b_c'"):
+        resolve(table, "a_b_c", "lora_unet_a_b_c.lora_down.weight", "unet")

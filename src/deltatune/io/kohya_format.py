@@ -205,7 +205,7 @@ def kohya_tensors(models: Mapping[str, DeltaModel], adapter_name: str | None = N
                                        f"both flatten to {module_name!r}")
             written_by[module_name] = path
             for local, tensor in writer(layer.adapters[name]).items():
-                tensors[f"{module_name}.{local}"] = tensor.detach().float().cpu().contiguous()
+                tensors[f"{module_name}.{local}"] = tensor.detach().cpu().contiguous()  # the adapter's dtype
     return tensors
 
 

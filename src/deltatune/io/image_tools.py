@@ -9,6 +9,7 @@ besides the header (one diffusers rule depends on their values).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter
@@ -152,7 +153,7 @@ def image_file_report(path: str | os.PathLike) -> str:
         for name, shape in named.items():
             if name in ("lora_down.weight", "lora_A", "hada_w1_b"):
                 ranks.add(shape[0])
-    parameters = sum(_count(s) for named in modules.values() for s in named.values())
+    parameters = sum(math.prod(s) for named in modules.values() for s in named.values())
     lines = [f"file:         {path}",
              f"format:       {fmt}",
              "modules:      " + ", ".join(f"{p} {n}" for p, n in sorted(per_prefix.items())),
@@ -167,9 +168,3 @@ def image_file_report(path: str | os.PathLike) -> str:
         lines += [f"  {verdict.server + ':':15s} {answer}", f"  {'':15s} rule: {IMAGE_SOURCES[verdict.server]}"]
     return "\n".join(lines)
 
-
-def _count(shape: tuple) -> int:
-    total = 1
-    for dim in shape:
-        total *= dim
-    return total

@@ -28,6 +28,7 @@ from torch import nn
 from ..core.layer import DeltaLayer
 from ..core.model import DeltaModel
 from ..errors import AdapterFileError, DeltaConfigError
+from ..methods.lora import LoraConfig
 from . import lycoris_format
 from .adapter_files import read_adapter, weights_fill
 from .atomic import safetensors_bytes, write_bytes
@@ -97,8 +98,6 @@ def read_kohya_groups(tensors: Mapping[str, torch.Tensor], models: Mapping[str, 
 
 def plan_lora(modules: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]], source: str):
     """(LoraConfig, {module path.local name: tensor}) for kohya LoRA modules (see module docstring)."""
-    from ..methods.lora import LoraConfig
-
     ranks, alphas, disk = {}, {}, {}
     for path, (module, named) in modules.items():
         for needed in LORA_NAMES.values():
@@ -191,7 +190,7 @@ def kohya_tensors(models: Mapping[str, DeltaModel], adapter_name: str | None = N
             raise DeltaConfigError(f"component {component!r} has no adapter {name!r} (it has {list(dm.peft_config)})")
         config = dm.peft_config[name]
         writer = WRITERS.get(config.peft_type)
-        if writer is None or getattr(config, "use_dora", False):
+        if writer is None or (isinstance(config, LoraConfig) and config.use_dora):
             kind = "DoRA" if writer else config.peft_type
             raise DeltaConfigError(f"component {component!r}: adapter {name!r} is {kind}; kohya/LyCORIS files "
                                    "carry LoRA, LoHa and LoKr")

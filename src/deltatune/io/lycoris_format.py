@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import DeltaConfigError
+from ..methods.loha import LoHaConfig
+from ..methods.lokr import LoKrConfig, factorization
 from .kohya_keys import ALPHA, LOHA_NAMES, LOKR_NAMES
 
 
@@ -75,8 +77,6 @@ def _core_shape(r: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
 
 def plan_loha(modules: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]], source: str):
     """(LoHaConfig, {module path.local name: tensor}) for LyCORIS LoHa modules."""
-    from ..methods.loha import LoHaConfig
-
     ranks, alphas, disk, tucker = {}, {}, {}, {}
     for path, (module, named) in modules.items():
         _require(named, LOHA_NAMES[:4], path, source)
@@ -127,8 +127,6 @@ def _lokr_layout(module: nn.Module, named: dict, path: str, source: str) -> dict
 def plan_lokr(modules: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]], source: str):
     """(LoKrConfig, {module path.local name: tensor}) for LyCORIS LoKr modules; refuses a layout our LoKr does
     not build (it must come out of one decompose_factor / decompose_both / use_effective_conv2d)."""
-    from ..methods.lokr import LoKrConfig, factorization
-
     layouts = {path: _lokr_layout(module, named, path, source) for path, (module, named) in modules.items()}
     factors = None
     for path, lay in layouts.items():

@@ -85,6 +85,23 @@ def test_inspect_attention_alpha_rule_matches_diffusers(tmp_path, capsys):
     assert "attention projections with their own alpha" in capsys.readouterr().out
 
 
+def test_inspect_dora_rule_matches_diffusers(tmp_path, capsys):
+    """diffusers drops dora_scale from kohya files: its output is plain LoRA's, not ours; inspect says no."""
+    unet = get_peft_model(tiny_unet(0), LoraConfig(r=2, target_modules=["to_q", "conv1"], use_dora=True,
+                                                   init_lora_weights=False))
+    with torch.no_grad():  # a trained magnitude: at init m = ||W + dW|| and DoRA's output is LoRA's
+        for _, layer in unet.delta_layers():
+            layer.adapters["default"].lora_magnitude_vector.mul_(1.5)
+    path = save_kohya({"unet": unet}, tmp_path / "d.safetensors")
+    pipe = tiny_sd_pipeline(0)
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
+        assert (pipe.unet(**latent_batch()).sample - unet(**latent_batch()).sample).abs().max() > 1e-3
+    assert main(["inspect", str(path)]) == 0
+    report = capsys.readouterr().out
+    assert "diffusers:      no - DoRA" in report and "kohya readers:  yes" in report
+
+
 @pytest.mark.parametrize("config,lycoris_loads", [
     (LoHaConfig(r=2, target_modules=["to_q", "conv1"], init_weights=False), True),
     (LoKrConfig(r=1, target_modules=["conv1"], use_effective_conv2d=True, init_weights=False), False),

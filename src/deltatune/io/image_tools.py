@@ -23,7 +23,8 @@ from .serving import Verdict
 
 IMAGE_SOURCES = {
     "diffusers": "diffusers 0.42.1 load_lora_weights: loaders/lora_conversion_utils.py "
-                 "_convert_non_diffusers_lora_to_diffusers, utils/state_dict_utils.py convert_state_dict_to_diffusers",
+                 "_convert_non_diffusers_lora_to_diffusers, lora_pipeline.py lora_state_dict (dora_scale), "
+                 "utils/state_dict_utils.py convert_state_dict_to_diffusers",
     "kohya readers": "ComfyUI comfy/lora.py (model_lora_keys_unet/clip; weight_adapter lora, loha, lokr) and "
                      "A1111/Forge extensions-builtin/Lora (network_lora, network_hada, network_lokr)",
     "LyCORIS": "lycoris-lora 4.1.3 kohya.py create_network_from_weights, modules/lokr.py make_module_from_state_dict",
@@ -78,7 +79,11 @@ def diffusers_verdict(fmt: str, modules: dict, alphas: dict) -> Verdict:
     if fmt == "diffusers":
         verdict.detail = "its own layout"
         return verdict
-    other = sorted({n for named in modules.values() for n in named} - DIFFUSERS_RENAMES)
+    names = {n for named in modules.values() for n in named}
+    other = sorted(names - DIFFUSERS_RENAMES)
+    if "dora_scale" in names and not other:  # lora_pipeline.py lora_state_dict filters dora_scale out
+        verdict.reasons.append("DoRA (dora_scale): diffusers drops dora_scale from kohya files and would run it "
+                               "as plain LoRA")
     if other:
         verdict.reasons.append(f"tensors {other} are not LoRA (lora_down/lora_up/alpha): the converter leaves them "
                                "unrenamed and refuses the file")

@@ -8,6 +8,8 @@ Keys and prefixes: io/kohya_keys.py (the one table). What the tensors mean:
       delta W = (alpha / r) * lora_up @ lora_down, r = lora_down.shape[0], alpha missing or 0 -> r;
       a conv: lora_down is a conv with the base's kernel (r, in, kh, kw), lora_up a 1x1 conv (out, r, 1, 1),
       exactly our lora_A / lora_B.
+      DoRA (kohya / LyCORIS dora_wd, wd_on_out): dora_scale (out, 1[, 1, 1]) is the magnitude, our
+      lora_magnitude_vector ((out,), conv (1, out, 1, 1): PEFT's shapes); W' = m * (W + dW) / ||W + dW||_row.
   LoHa / LoKr: io/lycoris_format.py.
 A file of several methods is read per component: each component's modules must share one method, since a
 component becomes one adapter (one config). Everything is checked before any model changes; an injection that
@@ -35,6 +37,7 @@ from .atomic import safetensors_bytes, write_bytes
 from .keymap import DISK_PREFIX
 from .kohya_keys import (
     ALPHA,
+    DORA_SCALE,
     LORA_NAMES,
     component_of,
     disk_path,
@@ -69,10 +72,10 @@ def read_kohya_groups(tensors: Mapping[str, torch.Tensor], models: Mapping[str, 
             raise DeltaConfigError(f"{source}: tensor {key!r} is for the {prefix} model, but no "
                                    f"{'unet/transformer' if prefix == 'lora_unet' else 'text encoder'} was "
                                    f"given (given: {sorted(models)})")
-        if name != ALPHA and method_of_tensor(name) is None:
+        if name not in (ALPHA, DORA_SCALE) and method_of_tensor(name) is None:
             raise DeltaConfigError(f"{source}: tensor {key!r}: {name!r} is no LoRA, LoHa or LoKr tensor "
-                                   "(DoRA's dora_scale, Tucker LoRA's lora_mid, other LyCORIS algorithms and "
-                                   "diff/norm tensors are not read)")
+                                   "(Tucker LoRA's lora_mid, other LyCORIS algorithms and diff/norm tensors are "
+                                   "not read)")
         model = models[component]
         table = tables.setdefault(component, module_table(model.model if isinstance(model, DeltaModel) else model))
         path = resolve(table, flat, key, component)
@@ -99,6 +102,11 @@ def read_kohya_groups(tensors: Mapping[str, torch.Tensor], models: Mapping[str, 
 def plan_lora(modules: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]], source: str):
     """(LoraConfig, {module path.local name: tensor}) for kohya LoRA modules (see module docstring)."""
     ranks, alphas, disk = {}, {}, {}
+    dora = {path for path, (_, named) in modules.items() if DORA_SCALE in named}
+    if dora and len(dora) != len(modules):
+        plain = next(p for p in modules if p not in dora)
+        raise DeltaConfigError(f"{source}: module {plain} has no dora_scale while {sorted(dora)[0]} has one; one "
+                               "adapter is DoRA everywhere or nowhere")
     for path, (module, named) in modules.items():
         for needed in LORA_NAMES.values():
             if needed not in named:
@@ -115,9 +123,24 @@ def plan_lora(modules: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]], sou
         want_up = (weight_shape[0], rank, *[1] * (len(weight_shape) - 2))
         disk[f"{path}.lora_A.weight"] = fit_to_module(down, want_down, path, "lora_down.weight", source)
         disk[f"{path}.lora_B.weight"] = fit_to_module(up, want_up, path, "lora_up.weight", source)
+        if dora:
+            disk[f"{path}.lora_magnitude_vector"] = magnitude_from_file(named[DORA_SCALE], weight_shape, path, source)
     r, alpha, rank_pattern, alpha_pattern = pattern_config(ranks, alphas)
     return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(modules), rank_pattern=rank_pattern,
-                      alpha_pattern=alpha_pattern, lora_dropout=0.0), disk
+                      alpha_pattern=alpha_pattern, lora_dropout=0.0, use_dora=bool(dora)), disk
+
+
+def magnitude_from_file(scale: torch.Tensor, weight_shape: tuple[int, ...], path: str, source: str) -> torch.Tensor:
+    """dora_scale (out, 1[, 1, 1]) -> our lora_magnitude_vector ((out,), conv (1, out, 1, 1)).
+
+    Raises:
+        DeltaConfigError: another shape, e.g. LyCORIS's wd_on_out=False (1, in, ...), a per-input-channel norm.
+    """
+    out = weight_shape[0]
+    if scale.shape[0] != out or scale.numel() != out:
+        raise DeltaConfigError(f"{source}: module {path}: dora_scale is {tuple(scale.shape)}; a per-output-row "
+                               f"magnitude ({out}, 1, ...) is read (LyCORIS wd_on_out=False is not)")
+    return scale.reshape((1, out, *[1] * (len(weight_shape) - 2)) if len(weight_shape) > 2 else (out,))
 
 
 PLANNERS = {"LORA": plan_lora, "LOHA": lycoris_format.plan_loha, "LOKR": lycoris_format.plan_lokr}
@@ -190,10 +213,9 @@ def kohya_tensors(models: Mapping[str, DeltaModel], adapter_name: str | None = N
             raise DeltaConfigError(f"component {component!r} has no adapter {name!r} (it has {list(dm.peft_config)})")
         config = dm.peft_config[name]
         writer = WRITERS.get(config.peft_type)
-        if writer is None or (isinstance(config, LoraConfig) and config.use_dora):
-            kind = "DoRA" if writer else config.peft_type
-            raise DeltaConfigError(f"component {component!r}: adapter {name!r} is {kind}; kohya/LyCORIS files "
-                                   "carry LoRA, LoHa and LoKr")
+        if writer is None:
+            raise DeltaConfigError(f"component {component!r}: adapter {name!r} is {config.peft_type}; kohya/LyCORIS "
+                                   "files carry LoRA (and DoRA), LoHa and LoKr")
         written_by: dict[str, str] = {}
         for path, layer in dm.delta_layers():
             if not isinstance(layer, DeltaLayer) or name not in layer.adapters:
@@ -209,9 +231,14 @@ def kohya_tensors(models: Mapping[str, DeltaModel], adapter_name: str | None = N
 
 
 def lora_file_tensors(adapter) -> dict[str, torch.Tensor]:
-    """kohya tensors of one LoRA adapter: alpha = scaling * r, so alpha / r is our scaling (rsLoRA too)."""
-    return {"lora_down.weight": adapter.lora_A.weight, "lora_up.weight": adapter.lora_B.weight,
-            ALPHA: torch.tensor(adapter.scaling * adapter.r)}
+    """kohya tensors of one LoRA adapter: alpha = scaling * r, so alpha / r is our scaling (rsLoRA too);
+    DoRA's magnitude as dora_scale (out, 1[, 1, 1])."""
+    tensors = {"lora_down.weight": adapter.lora_A.weight, "lora_up.weight": adapter.lora_B.weight,
+               ALPHA: torch.tensor(adapter.scaling * adapter.r)}
+    if adapter.use_dora:
+        down = adapter.lora_A.weight  # (r, in[, kh, kw])
+        tensors[DORA_SCALE] = adapter.lora_magnitude_vector.reshape(-1, *[1] * (down.dim() - 1))
+    return tensors
 
 
 WRITERS = {"LORA": lora_file_tensors, "LOHA": lycoris_format.loha_file_tensors,

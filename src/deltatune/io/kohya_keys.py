@@ -5,7 +5,7 @@ On disk (safetensors, one flat dict):
     <prefix>_<module path with "." replaced by "_">.<tensor>
     prefix   lora_unet (the denoiser: UNet or DiT), lora_te (the one text encoder), or lora_te1 / lora_te2
              (SDXL-style pipelines with two text encoders)
-    tensor   LoRA:  lora_down.weight (r, in[, kh, kw]), lora_up.weight (out, r[, 1, 1]), alpha ()
+    tensor   LoRA:  lora_down.weight (r, in[, kh, kw]), lora_up.weight (out, r[, 1, 1]), alpha () [, dora_scale]
              LoHa:  hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b [, hada_t1, hada_t2], alpha
              LoKr:  lokr_w1 | lokr_w1_a + lokr_w1_b, lokr_w2 | lokr_w2_a + lokr_w2_b [, lokr_t2], alpha
 Runtime: the same module path in the live model, and our local tensor names (lora_A.weight ...).
@@ -39,10 +39,12 @@ LORA_NAMES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.wei
 LOHA_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 ALPHA = "alpha"
+DORA_SCALE = "dora_scale"  # DoRA's magnitude, (out, 1[, 1, 1]) (kohya / LyCORIS wd_on_out); ours: lora_magnitude_vector
 
 
 def method_of_tensor(name: str) -> str | None:
-    """'LORA' / 'LOHA' / 'LOKR' for a file tensor name of that method, None for `alpha` (any) or unknown."""
+    """'LORA' / 'LOHA' / 'LOKR' for a file tensor name of that method, None for `alpha` / `dora_scale` (any
+    method's) or unknown."""
     if name in LORA_NAMES.values():
         return "LORA"
     if name in LOHA_NAMES:

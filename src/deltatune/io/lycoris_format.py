@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import DeltaConfigError
 from ..methods.loha import LoHaConfig
 from ..methods.lokr import LoKrConfig, factorization
-from .kohya_keys import ALPHA, LOHA_NAMES, LOKR_NAMES
+from .kohya_keys import ALPHA, DORA_SCALE, LOHA_NAMES, LOKR_NAMES
 
 
 def alpha_of(named: dict[str, torch.Tensor], rank: int) -> float:
@@ -62,6 +62,9 @@ def pattern_config(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[int
 
 
 def _require(named: dict, names: tuple[str, ...], path: str, source: str) -> None:
+    if DORA_SCALE in named:  # LyCORIS's DoHa / DoKr (dora_wd): a weight-decomposed update we do not build
+        raise DeltaConfigError(f"{source}: module {path} has a dora_scale: weight-decomposed LoHa/LoKr (LyCORIS "
+                               "dora_wd) is not read")
     missing = [n for n in names if n not in named]
     if missing:
         raise DeltaConfigError(f"{source}: module {path} has {sorted(named)} but not {missing}")

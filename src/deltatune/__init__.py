@@ -10,6 +10,7 @@ from .core.config import DeltaConfig, DeltaConfigError, TaskType, registered_met
 from .core.layer import MergeError
 from .io.adapter_files import AdapterFileError
 from .io.adapterhub import load_adapterhub, save_adapterhub
+from .io.kohya_format import load_kohya, save_kohya
 from .methods.adalora import AdaLoraConfig
 from .methods.bitfit import BitFitConfig
 from .methods.boft import BOFTConfig
@@ -71,12 +72,14 @@ __all__ = [
     "get_peft_model",
     "hotswap_adapter",
     "load_adapterhub",
+    "load_kohya",
     "prepare_model_for_hotswap",
     "proxy_generate",
     "quantize",
     "registered_methods",
     "relora_lr_multiplier",
     "save_adapterhub",
+    "save_kohya",
     "stack_adapters",
     "to_cumulative_lora",
 ]

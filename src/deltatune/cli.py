@@ -6,7 +6,8 @@ deltatune eval  CONFIG.yaml [key=value ...] | --adapter DIR --data FILE
 deltatune generate --adapter DIR "prompt" | --chat [--system TEXT] [--temperature T --seed N]
 deltatune generate --adapter RUN_DIR "prompt" [--out DIR --steps N --guidance-scale G --seed N]  # images
 deltatune merge --adapter DIR --out DIR
-deltatune inspect DIR
+deltatune export --to kohya --pipeline DIR --adapter unet=DIR [--adapter text_encoder=DIR] --out FILE
+deltatune inspect DIR | FILE.safetensors
 """
 
 from __future__ import annotations
@@ -113,8 +114,12 @@ def _merge(args) -> None:
 
 
 def _inspect(args) -> int:
+    from .io.image_tools import image_file_report, is_image_file
     from .io.inspect import check_adapter, format_report
 
+    if is_image_file(args.dir):  # a kohya/LyCORIS/diffusers-layout file for an image model
+        print(image_file_report(args.dir))
+        return 0
     info, problems, notes = check_adapter(args.dir)
     for problem in problems:  # one line each, the loader's words
         print(f"error: {problem}", file=sys.stderr)
@@ -144,6 +149,14 @@ def _convert(args) -> None:
                              base_model=args.base)
     print(report)
     print(f"LoRA written to {args.out}")
+
+
+def _export(args) -> None:
+    from .io.kohya_format import export_kohya
+
+    adapters = dict(item.split("=", 1) if "=" in item else ("unet", item) for item in args.adapter)
+    out = export_kohya(args.pipeline, adapters, args.out)
+    print(f"kohya/LyCORIS file written to {out} (LoRA as kohya LoRA, LoHa/LoKr as LyCORIS)")
 
 
 def _version() -> str:
@@ -294,8 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
     p.set_defaults(func=_convert)
 
+    p = sub.add_parser("export", help="write image-model adapters in another tool's format")
+    p.add_argument("--to", choices=["kohya"], required=True,
+                   help="kohya: one .safetensors file for A1111/ComfyUI/Forge (LoRA) and LyCORIS (LoHa/LoKr)")
+    p.add_argument("--pipeline", required=True, help="the diffusers pipeline folder the adapters were trained on")
+    p.add_argument("--adapter", action="append", required=True, metavar="COMPONENT=DIR",
+                   help="adapter directory for a pipeline component (unet, transformer, text_encoder, "
+                        "text_encoder_2); repeat for several; a bare DIR is the unet's")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("inspect", help="method, rank, targets, size and serving compatibility of an adapter")
-    p.add_argument("dir", help="adapter directory")
+    p.add_argument("dir", help="adapter directory, or an image-model .safetensors file (kohya, LyCORIS, "
+                               "diffusers layout): which image tools load it")
     p.set_defaults(func=_inspect)
     return parser
 

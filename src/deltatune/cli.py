@@ -6,6 +6,7 @@ deltatune eval  CONFIG.yaml [key=value ...] | --adapter DIR --data FILE
 deltatune generate --adapter DIR "prompt" | --chat [--system TEXT] [--temperature T --seed N]
 deltatune merge --adapter DIR --out DIR
 deltatune inspect DIR
+deltatune serve [--model M] [--adapter NAME=DIR ...] [--host H --port P] [--engine deltatune|vllm]
 """
 
 from __future__ import annotations
@@ -127,6 +128,16 @@ def _convert(args) -> None:
                              base_model=args.base)
     print(report)
     print(f"LoRA written to {args.out}")
+
+
+def _serve(args) -> int:
+    if args.engine == "vllm":  # vLLM's own server with the adapters handed over (serve/vllm_handoff.py)
+        from .serve import vllm_handoff
+
+        return vllm_handoff.run(args)
+    from .serve.command import run_server
+
+    return run_server(args)
 
 
 def _version() -> str:
@@ -272,6 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="method, rank, targets, size and serving compatibility of an adapter")
     p.add_argument("dir", help="adapter directory")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server: one base model, many adapters, one per request")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="serve DIR as model NAME (repeatable)")
+    p.add_argument("--model", help="base model (default: the embedded SmolLM2)")
+    p.add_argument("--engine", choices=["deltatune", "vllm"], default="deltatune",
+                   help="deltatune: this process (default); vllm: hand the adapters to vLLM's server")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DELTATUNE_API_KEY, else none)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch", type=int, default=8, help="most rows decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="most waiting requests; more get 503 (default 64)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long an idle server waits for more requests to batch with the first (default 10)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    p.set_defaults(func=_serve)
     return parser
 
 

@@ -59,22 +59,23 @@ class ServedAdapter:
                                              chat_template=self.template)
 
 
-def check_files(name: str, path: str) -> ServedAdapter:
-    """Check the name and the files of an adapter before anything is loaded.
+def check_files(name: str, path: str, fields: tuple[str, str] = ("lora_name", "lora_path")) -> ServedAdapter:
+    """Check the name and the files of an adapter before anything is loaded; `fields` name the two where
+    an error names them (vLLM's body fields; the CLI's `--adapter`).
 
     Raises:
-        DeltaConfigError: a name that is taken by the base model or not allowed (naming `lora_name`), or
-            adapter files the loader would refuse (naming `lora_path` and each problem).
+        DeltaConfigError: a name that is taken by the base model or not allowed, or adapter files the loader
+            would refuse (each problem on the same line).
     """
     if name == BASE_MODEL:
-        raise DeltaConfigError(f"lora_name {name!r} is the base model's name; choose another")
+        raise DeltaConfigError(f"{fields[0]} {name!r} is the base model's name; choose another")
     try:
         check_adapter_name(name)
     except DeltaConfigError as err:
-        raise DeltaConfigError(f"lora_name: {err}") from None
+        raise DeltaConfigError(f"{fields[0]}: {err}") from None
     info, problems, _ = check_adapter(path)
     if problems:
-        raise AdapterFileError(f"lora_path {path!r}: " + "; ".join(problems))
+        raise AdapterFileError(f"{fields[1]}: " + "; ".join(problems))
     record = read_prompt_record(path)
     template_file = Path(path) / TEMPLATE_FILE
     system = record.get("system") if record.get("distinct_system_prompts", 1) <= 1 else None

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import ValidationError
 
-from ..errors import DeltaConfigError
+from ..errors import DeltaError
 from .adapters import BASE_MODEL
 from .engine import AdapterNotFound, Engine, QueueFull
 from .engine import Request as EngineRequest
@@ -117,7 +117,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     @app.get("/stats")
     async def stats():
         return {"stats": dict(engine.stats), "batch_sizes": {str(k): v for k, v in sorted(engine.batch_sizes.items())},
-                "adapters": sorted(engine.adapters)}
+                "queued": engine.queued, "adapters": sorted(engine.adapters)}
 
     @app.get("/v1/models")
     async def models():
@@ -151,7 +151,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         body = await read_body(request, LoadLoraRequest, max_body_bytes)
         try:
             await run_in_threadpool(engine.load_adapter, body.lora_name, body.lora_path)
-        except DeltaConfigError as err:
+        except DeltaError as err:
             raise ApiError(400, str(err), "lora_name" if str(err).startswith("lora_name") else "lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 

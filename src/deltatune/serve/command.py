@@ -51,7 +51,7 @@ def build_engine(model: str | None, adapters: dict[str, str], dtype: str = "floa
     """
     if dtype not in DTYPE:
         raise DeltaConfigError(f"--dtype {dtype!r}: one of {sorted(DTYPE)}")
-    checked = [check_files(name, path) for name, path in adapters.items()]
+    checked = [check_files(name, path, ("--adapter", f"--adapter {name}")) for name, path in adapters.items()]
     name = model or DEFAULT_ALIAS
     base, tokenizer = load_model(name, DTYPE[dtype])
     ensure_chat_template(tokenizer)
@@ -86,6 +86,11 @@ class BackgroundServer:
         self.thread.join()
 
 
+def api_key_of(option: str | None) -> str | None:
+    """--api-key, else $DELTATUNE_API_KEY, else None (no key asked)."""
+    return option or os.environ.get("DELTATUNE_API_KEY") or None
+
+
 def run_server(args) -> int:
     """The CLI command (engine deltatune): check, load, serve until interrupted."""
     require_web_stack()
@@ -94,7 +99,7 @@ def run_server(args) -> int:
     from .app import create_app
 
     adapters = parse_adapters(args.adapter or [])
-    api_key = args.api_key or os.environ.get("DELTATUNE_API_KEY") or None
+    api_key = api_key_of(args.api_key)
     engine = build_engine(args.model, adapters, args.dtype, max_batch=args.max_batch, max_queue=args.max_queue,
                           batch_wait=args.batch_wait_ms / 1000)
     app = create_app(engine, api_key=api_key, max_body_bytes=args.max_body_bytes)

@@ -29,7 +29,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from ..api import DeltaModel
 from ..core.layer import BASE_ADAPTER
-from ..errors import DeltaConfigError
+from ..errors import DeltaConfigError, DeltaError
 from ..train.evaluate import generate_rows
 from .adapters import BASE_MODEL, ServedAdapter, check_files, load_into
 from .rows import RowControl, RowSpec
@@ -75,7 +75,7 @@ class Engine:
         self.max_batch, self.batch_wait = max_batch, batch_wait
         self.device = next(model.parameters()).device
         self.context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        self.stats: Counter = Counter()  # requests, rows, batches (generate calls), mixed_batches, max_rows
+        self.stats: Counter = Counter()  # submitted, refused_busy, requests, rows, batches (generate calls), ...
         self.batch_sizes: Counter = Counter()  # rows per generate call -> how many calls
         self.batch_log: deque = deque(maxlen=10_000)  # (batch, [(request key, adapter) per row])
         self._queue: queue.Queue[Request] = queue.Queue(max_queue)
@@ -104,14 +104,21 @@ class Engine:
         try:
             self._queue.put_nowait(request)
         except queue.Full:
+            self.stats["refused_busy"] += 1
             raise QueueFull(f"{self._queue.maxsize} requests are waiting already; retry later") from None
+        self.stats["submitted"] += 1
+
+    @property
+    def queued(self) -> int:
+        """Requests in the queue, not yet taken by the worker."""
+        return self._queue.qsize()
 
     # ------------------------------------------------------------------ adapters at run time
     def load_adapter(self, name: str, path: str) -> ServedAdapter:
         """Check and load an adapter; a refused one changes nothing.
 
         Raises:
-            DeltaConfigError: the name is taken or not allowed, or the files or the model refuse it.
+            DeltaError: the name is taken or not allowed, or the files or the model refuse it.
         """
         if name in self.adapters:
             raise DeltaConfigError(f"lora_name {name!r} is loaded already; unload it first")
@@ -121,8 +128,8 @@ class Engine:
                 raise DeltaConfigError(f"lora_name {name!r} is loaded already; unload it first")
             try:
                 self.model, served = load_into(self.model, checked)
-            except (DeltaConfigError, ValueError, KeyError, RuntimeError) as err:
-                raise DeltaConfigError(f"lora_path {path!r}: the model refuses it: {err}") from err
+            except (DeltaError, ValueError, KeyError, RuntimeError) as err:  # inject wrote nothing
+                raise DeltaConfigError(f"lora_path: {path}: the model refuses it: {err}") from err
             self.adapters[name] = served
         return served
 
@@ -162,7 +169,7 @@ class Engine:
             except queue.Empty:
                 return []
             deadline = time.monotonic() + self.batch_wait
-            while (left := deadline - time.monotonic()) > 0 and sum(len(r.specs) for r in self._waiting) < self.max_batch:
+            while (left := deadline - time.monotonic()) > 0 and self._rows_waiting() < self.max_batch:
                 with contextlib.suppress(queue.Empty):
                     self._waiting.append(self._queue.get(timeout=left))
         with contextlib.suppress(queue.Empty):
@@ -173,6 +180,9 @@ class Engine:
             batch.append(self._waiting.popleft())
             rows += len(batch[-1].specs)
         return batch
+
+    def _rows_waiting(self) -> int:
+        return sum(len(r.specs) for r in self._waiting)
 
     def _decode_batch(self, batch: list[Request]) -> None:
         groups: dict[str | None, list[Request]] = {}  # None: the mixed group

@@ -276,3 +276,31 @@ def test_an_api_key_is_required_when_set(files):
         assert [m.id for m in client.models.list().data] == ["base"]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_a_refused_first_adapter_leaves_the_plain_base_and_a_failed_decode_answers_500(files, monkeypatch):
+    from deltatune import DeltaModel
+    from deltatune.serve import engine as engine_module
+
+    engine = build_engine(str(files["model"]), {}, batch_wait=0)
+    body = {"model": "base", "prompt": "hi", "max_tokens": 4, "temperature": 0}
+    with BackgroundServer(create_app(engine)) as url:
+        before = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        refused = httpx.post(f"{url}/v1/load_lora_adapter", timeout=60,
+                             json={"lora_name": "x", "lora_path": str(files["other_model_lora"])})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "lora_path"
+        assert not isinstance(engine.model, DeltaModel)  # the base model was not wrapped half way
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == before
+
+        real, calls = engine_module.generate_rows, []
+
+        def fails_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("out of memory (simulated)")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine_module, "generate_rows", fails_once)
+        failed = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert failed.status_code == 500 and "simulated" in failed.json()["error"]["message"]
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == before

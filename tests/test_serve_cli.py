@@ -125,3 +125,42 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_its_batch_mates():
     alone = draws(1, 0)
     assert draws(3, 1) == alone == draws(5, 4)
     assert len(set(alone)) > 1  # really sampled, not argmax
+
+
+def test_the_command_serves_until_stopped(tmp_path):
+    """`python -m deltatune serve` itself: checks, loads, answers on the port it was given, with the key from
+    the environment."""
+    import os
+    import socket
+    import time
+
+    import httpx
+
+    from serve_fixtures import make_adapter_dir, make_model_dir
+
+    model = make_model_dir(tmp_path / "model")
+    adapter = make_adapter_dir(model, "lora", tmp_path / "lora")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", DELTATUNE_API_KEY="k")
+    server = subprocess.Popen([sys.executable, "-m", "deltatune", "serve", "--model", str(model), "--adapter",
+                               f"support={adapter}", "--port", str(port)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert server.poll() is None, server.communicate()[1]
+                time.sleep(0.1)
+        body = {"model": "support", "prompt": "hi", "max_tokens": 3, "temperature": 0}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+        answer = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=60)
+    assert "serving base, support on http://127.0.0.1" in err and "API key required" in err

@@ -1,6 +1,6 @@
 """Load test of `deltatune serve`: N concurrent clients with mixed adapters on the embedded SmolLM2.
 
-Run: .venv/bin/python benchmarks/serve.py [--clients 8] [--requests 3] [--max-tokens 24] [--max-batch 8]
+Run: .venv/bin/python benchmarks/serve.py [--clients 8] [--requests 3] [--max-tokens 24] [--max-batch 8] [--threads 2]
 
 Set-up: SmolLM2-135M-Instruct (float32, CPU), four served names: three random adapters of different methods
 (LoRA r=8 on q/v, IA3, prompt tuning with 8 virtual tokens) and the base model. One server (on a loopback port,
@@ -55,17 +55,24 @@ def make_adapters(root: Path) -> dict[str, str]:
     return folders
 
 
-def references(folders: dict[str, str], max_tokens: int) -> dict[tuple[str, str], str]:
-    """`deltatune generate`'s greedy answer per (name, prompt), one prompt per call."""
+def job(k: int, names: list[str]) -> tuple[str, str]:
+    """The (name, prompt) of the k-th request of a run: names in turn, then the next prompt."""
+    return names[k % len(names)], PROMPTS[(k // len(names)) % len(PROMPTS)]
+
+
+def references(folders: dict[str, str], pairs: set[tuple[str, str]], max_tokens: int) -> dict[tuple[str, str], str]:
+    """`deltatune generate`'s greedy answer for each (name, prompt) the load sends, one prompt per call."""
     from deltatune.train.commands.run_generate import Generator
 
     answers = {}
     for name, folder in folders.items():
         generator = Generator(folder, max_new_tokens=max_tokens)
-        for prompt in PROMPTS:
-            (answers[name, prompt],) = generator.answer([[{"role": "user", "content": prompt}]])
-            if name == "lora":
-                (answers["base", prompt],) = generator.base_answer([[{"role": "user", "content": prompt}]])
+        for pair in sorted(pairs):
+            turns = [[{"role": "user", "content": pair[1]}]]
+            if pair[0] == name:
+                (answers[pair],) = generator.answer(turns)
+            elif pair[0] == "base" and name == "lora":  # the base model: the adapter switched off
+                (answers[pair],) = generator.base_answer(turns)
     return answers
 
 
@@ -79,8 +86,7 @@ def load(client, engine, names: list[str], clients: int, requests: int, max_toke
             if time.monotonic() > deadline:
                 errors.append("deadline")
                 return
-            k = index * requests + turn
-            name, prompt = names[k % len(names)], PROMPTS[(k // len(names)) % len(PROMPTS)]
+            name, prompt = job(index * requests + turn, names)
             start = time.perf_counter()
             try:
                 answer = client.chat.completions.create(
@@ -134,7 +140,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--deadline", type=float, default=1200, help="seconds for the whole run")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     deadline = time.monotonic() + args.deadline
 
     import openai
@@ -144,9 +152,10 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as root:
         folders = make_adapters(Path(root))
-        expected = references(folders, args.max_tokens)
-        engine = build_engine(None, folders, max_batch=args.max_batch, max_queue=4 * args.clients, batch_wait=0.02)
         names = ["lora", "ia3", "prompt", "base"]
+        pairs = {job(k, names) for k in range(args.clients * args.requests)}
+        expected = references(folders, pairs, args.max_tokens)
+        engine = build_engine(None, folders, max_batch=args.max_batch, max_queue=4 * args.clients, batch_wait=0.02)
         print(f"{args.clients} clients x {args.requests} requests, names {names}, max_tokens {args.max_tokens}, "
               f"torch threads {torch.get_num_threads()}")
         with BackgroundServer(create_app(engine)) as url:

@@ -68,6 +68,30 @@ def post(server, path: str, body, **kwargs) -> httpx.Response:
                       timeout=60, **kwargs)
 
 
+def together(engine, calls: list, wait: float = 1.0) -> list:
+    """Run `calls` at once on threads, the engine's idle wait raised so they share a batch; their results."""
+    results, errors = [None] * len(calls), []
+
+    def run(index):
+        try:
+            results[index] = calls[index]()
+        except Exception as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+
+    engine.batch_wait = wait  # an idle worker waits this long for company (or until max_batch rows)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        engine.batch_wait = 0.01
+    if errors:
+        raise errors[0]
+    return results
+
+
 def test_models_lists_the_base_and_every_adapter(server):
     models = {m.id: m for m in server["client"].models.list().data}
     assert set(models) == {"base", *SERVED}
@@ -99,26 +123,9 @@ def test_requests_that_arrive_together_share_a_batch_and_keep_their_own_answers(
     """8 concurrent requests over 4 names and 2 prompt lengths: the layer-level ones decode in one mixed batch
     (the engine's log), the prompt-tuning ones in their own; each answer equals the one decoded alone."""
     engine = server["engine"]
-    engine.batch_wait = 1.0  # an idle worker waits this long for company: all 8 arrive within it
     jobs = [(name, prompt) for name in [*SERVED, "base"] for prompt in PROMPTS]
-    answers, errors = {}, []
-
-    def ask(name, prompt):
-        try:
-            answers[name, prompt] = chat(server, name, prompt)
-        except Exception as err:  # noqa: BLE001 - reported by the assertion below
-            errors.append(err)
-
     before = len(engine.batch_log)
-    try:
-        threads = [threading.Thread(target=ask, args=job) for job in jobs]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        engine.batch_wait = 0.01
-    assert not errors
+    answers = dict(zip(jobs, together(engine, [lambda job=job: chat(server, *job) for job in jobs])))
     for (name, prompt), answer in answers.items():
         assert answer.choices[0].message.content.strip() == expected[name, prompt], (name, prompt)
     log = list(engine.batch_log)[before:]
@@ -163,19 +170,11 @@ def test_seeded_sampling_repeats_whatever_the_batch_mates(server):
         return chat(server, model, PROMPTS[0], temperature=1.0, top_p=0.9, seed=seed).choices[0].message.content
 
     alone = sample(7)
-    engine, results = server["engine"], {}
-    engine.batch_wait = 0.5
-    try:
-        threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, sample(7 if k < 2 else 8, "lora")))
-                   for k in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        engine.batch_wait = 0.01
-    assert results[0] == results[1] == alone
-    assert results[2] == results[3] != alone
+    assert sample(8) != alone  # the seed matters
+    mates = together(server["engine"], [lambda: sample(7), lambda: sample(7), lambda: sample(8, "ia3"),
+                                        lambda: sample(8, "ia3"), lambda: chat(server, "base", PROMPTS[1])])
+    assert mates[0] == mates[1] == alone
+    assert mates[2] == mates[3]
 
 
 def test_adapters_load_and_unload_at_run_time(server, files, expected):

@@ -8,6 +8,7 @@ deltatune generate --adapter RUN_DIR "prompt" [--out DIR --steps N --guidance-sc
 deltatune merge --adapter DIR --out DIR
 deltatune export --to kohya --pipeline DIR --adapter unet=DIR [--adapter text_encoder=DIR] --out FILE
 deltatune inspect DIR | FILE.safetensors
+deltatune serve [--model M] [--adapter NAME=DIR ...] [--host H --port P] [--engine deltatune|vllm]
 """
 
 from __future__ import annotations
@@ -157,6 +158,16 @@ def _export(args) -> None:
     adapters = dict(item.split("=", 1) if "=" in item else ("unet", item) for item in args.adapter)
     out = export_kohya(args.pipeline, adapters, args.out)
     print(f"kohya/LyCORIS file written to {out} (LoRA as kohya LoRA, LoHa/LoKr as LyCORIS)")
+
+
+def _serve(args) -> int:
+    if args.engine == "vllm":  # vLLM's own server with the adapters handed over (serve/vllm_handoff.py)
+        from .serve import vllm_handoff
+
+        return vllm_handoff.run(args)
+    from .serve.command import run_server
+
+    return run_server(args)
 
 
 def _version() -> str:
@@ -321,6 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="adapter directory, or an image-model .safetensors file (kohya, LyCORIS, "
                                "diffusers layout): which image tools load it")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server: one base model, many adapters, one per request")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="serve DIR as model NAME (repeatable)")
+    p.add_argument("--model", help="base model (default: the embedded SmolLM2)")
+    p.add_argument("--engine", choices=["deltatune", "vllm"], default="deltatune",
+                   help="deltatune: this process (default); vllm: hand the adapters to vLLM's server")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $DELTATUNE_API_KEY, else none)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch", type=int, default=8, help="most rows decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="most waiting requests; more get 503 (default 64)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long an idle server waits for more requests to batch with the first (default 10)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    p.set_defaults(func=_serve)
     return parser
 
 

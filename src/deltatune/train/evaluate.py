@@ -74,6 +74,38 @@ def eval_loss(
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
 
 
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}  # every knob explicit (run_generate)
+
+
+@torch.no_grad()
+def generate_rows(model, tokenizer, prompts: list[str], max_new_tokens: int, device: torch.device | str = "cpu",
+                  sampling: dict | None = None, **options) -> torch.Tensor:
+    """One batch of rendered prompts through `model.generate`, left padded: the new tokens (batch, new).
+
+    The one decoding path of `generate` (below) and of `deltatune serve` (serve/engine.py), so both give the
+    same greedy answer for a prompt. `options` go to `model.generate` as they are (adapter_names=,
+    logits_processor=, stopping_criteria=, streamer=). A finished row is filled with the pad token (the EOS
+    token when the tokenizer has none).
+    """
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # the new tokens of every row start in the same column
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side = side
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **(sampling or GREEDY),
+        **options,
+    )
+    return out[:, enc["input_ids"].shape[1] :]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -85,7 +117,7 @@ def generate(
     sampling: dict | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Greedy completions for `prompts` (already rendered text), batched with left padding.
+    """Greedy completions for `prompts` (already rendered text), batched with left padding (generate_rows).
 
     Prompts are sorted by length so each batch pads little; answers come back in the input order.
     `sampling` replaces the greedy settings (do_sample, temperature, top_p, top_k) when given. The
@@ -94,35 +126,21 @@ def generate(
     """
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(total=len(prompts), desc="generate", unit="answer", disable=not progress, leave=False,
                dynamic_ncols=True)
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            enc = tokenizer(
-                [prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            out = model.generate(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **(sampling or {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}),
-                **({"streamer": _TokenTicker(bar)} if progress else {}),
-            )
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            new = generate_rows(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens, device, sampling,
+                                **({"streamer": _TokenTicker(bar)} if progress else {}))
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, text in zip(chunk, texts):
                 answers[i] = text.strip()
             bar.update(len(chunk))
     finally:
         bar.close()
-        tokenizer.padding_side = side
         model.train(was_training)
     return answers
 

@@ -10,6 +10,7 @@ from .core.config import DeltaConfig, DeltaConfigError, TaskType, registered_met
 from .core.layer import MergeError
 from .io.adapter_files import AdapterFileError
 from .io.adapterhub import load_adapterhub, save_adapterhub
+from .io.diffusers_layout import load_diffusers_lora, save_diffusers_lora
 from .methods.adalora import AdaLoraConfig
 from .methods.bitfit import BitFitConfig
 from .methods.boft import BOFTConfig
@@ -71,12 +72,14 @@ __all__ = [
     "get_peft_model",
     "hotswap_adapter",
     "load_adapterhub",
+    "load_diffusers_lora",
     "prepare_model_for_hotswap",
     "proxy_generate",
     "quantize",
     "registered_methods",
     "relora_lr_multiplier",
     "save_adapterhub",
+    "save_diffusers_lora",
     "stack_adapters",
     "to_cumulative_lora",
 ]

@@ -266,3 +266,49 @@ def test_round_trip_here_is_exact(tmp_path):
                                atol=0, rtol=0)
     merged = copy.deepcopy(loaded["unet"]).merge_and_unload()
     torch.testing.assert_close(unet_out(merged), unet_out(models["unet"]), atol=TOL, rtol=TOL)
+
+
+# ---------------------------------------------------------------------------------------- the command line
+def test_export_command_turns_saved_adapters_into_the_diffusers_layout(tmp_path, capsys):
+    """`deltatune export --to diffusers`: our UNet adapter (component from its base model folder, a pipeline's
+    unet/) and peft's text-encoder adapter (--component) load with load_lora_weights and give their outputs."""
+    from deltatune.cli import main
+    from tiny_diffusion import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "pipe")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    unet = dt.get_peft_model(pipe.unet, dt.LoraConfig(r=4, lora_alpha=6, target_modules=UNET_TARGETS,
+                                                      rank_pattern={"conv2": 2}))
+    randomize(unet, seed=2)
+    unet.save_pretrained(tmp_path / "unet_adapter")
+    assert main(["export", "--to", "diffusers", str(tmp_path / "unet_adapter"), str(tmp_path / "out")]) == 0
+    assert "load_lora_weights" in capsys.readouterr().out
+    reader = StableDiffusionPipeline.from_pretrained(folder)
+    reader.load_lora_weights(str(tmp_path / "out"))
+    torch.testing.assert_close(unet_out(reader.unet), unet_out(unet.eval()), atol=TOL, rtol=TOL)
+
+    te_config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=TE_TARGETS, init_lora_weights=False)
+    text = peft.get_peft_model(tiny_clip_text_encoder(seed=2), te_config).eval()
+    text.save_pretrained(tmp_path / "te_adapter")
+    assert main(["export", "--to", "diffusers", str(tmp_path / "te_adapter"), str(tmp_path / "te_out"),
+                 "--component", "text_encoder"]) == 0
+    reader = tiny_sd_pipeline()
+    reader.load_lora_weights(str(tmp_path / "te_out"))
+    ids = token_batch(batch=2, length=6)
+    torch.testing.assert_close(text_out(reader.text_encoder, ids), text_out(text, ids), atol=TOL, rtol=TOL)
+
+
+def test_export_command_errors_are_one_line(tmp_path, capsys):
+    from deltatune.cli import main
+
+    loha = dt.get_peft_model(tiny_sd_pipeline().unet, dt.LoHaConfig(r=2, target_modules=["to_q"]))
+    loha.save_pretrained(tmp_path / "loha")
+    assert main(["export", "--to", "diffusers", str(tmp_path / "loha"), str(tmp_path / "out"),
+                 "--component", "unet"]) == 2
+    assert "LoRA and DoRA only" in capsys.readouterr().err
+    lora = dt.get_peft_model(tiny_clip_text_encoder(), dt.LoraConfig(target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "lora")  # a model built in memory: no folder names its component
+    assert main(["export", "--to", "diffusers", str(tmp_path / "lora"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--component" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

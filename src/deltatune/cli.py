@@ -6,6 +6,7 @@ deltatune eval  CONFIG.yaml [key=value ...] | --adapter DIR --data FILE
 deltatune generate --adapter DIR "prompt" | --chat [--system TEXT] [--temperature T --seed N]
 deltatune merge --adapter DIR --out DIR
 deltatune inspect DIR
+deltatune export --to diffusers ADAPTER_DIR OUT_DIR [--component unet]
 """
 
 from __future__ import annotations
@@ -127,6 +128,13 @@ def _convert(args) -> None:
                              base_model=args.base)
     print(report)
     print(f"LoRA written to {args.out}")
+
+
+def _export(args) -> None:
+    from .io.diffusers_layout import export_diffusers
+
+    path = export_diffusers(args.adapter, args.out, component=args.component, allow_pickle=args.allow_pickle)
+    print(f"diffusers LoRA written to {path} (pipeline.load_lora_weights({str(args.out)!r}) loads it)")
 
 
 def _version() -> str:
@@ -268,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", help="a fully fine-tuned model directory (with --base)")
     p.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("export", help="write a saved adapter in another tool's format (diffusers: the "
+                                      "pytorch_lora_weights.safetensors that pipeline.load_lora_weights reads)")
+    p.add_argument("adapter", help="adapter directory (peft layout)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--to", choices=["diffusers"], required=True, help="target format")
+    p.add_argument("--component", help="diffusers: the pipeline component the adapter is for (unet, transformer, "
+                                       "text_encoder, ...; default: from the adapter's base model folder)")
+    p.add_argument("--allow-pickle", action="store_true", help="read a pickled adapter_model.bin")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("inspect", help="method, rank, targets, size and serving compatibility of an adapter")
     p.add_argument("dir", help="adapter directory")

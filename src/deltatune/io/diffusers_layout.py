@@ -39,12 +39,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..core.config import DeltaConfigError
-from ..core.layer import DeltaLayer
 from ..core.model import DeltaModel
 from ..core.targeting import pattern_value
 from ..errors import AdapterFileError
 from ..methods.lora import LoraConfig
-from .adapter_files import weights_fill
+from .adapter_files import read_adapter, weights_fill
 from .atomic import atomic_folder, safetensors_bytes, write_bytes
 from .keymap import DISK_PREFIX, adapter_slots
 
@@ -58,20 +57,11 @@ TEXT_MODEL = "text_model."  # CLIPTextModel's inner level before Transformers 5 
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def lora_layers(model: DeltaModel, adapter_name: str) -> dict[str, nn.Module]:
-    """{module path: the LoRA adapter of that layer} for adapter `adapter_name`."""
-    return {path: layer.adapters[adapter_name] for path, layer in model.delta_layers()
-            if isinstance(layer, DeltaLayer) and adapter_name in layer.adapters}
-
-
-def check_writable(model: DeltaModel, adapter_name: str, component: str) -> LoraConfig:
-    """The adapter's config, or DeltaConfigError naming what diffusers cannot read."""
+def check_writable(config, adapter_name: str, component: str) -> LoraConfig:
+    """`config` if diffusers can read its adapter as `component`, else DeltaConfigError naming what it cannot."""
     if component not in COMPONENTS:
         raise DeltaConfigError(f"component {component!r}: diffusers' pipelines load LoRA weights into "
                                f"{', '.join(COMPONENTS)}; name the pipeline attribute the model is")
-    if adapter_name not in model.peft_config:
-        raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(model.peft_config)}")
-    config = model.peft_config[adapter_name]
     if not isinstance(config, LoraConfig) or config.peft_type != "LORA":
         raise DeltaConfigError(f"{component}: adapter {adapter_name!r} is {config.peft_type}; diffusers' "
                                "load_lora_weights reads LoRA and DoRA only (its key check needs 'lora' in every "
@@ -104,23 +94,36 @@ def explicit_patterns(ranks: dict[str, int], alphas: dict[str, float]) -> dict:
             "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha}}
 
 
-def diffusers_state_dict(model: DeltaModel, component: str, adapter_name: str = "default"
-                         ) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors under diffusers keys, the component's metadata fields unprefixed) for one DeltaModel."""
-    config = check_writable(model, adapter_name, component)
+def diffusers_state_dict(config: LoraConfig, peft_tensors: dict[str, torch.Tensor], component: str,
+                         adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors under diffusers keys, the component's metadata fields unprefixed) for one adapter given as its
+    config and its tensors under peft keys (`base_model.model.<path>.lora_A.weight` ...)."""
+    check_writable(config, adapter_name, component)
     tensors = {}
-    for key, tensor in adapter_slots(model, adapter_name).items():
+    for key, tensor in peft_tensors.items():
         local = key.removeprefix(DISK_PREFIX)
         if not local.endswith(LOCAL_NAMES):
             raise DeltaConfigError(f"{component}: {local} has no place in the diffusers layout (a LoRA on an "
                                    "embedding? diffusers' loaders read lora_A/lora_B/lora_magnitude_vector)")
         tensors[f"{component}.{local}"] = tensor.detach()
-    names = list(lora_layers(model, adapter_name))
+    names = sorted({k.removeprefix(DISK_PREFIX).rsplit(".lora_", 1)[0] for k in peft_tensors})
     ranks = {n: pattern_value(config.rank_pattern, n, config.r) for n in names}
     alphas = {n: pattern_value(config.alpha_pattern, n, config.lora_alpha, "alpha_pattern") for n in names}
     fields = {**explicit_patterns(ranks, alphas), "target_modules": exact_names(names),
               "use_rslora": config.use_rslora, "use_dora": config.use_dora}
     return tensors, fields
+
+
+def write_file(parts: dict[str, tuple[dict[str, torch.Tensor], dict]], folder: str | os.PathLike) -> Path:
+    """{component: (tensors, fields)} -> folder/pytorch_lora_weights.safetensors, the folder written whole."""
+    tensors, metadata = {}, {}
+    for component, (part, fields) in parts.items():
+        tensors.update(part)
+        metadata.update({f"{component}.{k}": v for k, v in fields.items()})
+    data = safetensors_bytes(tensors, {METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
+    with atomic_folder(folder) as tmp:
+        write_bytes(tmp / WEIGHTS_NAME, data)
+    return Path(folder) / WEIGHTS_NAME
 
 
 def save_diffusers_lora(components: dict[str, DeltaModel], folder: str | os.PathLike,
@@ -142,16 +145,48 @@ def save_diffusers_lora(components: dict[str, DeltaModel], folder: str | os.Path
     """
     if not components:
         raise DeltaConfigError("components is empty: give {pipeline attribute: DeltaModel}, e.g. {'unet': model}")
-    tensors, metadata = {}, {}
+    parts = {}
     for component, model in components.items():
-        part, fields = diffusers_state_dict(model, component, adapter_name)
-        tensors.update(part)
-        metadata.update({f"{component}.{k}": v for k, v in fields.items()})
-    header = {METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)}
-    data = safetensors_bytes(tensors, header)
-    with atomic_folder(folder) as tmp:
-        write_bytes(tmp / WEIGHTS_NAME, data)
-    return Path(folder) / WEIGHTS_NAME
+        if adapter_name not in model.peft_config:
+            raise ValueError(f"{component}: unknown adapter {adapter_name!r}; adapters: {list(model.peft_config)}")
+        parts[component] = diffusers_state_dict(model.peft_config[adapter_name], adapter_slots(model, adapter_name),
+                                                component, adapter_name)
+    return write_file(parts, folder)
+
+
+def component_of(config, given: str | None, source: str) -> str:
+    """The pipeline attribute an adapter belongs to: `given`; else the base model folder's name when it is one
+    (a pipeline keeps each component in a folder named after it: .../unet); else that folder's diffusers
+    class (`_class_name` in its config.json: a UNet -> unet, a transformer -> transformer)."""
+    if given:
+        return given
+    base = Path(str(config.base_model_name_or_path or ""))
+    if base.name in COMPONENTS:
+        return base.name
+    try:
+        class_name = json.loads((base / "config.json").read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        class_name = ""
+    for ending, component in (("UNet2DConditionModel", "unet"), ("Transformer2DModel", "transformer")):
+        if class_name.endswith(ending):
+            return component
+    raise DeltaConfigError(f"{source}: cannot tell which pipeline component the adapter is for (its "
+                           f"base_model_name_or_path is {str(base) or 'empty'!r}); pass --component, one of "
+                           f"{', '.join(COMPONENTS)}")
+
+
+def export_diffusers(adapter: str | os.PathLike, out: str | os.PathLike, component: str | None = None,
+                     allow_pickle: bool = False) -> Path:
+    """`deltatune export --to diffusers ADAPTER OUT`: a saved LoRA/DoRA adapter folder (peft layout, ours or
+    peft's) for one diffusers component -> OUT/pytorch_lora_weights.safetensors. No model is loaded.
+
+    Raises:
+        AdapterFileError / DeltaConfigError: an unreadable adapter, one diffusers cannot read, or a component
+            that cannot be told (pass `component`). Nothing is written then.
+    """
+    config, weights = read_adapter(adapter, allow_pickle=allow_pickle)
+    component = component_of(config, component, str(adapter))
+    return write_file({component: diffusers_state_dict(config, weights, component)}, out)
 
 
 # ---------------------------------------------------------------------------------------------- reading

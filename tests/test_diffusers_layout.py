@@ -298,6 +298,26 @@ def test_export_command_turns_saved_adapters_into_the_diffusers_layout(tmp_path,
     torch.testing.assert_close(text_out(reader.text_encoder, ids), text_out(text, ids), atol=TOL, rtol=TOL)
 
 
+def test_export_of_a_text_to_image_run_writes_every_component(tmp_path):
+    """A run's adapter folder (adapter/unet/, adapter/text_encoder/, both naming the whole pipeline as their
+    base model): one file, each component under its folder's name, loading with both outputs."""
+    from deltatune.cli import main
+    from tiny_diffusion import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "pipe")
+    models, ours = our_pipeline(False, r=4, lora_alpha=8, **PATTERNS)
+    for name, model in models.items():
+        model.peft_config["default"].base_model_name_or_path = str(folder)
+        model.save_pretrained(tmp_path / "run" / "adapter" / name)
+    assert main(["export", "--to", "diffusers", str(tmp_path / "run" / "adapter"), str(tmp_path / "out")]) == 0
+    reader = StableDiffusionPipeline.from_pretrained(folder)
+    reader.load_lora_weights(str(tmp_path / "out"))
+    torch.testing.assert_close(unet_out(reader.unet), unet_out(ours.unet), atol=TOL, rtol=TOL)
+    assert abs(images(reader) - images(ours)).max() <= TOL
+    assert main(["export", "--to", "diffusers", str(tmp_path / "run" / "adapter"), str(tmp_path / "x"),
+                 "--component", "unet"]) == 2
+
+
 def test_export_command_errors_are_one_line(tmp_path, capsys):
     from deltatune.cli import main
 

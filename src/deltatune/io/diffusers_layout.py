@@ -43,7 +43,7 @@ from ..core.model import DeltaModel
 from ..core.targeting import pattern_value
 from ..errors import AdapterFileError
 from ..methods.lora import LoraConfig
-from .adapter_files import read_adapter, weights_fill
+from .adapter_files import CONFIG_NAME, read_adapter, weights_fill
 from .atomic import atomic_folder, safetensors_bytes, write_bytes
 from .keymap import DISK_PREFIX, adapter_slots
 
@@ -154,15 +154,17 @@ def save_diffusers_lora(components: dict[str, DeltaModel], folder: str | os.Path
     return write_file(parts, folder)
 
 
-def component_of(config, given: str | None, source: str) -> str:
-    """The pipeline attribute an adapter belongs to: `given`; else the base model folder's name when it is one
-    (a pipeline keeps each component in a folder named after it: .../unet); else that folder's diffusers
-    class (`_class_name` in its config.json: a UNet -> unet, a transformer -> transformer)."""
+def component_of(config, folder: Path, given: str | None) -> str:
+    """The pipeline attribute the adapter in `folder` belongs to: `given`; else the adapter folder's own name
+    when it is one (a training run's adapter/unet/); else its base model folder's name (a pipeline keeps each
+    component in a folder named after it: .../unet); else that folder's diffusers class (`_class_name` in its
+    config.json: a UNet -> unet, a transformer -> transformer)."""
     if given:
         return given
     base = Path(str(config.base_model_name_or_path or ""))
-    if base.name in COMPONENTS:
-        return base.name
+    for name in (folder.resolve().name, base.name):
+        if name in COMPONENTS:
+            return name
     try:
         class_name = json.loads((base / "config.json").read_text(encoding="utf-8")).get("_class_name", "")
     except (OSError, ValueError, AttributeError):
@@ -170,23 +172,45 @@ def component_of(config, given: str | None, source: str) -> str:
     for ending, component in (("UNet2DConditionModel", "unet"), ("Transformer2DModel", "transformer")):
         if class_name.endswith(ending):
             return component
-    raise DeltaConfigError(f"{source}: cannot tell which pipeline component the adapter is for (its "
-                           f"base_model_name_or_path is {str(base) or 'empty'!r}); pass --component, one of "
-                           f"{', '.join(COMPONENTS)}")
+    raise DeltaConfigError(f"{folder}: cannot tell which pipeline component the adapter is for (neither its "
+                           f"folder nor its base_model_name_or_path {str(base) or ''!r} names one); pass "
+                           f"--component, one of {', '.join(COMPONENTS)}")
+
+
+def adapter_folders(adapter: Path) -> list[Path]:
+    """The adapter folder itself, or its component subfolders (unet/, text_encoder/ ...) that hold adapters."""
+    if (adapter / CONFIG_NAME).is_file():
+        return [adapter]
+    found = [adapter / name for name in COMPONENTS if (adapter / name / CONFIG_NAME).is_file()]
+    if not found:
+        raise AdapterFileError(f"{adapter}: no {CONFIG_NAME} there, nor in a component subfolder "
+                               f"({', '.join(COMPONENTS)})")
+    return found
 
 
 def export_diffusers(adapter: str | os.PathLike, out: str | os.PathLike, component: str | None = None,
                      allow_pickle: bool = False) -> Path:
-    """`deltatune export --to diffusers ADAPTER OUT`: a saved LoRA/DoRA adapter folder (peft layout, ours or
-    peft's) for one diffusers component -> OUT/pytorch_lora_weights.safetensors. No model is loaded.
+    """`deltatune export --to diffusers ADAPTER OUT`: saved LoRA/DoRA adapters (peft layout, ours or peft's) ->
+    OUT/pytorch_lora_weights.safetensors. ADAPTER is one component's adapter folder, or a folder of them
+    (a text-to-image run's adapter/ with unet/ and text_encoder/), all written into the one file. No model is
+    loaded.
 
     Raises:
-        AdapterFileError / DeltaConfigError: an unreadable adapter, one diffusers cannot read, or a component
-            that cannot be told (pass `component`). Nothing is written then.
+        AdapterFileError / DeltaConfigError: an unreadable adapter, one diffusers cannot read, a component that
+            cannot be told (pass `component`, for a single adapter folder). Nothing is written then.
     """
-    config, weights = read_adapter(adapter, allow_pickle=allow_pickle)
-    component = component_of(config, component, str(adapter))
-    return write_file({component: diffusers_state_dict(config, weights, component)}, out)
+    folders = adapter_folders(Path(adapter))
+    if component and len(folders) > 1:
+        raise DeltaConfigError(f"{adapter}: --component names one component, but the folder holds "
+                               f"{[f.name for f in folders]} (each is exported under its folder's name)")
+    parts = {}
+    for folder in folders:
+        config, weights = read_adapter(folder, allow_pickle=allow_pickle)
+        name = component_of(config, folder, component)
+        if name in parts:
+            raise DeltaConfigError(f"{adapter}: two adapters for component {name!r}")
+        parts[name] = diffusers_state_dict(config, weights, name)
+    return write_file(parts, out)
 
 
 # ---------------------------------------------------------------------------------------------- reading

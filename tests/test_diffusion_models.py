@@ -84,17 +84,18 @@ def test_weighted_merge_is_the_weighted_sum_of_updates(row_id, family):
     torch.testing.assert_close(output(merged, inputs), combined, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("family", DIFFUSION)
+@pytest.mark.parametrize("row_id,family", CASES)
 @torch.no_grad()
-def test_hotswap_equals_the_swapped_in_adapter_loaded_fresh(family, tmp_path):
-    """A live LoRA (r=4) takes another LoRA's weights (r=4, another alpha) in place: the parameters stay the
-    same objects, and the output equals that adapter loaded with from_pretrained."""
+def test_hotswap_equals_the_swapped_in_adapter_loaded_fresh(row_id, family, tmp_path):
+    """A live adapter takes another one's weights in place (a LoRA of another alpha: its scale is folded into
+    B): the parameters stay the same objects, and the output equals that adapter loaded with from_pretrained."""
     inputs = make_inputs(family)
-    incoming = dt.get_peft_model(base_model(family), dt.LoraConfig(**{**ROWS["lora"].config_kwargs(family),
-                                                                      "lora_alpha": 3}))
+    kwargs = ROWS[row_id].config_kwargs(family)
+    incoming = dt.get_peft_model(base_model(family), ROWS[row_id].config(family) if row_id != "lora" else
+                                 dt.LoraConfig(**{**kwargs, "lora_alpha": 3}))
     randomize(incoming, seed=9)
     incoming.save_pretrained(str(tmp_path))
-    live = build("lora", family).eval()
+    live = build(row_id, family).eval()
     randomize(live)
     before = {n: p for n, p in live.named_parameters() if p.requires_grad}
     hotswap_adapter(live, str(tmp_path))

@@ -332,3 +332,19 @@ def test_export_command_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--component" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_metadata_without_alpha_reads_peft_default_as_diffusers_does(tmp_path):
+    """Metadata that names r but no lora_alpha: diffusers builds peft.LoraConfig(r=...), whose lora_alpha is 8."""
+    models, _ = our_pipeline(False, r=2, lora_alpha=2)
+    dt.save_diffusers_lora({"unet": models["unet"]}, tmp_path / "full")
+    tensors = load_file(str(tmp_path / "full" / WEIGHTS_NAME))
+    (tmp_path / "partial").mkdir()
+    metadata = {"unet.r": 2, "unet.target_modules": UNET_TARGETS}
+    save_file(tensors, str(tmp_path / "partial" / WEIGHTS_NAME), metadata={METADATA_KEY: json.dumps(metadata)})
+    reader = tiny_sd_pipeline()
+    reader.load_lora_weights(str(tmp_path / "partial"))
+    ours = dt.load_diffusers_lora(tmp_path / "partial", {"unet": tiny_sd_pipeline().unet})["unet"]
+    assert ours.peft_config["default"].lora_alpha == 8
+    torch.testing.assert_close(unet_out(ours), unet_out(reader.unet), atol=TOL, rtol=TOL)
+    assert (unet_out(ours) - unet_out(models["unet"])).abs().max() > 1e-3  # alpha 8, not the sender's 2

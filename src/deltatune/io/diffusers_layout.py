@@ -53,6 +53,7 @@ COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_enc
 LOCAL_NAMES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")  # what a layer writes
 LEGACY_SUFFIXES = {".lora.down.weight": ".lora_A.weight", ".lora.up.weight": ".lora_B.weight",
                    ".lora_linear_layer.down.weight": ".lora_A.weight", ".lora_linear_layer.up.weight": ".lora_B.weight"}
+PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's lora_alpha default
 TEXT_MODEL = "text_model."  # CLIPTextModel's inner level before Transformers 5 flattened it
 
 
@@ -276,7 +277,7 @@ def config_for(part: dict[str, torch.Tensor], fields: dict) -> LoraConfig:
     its alpha from the metadata (peft's pattern rule) or, without metadata, = rank (diffusers' rule)."""
     ranks = {k.removesuffix(".lora_B.weight"): t.shape[1] for k, t in part.items() if k.endswith(".lora_B.weight")}
     if fields:
-        default = fields.get("lora_alpha", fields.get("r", 8))
+        default = fields.get("lora_alpha", PEFT_DEFAULT_ALPHA)  # what peft.LoraConfig(**fields) falls back to
         alphas = {n: pattern_value(fields.get("alpha_pattern") or {}, n, default, "alpha_pattern") for n in ranks}
     else:
         alphas = dict(ranks)

@@ -21,8 +21,9 @@ W + B A); reading, so do we. (kohya's per-module `.alpha` keys, diffusers' `netw
 format's.) Older key forms diffusers still reads are mapped (LEGACY_SUFFIXES), and a CLIP text encoder saved
 with a `text_model.` level loads into one without it, as diffusers does.
 
-Only LoRA and DoRA adapters are written: diffusers' pipelines load no other method from this layout (LoHa's
-keys fail load_lora_weights' "lora" key check, and so do LoKr's), so others get one error naming the way out;
+Only LoRA and DoRA adapters are written: the Stable Diffusion pipeline's load_lora_weights refuses any key
+without "lora" (LoHa's hada_*, LoKr's lokr_*; diffusers 0.42 reads LoKr through some model-level loaders only),
+so other methods get one error naming the way out;
 DoRA only on denoisers (a text encoder's magnitudes are dropped by diffusers 0.42.1 under Transformers 5).
 """
 

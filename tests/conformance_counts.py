@@ -104,7 +104,7 @@ def expected_trainable(row, family: str, base: nn.Module, wrapped, adapter: str 
         return count + model_level(row.peft_type, settings, family, base)
     if row.peft_type in FORMULAS:
         names = [n for n, m in wrapped.delta_layers() if isinstance(m, DeltaLayer) and adapter in m.adapters]
-        width = hidden_size(base) if hasattr(base, "config") else None  # for bottlenecks and fusions
+        width = hidden_size(base) if row.peft_type.startswith("BOTTLENECK") else None  # bottlenecks, fusions
         count += sum(per_layer(row.peft_type, settings, family, n, base.get_submodule(n), width)
                      for n in names)
         if settings.get("bias") == "all":  # every base bias but the head's (its trained copy has its own)

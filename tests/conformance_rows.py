@@ -22,6 +22,15 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
+from tiny_diffusion import (
+    flux_batch,
+    latent_batch,
+    sd3_batch,
+    tiny_clip_text_encoder,
+    tiny_flux_transformer,
+    tiny_sd3_transformer,
+)
+from tiny_diffusion import tiny_unet as tiny_sd_unet
 from tiny_models import VOCAB, tiny_bert_cls, tiny_convnet, tiny_gpt2, tiny_llama, tiny_t5
 from tiny_vision import tiny_unet, tiny_vit
 
@@ -39,6 +48,7 @@ class Family:
     decoder: str | None = None  # "causal" or "seq2seq": greedy generate == stepwise greedy forward
     rope: bool = False  # relative positions: left padding keeps a row's logits too
     checkpointing: bool = True  # Transformers' gradient checkpointing applies
+    batch: Callable[[int], dict] | None = None  # keyword inputs for n rows (diffusers denoisers)
 
     @property
     def text(self) -> bool:
@@ -54,6 +64,9 @@ def llama64(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).float().eval()
 
 
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' Attention
+CONTEXT_ATTENTION = ("add_q_proj", "add_k_proj", "add_v_proj")  # the DiTs' text-stream projections
+FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
 FAMILIES = {
     "llama": Family(tiny_llama, "input_ids", "CAUSAL_LM", ("q_proj", "v_proj", "down_proj"), "causal", True),
     "gpt2": Family(tiny_gpt2, "input_ids", "CAUSAL_LM", ("c_attn", "c_fc"), "causal"),
@@ -63,7 +76,21 @@ FAMILIES = {
     "convnet": Family(tiny_convnet, "pixels", None, ("conv2d", "conv1d", "fc"), checkpointing=False),
     "unet": Family(tiny_unet, "pixels", None, ("conv_in", "down", "mid", "proj_in", "up", "conv_out"),
                    checkpointing=False),
+    # diffusers' own models (tests/tiny_diffusion.py): attention, feed-forward, and the UNet's ResNet convs
+    "sd_unet": Family(tiny_sd_unet, "sample", None, (*ATTENTION, *FEED_FORWARD, "proj_in", "proj_out", "conv1",
+                                                     "conv2", "conv_shortcut"),
+                      checkpointing=False, batch=lambda n: latent_batch(n)),
+    # the tiny SD3's one block is its last (context_pre_only): the text queries (add_q_proj) reach no output
+    "sd3": Family(tiny_sd3_transformer, "hidden_states", None, (*ATTENTION, *CONTEXT_ATTENTION[1:], *FEED_FORWARD),
+                  checkpointing=False, batch=lambda n: sd3_batch(n)),
+    "flux": Family(tiny_flux_transformer, "hidden_states", None, (*ATTENTION, *CONTEXT_ATTENTION, "to_add_out",
+                                                                  *FEED_FORWARD, "proj_mlp",
+                                                                  "single_transformer_blocks.0.proj_out"),
+                   checkpointing=False, batch=lambda n: flux_batch(n)),
+    "clip_text": Family(tiny_clip_text_encoder, "input_ids", None, ("q_proj", "k_proj", "v_proj", "out_proj",
+                                                                   "fc1", "fc2")),
 }
+DIFFUSION = ("sd_unet", "sd3", "flux", "clip_text")  # the image-model families
 ALL = ("llama", "gpt2", "bert", "t5", "vit", "convnet")
 TEXT = ("llama", "gpt2", "bert", "t5")
 
@@ -176,35 +203,37 @@ VIT_CONV = {"vit": {"target_modules": ["projection", "q_proj", "v_proj", "fc1"]}
 CONV2D = {**VIT_CONV, "convnet": {"target_modules": ["conv2d", "fc"]}}  # methods without Conv1d support
 UNET_BOFT = {"unet": {"target_modules": ["down", "mid", "up", "conv_out"]}}  # conv_in: 27 numbers, no blocks
 CONV_FAMILIES = ("llama", "bert", "t5", "vit", "convnet", "unet")
+CLIP_OFT = {"clip_text": {"target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]}}  # fc2's 37: b = 1
 PROMPT = dict(num_virtual_tokens=3)
 VIT_NORMS = {**DEFAULT_TARGETS, "vit": {"target_modules": ["layernorm_before", "layernorm_after"]}}
 
 ROWS = {
-    "lora": Row("LORA", LORA, (*ALL, "unet"), (FLOAT, *QUANTIZED, "int8"), targets=VIT_CONV,
+    "lora": Row("LORA", LORA, (*ALL, "unet", *DIFFUSION), (FLOAT, *QUANTIZED, "int8"), targets=VIT_CONV,
                 peft="LoraConfig"),
     "rslora": Row("LORA", {**LORA, "use_rslora": True}, ("llama", "gpt2", "convnet"),
                   (FLOAT, *QUANTIZED, "int8"), peft="LoraConfig"),
-    "dora": Row("LORA", {**LORA, "use_dora": True}, ALL, (FLOAT, *QUANTIZED, "int8"), targets=VIT_CONV,
+    "dora": Row("LORA", {**LORA, "use_dora": True}, (*ALL, *DIFFUSION), (FLOAT, *QUANTIZED, "int8"), targets=VIT_CONV,
                 peft="LoraConfig"),
     "lora_bias_all": Row("LORA", {**LORA, "bias": "all"}, ("gpt2", "bert"), peft="LoraConfig"),
     "pissa": Row("LORA", {**LORA, "init_lora_weights": "pissa"}, ("llama", "gpt2", "t5", "vit"),
                  refuses=QUANTIZED, rewrites_base=True),
     "olora": Row("LORA", {**LORA, "init_lora_weights": "olora"}, ("llama", "bert"), refuses=QUANTIZED,
                  rewrites_base=True),
-    "loha": Row("LOHA", dict(r=4, alpha=8), CONV_FAMILIES, refuses=QUANTIZED, targets=VIT_CONV,
+    "loha": Row("LOHA", dict(r=4, alpha=8), (*CONV_FAMILIES, *DIFFUSION), refuses=QUANTIZED, targets=VIT_CONV,
                 peft="LoHaConfig"),
-    "loha_effective_conv": Row("LOHA", dict(r=2, alpha=8, use_effective_conv2d=True), ("convnet", "unet"),
+    "loha_effective_conv": Row("LOHA", dict(r=2, alpha=8, use_effective_conv2d=True), ("convnet", "unet", "sd_unet"),
                                peft="LoHaConfig"),
-    "lokr": Row("LOKR", dict(r=2, alpha=4), CONV_FAMILIES, refuses=QUANTIZED, targets=VIT_CONV,
+    "lokr": Row("LOKR", dict(r=2, alpha=4), (*CONV_FAMILIES, *DIFFUSION), refuses=QUANTIZED, targets=VIT_CONV,
                 peft="LoKrConfig"),
     "lokr_decompose_both": Row("LOKR", dict(r=1, alpha=4, decompose_both=True, decompose_factor=8),
                                ("llama", "unet"), peft="LoKrConfig"),
     # peft's torch.kron fails on the strides its einsum leaves for Conv1d's (r, r, k, 1) core
-    "lokr_effective_conv": Row("LOKR", dict(r=1, alpha=4, use_effective_conv2d=True), ("convnet", "unet"),
-                               peft="LoKrConfig", peft_families=("unet",)),
+    "lokr_effective_conv": Row("LOKR", dict(r=1, alpha=4, use_effective_conv2d=True),
+                               ("convnet", "unet", "sd_unet"), peft="LoKrConfig", peft_families=("unet", "sd_unet")),
     # peft 0.21.2's unmerged OFT forward on convs wider than 1x1 is wrong (test_methods_reparam.py)
-    "oft": Row("OFT", dict(r=0, oft_block_size=4), CONV_FAMILIES, (FLOAT, *QUANTIZED), targets=CONV2D,
-               peft="OFTConfig", peft_families=("llama", "bert", "t5")),
+    "oft": Row("OFT", dict(r=0, oft_block_size=4), (*CONV_FAMILIES, *DIFFUSION), (FLOAT, *QUANTIZED),
+               targets={**CONV2D, **CLIP_OFT}, peft="OFTConfig",
+               peft_families=("llama", "bert", "t5", "sd3", "flux", "clip_text")),
     "oft_exact_cayley": Row("OFT", dict(r=0, oft_block_size=4, use_cayley_neumann=False), ("llama",),
                             peft="OFTConfig"),
     "oft_block_share": Row("OFT", dict(r=0, oft_block_size=8, block_share=True), ("llama",),

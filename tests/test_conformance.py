@@ -48,6 +48,8 @@ def where(predicate) -> list:
 # ---------------------------------------------------------------------- shared helpers
 def make_inputs(family: str, batch: int = 3) -> dict:
     name = FAMILIES[family].input_name
+    if FAMILIES[family].batch is not None:
+        return FAMILIES[family].batch(batch)
     if name != "input_ids":
         return {name: image_batch(batch=batch)}
     ids = token_batch(batch=batch, length=6)
@@ -57,7 +59,12 @@ def make_inputs(family: str, batch: int = 3) -> dict:
 def output(model, inputs: dict, row_id: str | None = None) -> torch.Tensor:
     batch = next(iter(inputs.values())).shape[0]
     out = model(**inputs, **(forward_kwargs(row_id, batch) if row_id else {}))
-    return out if isinstance(out, torch.Tensor) else out.logits
+    if isinstance(out, torch.Tensor):
+        return out
+    for field in ("logits", "sample", "last_hidden_state"):  # LMs, diffusers denoisers, text encoders
+        if getattr(out, field, None) is not None:
+            return getattr(out, field)
+    raise TypeError(f"no output tensor in a {type(out).__name__}")
 
 
 @torch.no_grad()
@@ -287,7 +294,8 @@ def test_padding_invariance(row_id, family, base):
         batch_out = output(model, {**inputs, **extra}, row_id)[1:]
         alone = output(model, {**alone_inputs, **{k: v[1:, -length:] if k == "position_ids" else v[1:]
                                                    for k, v in extra.items()}}, row_id)
-        if decoder == "causal":  # logits per token (after any virtual tokens): compare the real positions
+        if decoder == "causal" or batch_out.dim() == 3:  # per token (a causal LM's logits after any virtual
+            # tokens, a text encoder's hidden states): compare the real positions
             batch_out = batch_out[:, -ids.shape[1]:][:, real]
             alone = alone[:, -length:]
         torch.testing.assert_close(batch_out, alone, atol=TOL, rtol=TOL, msg=f"{side} padding")

@@ -34,6 +34,7 @@ def base_module(kind: str) -> nn.Module:
     torch.manual_seed(0)
     return {"linear": lambda: nn.Linear(8, 10), "conv1d": lambda: Conv1D(10, 8),
             "conv": lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1),
+            "conv_reflect": lambda: nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"),  # diffusers' VAEs
             "embedding": lambda: nn.Embedding(12, 6)}[kind]().requires_grad_(False)
 
 
@@ -50,7 +51,8 @@ def make_input(kind: str) -> torch.Tensor:
     torch.manual_seed(2)
     if kind == "embedding":
         return torch.randint(0, 12, (2, 5))
-    return (torch.randn(2, 3, 9, 9) if kind == "conv" else torch.randn(2, 4, 8)).requires_grad_()
+    image = kind in ("conv", "conv_reflect")
+    return (torch.randn(2, 3, 9, 9) if image else torch.randn(2, 4, 8)).requires_grad_()
 
 
 def op_and_weight(base: BaseLayer, kind: str):
@@ -58,6 +60,8 @@ def op_and_weight(base: BaseLayer, kind: str):
     module = base.module
     if kind == "conv":
         return (lambda x, w: F.conv2d(x, w, None, module.stride, module.padding, module.dilation)), module.weight
+    if kind == "conv_reflect":  # the input padded by reflection first, then convolved without padding
+        return (lambda x, w: F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), w)), module.weight
     if kind == "embedding":
         return (lambda ids, w: F.embedding(ids, w.T)), module.weight.T
     return (lambda x, w: F.linear(x, w)), base.to_out_first(module.weight)
@@ -128,7 +132,7 @@ def layer_case(path: str, kind: str, p: float, mode: str):
         if dora:
             magnitude = adapter.lora_magnitude_vector
             return ref.dora(x, base_out, op, weight, delta_of(adapter), magnitude, keep, p_keep,
-                            1 if kind == "conv" else -1), path
+                            1 if kind in ("conv", "conv_reflect") else -1), path
         return ref.lora(x, base_out, op, delta_of(adapter), keep, p_keep), path
 
     results = []
@@ -175,12 +179,12 @@ CASES = {
     "lora_autograd_in_place": (("linear",), (0.0, 0.3)),  # not under autocast: a bfloat16 model instead
     "lora_no_grad": (("linear", "conv1d"), (0.0, 0.3)),
     "lora_no_grad_in_place": (("linear",), (0.0, 0.3)),
-    "lora_module": (("conv", "embedding"), (0.0, 0.3)),
+    "lora_module": (("conv", "conv_reflect", "embedding"), (0.0, 0.3)),
     "mixed_gather": (("linear",), (0.0,)),  # mixed batches run only without training dropout
     "mixed_dense": (("linear",), (0.0,)),
     "dora_autograd": (("linear",), (0.0, 0.3)),
     "dora_no_grad": (("linear",), (0.0,)),  # with dropout the autograd function runs
-    "dora_module": (("conv1d", "conv", "embedding"), (0.0, 0.3)),
+    "dora_module": (("conv1d", "conv", "conv_reflect", "embedding"), (0.0, 0.3)),
 }
 PARAMS = [(path, kind, p, mode) for path, (kinds, ps) in CASES.items() for kind in kinds for p in ps
           for mode in ("float32", "bf16_model" if path.endswith("in_place") else "bf16")

@@ -109,3 +109,26 @@ def latent_batch(batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
     return {"sample": torch.randn(batch, 4, SAMPLE_SIZE, SAMPLE_SIZE, generator=generator),
             "timestep": torch.randint(0, 1000, (batch,), generator=generator),
             "encoder_hidden_states": torch.randn(batch, 5, CROSS_ATTENTION_DIM, generator=generator)}
+
+
+def sd3_batch(batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
+    """tiny_sd3_transformer inputs: hidden_states (batch, 4, 8, 8), encoder_hidden_states (batch, 5, 32),
+    pooled_projections (batch, 32), timestep (batch,)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, 4, 8, 8, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, 5, CROSS_ATTENTION_DIM, generator=generator),
+            "pooled_projections": torch.randn(batch, CROSS_ATTENTION_DIM, generator=generator),
+            "timestep": torch.randint(0, 1000, (batch,), generator=generator)}
+
+
+def flux_batch(batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
+    """tiny_flux_transformer inputs: 16 packed image tokens (batch, 16, 4) and 5 text tokens (batch, 5, 32),
+    their position ids (16, 3) / (5, 3), pooled_projections (batch, 32), timestep in [0, 1) (batch,)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    return {"hidden_states": torch.randn(batch, 16, 4, generator=generator),
+            "encoder_hidden_states": torch.randn(batch, 5, CROSS_ATTENTION_DIM, generator=generator),
+            "pooled_projections": torch.randn(batch, CROSS_ATTENTION_DIM, generator=generator),
+            "timestep": torch.rand(batch, generator=generator),
+            "img_ids": torch.stack([torch.zeros(16), rows.flatten(), cols.flatten()], dim=-1),
+            "txt_ids": torch.zeros(5, 3)}

@@ -10,6 +10,7 @@ from .core.config import DeltaConfig, DeltaConfigError, TaskType, registered_met
 from .core.layer import MergeError
 from .io.adapter_files import AdapterFileError
 from .io.adapterhub import load_adapterhub, save_adapterhub
+from .io.diffusers_layout import load_diffusers_lora, save_diffusers_lora
 from .io.kohya_format import load_kohya, save_kohya
 from .methods.adalora import AdaLoraConfig
 from .methods.bitfit import BitFitConfig
@@ -73,6 +74,7 @@ __all__ = [
     "hotswap_adapter",
     "load_adapterhub",
     "load_kohya",
+    "load_diffusers_lora",
     "prepare_model_for_hotswap",
     "proxy_generate",
     "quantize",
@@ -80,6 +82,7 @@ __all__ = [
     "relora_lr_multiplier",
     "save_adapterhub",
     "save_kohya",
+    "save_diffusers_lora",
     "stack_adapters",
     "to_cumulative_lora",
 ]

@@ -6,8 +6,8 @@ deltatune eval  CONFIG.yaml [key=value ...] | --adapter DIR --data FILE
 deltatune generate --adapter DIR "prompt" | --chat [--system TEXT] [--temperature T --seed N]
 deltatune generate --adapter RUN_DIR "prompt" [--out DIR --steps N --guidance-scale G --seed N]  # images
 deltatune merge --adapter DIR --out DIR
-deltatune export --to kohya --pipeline DIR --adapter unet=DIR [--adapter text_encoder=DIR] --out FILE
 deltatune inspect DIR | FILE.safetensors
+deltatune export --to diffusers|kohya|gguf --adapter [COMPONENT=]DIR --out PATH [--pipeline DIR] [--component C]
 deltatune serve [--model M] [--adapter NAME=DIR ...] [--host H --port P] [--engine deltatune|vllm]
 """
 
@@ -153,11 +153,16 @@ def _convert(args) -> None:
 
 
 def _export(args) -> None:
+    from .io.diffusers_layout import component_folders, export_diffusers
     from .io.kohya_format import export_kohya
 
-    adapters = dict(item.split("=", 1) if "=" in item else ("unet", item) for item in args.adapter)
-    out = export_kohya(args.pipeline, adapters, args.out)
-    print(f"kohya/LyCORIS file written to {out} (LoRA as kohya LoRA, LoHa/LoKr as LyCORIS)")
+    adapters = component_folders(args.adapter, args.component)
+    if args.to == "diffusers":
+        path = export_diffusers(adapters, args.out, allow_pickle=args.allow_pickle)
+        print(f"diffusers LoRA written to {path} (pipeline.load_lora_weights({str(args.out)!r}) loads it)")
+    else:
+        path = export_kohya(adapters, args.out, pipeline=args.pipeline, allow_pickle=args.allow_pickle)
+        print(f"kohya/LyCORIS file written to {path} (LoRA as kohya LoRA, LoHa/LoKr as LyCORIS)")
 
 
 def _serve(args) -> int:
@@ -318,14 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("export", help="write image-model adapters in another tool's format")
-    p.add_argument("--to", choices=["kohya"], required=True,
-                   help="kohya: one .safetensors file for A1111/ComfyUI/Forge (LoRA) and LyCORIS (LoHa/LoKr)")
-    p.add_argument("--pipeline", required=True, help="the diffusers pipeline folder the adapters were trained on")
-    p.add_argument("--adapter", action="append", required=True, metavar="COMPONENT=DIR",
-                   help="adapter directory for a pipeline component (unet, transformer, text_encoder, "
-                        "text_encoder_2); repeat for several; a bare DIR is the unet's")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p = sub.add_parser("export", help="write a saved adapter in another tool's format: diffusers or kohya/LyCORIS "
+                                      "(image models)")
+    p.add_argument("--to", choices=["diffusers", "kohya"], required=True,
+                   help="diffusers: OUT/pytorch_lora_weights.safetensors that pipeline.load_lora_weights reads "
+                        "(LoRA, DoRA); kohya: one .safetensors file for A1111/ComfyUI/Forge (LoRA) and LyCORIS "
+                        "(LoHa/LoKr)")
+    p.add_argument("--adapter", action="append", required=True, metavar="[COMPONENT=]DIR",
+                   help="adapter directory: one pipeline component's (unet, transformer, text_encoder ...; told from "
+                        "its folder or base model, or COMPONENT=DIR), or a text-to-image run's adapter/ folder "
+                        "holding one per component; repeat for several")
+    p.add_argument("--out", required=True, help="diffusers: output directory; kohya: output .safetensors file")
+    p.add_argument("--component", help="the component a single bare adapter DIR is for")
+    p.add_argument("--pipeline", help="kohya: the diffusers pipeline folder the adapters were trained on "
+                                      "(default: the adapters' base_model_name_or_path)")
+    p.add_argument("--allow-pickle", action="store_true", help="read a pickled adapter_model.bin")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("inspect", help="method, rank, targets, size and serving compatibility of an adapter")

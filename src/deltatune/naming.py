@@ -19,6 +19,9 @@ from torch import nn
 from .errors import DeltaConfigError
 
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "head")
+# a diffusers denoiser's last layer, a direct child of the model: the DiTs' (SD3, Flux, PixArt) proj_out, the
+# UNet's conv_out. Deeper modules of these names (a UNet block's proj_out, a Flux block's) are ordinary layers.
+DENOISER_OUTPUT_NAMES = ("proj_out", "conv_out")
 PATTERN_SECONDS = 0.5  # one regex on one module name; real patterns take microseconds
 
 
@@ -58,3 +61,9 @@ def output_head_names(model: nn.Module) -> set[str]:
         if (out is not None and module is out) or name.split(".")[-1] in OUTPUT_HEAD_NAMES:
             heads.add(name)
     return heads
+
+
+def denoiser_output_names(model: nn.Module) -> set[str]:
+    """The top-level output layer of a diffusers denoiser (DENOISER_OUTPUT_NAMES), which "all-linear" leaves out
+    as it leaves out a language model's head: it writes the noise prediction itself."""
+    return {name for name, _ in model.named_children() if name in DENOISER_OUTPUT_NAMES}

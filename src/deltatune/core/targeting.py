@@ -2,8 +2,10 @@ r"""Which modules a config adapts, and the check that every name or pattern a co
 
 `target_modules` as a list matches a module whose name equals an entry or ends with "." + entry; as a
 string it is a regular expression that must match the whole name; "all-linear" means every linear
-layer except the output head. `exclude_modules` takes the same forms. `layers_to_transform` keeps only
-modules inside the listed layer indices (found after `layers_pattern`, or a common layer-list name).
+layer except the output head (a language model's lm_head / classifier, a diffusers denoiser's top-level
+proj_out); convolutions (a UNet's conv1/conv2/conv_shortcut, its 1x1 proj_in/out) are targeted by name.
+`exclude_modules` takes the same forms. `layers_to_transform` keeps only modules inside the listed layer
+indices (found after `layers_pattern`, or a common layer-list name).
 Per-module keys (`rank_pattern`, `alpha_pattern`) are regexes matched against the end of a name after
 a dot: `(.*\.)?(key)` must match the whole name, exactly as `peft` does (so "^q_proj" or a
 "base_model.model."-prefixed path matches nothing there, nor here). Names are the module paths inside
@@ -24,7 +26,14 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..naming import OUTPUT_HEAD_NAMES, PATTERN_SECONDS, fullmatch, name_matches, output_head_names  # noqa: F401  (re-exported)
+from ..naming import (  # noqa: F401  (re-exported)
+    OUTPUT_HEAD_NAMES,
+    PATTERN_SECONDS,
+    denoiser_output_names,
+    fullmatch,
+    name_matches,
+    output_head_names,
+)
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError
 
 ALL_LINEAR = "all-linear"
@@ -98,7 +107,7 @@ def select_targets(model: nn.Module, config: DeltaConfig, modules: list[tuple[st
         raise DeltaConfigError(f"target_modules is not set for {config.peft_type}; give a list of module "
                                f"names, a regex, or {ALL_LINEAR!r}")
     if config.target_modules == ALL_LINEAR or config.target_modules == [ALL_LINEAR]:
-        heads = output_head_names(model)
+        heads = output_head_names(model) | denoiser_output_names(model)
         chosen = [n for n, m in modules if is_linear(m) and n not in heads]
     else:
         chosen = [n for n, _ in modules if name_matches(config.target_modules, n)]

@@ -179,9 +179,10 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, write)
 
 
-def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    """The safetensors file for `tensors`, in memory (one metadata key, so the same tensors always give
-    the same bytes: safetensors does not order several metadata keys)."""
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file for `tensors`, in memory. Without `metadata` one header key, so the same tensors
+    always give the same bytes (safetensors does not order several metadata keys); a format that needs its
+    own header keys (diffusers' lora_adapter_metadata) passes them."""
     # clone: safetensors refuses tensors that share storage (tied weights, views)
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    return save(owned, metadata={"format": "pt"})
+    return save(owned, metadata={"format": "pt", **(metadata or {})})

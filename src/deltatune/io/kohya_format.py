@@ -49,6 +49,7 @@ from .kohya_keys import (
     writing_prefixes,
 )
 from .lycoris_format import alpha_of, fit_to_module, pattern_config
+from .models import is_pipeline_folder, load_pipeline
 
 __all__ = ["export_kohya", "load_kohya", "read_kohya_groups", "save_kohya"]
 FROM_DISK = {disk: ours for ours, disk in LORA_NAMES.items()}
@@ -255,18 +256,29 @@ def save_kohya(models: Mapping[str, DeltaModel], path: str | os.PathLike, adapte
     return Path(path)
 
 
-def export_kohya(pipeline: str | os.PathLike, adapters: Mapping[str, str | os.PathLike], out: str | os.PathLike
-                 ) -> Path:
+def export_kohya(adapters: Mapping[str, str | os.PathLike], out: str | os.PathLike,
+                 pipeline: str | os.PathLike | None = None, allow_pickle: bool = False) -> Path:
     """`deltatune export --to kohya`: load the pipeline folder's components, each adapter folder (our PEFT
-    layout) onto its component, and write one kohya/LyCORIS file to `out`."""
-    from diffusers import DiffusionPipeline
+    layout; {"unet": DIR, "text_encoder": DIR}) onto its component, and write one kohya/LyCORIS file to `out`.
+    `pipeline` defaults to the adapters' base_model_name_or_path (a text-to-image run records its pipeline
+    folder there).
 
+    Raises:
+        DeltaConfigError: a component the format has no prefix for, or the pipeline lacks; no pipeline given
+            and the adapters name none (or different ones). Checked before the pipeline loads.
+    """
     writing_prefixes(list(adapters))  # a component the format has no prefix for: refused before any loading
-    read = {component: read_adapter(folder) for component, folder in adapters.items()}
-    pipe = DiffusionPipeline.from_pretrained(str(pipeline))
+    read = {component: read_adapter(folder, allow_pickle=allow_pickle) for component, folder in adapters.items()}
+    if pipeline is None:
+        named = {str(config.base_model_name_or_path) for config, _ in read.values()}
+        if len(named) != 1 or not is_pipeline_folder(next(iter(named))):
+            raise DeltaConfigError(f"--pipeline: the adapters name no one pipeline folder as their base "
+                                   f"({sorted(named)}); pass --pipeline DIR")
+        pipeline = named.pop()
+    pipe = load_pipeline(pipeline)
     models = {}
     for component, folder in adapters.items():
-        base = getattr(pipe, component, None)
+        base = pipe.components.get(component)
         if not isinstance(base, nn.Module):
             raise DeltaConfigError(f"--adapter {component}={folder}: the pipeline in {pipeline} has no model "
                                    f"{component!r}")

@@ -16,8 +16,6 @@ from torch import nn
 from ..core.call import CallContext
 from .lora_ops import DropoutMasks, ReplaysAutocast, autocast_state, dropout_masks, dropped_projection
 
-CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
 
 def channel_norm(weight: torch.Tensor) -> torch.Tensor:
     """L2 norm of each output channel of an out-first weight: (out,)."""
@@ -44,8 +42,8 @@ def base_without_bias(base: nn.Module, weight: torch.Tensor, base_out: torch.Ten
     if dropped is None:
         bias = getattr(base, "bias", None)
         return base_out if bias is None else base_out - broadcast_channels(bias, base_out, channel_dim)
-    if weight.dim() > 2:
-        return CONV_FNS[weight.dim() - 2](dropped, weight, None, base.stride, base.padding, base.dilation)
+    if weight.dim() > 2:  # the module's own conv: its padding mode (reflect, circular ...) too
+        return base._conv_forward(dropped, weight, None)
     return F.linear(dropped, weight)
 
 

@@ -62,8 +62,8 @@ class LoraAdapter(nn.Module, Additive, Reparameterizing, Batched, LowRank):
             self.lora_embedding_B = nn.Parameter(torch.empty(base.embedding_dim, r, **factory))
         else:
             conv = type(base.module)  # the same nn.ConvNd
-            self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                               base.dilation, bias=False, **factory)
+            self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding,  # padding_mode:
+                               base.dilation, bias=False, padding_mode=base.padding_mode, **factory)  # = merged
             self.lora_B = conv(r, base.out_channels, 1, 1, bias=False, **factory)
         self._init(base, init, module_name)
         if use_dora:

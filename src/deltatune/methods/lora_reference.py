@@ -7,7 +7,7 @@ DoRA (Liu et al. 2024, arXiv:2402.09353):   out = base_out - op(x~, W) + m * op(
                                              backprop (paper section 4.3)
 
 `op(input, weight)` is the base layer's operation without its bias on an out-first weight (F.linear, a
-convolution with the base's stride/padding/dilation, an embedding lookup of weight.T), so s B A is the
+convolution with the base's stride/padding/dilation/padding mode, an embedding lookup of weight.T), so s B A is the
 update in the same layout. DoRA keeps the base's bias as dora.py does: base_out - op(x~, W) is the bias
 when nothing is dropped (out = b + m (W + s B A) x / n), and the part of the base output the dropped
 input does not explain when something is (peft's formula). Dropout is an explicit keep-mask (0/1, the

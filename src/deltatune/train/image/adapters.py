@@ -6,6 +6,8 @@ Saved layout (our peft layout, one folder per adapted component):
 
     OUTPUT_DIR/adapter/unet/{adapter_config.json, adapter_model.safetensors}
     OUTPUT_DIR/adapter/text_encoder/...          (image.train_text_encoder only)
+    OUTPUT_DIR/adapter/diffusers/pytorch_lora_weights.safetensors
+                                                 (LoRA/DoRA: what `pipeline.load_lora_weights` reads)
 """
 
 from __future__ import annotations
@@ -15,19 +17,36 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...errors import DeltaConfigError
+from ...io.diffusers_layout import check_writable, save_diffusers_lora
 from .loss import noise_prediction_loss, prior_preservation_sum
 
 ADAPTER_FOLDER = "adapter"
+DIFFUSERS_FOLDER = "diffusers"  # inside ADAPTER_FOLDER: the same adapters in diffusers' own layout
 COMPONENTS = ("unet", "text_encoder")  # the pipeline attributes an adapter can sit on, in saving order
 
 
 def save_image_adapter(components: dict[str, nn.Module], folder: str | Path) -> Path:
-    """Save each adapted component (a DeltaModel) to `folder/<component>/` in our peft layout; returns
-    `folder`. The one place an image run's adapters are written (final adapter and checkpoints alike)."""
+    """Save each adapted component (a DeltaModel) to `folder/<component>/` in our peft layout, and all of them
+    to `folder/diffusers/` in diffusers' layout when diffusers can read them; returns `folder`. The one place
+    an image run's adapters are written (final adapter and checkpoints alike)."""
     folder = Path(folder)
     for name, model in components.items():
         model.save_pretrained(str(folder / name))
+    if diffusers_can_read(components):
+        save_diffusers_lora(components, folder / DIFFUSERS_FOLDER)
     return folder
+
+
+def diffusers_can_read(components: dict[str, nn.Module]) -> bool:
+    """Whether diffusers' `load_lora_weights` reads every component's adapter (LoRA, and DoRA on the denoiser;
+    io/diffusers_layout.check_writable's rules); other methods are exported with `deltatune export --to kohya`."""
+    try:
+        for name, model in components.items():
+            check_writable(model.peft_config["default"], "default", name)
+    except DeltaConfigError:
+        return False
+    return True
 
 
 def adapter_components(folder: str | Path) -> dict[str, Path]:

@@ -6,6 +6,7 @@ deltatune eval  CONFIG.yaml [key=value ...] | --adapter DIR --data FILE
 deltatune generate --adapter DIR "prompt" | --chat [--system TEXT] [--temperature T --seed N]
 deltatune merge --adapter DIR --out DIR
 deltatune inspect DIR
+deltatune export --to gguf --adapter DIR --out FILE.gguf [--merged FILE.gguf]
 """
 
 from __future__ import annotations
@@ -127,6 +128,13 @@ def _convert(args) -> None:
                              base_model=args.base)
     print(report)
     print(f"LoRA written to {args.out}")
+
+
+def _export(args) -> None:
+    from .train.commands.export import export_gguf
+
+    print(export_gguf(args.adapter, args.out, model=args.model, rank=args.rank, outtype=args.outtype,
+                      merged=args.merged, base_gguf=args.base_gguf))
 
 
 def _version() -> str:
@@ -268,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", help="a fully fine-tuned model directory (with --base)")
     p.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("export", help="write an adapter for llama.cpp / Ollama: a GGUF LoRA adapter "
+                                      "(non-LoRA methods converted to LoRA by SVD first), and a merged GGUF model")
+    p.add_argument("--to", choices=["gguf"], default="gguf", help="target format (gguf: llama.cpp, Ollama)")
+    p.add_argument("--adapter", required=True, help="adapter directory (a Llama-family base)")
+    p.add_argument("--out", required=True, help="the GGUF adapter file to write")
+    p.add_argument("--merged", help="also write the merged model as a GGUF model to this file")
+    p.add_argument("--base-gguf", help="the base model's GGUF file, whose tokenizer and settings --merged "
+                   "copies (default: the embedded SmolLM2's)")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--rank", type=int, help="LoRA rank a non-LoRA adapter is converted to (default 16)")
+    p.add_argument("--outtype", choices=["f32", "f16"], default="f32", help="tensor type (default f32)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("inspect", help="method, rank, targets, size and serving compatibility of an adapter")
     p.add_argument("dir", help="adapter directory")

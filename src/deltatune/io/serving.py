@@ -138,7 +138,8 @@ def base_architecture(config: dict) -> str | None:
     return found[0]
 
 
-def _max_rank(info: AdapterInfo) -> int:
+def max_rank(info: AdapterInfo) -> int:
+    """The largest rank the adapter holds: its LoRA pairs, rank_pattern and r."""
     pattern = [r for r in (info.config.get("rank_pattern") or {}).values() if isinstance(r, int)]
     return max([*info.ranks, *pattern, info.config.get("r") or 0])
 
@@ -154,7 +155,7 @@ def vllm_verdict(info: AdapterInfo) -> Verdict:
         verdict.reasons.append(f"tensors that are not LoRA pairs, e.g. {full[0]}")
     if info.config.get("bias", "none") != "none":
         verdict.reasons.append(f"bias={info.config['bias']!r}: adapter bias is not supported")
-    rank = _max_rank(info)
+    rank = max_rank(info)
     fitting = smallest_vllm_rank(rank)
     if fitting is None:
         verdict.reasons.append(f"rank {rank} > {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank")
@@ -184,7 +185,7 @@ def sglang_verdict(info: AdapterInfo) -> Verdict:
     if info.config.get("bias", "none") != "none":
         verdict.reasons.append(f"bias={info.config['bias']!r}: trained biases are not loaded")
     verdict.detail = (f"at startup through --lora-paths; to load it later, start the server with "
-                      f"--max-lora-rank {_max_rank(info)} or more and --lora-target-modules "
+                      f"--max-lora-rank {max_rank(info)} or more and --lora-target-modules "
                       + " ".join(targets))
     return verdict
 

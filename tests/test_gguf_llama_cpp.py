@@ -63,8 +63,9 @@ def exported(tmp_path_factory):
 
 
 def llama_answers(ids: list[list[int]], model_path, lora_path=None) -> list[list[int]]:
-    llm = Llama(model_path=str(model_path), lora_path=lora_path and str(lora_path), n_ctx=512, n_threads=2,
-                seed=0, verbose=False)
+    # one thread: ggml's OpenMP workers spin at barriers, and on a shared, busy CPU two of them crawl
+    llm = Llama(model_path=str(model_path), lora_path=lora_path and str(lora_path), n_ctx=512, n_threads=1,
+                n_threads_batch=1, seed=0, verbose=False)
     answers = []
     for row in ids:
         answer = []
@@ -91,5 +92,6 @@ def test_llama_cpp_with_our_adapter_answers_like_deltatune(exported):
     print(f"greedy agreement with deltatune on {PROMPTS} demo prompts: llama.cpp + GGUF adapter "
           f"{adapter_agrees:.2f}, llama.cpp merged f16 {merged_agrees:.2f}, llama.cpp base {base_agrees:.2f}")
     assert agreement(with_adapter, without) <= 0.25  # the adapter changes llama.cpp's answers
-    assert adapter_agrees >= 0.5 and adapter_agrees >= base_agrees + 0.5
+    # measured: 1.00 with the adapter, 1.00 merged, 0.00 for the base (12 prompts, 24 tokens)
+    assert adapter_agrees >= 0.75 and adapter_agrees >= base_agrees + 0.5
     assert merged_agrees >= 0.75 and merged_agrees >= base_agrees + 0.5

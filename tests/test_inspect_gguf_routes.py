@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from deltatune.cli import main
-from deltatune.io.inspect import check_adapter
-from deltatune.io.serving import SOURCES, serving_compatibility
+from deltatune.io.serving import SOURCES
+from test_inspect_rules import verdicts
 
 
 def write_lora(directory: Path, base: str, **config) -> Path:
@@ -26,12 +26,6 @@ def write_lora(directory: Path, base: str, **config) -> Path:
         tensors[f"{key}.lora_magnitude_vector"] = torch.ones(16)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     return directory
-
-
-def verdicts(directory: Path) -> dict:
-    info, problems, _ = check_adapter(directory)
-    assert problems == []
-    return serving_compatibility(info)
 
 
 def model_folder(path: Path, architecture: str) -> Path:

@@ -18,7 +18,7 @@ SOURCES = {
     "vLLM": "vLLM 0.11, vllm/lora/peft_helper.py PEFTHelper.validate_legal + vllm/config/lora.py",
     "SGLang": "SGLang 0.5, srt/lora/lora_manager.py validate_new_adapter + srt/utils/common.py",
     "llama.cpp": "llama.cpp convert_lora_to_gguf.py (b4000 and later) + src/llama-adapter.cpp",
-    "Ollama": "Ollama docs/modelfile.md at commit de44997, ADAPTER (GGUF adapters; safetensors adapters for Llama, Mistral, Gemma)",
+    "Ollama": "Ollama docs/modelfile.md at commit de44997, ADAPTER (GGUF; safetensors for Llama, Mistral, Gemma)",
 }
 # vLLM's LoRAConfig.max_lora_rank is Literal[1, 8, 16, 32, 64, 128, 256, 320, 512], default 16; an adapter
 # loads when its rank <= --max-lora-rank (validate_legal: "LoRA rank r is greater than max_lora_rank").

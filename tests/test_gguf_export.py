@@ -126,3 +126,12 @@ def test_export_refuses_before_loading_what_llama_cpp_cannot_take(model_dir, tmp
     assert main(["export", "--adapter", str(tmp_path / "plain"), "--out", str(tmp_path / "y.gguf"),
                  "--merged", str(tmp_path / "m.gguf")]) == 2
     assert "--base-gguf" in capsys.readouterr().err and not (tmp_path / "y.gguf").exists()
+
+
+def test_a_pair_on_a_tied_output_head_is_refused(model_dir, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    base.config.tie_word_embeddings = True  # as SmolLM2's: its GGUF has no output tensor
+    model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(DeltaConfigError, match="lm_head: the base ties its output head"):
+        write_lora_gguf(model, "default", tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()

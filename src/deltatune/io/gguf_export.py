@@ -99,7 +99,8 @@ def lora_pairs(model: nn.Module, adapter_name: str, config) -> Iterator[tuple[st
 
     Raises:
         DeltaConfigError: the adapter is not a plain LoRA on linear layers (DoRA, another method, an
-            embedding or Conv1D target): convert it first (compose/extract.py).
+            embedding or Conv1D target): convert it first (compose/extract.py); a pair on an output head
+            the base ties to its embeddings.
     """
     lora = model.peft_config[adapter_name]
     alpha = float(getattr(lora, "lora_alpha", 0) or 0)
@@ -116,6 +117,10 @@ def lora_pairs(model: nn.Module, adapter_name: str, config) -> Iterator[tuple[st
         rank = a.shape[0]
         b = b.detach().float() * (scaling * rank / alpha if alpha else scaling)
         name, heads = gguf_name(path, config)
+        if name == "output" and getattr(config, "tie_word_embeddings", False):
+            # convert_lora_to_gguf.py: "lm_head is present in adapter, but is ignored in base model"
+            raise DeltaConfigError(f"{path}: the base ties its output head to token_embd, so its GGUF has no "
+                                   "output tensor for this LoRA pair to apply to")
         if heads:
             b = permute_rows(b, heads)
         yield name, a.detach().float(), b

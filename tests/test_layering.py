@@ -4,7 +4,7 @@ methods stay free of backends and formats, no getattr probing for adapter capabi
 Every module of src/deltatune is read with `ast`: module-level AND function-local imports, relative and
 absolute, each mapped to its layer (lowest first):
 
-    errors (errors.py, naming.py) < quant < core < methods < io < compose < api < train < top
+    errors (errors.py, naming.py) < quant < core < methods < io < compose < api < train < serve < top
     (cli.py, __init__.py, __main__.py)
 
 Each check is a plain function of a source tree, so the self-tests at the end feed it a small fake
@@ -25,12 +25,12 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = "deltatune"
 
 # module (dotted, without the package) -> layer; the longest matching prefix wins
-LAYERS = ["errors", "quant", "core", "methods", "io", "compose", "api", "train", "top"]
+LAYERS = ["errors", "quant", "core", "methods", "io", "compose", "api", "train", "serve", "top"]
 PLACES = {
     "errors": "errors", "naming": "errors",
     "quant": "quant", "core": "core", "methods": "methods",
     "io": "io", "models": "io", "adapter_report": "io",  # models / adapter_report: re-exports of io/
-    "compose": "compose", "api": "api", "train": "train",
+    "compose": "compose", "api": "api", "train": "train", "serve": "serve",
     "": "top", "cli": "top", "__main__": "top",
 }
 METHODS_MAY_NOT_IMPORT = ("quant", "io", "compose", "api", "train", "top")

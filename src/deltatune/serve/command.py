@@ -36,8 +36,9 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
             raise DeltaConfigError(f"--adapter {value!r}: expected NAME=DIR (e.g. --adapter support=runs/demo)")
-        if name in adapters:
-            raise DeltaConfigError(f"--adapter {value!r}: the name {name!r} is given twice")
+        if name in adapters or name == BASE_MODEL:
+            why = "given twice" if name in adapters else f"reserved for the base model ({BASE_MODEL})"
+            raise DeltaConfigError(f"--adapter {value!r}: the name {name!r} is {why}")
         adapters[name] = path
     return adapters
 

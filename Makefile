@@ -17,6 +17,10 @@ LATEST := .venv-latest
 ADAPTERS_VENV := .venv-adapters
 ADAPTERS_CONSTRAINTS := tests/adapters_constraints.txt
 ADAPTERS_STAMP := $(ADAPTERS_VENV)/.adapters-installed
+# llama-cpp-python (the test extra's llama.cpp client) has no wheel on the index: pip builds llama.cpp from
+# source, about 7 minutes on 2 cores; on every core, without llama.cpp's own tests and examples.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 PY_LATEST := $(LATEST)/bin/python
 
 .PHONY: install demo test test-latest lint bench clean adapters-venv

@@ -66,3 +66,38 @@ def test_a_loha_run_exports_as_lycoris(files, capsys):
     assert main(["inspect", str(out)]) == 0
     report = capsys.readouterr().out
     assert "LyCORIS" in report and "LoHa" in report
+
+
+def test_a_loha_run_converts_to_a_lora_diffusers_loads(files, capsys):
+    """`convert --to lora` on an image run's LoHa (its base is the pipeline folder: the component comes from
+    the adapter's folder name), then `export --to diffusers`: diffusers' loader gives the LoHa's outputs (the
+    rank covers every layer's update, so the SVD is exact to float32)."""
+    run = files["root"] / "loha-convert"
+    assert main(["train", str(write_config(files, "loha-convert", method={"name": "loha", "r": 4, "alpha": 4},
+                                           max_steps=3))]) == 0
+    lora = files["root"] / "converted"
+    assert main(["convert", "--to", "lora", "--adapter", str(run / "adapter" / "unet"), "--rank", "16",
+                 "--out", str(lora)]) == 0
+    assert main(["export", "--to", "diffusers", "--adapter", f"unet={lora}", "--out", str(lora / "diffusers")]) == 0
+    ours, _ = load_adapted_pipeline(run)
+    reader = StableDiffusionPipeline.from_pretrained(files["pipeline"])
+    reader.load_lora_weights(str(lora / "diffusers"))
+    with torch.no_grad():
+        theirs, mine = reader.unet(**latent_batch()).sample, ours.unet(**latent_batch()).sample
+    assert abs(theirs - mine).max() <= 1e-4
+
+
+def test_convert_reads_a_diffusers_component_folder_as_the_base(files, tmp_path):
+    """An adapter made on `pipe.unet` records the component folder (pipe/unet) as its base: convert loads it
+    by the class its config.json names."""
+    import deltatune as dt
+    from deltatune.io.models import load_pipeline
+
+    unet = dt.get_peft_model(load_pipeline(files["pipeline"]).unet, dt.LoKrConfig(r=2, target_modules=["to_q"],
+                                                                                    init_weights=False))
+    unet.save_pretrained(tmp_path / "lokr")
+    assert main(["convert", "--to", "lora", "--adapter", str(tmp_path / "lokr"), "--rank", "32",
+                 "--out", str(tmp_path / "lora")]) == 0
+    lora = dt.DeltaModel.from_pretrained(load_pipeline(files["pipeline"]).unet, str(tmp_path / "lora"))
+    with torch.no_grad():
+        assert abs(lora(**latent_batch()).sample - unet(**latent_batch()).sample).max() <= 1e-4

@@ -36,7 +36,8 @@ from ..core.model import DeltaModel
 from ..core.protocols import Additive, LowRank, Reparameterizing, declares
 from ..io.adapter_files import read_adapter, save_adapters, weights_fill
 from ..io.atomic import write_json
-from ..io.models import load_weights
+from ..io.diffusers_layout import component_of
+from ..io.models import is_pipeline_folder, load_weights
 from ..methods.lora import KINDS, LoraConfig
 
 REPORT_NAME = "extraction_report.json"
@@ -327,7 +328,8 @@ def convert_to_lora(out: str | os.PathLike, rank: int, adapter: str | os.PathLik
         if not base_name:
             raise DeltaConfigError(f"{adapter}: the adapter config has no base_model_name_or_path; "
                                    "pass base_model")
-        base = load_weights(base_name, dtype, config.task_type)
+        component = component_of(config, Path(adapter), None) if is_pipeline_folder(base_name) else None
+        base = load_weights(base_name, dtype, config.task_type, component)
         config.inference_mode = True
         model = DeltaModel(base, config, "source", fill=weights_fill(weights, str(adapter)))
         report = extract_lora(model, "source", rank, new_adapter_name="default")

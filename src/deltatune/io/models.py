@@ -357,9 +357,51 @@ def load_model(
     return model, tokenizer
 
 
-def load_weights(name_or_path: str | os.PathLike, dtype: torch.dtype, task_type=None) -> torch.nn.Module:
-    """`load_base` for an adapter's peft `task_type` (a causal LM when None), in eval mode, no tokenizer."""
+def load_weights(name_or_path: str | os.PathLike, dtype: torch.dtype, task_type=None,
+                 component: str | None = None) -> torch.nn.Module:
+    """The base an adapter was made on, in eval mode, no tokenizer: a diffusers model folder (pipe/unet,
+    config.json naming its `_class_name`), the `component` of a diffusers pipeline folder, else `load_base`
+    for the adapter's peft `task_type` (a causal LM when None).
+
+    Raises:
+        DeltaConfigError: a pipeline folder without `component`, or a component the pipeline lacks.
+    """
+    if is_pipeline_folder(name_or_path):
+        models = {name: part for name, part in load_pipeline(name_or_path, dtype).components.items()
+                  if isinstance(part, torch.nn.Module)}
+        if component not in models:
+            raise DeltaConfigError(f"model {str(name_or_path)!r} is a diffusers pipeline; the adapter's component "
+                                   f"{component!r} is not one of its models {sorted(models)} (pass its folder)")
+        return models[component].eval()
+    class_name = diffusers_class_name(name_or_path)
+    if class_name:
+        return load_diffusers_model(name_or_path, class_name, dtype).eval()
     return load_base(name_or_path, dtype, task_type).eval()
+
+
+def diffusers_class_name(name_or_path: str | os.PathLike) -> str | None:
+    """The `_class_name` a diffusers model folder's config.json names (None for any other folder)."""
+    config = Path(name_or_path).expanduser() / "config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("_class_name") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_diffusers_model(folder: str | os.PathLike, class_name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """One diffusers model (UNet2DConditionModel, SD3Transformer2DModel ...) from its local folder.
+
+    Raises:
+        ModuleNotFoundError: diffusers is missing (names the extra). DeltaConfigError: a class diffusers lacks.
+    """
+    try:
+        import diffusers
+    except ImportError:
+        raise ModuleNotFoundError(f"image models need the diffusers package: {DIFFUSION_HINT}") from None
+    model_class = getattr(diffusers, class_name, None)  # a class by its name in config.json
+    if model_class is None:
+        raise DeltaConfigError(f"{folder}/config.json: _class_name {class_name!r} is not a diffusers model class")
+    return model_class.from_pretrained(str(Path(folder).expanduser()), torch_dtype=dtype, local_files_only=True)
 
 
 def load_default(dtype: torch.dtype = torch.float32):

@@ -48,6 +48,13 @@ def test_a_trained_lora_loads_in_diffusers_with_our_outputs(files, capsys):
     base.load_lora_weights(str(run / "adapter" / "diffusers"))
     assert_same(base, ours)
 
+    capsys.readouterr()
+    assert main(["inspect", str(run / "adapter" / "unet")]) == 0  # an image adapter: image tools, not LLM servers
+    report = capsys.readouterr().out
+    assert "to_out.0" in report and "export --to diffusers" in report and "vLLM" not in report
+    assert main(["inspect", str(run / "adapter" / "diffusers")]) == 0  # the folder load_lora_weights reads
+    assert "diffusers:      yes" in capsys.readouterr().out
+
     kohya = files["root"] / "lora.safetensors"
     assert main(["export", "--to", "kohya", "--adapter", str(run / "adapter"), "--out", str(kohya)]) == 0
     reader = StableDiffusionPipeline.from_pretrained(files["pipeline"])
@@ -60,6 +67,8 @@ def test_a_loha_run_exports_as_lycoris(files, capsys):
     assert main(["train", str(config)]) == 0
     adapter = files["root"] / "loha" / "adapter"
     assert (adapter / "unet").is_dir() and not (adapter / "diffusers").exists()
+    assert main(["inspect", str(adapter / "unet")]) == 0
+    assert "diffusers:     no - diffusers' load_lora_weights reads LoRA and DoRA only" in capsys.readouterr().out
     out = files["root"] / "loha.safetensors"
     assert main(["export", "--to", "kohya", "--adapter", str(adapter), "--out", str(out)]) == 0
     capsys.readouterr()

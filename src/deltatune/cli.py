@@ -115,11 +115,12 @@ def _merge(args) -> None:
 
 
 def _inspect(args) -> int:
-    from .io.image_tools import image_file_report, is_image_file
+    from .io.image_tools import image_file, image_file_report
     from .io.inspect import check_adapter, format_report
 
-    if is_image_file(args.dir):  # a kohya/LyCORIS/diffusers-layout file for an image model
-        print(image_file_report(args.dir))
+    file = image_file(args.dir)
+    if file is not None:  # a kohya/LyCORIS/diffusers-layout file for an image model
+        print(image_file_report(file))
         return 0
     info, problems, notes = check_adapter(args.dir)
     for problem in problems:  # one line each, the loader's words

@@ -37,9 +37,16 @@ COMFY_TE = re.compile(r"^text_model_encoder_layers_\d+_(mlp_fc1|mlp_fc2|self_att
 UNET_BLOCKS = re.compile(r"^(down_blocks|up_blocks|mid_block|conv_in|conv_out|time_embedding)")
 
 
-def is_image_file(path: str | os.PathLike) -> bool:
-    """A single .safetensors file (not an adapter directory): what `inspect` reports on with this module."""
-    return Path(path).is_file() and str(path).endswith(".safetensors")
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # what load_lora_weights(folder) reads in a folder
+
+
+def image_file(path: str | os.PathLike) -> Path | None:
+    """What `inspect` reports on with this module: a single .safetensors file, or the diffusers file in a folder
+    holding no adapter_config.json (`save_diffusers_lora`'s output); None for an adapter directory."""
+    path = Path(path)
+    if path.is_dir() and not (path / "adapter_config.json").is_file() and (path / DIFFUSERS_FILE).is_file():
+        return path / DIFFUSERS_FILE
+    return path if path.is_file() and path.suffix == ".safetensors" else None
 
 
 def read_modules(path: Path) -> tuple[str, dict[tuple[str, str], dict[str, tuple]], dict[tuple[str, str], float]]:

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, check_save_finished, inside_directory
+from .models import diffusers_class_name, is_pipeline_folder
 from .serving import LORA_PAIR, SOURCES, AdapterInfo, Verdict, serving_compatibility
 
 __all__ = ["SOURCES", "AdapterInfo", "Verdict", "adapter_report", "check_adapter", "format_report",
@@ -219,13 +220,40 @@ def rank_text(info: AdapterInfo) -> str:
     return ", ".join(settings) or "-"
 
 
+def suffix_name(module: str) -> str:
+    """The name a target list uses for `module`: its last part, with the parent for an index (to_out.0)."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def image_tools_lines(info: AdapterInfo) -> list[str]:
+    """For an adapter on a diffusers model (PEFT layout), which image tools take it after which export."""
+    method = info.method
+    dora = bool(info.config.get("use_dora"))
+    if method == "LORA":
+        diffusers = "yes, after `deltatune export --to diffusers` (pytorch_lora_weights.safetensors)"
+        if dora:
+            diffusers += "; DoRA on a text encoder does not load there"
+        kohya = "yes, after `deltatune export --to kohya`" + (" (DoRA as dora_scale)" if dora else "")
+        lycoris = kohya
+    elif method in ("LOHA", "LOKR"):
+        diffusers = "no - diffusers' load_lora_weights reads LoRA and DoRA only (`deltatune convert --to lora` first)"
+        kohya = lycoris = "yes, after `deltatune export --to kohya` (written in the LyCORIS format)"
+    else:
+        diffusers = kohya = lycoris = (f"no - {method} has no file format there; `deltatune convert --to lora` "
+                                       "makes a LoRA by SVD")
+    return ["image tools (a diffusers model's adapter; `deltatune inspect FILE.safetensors` checks an exported "
+            "file by each tool's own rule):",
+            f"  diffusers:     {diffusers}", f"  kohya readers: {kohya}", f"  LyCORIS:       {lycoris}"]
+
+
 def target_text(info: AdapterInfo) -> str:
     modules = adapted_modules(info)
     if not modules:  # soft prompts, X-LoRA's gate: the adapter sits at model level
         keys = sorted(info.shapes)
         more = f" and {len(keys) - 1} more tensors" if len(keys) > 1 else ""
         return f"- (model level: {keys[0]}{more})"
-    names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    names = sorted({suffix_name(m) for m in modules})
     return f"{', '.join(names)} ({len(modules)} modules)"
 
 
@@ -242,6 +270,9 @@ def format_report(info: AdapterInfo, notes: list[str] = ()) -> str:
     if info.extra_keys:
         lines.append(f"other tensors: {len(info.extra_keys)} (e.g. {info.extra_keys[0]})")
     lines += [f"note:         {note}" for note in notes]
+    base = info.config.get("base_model_name_or_path")
+    if base and (is_pipeline_folder(base) or diffusers_class_name(base)):
+        return "\n".join(lines + image_tools_lines(info))
     lines.append("serving (each verdict follows the server's own loader, read from the version named):")
     lines += ["  " + line for verdict in serving_compatibility(info).values() for line in verdict.lines()]
     return "\n".join(lines)

@@ -134,3 +134,17 @@ def test_save_embedding_layers_true_and_peft_written_resized_file(tmp_path, publ
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(published)
     assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "peft")
+
+
+def test_a_trained_head_copy_of_a_published_base_saves_and_reloads(tmp_path, published):
+    """modules_to_save=["lm_head"] on a base with a config.json at hand: the vocabulary check reads the head's
+    rows through its modules_to_save wrapper (it raised AttributeError), and the trained copy reloads exactly."""
+    model = dt.get_peft_model(LlamaForCausalLM.from_pretrained(str(published)),
+                              dt.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.model.lm_head.copies["default"].weight.add_(0.5)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    again = dt.DeltaModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(published)), str(tmp_path / "adapter"))
+    ids = torch.tensor([[1, 5, 9, 31]])  # the published vocabulary: 32 tokens
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)

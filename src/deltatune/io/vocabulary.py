@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.layer import DeltaLayer
+from ..core.layer import DeltaLayer, ModulesToSave
 from .keymap import DISK_PREFIX, embedding_layer_slots, embedding_layers
 
 MODES = ("auto", True, False)
@@ -49,8 +49,13 @@ def original_vocab_size(model, config) -> tuple[int, str] | tuple[None, None]:
 
 
 def _rows(module: torch.nn.Module) -> int:
-    weight = (module.base_layer if isinstance(module, DeltaLayer) else module).weight
-    return int(weight.shape[0])  # Embedding (vocab, dim), Linear head (vocab, hidden)
+    """Rows of an embedding or head: through an adapter layer to its base, through a modules_to_save
+    wrapper to the original module (a trained copy has the same shape)."""
+    if isinstance(module, DeltaLayer):
+        module = module.base_layer
+    elif isinstance(module, ModulesToSave):
+        module = module.original_module
+    return int(module.weight.shape[0])  # Embedding (vocab, dim), Linear head (vocab, hidden)
 
 
 def resize_reason(model, adapter_name: str) -> tuple[str | None, bool]:

@@ -10,7 +10,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from deltatune import load_diffusers_lora
 from deltatune.cli import main
+from deltatune.errors import DeltaConfigError
 from deltatune.train.image.generate import load_adapted_pipeline
 from image_runs import image_files, write_config
 from tiny_diffusion import latent_batch
@@ -47,6 +49,8 @@ def test_a_trained_lora_loads_in_diffusers_with_our_outputs(files, capsys):
     assert moved > 1e-3  # training moved the denoiser: the equalities below compare a real adapter
     base.load_lora_weights(str(run / "adapter" / "diffusers"))
     assert_same(base, ours)
+    with pytest.raises(DeltaConfigError, match="already carries a peft adapter"):  # not "Conv2d unsupported"
+        load_diffusers_lora(run / "adapter" / "diffusers", {"unet": base.unet, "text_encoder": base.text_encoder})
 
     capsys.readouterr()
     assert main(["inspect", str(run / "adapter" / "unet")]) == 0  # an image adapter: image tools, not LLM servers
@@ -54,9 +58,12 @@ def test_a_trained_lora_loads_in_diffusers_with_our_outputs(files, capsys):
     assert "to_out.0" in report and "export --to diffusers" in report and "vLLM" not in report
     assert main(["inspect", str(run / "adapter" / "diffusers")]) == 0  # the folder load_lora_weights reads
     assert "diffusers:      yes" in capsys.readouterr().out
+    assert main(["inspect", str(run)]) == 0  # a run: one report per component
+    report = capsys.readouterr().out
+    assert "adapter/unet" in report and "adapter/text_encoder" in report
 
     kohya = files["root"] / "lora.safetensors"
-    assert main(["export", "--to", "kohya", "--adapter", str(run / "adapter"), "--out", str(kohya)]) == 0
+    assert main(["export", "--to", "kohya", "--adapter", str(run), "--out", str(kohya)]) == 0  # the run folder
     reader = StableDiffusionPipeline.from_pretrained(files["pipeline"])
     reader.load_lora_weights(str(kohya))
     assert_same(reader, ours)
@@ -110,3 +117,15 @@ def test_convert_reads_a_diffusers_component_folder_as_the_base(files, tmp_path)
     lora = dt.DeltaModel.from_pretrained(load_pipeline(files["pipeline"]).unet, str(tmp_path / "lora"))
     with torch.no_grad():
         assert abs(lora(**latent_batch()).sample - unet(**latent_batch()).sample).max() <= 1e-4
+
+
+def test_a_text_model_adapter_is_not_exported_as_a_unet(tmp_path, capsys):
+    """--component unet on a GPT-2 LoRA: refused naming a module outside a UNet, nothing written."""
+    import deltatune as dt
+    from tiny_models import tiny_gpt2
+
+    dt.get_peft_model(tiny_gpt2(), dt.LoraConfig(target_modules=["c_attn"])).save_pretrained(tmp_path / "gpt2")
+    assert main(["export", "--to", "diffusers", "--component", "unet", "--adapter", str(tmp_path / "gpt2"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "transformer.h.0.attn.c_attn is not in a unet model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -14,8 +14,10 @@ deltatune serve [--model M] [--adapter NAME=DIR ...] [--host H --port P] [--engi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import DeltaConfigError, DeltaError
 
@@ -115,19 +117,22 @@ def _merge(args) -> None:
 
 
 def _inspect(args) -> int:
-    from .io.image_tools import image_file, image_file_report
+    from .io.image_tools import component_folders_or_self, image_file, image_file_report
     from .io.inspect import check_adapter, format_report
 
     file = image_file(args.dir)
     if file is not None:  # a kohya/LyCORIS/diffusers-layout file for an image model
         print(image_file_report(file))
         return 0
-    info, problems, notes = check_adapter(args.dir)
-    for problem in problems:  # one line each, the loader's words
-        print(f"error: {problem}", file=sys.stderr)
-    if problems:
-        return 2
-    print(format_report(info, notes))
+    reports = []
+    for folder in component_folders_or_self(Path(args.dir)):  # a text-to-image run: one report per component
+        info, problems, notes = check_adapter(folder)
+        for problem in problems:  # one line each, the loader's words
+            print(f"error: {problem}", file=sys.stderr)
+        if problems:
+            return 2
+        reports.append(format_report(info, notes))
+    print("\n\n".join(reports))
     return 0
 
 
@@ -387,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes warns at import, on CPUs with AVX512-BF16, that the optional hub package `kernels` is
+    # missing; its own CPU path works without it, and diffusers imports bitsandbytes on every image command
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -102,6 +102,11 @@ class DeltaConfig:
     def validate_target(self, base: BaseLayer, module_name: str) -> None:
         """Raise DeltaConfigError naming the module if this method cannot adapt it. Runs on every
         target before the model is touched."""
+        if type(base.module).__module__.startswith("peft."):  # a layer of the peft package, not a base layer
+            raise DeltaConfigError(f"target module {module_name!r} already carries a peft adapter "
+                                   f"({type(base.module).__module__}.{type(base.module).__name__}, e.g. from "
+                                   "diffusers' load_lora_weights or peft's get_peft_model); adapt a model without "
+                                   "it (load it afresh, or unload the peft adapter first)")
         if not self.supports(base):
             raise DeltaConfigError(f"target module {module_name!r} is a {type(base.module).__name__}, which "
                                    f"{self.peft_type} does not support")

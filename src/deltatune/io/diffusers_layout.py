@@ -56,7 +56,17 @@ LOCAL_NAMES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")  # wha
 LEGACY_SUFFIXES = {".lora.down.weight": ".lora_A.weight", ".lora.up.weight": ".lora_B.weight",
                    ".lora_linear_layer.down.weight": ".lora_A.weight", ".lora_linear_layer.up.weight": ".lora_B.weight"}
 PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's lora_alpha default
+RUN_ADAPTER_FOLDER = "adapter"  # where a text-to-image run keeps its component folders
 TEXT_MODEL = "text_model."  # CLIPTextModel's inner level before Transformers 5 flattened it
+# The top-level modules of each component's model class (diffusers' UNet2DConditionModel, its SD3/Flux/DiT
+# transformers; CLIP/T5 text encoders): a module path outside them means the adapter was made on another model
+COMPONENT_ROOTS = {
+    "unet": ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_embedding", "down_blocks",
+             "mid_block", "up_blocks", "conv_norm_out", "conv_out", "encoder_hid_proj"),
+    "transformer": ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "transformer_blocks",
+                    "single_transformer_blocks", "norm_out", "proj_out"),
+    "text_encoder": ("text_model", "embeddings", "encoder", "final_layer_norm", "text_projection", "shared"),
+}
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -102,9 +112,14 @@ def diffusers_state_dict(config: LoraConfig, peft_tensors: dict[str, torch.Tenso
     """(tensors under diffusers keys, the component's metadata fields unprefixed) for one adapter given as its
     config and its tensors under peft keys (`base_model.model.<path>.lora_A.weight` ...)."""
     check_writable(config, adapter_name, component)
+    roots = COMPONENT_ROOTS.get(component.removesuffix("_2").removesuffix("_3"))
     tensors = {}
     for key, tensor in peft_tensors.items():
         local = key.removeprefix(DISK_PREFIX)
+        if roots and local.split(".", 1)[0] not in roots:
+            raise DeltaConfigError(f"{component}: module {local.rsplit('.lora_', 1)[0]} is not in a {component} "
+                                   f"model (its top-level modules: {', '.join(roots)}); was the adapter made on "
+                                   "another model, or is --component wrong?")
         if not local.endswith(LOCAL_NAMES):
             raise DeltaConfigError(f"{component}: {local} has no place in the diffusers layout (a LoRA on an "
                                    "embedding? diffusers' loaders read lora_A/lora_B/lora_magnitude_vector)")
@@ -176,12 +191,16 @@ def component_of(config, folder: Path, given: str | None) -> str:
         if class_name.endswith(ending):
             return component
     raise DeltaConfigError(f"{folder}: cannot tell which pipeline component the adapter is for (neither its "
-                           f"folder nor its base_model_name_or_path {str(base) or ''!r} names one); pass "
+                           f"folder nor its base_model_name_or_path {config.base_model_name_or_path!r} names "
+                           "one); pass "
                            f"--component, one of {', '.join(COMPONENTS)}")
 
 
 def adapter_folders(adapter: Path) -> list[Path]:
-    """The adapter folder itself, or its component subfolders (unet/, text_encoder/ ...) that hold adapters."""
+    """The adapter folder itself, or its component subfolders (unet/, text_encoder/ ...) that hold adapters;
+    a text-to-image run's output folder stands for its adapter/ folder."""
+    if not (adapter / CONFIG_NAME).is_file() and (adapter / RUN_ADAPTER_FOLDER).is_dir():
+        adapter = adapter / RUN_ADAPTER_FOLDER
     if (adapter / CONFIG_NAME).is_file():
         return [adapter]
     found = [adapter / name for name in COMPONENTS if (adapter / name / CONFIG_NAME).is_file()]

@@ -18,6 +18,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from ..errors import AdapterFileError
+from .diffusers_layout import adapter_folders
 from .kohya_keys import ALPHA, KEY, method_of_tensor
 from .serving import Verdict
 
@@ -38,6 +39,16 @@ UNET_BLOCKS = re.compile(r"^(down_blocks|up_blocks|mid_block|conv_in|conv_out|ti
 
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # what load_lora_weights(folder) reads in a folder
+
+
+def component_folders_or_self(path: Path) -> list[Path]:
+    """A text-to-image run's component adapter folders (its output or adapter/ folder), else [path]."""
+    if path.is_dir() and not (path / "adapter_config.json").is_file():
+        try:
+            return adapter_folders(path)
+        except AdapterFileError:
+            pass
+    return [path]
 
 
 def image_file(path: str | os.PathLike) -> Path | None:

@@ -88,6 +88,15 @@ def test_generate_uses_the_training_system_prompt_by_default(run, prompts_seen, 
     assert TEMPLATE_DEFAULT not in prompts_seen[0]
 
 
+def test_plain_on_a_chat_trained_adapter_sends_the_raw_prompt(run, prompts_seen):
+    """--plain: the prompt text alone; the recorded system prompt belongs to the chat template (it was glued
+    in front with no separator, so `generate --plain` and the server's /v1/completions disagreed)."""
+    argv = ["generate", "--adapter", str(run["adapter"]), "The capital of France is", "--plain",
+            "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    assert SYSTEM not in prompts_seen[0] and prompts_seen[0].endswith("The capital of France is")
+
+
 def test_system_option_overrides_the_recorded_prompt(run, prompts_seen):
     argv = ["generate", "--adapter", str(run["adapter"]), "hi", "--system", "Answer in French.",
             "--max-new-tokens", "2"]

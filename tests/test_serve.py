@@ -193,7 +193,7 @@ def test_adapters_load_and_unload_at_run_time(server, files, expected):
 
 @pytest.mark.parametrize("body, status, param", [
     ({"lora_name": "lora", "lora_path": "{lora}"}, 400, "lora_name"),  # taken
-    ({"lora_name": "base", "lora_path": "{loha}"}, 400, "lora_name"),
+    ({"lora_name": "base", "lora_path": "{loha}"}, 400, "lora_name"),  # reserved (not "loaded already")
     ({"lora_name": "a/b", "lora_path": "{loha}"}, 400, "lora_name"),
     ({"lora_name": "x", "lora_path": "{model}/nowhere"}, 400, "lora_path"),
     ({"lora_name": "x", "lora_path": "{model}"}, 400, "lora_path"),  # a model folder, not an adapter
@@ -205,6 +205,7 @@ def test_a_refused_adapter_changes_nothing(server, files, expected, body, status
     response = post(server, "/v1/load_lora_adapter", body)
     assert response.status_code == status, response.text
     assert response.json()["error"]["param"] == param
+    assert ("reserved for the base model" in response.text) == (body["lora_name"] == "base")
     assert set(server["engine"].adapters) == {"base", *SERVED}
     assert set(server["engine"].model.peft_config) == set(SERVED)  # nothing half loaded
     assert chat(server, "lora", PROMPTS[1]).choices[0].message.content.strip() == expected["lora", PROMPTS[1]]

@@ -128,6 +128,18 @@ def set_lora_factors(adapter: LowRank, b: torch.Tensor, a: torch.Tensor) -> None
 
 
 # ---------------------------------------------------------------------------------------------- report
+POOR_FIT = 0.1  # an overall relative error above this gets a warning wherever a report is printed
+
+
+def fit_warning(error: float, rank: int) -> str | None:
+    """A warning line when a rank-`rank` LoRA keeps too little of the update (relative error > POOR_FIT)."""
+    if error <= POOR_FIT:
+        return None
+    return (f"warning: the rank-{rank} LoRA misses {error:.0%} of the update (relative Frobenius error > "
+            f"{POOR_FIT}): it will not behave like the source adapter; convert with a higher rank (a "
+            "multiplicative method such as IA3 changes whole weights and needs one near the layer width)")
+
+
 @dataclass
 class ExtractionReport:
     """How well the rank-`rank` LoRA approximates the source delta.
@@ -160,7 +172,8 @@ class ExtractionReport:
         if self.skipped:
             lines.append(f"  not representable as LoRA (left out): {len(self.skipped)}, "
                          f"e.g. {self.skipped[:3]}")
-        return "\n".join(lines)
+        warning = fit_warning(self.overall_error, self.rank)
+        return "\n".join(lines + ([warning] if warning else []))
 
 
 class _ErrorTally:

@@ -90,14 +90,19 @@ class Verdict:
         return [f"{self.server + ':':10s} {answer}", f"{'':10s} rule: {SOURCES[self.server]}"]
 
 
+CONVERSION_ROUTE = ("`deltatune convert --to lora` makes a LoRA of it by SVD, as `serve --engine vllm` and "
+                    "`export --to gguf` do themselves; check the error they print")
+
+
 def _common(info: AdapterInfo, server: str) -> Verdict:
     """The rules every server here shares: LoRA only (PEFT's LORA layout), no DoRA."""
     verdict = Verdict(server)
     if info.config.get("peft_type") != "LORA":
-        verdict.reasons.append(f"{info.config.get('peft_type')} adapters are not supported (LoRA only)")
+        verdict.reasons.append(f"{info.config.get('peft_type')} adapters are not supported (LoRA only; "
+                               f"{CONVERSION_ROUTE})")
     dora = info.config.get("use_dora") or any(k.endswith("lora_magnitude_vector") for k in info.extra_keys)
     if dora:
-        verdict.reasons.append("DoRA (use_dora, lora_magnitude_vector) is not supported")
+        verdict.reasons.append(f"DoRA (use_dora, lora_magnitude_vector) is not supported ({CONVERSION_ROUTE})")
     return verdict
 
 

@@ -118,11 +118,23 @@ class LycorisAdapter(nn.Module, Additive):
     def merge_refusal(self) -> str | None:
         return None
 
+    def call_delta(self, call: CallContext) -> torch.Tensor:
+        """make_delta(), built once per layer for a whole generate() call (`call.repeated`, no gradient): the
+        factors cannot change between its decode steps, and rebuilding a weight-sized update for every token
+        made LoHa/LoKr decoding several times slower than LoRA's. Costs one weight-sized tensor per adapted
+        layer while the call runs."""
+        if not call.repeated or self.training or torch.is_grad_enabled():
+            return self.make_delta()
+        key = ("lycoris_delta", id(self))
+        if key not in call.memo:
+            call.memo[key] = self.make_delta()
+        return call.memo[key]
+
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, base: BaseLayer, call: CallContext,
                 owns_base_out: bool = False) -> torch.Tensor:
         if self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout:
             return base_out  # the whole adapter sits this step out
-        delta = self.make_delta()
+        delta = self.call_delta(call)
         if self.training and self.rank_dropout:
             keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout).to(delta.dtype)
             if self.rank_dropout_scale:

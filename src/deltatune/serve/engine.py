@@ -120,6 +120,8 @@ class Engine:
         Raises:
             DeltaError: the name is taken or not allowed, or the files or the model refuse it.
         """
+        if name == BASE_MODEL:
+            raise DeltaConfigError(f"lora_name {name!r} is reserved for the base model; choose another name")
         if name in self.adapters:
             raise DeltaConfigError(f"lora_name {name!r} is loaded already; unload it first")
         checked = check_files(name, path)  # before the model is touched

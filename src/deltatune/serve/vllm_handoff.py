@@ -27,7 +27,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..compose.extract import convert_to_lora
+from ..compose.extract import convert_to_lora, fit_warning
 from ..core.config import DeltaConfigError
 from ..io import models
 from ..io.adapter_files import AdapterFileError
@@ -140,6 +140,8 @@ def describe(handed: list[HandedAdapter]) -> list[str]:
         how = (f"converted from {a.method} to LoRA rank {a.rank}, relative Frobenius error {a.relative_error:.4f}"
                if a.converted else f"{a.method} rank {a.rank}, as it is")
         lines.append(f"  {a.name}: {how} ({a.path})")
+        warning = fit_warning(a.relative_error, a.rank) if a.converted else None
+        lines += [f"    {warning} (--lora-rank)"] if warning else []
     return lines
 
 

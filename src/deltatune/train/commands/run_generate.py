@@ -111,8 +111,11 @@ class Generator:
         record = read_prompt_record(adapter)
         self.chat = record.get("template", "chat") != "plain" if chat is None else chat
         if system is TRAINING_SYSTEM:
-            system = record.get("system")
-            if record.get("distinct_system_prompts", 1) > 1:
+            # the recorded system prompt belongs to the recorded template: --plain on a chat-trained adapter
+            # sends the prompt as raw text, with no system text glued in front
+            as_trained = self.chat == (record.get("template", "chat") != "plain")
+            system = record.get("system") if as_trained else None
+            if as_trained and record.get("distinct_system_prompts", 1) > 1:
                 warnings.warn(f"{adapter}: training rows had {record['distinct_system_prompts']} different "
                               "system prompts, so none is used by default; pass --system", stacklevel=2)
         elif system is not None and not self.chat:

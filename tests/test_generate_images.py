@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from deltatune.cli import main
-from deltatune.io.models import load_pipeline
+from deltatune.io.pipelines import load_pipeline
 from image_runs import image_files, write_config
 
 

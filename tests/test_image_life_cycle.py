@@ -107,7 +107,7 @@ def test_convert_reads_a_diffusers_component_folder_as_the_base(files, tmp_path)
     """An adapter made on `pipe.unet` records the component folder (pipe/unet) as its base: convert loads it
     by the class its config.json names."""
     import deltatune as dt
-    from deltatune.io.models import load_pipeline
+    from deltatune.io.pipelines import load_pipeline
 
     unet = dt.get_peft_model(load_pipeline(files["pipeline"]).unet, dt.LoKrConfig(r=2, target_modules=["to_q"],
                                                                                     init_weights=False))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune.cli import main
-from deltatune.io.models import load_pipeline
+from deltatune.io.pipelines import load_pipeline
 from deltatune.train import load_config, train
 from deltatune.train.image.generate import load_adapted_pipeline
 from image_runs import fixed_set_loss, image_files, write_config

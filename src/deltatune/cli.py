@@ -67,7 +67,7 @@ def _eval(args) -> None:
 
 
 def _generate(args) -> None:
-    from .io.models import is_pipeline_folder
+    from .io.pipelines import is_pipeline_folder
     from .train.commands.run_generate import TRAINING_SYSTEM, Generator, Sampling, chat_loop, generate_text
     from .train.image.generate import is_image_adapter
 

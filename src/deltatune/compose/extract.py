@@ -37,7 +37,8 @@ from ..core.protocols import Additive, LowRank, Reparameterizing, declares
 from ..io.adapter_files import read_adapter, save_adapters, weights_fill
 from ..io.atomic import write_json
 from ..io.diffusers_layout import component_of
-from ..io.models import is_pipeline_folder, load_weights
+from ..io.models import load_weights
+from ..io.pipelines import is_pipeline_folder
 from ..methods.lora import KINDS, LoraConfig
 
 REPORT_NAME = "extraction_report.json"

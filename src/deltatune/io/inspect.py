@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..core.config import DeltaConfig, DeltaConfigError, config_from_dict
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, check_save_finished, inside_directory
-from .models import diffusers_class_name, is_pipeline_folder
+from .pipelines import diffusers_class_name, is_pipeline_folder
 from .serving import LORA_PAIR, SOURCES, AdapterInfo, Verdict, serving_compatibility
 
 __all__ = ["SOURCES", "AdapterInfo", "Verdict", "adapter_report", "check_adapter", "format_report",

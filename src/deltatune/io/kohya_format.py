@@ -49,7 +49,7 @@ from .kohya_keys import (
     writing_prefixes,
 )
 from .lycoris_format import alpha_of, fit_to_module, pattern_config
-from .models import is_pipeline_folder, load_pipeline
+from .pipelines import is_pipeline_folder, load_pipeline
 
 __all__ = ["export_kohya", "load_kohya", "read_kohya_groups", "save_kohya"]
 FROM_DISK = {disk: ours for ours, disk in LORA_NAMES.items()}

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ...api import DeltaModel
 from ...errors import AdapterFileError, DeltaConfigError
 from ...io.adapter_files import read_config
-from ...io.models import is_pipeline_folder, load_pipeline
+from ...io.pipelines import is_pipeline_folder, load_pipeline
 from .adapters import ADAPTER_FOLDER, adapter_components
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ...api import get_peft_model
 from ...errors import DeltaConfigError
-from ...io.models import load_pipeline
+from ...io.pipelines import load_pipeline
 from .adapters import ImageAdapters
 from .data import METADATA, ImageExample, caption_rows, class_rows, crop_and_flip, read_examples
 from .loss import check_prediction_type

@@ -222,6 +222,7 @@ class TrainingSection:
     seed: int = 42
     gradient_checkpointing: bool = False
     offload_checkpoints: bool = False  # keep the checkpointed layers' saved inputs in host memory
+    compile: bool = False  # torch.compile the decoder body for training (run/runtime.py compile_for_training)
     share_dropout_masks: bool = True  # one LoRA dropout mask for layers reading one input; false: peft's
     precision: str = "fp32"
     eval_every: int = 0  # 0: evaluate once, at the end

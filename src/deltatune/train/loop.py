@@ -46,7 +46,7 @@ from .run.resume_check import (
     resume_note,
     resume_point,
 )
-from .run.runtime import enable_gradient_checkpointing, make_accelerator
+from .run.runtime import compile_for_training, enable_gradient_checkpointing, make_accelerator
 from .run.schedule import make_scheduler
 from .run.trackers import (
     accelerator_options,
@@ -131,6 +131,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     model.share_dropout_masks = tc.share_dropout_masks  # q/k/v share one mask, or independent ones (core/call.py)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=tc.offload_checkpoints)
+    if tc.compile:
+        compile_for_training(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = model.get_nb_trainable_parameters()

@@ -202,9 +202,11 @@ def in_place(owns_base_out: bool, base_out: torch.Tensor, x: torch.Tensor) -> bo
 
 
 def linear_path(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                owns_base_out: bool) -> str:
+                owns_base_out: bool, dropout: float = 0.0) -> str:
     """Which fast path `lora_linear` takes (names of lora_reference.FAST_PATHS), factors already in x's dtype."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, base_out, lora_a, lora_b))
+    if grad and dropout > 0 and lora_triton.usable(x):  # CUDA: the mask drawn inside the down-projection
+        return "lora_triton"
     name = "lora_autograd" if grad else "lora_no_grad"
     return name + "_in_place" if in_place(owns_base_out, base_out, x) else name
 
@@ -217,7 +219,9 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, l
     is the caller's own fresh tensor (the base layer's output, which nothing saves for backward); the
     up-projection then adds into it instead of into a copy of it."""
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    path = linear_path(x, base_out, lora_a, lora_b, owns_base_out)
+    path = linear_path(x, base_out, lora_a, lora_b, owns_base_out, dropout)
+    if path == "lora_triton":
+        return lora_triton.fused_lora_linear(base_out, x, lora_a, lora_b, scaling, dropout, call)
     inplace = path.endswith("_in_place")
     if path.startswith("lora_autograd"):
         out = LoraLinearFunction.apply(base_out.to(x.dtype), x, lora_a, lora_b, scaling, dropout, inplace,
@@ -298,3 +302,6 @@ def mixed_lora_linear(factors: list, x: torch.Tensor, base_out: torch.Tensor, in
     hidden = torch.bmm(flat, a_t[rows]).mul_(scales[rows][:, None, None])  # (batch, tokens, r_max)
     out = torch.baddbmm(base_out.reshape(batch, -1, out_f).to(a_t.dtype), hidden, b_t[rows])
     return out.reshape(base_out.shape).to(base_out.dtype)
+
+
+from . import lora_triton  # noqa: E402  (at the end: it builds on this file's functions)

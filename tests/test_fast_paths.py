@@ -11,10 +11,6 @@ are checked at the end.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +25,7 @@ from deltatune.methods import dora as dora_ops
 from deltatune.methods import lora_ops, lora_triton
 from deltatune.methods import lora_reference as ref
 from deltatune.methods.lora import LoraAdapter
+from interpreted import assert_passed_in_child, interpreted_report, needs_child
 from tiny_models import tiny_llama, token_batch
 
 SEED = 7
@@ -210,22 +207,14 @@ def assert_near(got: torch.Tensor, want: torch.Tensor, mode: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted_triton_cases() -> str:
-    """The lora_triton cases run once in a pytest subprocess with TRITON_INTERPRET=1 (Triton's interpreter runs
-    the kernels on CPU tensors; it must be on before triton is first imported, which torch does early): -rA's
-    report, which names each case PASSED or FAILED."""
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", __file__, "-k",
-                           "test_fast_path_equals_the_reference and lora_triton"], capture_output=True, text=True,
-                          env=env, cwd=Path(__file__).parent, timeout=600)
-    return done.stdout
+    """The lora_triton cases, run once on CPU through Triton's interpreter in a child pytest (interpreted.py)."""
+    return interpreted_report(__file__, "test_fast_path_equals_the_reference and lora_triton")
 
 
 @pytest.mark.parametrize("path, kind, p, mode", PARAMS)
 def test_fast_path_equals_the_reference(path, kind, p, mode, request):
-    if path == "lora_triton" and not (torch.cuda.is_available() or lora_triton.interpreting()):
-        report = request.getfixturevalue("interpreted_triton_cases")
-        assert f"PASSED test_fast_paths.py::{request.node.name}" in report, report[-3000:]
+    if path == "lora_triton" and needs_child():
+        assert_passed_in_child(request.getfixturevalue("interpreted_triton_cases"), __file__, request.node.name)
         return
     case = mixed_case(path, p, mode) if path.startswith("mixed") else layer_case(path, kind, p, mode)
     out, grads, ref_out, ref_grads, taken = case

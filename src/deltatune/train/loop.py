@@ -34,6 +34,7 @@ from .finish import TrainResult, evaluate_run, finish_run
 from .run.checkpoint import load_checkpoint, save_checkpoint
 from .run.divergence import DivergenceError, check_step, gradient_norm
 from .run.early_stop import GENERATION_METRICS, BestTracker, check_best_run, finish_best
+from .run.kernels import apply_liger, resolve_kernels
 from .run.metrics import MetricsLog, peak_memory_mb, shown
 from .run.neftune import add_neftune
 from .run.optim import check_optimizer_installed, make_optimizer
@@ -109,6 +110,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     train_data = file_fingerprint(config.data.train)
     checkpoint, saved, changed = resume_point(out, config, train_data) if resume else (None, None, {})
     accelerator = make_accelerator(tc.precision, **accelerator_options(trackers, out))
+    kernels = resolve_kernels(tc.kernels, accelerator.device)  # before the model loads: a clear error first
     main = accelerator.is_main_process
 
     tokenizer = base[1] if base else load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
@@ -131,6 +133,8 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     model.share_dropout_masks = tc.share_dropout_masks  # q/k/v share one mask, or independent ones (core/call.py)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=tc.offload_checkpoints)
+    if kernels == "liger":  # RMSNorm, SwiGLU, RoPE; the loss below (run/kernels.py)
+        apply_liger(model.get_base_model())
     if tc.compile:
         compile_for_training(model)
     model.train()
@@ -215,7 +219,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
             torch.manual_seed(hash((tc.seed, step, micro, accelerator.process_index)) % 2**62)
             sync = nullcontext() if micro == tc.grad_accum - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                loss_sum, _ = token_loss_sum(model, batch)
+                loss_sum, _ = token_loss_sum(model, batch, kernels)
                 # DDP averages gradients over processes, hence * world
                 loss = loss_sum * world / step_targets
                 regulariser = inner.extra_loss()  # e.g. AdaLoRA's orthogonality term, once per step

@@ -37,6 +37,7 @@ SAFE_ON_RESUME = {
     "training.gradient_checkpointing": "memory only: the same gradients",
     "training.offload_checkpoints": "memory only: the same gradients",
     "training.compile": "speed only: the same loss and gradients (to float rounding)",
+    "training.kernels": "speed only: the same loss and gradients (to float rounding)",
     "data.eval": "evaluation only",
     "eval.*": "evaluation only",
     "output_dir": "the run folder may move",

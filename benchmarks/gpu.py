@@ -183,7 +183,7 @@ def print_table(runs: list[dict], rows: list[dict]) -> None:
 def add_flags(parser) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny Llama configs, CPU-sized: a smoke run")
     parser.add_argument("--no-tests", action="store_true", help="measure only")
-    parser.add_argument("--test-timeout", type=int, default=150)
+    parser.add_argument("--test-timeout", type=int, default=120, help="seconds for the test phase")
     parser.add_argument("--out", default="gpu.json")
     parser.set_defaults(steps=5, batch=4, seq=2048)
 

@@ -17,9 +17,11 @@ import torch
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def needs_child() -> bool:
-    """True when the Triton cases cannot run in this process: no GPU and no interpreter."""
-    return not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+def needs_child(cpu_tensors: bool = False) -> bool:
+    """True when Triton cases cannot run in this process: no interpreter, and no GPU (or, with `cpu_tensors`,
+    cases whose tensors stay on the CPU, which only the interpreter runs)."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    return not interpreting and (cpu_tensors or not torch.cuda.is_available())
 
 
 def interpreted_report(test_file: str, keyword: str) -> str:

@@ -1,7 +1,8 @@
 """The GPU checks, on whichever device is here: CUDA when present (benchmarks/gpu.py runs this file first on
 a GPU), else the CPU, with the same assertions either way: bf16 adapters train and merge, 4-bit and 8-bit
 bitsandbytes bases take LoRA, a mixed batch equals each adapter alone, and a compiled model (Inductor)
-equals eager in loss and gradients."""
+equals eager in loss and gradients, and the Triton dropout + down-projection (methods/lora_triton.py) equals
+the reference (on a CPU through Triton's interpreter in a child pytest, tests/interpreted.py)."""
 
 import copy
 
@@ -10,6 +11,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
+from deltatune.core.call import CallContext
+from deltatune.methods import lora_ops, lora_triton
+from deltatune.methods import lora_reference as ref
+from interpreted import assert_passed_in_child, interpreted_report, needs_child
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -133,3 +138,45 @@ def test_inductor_compiled_training_matches_eager():
     for name, param in model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name], atol=1e-5, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def child_report() -> str:
+    return interpreted_report(__file__, "triton")
+
+
+# bf16 where the kernels compile (CUDA); Triton 3.9's interpreter fails on bf16 tl.dot tiles (a numpy reshape
+# error), so a CPU checks float32 only
+TRITON_DTYPES = [torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32]
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+def test_triton_dropout_down_projection_matches_the_reference(dtype, request):
+    """lora_ops dispatches a training LoRA layer with dropout to the fused kernel; output and the gradients of
+    x, A and B equal lora_reference.lora given the kernel's own mask (keep_mask, from the same seed); two
+    layers reading one input in one call draw one mask (call.share_dropout)."""
+    if needs_child():
+        assert_passed_in_child(request.getfixturevalue("child_report"), __file__, request.node.name)
+        return
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 50, 96, generator=generator).to(DEVICE, dtype).requires_grad_()
+    lora_a = (torch.randn(16, 96, generator=generator) * 0.2).to(DEVICE, dtype).requires_grad_()
+    lora_b = (torch.randn(40, 16, generator=generator) * 0.2).to(DEVICE, dtype).requires_grad_()
+    base_out = torch.randn(3, 50, 40, generator=generator).to(DEVICE, dtype)
+    call, dropout = CallContext(), 0.1
+    assert lora_ops.linear_path(x, base_out, lora_a, lora_b, False, dropout) == "lora_triton"
+    torch.manual_seed(0)
+    out = lora_ops.lora_linear(x, base_out, lora_a, lora_b, 2.0, dropout, call)
+    sibling = lora_ops.lora_linear(x, base_out, lora_a, lora_b, 2.0, dropout, call)
+    torch.testing.assert_close(sibling, out, atol=0, rtol=0)  # the same mask for the same input
+    torch.manual_seed(0)
+    keep = lora_triton.keep_mask((150, 96), dropout, lora_ops.new_mask_seed(), x.device).view(x.shape)
+    assert 0.8 < keep.float().mean() < 0.98
+    want = ref.lora(x, base_out, torch.nn.functional.linear, 2.0 * lora_b @ lora_a, keep,
+                    lora_ops.keep_probability(dropout))
+    weights = torch.linspace(-1, 1, out.numel(), device=DEVICE).view(out.shape)
+    got_grads = torch.autograd.grad((out.float() * weights).sum(), (x, lora_a, lora_b))
+    want_grads = torch.autograd.grad((want.float() * weights).sum(), (x, lora_a, lora_b))
+    limit = 1e-3 if dtype == torch.float32 else 3e-2  # tf32 / bf16 products on a GPU
+    for got, expected in zip((out, *got_grads), (want, *want_grads)):
+        assert (got.float() - expected.float()).norm() <= limit * expected.float().norm()

@@ -29,23 +29,17 @@ import torch
 import torch.nn.functional as F
 
 from ..core.call import CallContext
-
-KEEP_LEVELS = 2**16  # a mask entry is a 16-bit uniform compared with a threshold
-
-
-def keep_threshold(dropout: float) -> int:
-    """Entries whose 16-bit uniform is below this are kept; P(keep) = threshold / 2^16."""
-    return max(1, round((1 - dropout) * KEEP_LEVELS))
-
-
-def keep_probability(dropout: float) -> float:
-    """P(keep) of a mask drawn by `draw_keep_mask`: kept inputs are divided by it."""
-    return keep_threshold(dropout) / KEEP_LEVELS
-
-
-def new_mask_seed() -> int:
-    """A seed for one dropout mask from the global CPU generator (torch.manual_seed, checkpoints replay it)."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+from . import lora_triton
+from .lora_common import (  # noqa: F401  (also read from here by dora.py and the tests)
+    KEEP_LEVELS,
+    ReplaysAutocast,
+    add_up_projection,
+    autocast_state,
+    keep_probability,
+    keep_threshold,
+    new_mask_seed,
+    replay_autocast,
+)
 
 
 def draw_keep_mask(shape: torch.Size, dropout: float, device: torch.device, seed: int) -> torch.Tensor:
@@ -116,26 +110,6 @@ def dropout_masks(call: CallContext) -> DropoutMasks:
     return masks
 
 
-def autocast_state(x: torch.Tensor) -> tuple:
-    """The forward's autocast state: backward may run outside the autocast block (HF Trainer), so it replays it."""
-    device = x.device.type
-    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-
-
-def replay_autocast(state: tuple):
-    device, enabled, dtype = state
-    return torch.autocast(device, dtype=dtype, enabled=enabled)
-
-
-class ReplaysAutocast(torch.autograd.Function):
-    """Backward runs `_backward` under the autocast state forward kept in `ctx.autocast`."""
-
-    @classmethod
-    def backward(cls, ctx, grad_out):
-        with replay_autocast(ctx.autocast):
-            return cls._backward(ctx, grad_out)
-
-
 def dropped_projection(x: torch.Tensor, lora_a: torch.Tensor, dropout: float, masks: DropoutMasks) -> tuple:
     """(mask seed or None, dropped flat input (N, in), rescale 1 / P(keep), hidden = dropout(x) @ A^T (N, r)).
     The rescale is applied to `hidden`, in rank space, not to the (N, in) input."""
@@ -181,16 +155,6 @@ class LoraLinearFunction(ReplaysAutocast):
                 grad_x.mul_(keep)
             grad_x = grad_x.view(x.shape)
         return grad_out, grad_x, grad_a, grad_b, None, None, None, None
-
-
-def add_up_projection(base_out: torch.Tensor, hidden: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                      inplace: bool) -> torch.Tensor:
-    """base_out + scaling * hidden @ B^T shaped as base_out; into base_out itself when `inplace` (in_place)."""
-    flat = base_out.reshape(-1, base_out.shape[-1])
-    if inplace:
-        flat.addmm_(hidden, lora_b.t(), alpha=scaling)
-        return base_out
-    return torch.addmm(flat, hidden, lora_b.t(), alpha=scaling).view(base_out.shape)
 
 
 def in_place(owns_base_out: bool, base_out: torch.Tensor, x: torch.Tensor) -> bool:
@@ -303,5 +267,3 @@ def mixed_lora_linear(factors: list, x: torch.Tensor, base_out: torch.Tensor, in
     out = torch.baddbmm(base_out.reshape(batch, -1, out_f).to(a_t.dtype), hidden, b_t[rows])
     return out.reshape(base_out.shape).to(base_out.dtype)
 
-
-from . import lora_triton  # noqa: E402  (at the end: it builds on this file's functions)

@@ -9,7 +9,7 @@ offset), so neither the mask nor the masked input ever exists in memory, in forw
     backward  grad_x = rescale * (grad_hidden @ A) * keep               (N, in)
               grad_A = rescale * grad_hidden^T @ (x * keep)             (r, in)
 
-keep[i, j] = rand(seed, i * in + j) < P(keep), rescale = 1 / P(keep) (lora_ops.keep_probability), so layers
+keep[i, j] = rand(seed, i * in + j) < P(keep), rescale = 1 / P(keep) (lora_common.keep_probability), so layers
 handed one seed for one input (q/k/v, gate/up: call.share_dropout) draw one mask, as lora_ops shares them.
 The formula is lora_reference.lora; `keep_mask` rebuilds a kernel's mask so tests hand the reference the
 very mask (tests/test_fast_paths.py, on CPU through TRITON_INTERPRET=1).
@@ -29,7 +29,7 @@ import weakref
 import torch
 
 from ..core.call import CallContext
-from .lora_ops import ReplaysAutocast, add_up_projection, autocast_state, keep_probability, new_mask_seed
+from .lora_common import ReplaysAutocast, add_up_projection, autocast_state, keep_probability, new_mask_seed
 
 BLOCK_ROWS, BLOCK_COLS = 64, 64
 

@@ -23,7 +23,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 PY_LATEST := $(LATEST)/bin/python
 
-.PHONY: install demo test test-latest lint bench clean adapters-venv
+.PHONY: install demo test test-latest lint bench bench-gpu clean adapters-venv
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,11 @@ bench: $(STAMP)  # the ratio benchmarks (minutes); benchmarks/methods.py (about 
 	$(PY) benchmarks/mixed_batch.py
 	$(PY) benchmarks/quant.py
 	$(PY) benchmarks/packing.py
+
+# On one GPU (at most 8 minutes): the CUDA tests, then LoRA/DoRA/QLoRA tokens/s and peak memory vs peft in bf16
+# (benchmarks/gpu.py; writes gpu.json). Needs a CUDA build of torch in the venv, not the CPU wheel `install` pins.
+bench-gpu:
+	$(PY) benchmarks/gpu.py --out gpu.json
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(ADAPTERS_VENV) .pytest_cache

@@ -15,9 +15,9 @@ import time
 import torch
 
 
-def shape_args(description: str, rounds: bool = False) -> tuple[argparse.Namespace, list[str]]:
+def shape_args(description: str, rounds: bool = False, extra=None) -> tuple[argparse.Namespace, list[str]]:
     """The flags every benchmark takes (--worker, --steps, --batch, --seq; with `rounds` also --rounds and
-    --only) and the shape flags to pass on to its workers."""
+    --only) and the shape flags to pass on to its workers; `extra(parser)` adds a script's own flags."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--worker", nargs="*")
     if rounds:
@@ -26,6 +26,8 @@ def shape_args(description: str, rounds: bool = False) -> tuple[argparse.Namespa
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    if extra:  # after the shared flags, so its parser.set_defaults can change theirs
+        extra(parser)
     args = parser.parse_args()
     return args, ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
 

@@ -1,6 +1,7 @@
 """Training-step time and peak memory of LoRA against the frozen-model floor, deltatune vs peft.
 
 Run: .venv/bin/python benchmarks/lora_step.py [--steps 3] [--batch 4] [--seq 256] [--rounds 1] [--only lora]
+     [--compile]
 
 Set-up (DESIGN section 8): SmolLM2-135M, float32, LoRA r=16 on all linear layers, 2 threads. The
 floor is the same model with every weight frozen, back-propagating only to the input embeddings.
@@ -11,7 +12,9 @@ layer, as peft draws them, instead of one mask shared by the layers that read on
 its peft row is the "lora p=0.05" peft run, and the shared/independent step-time ratio is printed last.
 Every set-up takes the loss the way Hugging Face users do (`model(..., labels=ids).loss`); the
 `deltatune+loss` rows take it the way `deltatune train` does (train/linear_loss.py: the loss straight
-from the hidden states, no full logits tensor).
+from the hidden states, no full logits tensor). `--compile` compiles the deltatune set-ups' decoder body
+with Inductor as `training.compile: true` does (train/run/runtime.py; the floor and peft stay eager), with
+two extra warm-up steps that absorb the compilation.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from common import load_smollm2, peak_rss_gb, run_worker, shape_args, timed, token_batch
 
 
-def build(setup: str, dropout: float, dora: bool, share: bool = True):
+def build(setup: str, dropout: float, dora: bool, share: bool = True, compile: bool = False):
     model = load_smollm2()
     if setup == "floor":
         model.requires_grad_(False)
@@ -37,14 +40,19 @@ def build(setup: str, dropout: float, dora: bool, share: bool = True):
 
     model = deltatune.get_peft_model(model, deltatune.LoraConfig(**kwargs))
     model.share_dropout_masks = share
+    if compile:
+        from deltatune.train.run.runtime import compile_for_training
+
+        compile_for_training(model)
     return model
 
 
-def worker(setup: str, dropout: float, dora: bool, share: bool, batch: int, seq: int, steps: int) -> dict:
+def worker(setup: str, dropout: float, dora: bool, share: bool, batch: int, seq: int, steps: int,
+           compile: bool = False) -> dict:
     from deltatune.train.evaluate import token_loss_sum
 
     own_loss = setup.endswith("+loss")
-    model = build(setup.removesuffix("+loss"), dropout, dora, share).train()
+    model = build(setup.removesuffix("+loss"), dropout, dora, share, compile).train()
     ids = token_batch(batch, seq, 49152)
     embed = model.get_input_embeddings()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -63,7 +71,7 @@ def worker(setup: str, dropout: float, dora: bool, share: bool, batch: int, seq:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed(step, steps)
+    seconds = timed(step, steps, warmup=3 if compile else 1)
     return {"setup": setup, "seconds": seconds, "rss_gb": peak_rss_gb()}
 
 
@@ -90,11 +98,15 @@ def measure(jobs: list[tuple[str, ...]], shape: list[str], rounds: int) -> dict:
 
 
 def main() -> None:
-    args, shape = shape_args(__doc__, rounds=True)
+    args, shape = shape_args(__doc__, rounds=True, extra=lambda parser: parser.add_argument(
+        "--compile", action="store_true", help="Inductor-compile the deltatune set-ups (training.compile)"))
+    if args.compile:
+        shape.append("--compile")
     if args.worker:
         setup, dropout = args.worker[0], float(args.worker[1])
         dora, share = args.worker[2] == "1", args.worker[3] == "1"
-        print(json.dumps(worker(setup, dropout, dora, share, args.batch, args.seq, args.steps)))
+        compile = args.compile and setup.startswith("deltatune")
+        print(json.dumps(worker(setup, dropout, dora, share, args.batch, args.seq, args.steps, compile)))
         return
     variants = {k: v for k, v in VARIANTS.items() if k.startswith(tuple(args.only or ("lora", "dora")))}
     jobs = [("floor", "0", "0", "1")] + list(dict.fromkeys(
@@ -102,7 +114,8 @@ def main() -> None:
     runs = measure(jobs, shape, args.rounds)
     floor = runs[jobs[0]]
     print(f"floor: {floor['seconds']:.2f} s/step, peak RSS {floor['rss_gb']:.2f} GB "
-          f"(batch {args.batch} x {args.seq}, {args.steps} steps, {args.rounds} round(s))")
+          f"(batch {args.batch} x {args.seq}, {args.steps} steps, {args.rounds} round(s)"
+          f"{', deltatune compiled' if args.compile else ''})")
     print(f"{'variant':<16}{'library':<16}{'time/floor':>11}{'RSS/floor':>11}{'s/step':>9}{'RSS GB':>8}")
     table = {}
     for label, (p, dora, share) in variants.items():

@@ -22,9 +22,10 @@ import deltatune as dt
 from deltatune.core.base import BaseLayer
 from deltatune.core.call import CallContext
 from deltatune.methods import dora as dora_ops
-from deltatune.methods import lora_ops
+from deltatune.methods import lora_ops, lora_triton
 from deltatune.methods import lora_reference as ref
 from deltatune.methods.lora import LoraAdapter
+from interpreted import assert_passed_in_child, interpreted_report, needs_child
 from tiny_models import tiny_llama, token_batch
 
 SEED = 7
@@ -74,12 +75,16 @@ def delta_of(adapter: LoraAdapter) -> torch.Tensor:
     return (adapter.scaling * b.reshape(b.shape[0], r) @ a.reshape(r, -1)).reshape(b.shape[0], *a.shape[1:])
 
 
-def seeded_keep(x: torch.Tensor, p: float) -> tuple[torch.Tensor | None, float]:
-    """The mask a seed-drawing kernel (lora_ops) drew for x right after torch.manual_seed(SEED)."""
+def seeded_keep(x: torch.Tensor, p: float, triton: bool = False) -> tuple[torch.Tensor | None, float]:
+    """The mask a seed-drawing kernel (lora_ops, or lora_triton's in-kernel draw) drew for x right after
+    torch.manual_seed(SEED)."""
     if p == 0:
         return None, 1.0
     torch.manual_seed(SEED)
     flat = (x.shape[:-1].numel(), x.shape[-1])
+    if triton:
+        keep = lora_triton.keep_mask(flat, p, lora_ops.new_mask_seed(), x.device)
+        return keep.view(x.shape), lora_ops.keep_probability(p)
     keep = lora_ops.draw_keep_mask(torch.Size(flat), p, x.device, lora_ops.new_mask_seed())
     return keep.view(x.shape), lora_ops.keep_probability(p)
 
@@ -120,14 +125,14 @@ def layer_case(path: str, kind: str, p: float, mode: str):
                 taken = adapter.path(base)
                 if taken == "linear":
                     a, b = adapter.A.to(x.dtype), adapter.B.to(x.dtype)
-                    taken = lora_ops.linear_path(x, base_out, a, b, owns)
+                    taken = lora_ops.linear_path(x, base_out, a, b, owns, p)
                 elif taken == "dora_linear":
                     taken = dora_ops.linear_path(x, base_out, adapter.A, adapter.B, adapter.lora_magnitude_vector, p)
                 else:
                     taken = ("dora" if dora else "lora") + "_module"
                 torch.manual_seed(SEED)
                 return adapter(x, base_out, base, CallContext(), owns_base_out=owns), taken
-        keep, p_keep = (module_keep if path.endswith("module") else seeded_keep)(x, p)
+        keep, p_keep = module_keep(x, p) if path.endswith("module") else seeded_keep(x, p, path == "lora_triton")
         op, weight = op_and_weight(base, kind)
         if dora:
             magnitude = adapter.lora_magnitude_vector
@@ -178,6 +183,7 @@ CASES = {
     "lora_autograd": (("linear", "conv1d"), (0.0, 0.3)),
     "lora_autograd_in_place": (("linear",), (0.0, 0.3)),  # not under autocast: a bfloat16 model instead
     "lora_no_grad": (("linear", "conv1d"), (0.0, 0.3)),
+    "lora_triton": (("linear", "conv1d"), (0.3,)),  # dropout only; on CPU through TRITON_INTERPRET=1
     "lora_no_grad_in_place": (("linear",), (0.0, 0.3)),
     "lora_module": (("conv", "conv_reflect", "embedding"), (0.0, 0.3)),
     "mixed_gather": (("linear",), (0.0,)),  # mixed batches run only without training dropout
@@ -203,8 +209,17 @@ def assert_near(got: torch.Tensor, want: torch.Tensor, mode: str) -> None:
     assert (got - want).norm() <= limit * want.norm() + 1e-6, (got - want).abs().max()
 
 
+@pytest.fixture(scope="module")
+def interpreted_triton_cases() -> str:
+    """The lora_triton cases, run once on CPU through Triton's interpreter in a child pytest (interpreted.py)."""
+    return interpreted_report(__file__, "test_fast_path_equals_the_reference and lora_triton")
+
+
 @pytest.mark.parametrize("path, kind, p, mode", PARAMS)
-def test_fast_path_equals_the_reference(path, kind, p, mode):
+def test_fast_path_equals_the_reference(path, kind, p, mode, request):
+    if path == "lora_triton" and needs_child(cpu_tensors=True):  # on a GPU too: these tensors are on the CPU
+        assert_passed_in_child(request.getfixturevalue("interpreted_triton_cases"), __file__, request.node.name)
+        return
     case = mixed_case(path, p, mode) if path.startswith("mixed") else layer_case(path, kind, p, mode)
     out, grads, ref_out, ref_grads, taken = case
     assert taken == path

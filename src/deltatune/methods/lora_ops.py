@@ -29,23 +29,17 @@ import torch
 import torch.nn.functional as F
 
 from ..core.call import CallContext
-
-KEEP_LEVELS = 2**16  # a mask entry is a 16-bit uniform compared with a threshold
-
-
-def keep_threshold(dropout: float) -> int:
-    """Entries whose 16-bit uniform is below this are kept; P(keep) = threshold / 2^16."""
-    return max(1, round((1 - dropout) * KEEP_LEVELS))
-
-
-def keep_probability(dropout: float) -> float:
-    """P(keep) of a mask drawn by `draw_keep_mask`: kept inputs are divided by it."""
-    return keep_threshold(dropout) / KEEP_LEVELS
-
-
-def new_mask_seed() -> int:
-    """A seed for one dropout mask from the global CPU generator (torch.manual_seed, checkpoints replay it)."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+from . import lora_triton
+from .lora_common import (  # noqa: F401  (also read from here by dora.py and the tests)
+    KEEP_LEVELS,
+    ReplaysAutocast,
+    add_up_projection,
+    autocast_state,
+    keep_probability,
+    keep_threshold,
+    new_mask_seed,
+    replay_autocast,
+)
 
 
 def draw_keep_mask(shape: torch.Size, dropout: float, device: torch.device, seed: int) -> torch.Tensor:
@@ -116,26 +110,6 @@ def dropout_masks(call: CallContext) -> DropoutMasks:
     return masks
 
 
-def autocast_state(x: torch.Tensor) -> tuple:
-    """The forward's autocast state: backward may run outside the autocast block (HF Trainer), so it replays it."""
-    device = x.device.type
-    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-
-
-def replay_autocast(state: tuple):
-    device, enabled, dtype = state
-    return torch.autocast(device, dtype=dtype, enabled=enabled)
-
-
-class ReplaysAutocast(torch.autograd.Function):
-    """Backward runs `_backward` under the autocast state forward kept in `ctx.autocast`."""
-
-    @classmethod
-    def backward(cls, ctx, grad_out):
-        with replay_autocast(ctx.autocast):
-            return cls._backward(ctx, grad_out)
-
-
 def dropped_projection(x: torch.Tensor, lora_a: torch.Tensor, dropout: float, masks: DropoutMasks) -> tuple:
     """(mask seed or None, dropped flat input (N, in), rescale 1 / P(keep), hidden = dropout(x) @ A^T (N, r)).
     The rescale is applied to `hidden`, in rank space, not to the (N, in) input."""
@@ -183,16 +157,6 @@ class LoraLinearFunction(ReplaysAutocast):
         return grad_out, grad_x, grad_a, grad_b, None, None, None, None
 
 
-def add_up_projection(base_out: torch.Tensor, hidden: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                      inplace: bool) -> torch.Tensor:
-    """base_out + scaling * hidden @ B^T shaped as base_out; into base_out itself when `inplace` (in_place)."""
-    flat = base_out.reshape(-1, base_out.shape[-1])
-    if inplace:
-        flat.addmm_(hidden, lora_b.t(), alpha=scaling)
-        return base_out
-    return torch.addmm(flat, hidden, lora_b.t(), alpha=scaling).view(base_out.shape)
-
-
 def in_place(owns_base_out: bool, base_out: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the up-projection adds into base_out (or its copy in x's dtype) itself: when the caller hands
     it over (`owns_base_out`: core passes it when nothing else holds the base output, BaseLayer.output_is_fresh;
@@ -202,9 +166,11 @@ def in_place(owns_base_out: bool, base_out: torch.Tensor, x: torch.Tensor) -> bo
 
 
 def linear_path(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                owns_base_out: bool) -> str:
+                owns_base_out: bool, dropout: float = 0.0) -> str:
     """Which fast path `lora_linear` takes (names of lora_reference.FAST_PATHS), factors already in x's dtype."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, base_out, lora_a, lora_b))
+    if grad and dropout > 0 and lora_triton.usable(x):  # CUDA: the mask drawn inside the down-projection
+        return "lora_triton"
     name = "lora_autograd" if grad else "lora_no_grad"
     return name + "_in_place" if in_place(owns_base_out, base_out, x) else name
 
@@ -217,7 +183,9 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, l
     is the caller's own fresh tensor (the base layer's output, which nothing saves for backward); the
     up-projection then adds into it instead of into a copy of it."""
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    path = linear_path(x, base_out, lora_a, lora_b, owns_base_out)
+    path = linear_path(x, base_out, lora_a, lora_b, owns_base_out, dropout)
+    if path == "lora_triton":
+        return lora_triton.fused_lora_linear(base_out, x, lora_a, lora_b, scaling, dropout, call)
     inplace = path.endswith("_in_place")
     if path.startswith("lora_autograd"):
         out = LoraLinearFunction.apply(base_out.to(x.dtype), x, lora_a, lora_b, scaling, dropout, inplace,
@@ -298,3 +266,4 @@ def mixed_lora_linear(factors: list, x: torch.Tensor, base_out: torch.Tensor, in
     hidden = torch.bmm(flat, a_t[rows]).mul_(scales[rows][:, None, None])  # (batch, tokens, r_max)
     out = torch.baddbmm(base_out.reshape(batch, -1, out_f).to(a_t.dtype), hidden, b_t[rows])
     return out.reshape(base_out.shape).to(base_out.dtype)
+

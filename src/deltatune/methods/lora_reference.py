@@ -13,7 +13,7 @@ when nothing is dropped (out = b + m (W + s B A) x / n), and the part of the bas
 input does not explain when something is (peft's formula). Dropout is an explicit keep-mask (0/1, the
 input's shape) and the probability of keeping, so a test hands the reference the very mask a kernel drew.
 
-Nothing here is fast or memory-lean; lora_ops.py, dora.py and lora.py are, and FAST_PATHS names each of
+Nothing here is fast or memory-lean; lora_ops.py, lora_triton.py, dora.py and lora.py are, and FAST_PATHS names each of
 their implementations (tests/test_fast_paths.py must list a case for every name).
 """
 
@@ -29,6 +29,7 @@ FAST_PATHS = {  # name -> the formula here it implements, and where
     "lora_autograd": "lora: lora_ops.LoraLinearFunction (mask redrawn from its seed in backward)",
     "lora_autograd_in_place": "lora: LoraLinearFunction adding into the base output it was handed",
     "lora_no_grad": "lora: lora_ops.lora_linear without autograd",
+    "lora_triton": "lora: lora_triton.LoraTritonFunction (dropout drawn inside the Triton down-projection)",
     "lora_no_grad_in_place": "lora: lora_ops.lora_linear without autograd, into the base output",
     "lora_module": "lora: LoraAdapter's module path (conv, embedding)",
     "mixed_gather": "mixed_lora: lora_ops.mixed_lora_linear, gathered factors and bmm",

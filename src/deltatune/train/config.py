@@ -29,6 +29,7 @@ from ..quant import parse_quantize
 from .data.formats import COLUMN_KEYS, FORMATS
 from .image.settings import TEXT_TO_IMAGE, UNET_TARGETS, ImageSection, check_image_run
 from .run.early_stop import check_best_settings
+from .run.kernels import KERNELS
 from .run.optim import check_optimizer_settings, optimizer_name
 from .run.trackers import tracker_names
 
@@ -225,6 +226,8 @@ class TrainingSection:
     seed: int = 42
     gradient_checkpointing: bool = False
     offload_checkpoints: bool = False  # keep the checkpointed layers' saved inputs in host memory
+    kernels: str = "auto"  # auto | liger | none: Liger Kernel on CUDA (run/kernels.py)
+    compile: bool = False  # torch.compile the decoder body for training (run/runtime.py compile_for_training)
     share_dropout_masks: bool = True  # one LoRA dropout mask for layers reading one input; false: peft's
     precision: str = "fp32"
     eval_every: int = 0  # 0: evaluate once, at the end
@@ -286,6 +289,7 @@ class TrainingSection:
             self.neftune_noise_alpha,
             "must be > 0 (or null for no noise); the paper uses 5-15",
         )
+        require(self.kernels in KERNELS, "training.kernels", self.kernels, f"must be one of {KERNELS}")
         tracker_names(self.report_to)
         check_best_settings(self)
 

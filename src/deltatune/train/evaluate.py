@@ -15,20 +15,21 @@ from .data.tokenize import IGNORE, Encoded, collate, model_inputs, prompt_text
 from .linear_loss import chunked_loss_head, head_passed_over, linear_cross_entropy
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model, batch: dict[str, torch.Tensor], kernels: str = "none") -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the labelled tokens of a batch, and their count.
 
     Summing (rather than averaging per batch) lets the caller divide by the token count of a whole
     optimizer step, so the result does not depend on how the step is split into micro-batches or
     processes. The model runs through its own forward (a DeltaModel's, or DDP's around it) on every path,
-    so one process and N processes compute the same loss the same way.
+    so one process and N processes compute the same loss the same way. `kernels`: "liger" takes the
+    chunked path's loss from Liger's fused kernel (training.kernels, run/kernels.py).
     """
     targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     head = chunked_loss_head(model)
     if head is not None:  # no full logits tensor (linear_loss.py); the same numbers
         with head_passed_over(model):  # the model's own forward (DeltaModel's, DDP's): logits = hidden states
             hidden = model(**model_inputs(batch)).logits  # (B, T, d)
-        loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), head.weight, head.bias, targets.flatten())
+        loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), head.weight, head.bias, targets.flatten(), kernels)
         return loss, int((targets != IGNORE).sum())
     logits = model(**model_inputs(batch)).logits
     if logits.dim() == 2:  # (B, classes): a sequence classifier; one class id per row (encode_classes)

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..core.model import DeltaModel
 from .data.tokenize import IGNORE
+from .run.kernels import liger_linear_cross_entropy
 
 CHUNK_ELEMENTS = 2**23  # logits per chunk: 8M floats, 32 MB in float32
 CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")  # Transformers' names for decoder-only LMs
@@ -75,10 +76,13 @@ def head_passed_over(model: nn.Module) -> Iterator[None]:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor) -> torch.Tensor:
+                         targets: torch.Tensor, kernels: str = "none") -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T (+ bias)` (rows (N, d)) against `targets` (N,); rows
     labelled IGNORE do not count. The same value as F.cross_entropy(..., reduction="sum") on float32
-    logits; differentiable with respect to hidden, weight and bias."""
+    logits; differentiable with respect to hidden, weight and bias. `kernels="liger"` (training.kernels,
+    run/kernels.py): the same through Liger's fused kernel."""
+    if kernels == "liger":
+        return liger_linear_cross_entropy(hidden, weight, bias, targets)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not wants_grad:

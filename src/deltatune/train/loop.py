@@ -47,6 +47,7 @@ from .image.settings import TEXT_TO_IMAGE
 from .run.checkpoint import load_checkpoint, save_checkpoint
 from .run.divergence import DivergenceError, check_step, gradient_norm
 from .run.early_stop import GENERATION_METRICS, BestTracker, check_best_run, finish_best
+from .run.kernels import apply_liger, resolve_kernels
 from .run.metrics import MetricsLog, peak_memory_mb, shown
 from .run.neftune import add_neftune
 from .run.optim import check_optimizer_installed, make_optimizer
@@ -59,7 +60,7 @@ from .run.resume_check import (
     resume_note,
     resume_point,
 )
-from .run.runtime import enable_gradient_checkpointing, make_accelerator
+from .run.runtime import compile_for_training, enable_gradient_checkpointing, make_accelerator
 from .run.schedule import make_scheduler
 from .run.trackers import (
     accelerator_options,
@@ -130,6 +131,7 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     train_data = file_fingerprint(image_data.fingerprint_files() if images else config.data.train)
     checkpoint, saved, changed = resume_point(out, config, train_data) if resume else (None, None, {})
     accelerator = make_accelerator(tc.precision, **accelerator_options(trackers, out))
+    kernels = resolve_kernels(tc.kernels, accelerator.device)  # before the model loads: a clear error first
     main = accelerator.is_main_process
 
     if images:
@@ -163,10 +165,14 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
     else:
         torch.manual_seed(tc.seed)
         model = get_peft_model(base[0] if base else load_base(config.model, labels, tokenizer)[0], method_config)
-        loss_steps = TokenSteps(train_set.examples, tokenizer.pad_token_id)
+        loss_steps = TokenSteps(train_set.examples, tokenizer.pad_token_id, kernels)
     model.share_dropout_masks = tc.share_dropout_masks  # q/k/v share one mask, or independent ones (core/call.py)
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=tc.offload_checkpoints)
+    if kernels == "liger":  # RMSNorm, SwiGLU, RoPE; the loss below (run/kernels.py)
+        apply_liger(model.get_base_model())
+    if tc.compile:
+        compile_for_training(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = model.get_nb_trainable_parameters()

@@ -35,8 +35,8 @@ class TokenSteps:
 
     unit = "tokens"
 
-    def __init__(self, examples: list[Encoded], pad_id: int) -> None:
-        self.examples, self.pad_id = examples, pad_id
+    def __init__(self, examples: list[Encoded], pad_id: int, kernels: str = "none") -> None:
+        self.examples, self.pad_id, self.kernels = examples, pad_id, kernels  # kernels: run/kernels.py
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -51,4 +51,4 @@ class TokenSteps:
         return collate([self.examples[i] for i in indices], self.pad_id, device)
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return token_loss_sum(model, batch)[0]
+        return token_loss_sum(model, batch, self.kernels)[0]

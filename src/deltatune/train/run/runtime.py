@@ -112,3 +112,17 @@ def offloaded_checkpoint(function, *args, **kwargs):
     """
     with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
         return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+def compile_for_training(model) -> torch.nn.Module:
+    """`training.compile`: torch.compile (Inductor: C++ on a CPU, Triton on CUDA) the Transformers model's
+    decoder body in place, adapters included, and return the compiled module.
+
+    In place (nn.Module.compile), so the DeltaModel, its loss path (train/linear_loss.py passes the head over)
+    and accelerate's wrapper keep their types; the body, not the whole model, so the output head swap does
+    not recompile. The first steps pay the compilation (tens of seconds); evaluation and generation run the
+    compiled body too (new shapes recompile, then run with dynamic shapes). `model`: a DeltaModel."""
+    base = model.get_base_model()
+    body = getattr(base, "base_model", base)  # LlamaForCausalLM.model: embeddings, decoder layers, final norm
+    body.compile()
+    return body

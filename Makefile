@@ -18,9 +18,11 @@ ADAPTERS_VENV := .venv-adapters
 ADAPTERS_CONSTRAINTS := tests/adapters_constraints.txt
 ADAPTERS_STAMP := $(ADAPTERS_VENV)/.adapters-installed
 # llama-cpp-python (the test extra's llama.cpp client) has no wheel on the index: pip builds llama.cpp from
-# source, about 7 minutes on 2 cores; on every core, without llama.cpp's own tests and examples.
+# source, about 7 minutes on 2 cores; on every core, without llama.cpp's own tests and examples, and not
+# for the build machine's exact CPU (GGML_NATIVE=OFF): a native build (which uses the AMX this VM's CPU
+# reports) died with "Illegal instruction" in llama.cpp's decode here; a portable one runs.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
-export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 PY_LATEST := $(LATEST)/bin/python
 
 .PHONY: install demo test test-latest lint bench bench-gpu clean adapters-venv

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import DeltaConfigError
-from ...io.diffusers_layout import check_writable, save_diffusers_lora
+from ...errors import AdapterFileError, DeltaConfigError
+from ...io.diffusers_layout import RUN_ADAPTER_FOLDER, adapter_folders, check_writable, save_diffusers_lora
 from .loss import noise_prediction_loss, prior_preservation_sum
 
-ADAPTER_FOLDER = "adapter"
+ADAPTER_FOLDER = RUN_ADAPTER_FOLDER
 DIFFUSERS_FOLDER = "diffusers"  # inside ADAPTER_FOLDER: the same adapters in diffusers' own layout
 COMPONENTS = ("unet", "text_encoder")  # the pipeline attributes an adapter can sit on, in saving order
 
@@ -52,10 +52,11 @@ def diffusers_can_read(components: dict[str, nn.Module]) -> bool:
 def adapter_components(folder: str | Path) -> dict[str, Path]:
     """{component: its adapter folder} for an image adapter folder (`OUTPUT_DIR/adapter`, or a run's
     OUTPUT_DIR holding one); {} when `folder` holds none."""
-    folder = Path(folder)
-    if (folder / ADAPTER_FOLDER).is_dir() and not (folder / "unet").is_dir():
-        folder = folder / ADAPTER_FOLDER
-    return {name: folder / name for name in COMPONENTS if (folder / name / "adapter_config.json").is_file()}
+    try:
+        folders = adapter_folders(Path(folder))  # io/diffusers_layout: the one place that finds them
+    except AdapterFileError:
+        return {}
+    return {f.name: f for f in folders if f.name in COMPONENTS}
 
 
 class ImageAdapters(nn.Module):

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune
-from deltatune.train import evaluate, linear_loss
+from deltatune.core import linear_loss
+from deltatune.train import evaluate
 from deltatune.train.evaluate import token_loss_sum
 from deltatune.train.linear_loss import chunked_loss_head, linear_cross_entropy
 from tiny_models import tiny_gpt2, tiny_llama, token_batch

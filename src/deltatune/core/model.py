@@ -22,6 +22,7 @@ from .call import CallSlot
 from .checkpointing import gradients_through_checkpoints
 from .config import TASK_HEADS, DeltaConfig, DeltaConfigError, TaskType
 from .forward_signature import SignedForward
+from .labels_loss import chunked_labels_head, forward_with_chunked_loss
 from .layer import BASE_ADAPTER, DeltaLayer, ModulesToSave
 from .merging import refuse_shared_targets, shared_parameters
 from .originals import BaseValues
@@ -119,6 +120,10 @@ def set_class_to_build(choose: Callable[[type], type]) -> None:
 
 class DeltaModel(nn.Module):
     """A model with PEFT adapters. Create with `get_peft_model` or `DeltaModel.from_pretrained`."""
+
+    # `model(..., labels=...)` on a causal LM takes its loss from the hidden states in chunks and computes
+    # `logits` when first read (core/labels_loss.py); False runs the wrapped model's own loss.
+    chunked_labels_loss: bool = True
 
     def __new__(cls, *args, **kwargs):
         if _CLASS_TO_BUILD:  # the public facade (deltatune/api), see set_class_to_build
@@ -547,7 +552,12 @@ class DeltaModel(nn.Module):
         with self._route(adapter_names, task_ids, self._input_rows(args, kwargs)), \
                 gradients_through_checkpoints(self.model, self._call_state):
             hook = self.prompt_adapter()
-            return hook.forward_model(self.model, *args, **kwargs) if hook else self.model(*args, **kwargs)
+            if hook:
+                return hook.forward_model(self.model, *args, **kwargs)
+            head = chunked_labels_head(self.model, kwargs) if self.chunked_labels_loss else None
+            if head is not None:  # the loss without a (tokens x vocabulary) logits tensor (core/labels_loss.py)
+                return forward_with_chunked_loss(self.model, head, args, kwargs)
+            return self.model(*args, **kwargs)
 
     forward = SignedForward(forward)  # shows the wrapped model's parameters (core/forward_signature.py)
 

@@ -1,22 +1,11 @@
-"""Next-token cross-entropy straight from the last hidden states, without the full logits tensor.
+"""The training loss's head: which models take core/linear_loss.py's chunked next-token loss (no
+(tokens x vocabulary) logits tensor), and which kernel computes it (`training.kernels`).
 
-A causal LM's loss normally materialises logits (tokens x vocabulary: 4 x 256 x 49152 floats is 200 MB
-for SmolLM2), keeps a log-softmax of the same size for backward and builds a gradient of the same size
-again. Here the output head runs over `CHUNK_ELEMENTS`-sized row chunks; each chunk's loss and its
-gradient with respect to the hidden states (and to the head, when it trains) are computed together in
-the forward pass, so only one chunk of logits is ever alive and backward is a multiplication.
-
-    loss = sum over labelled rows i of logsumexp(z_i) - z_i[t_i],   z_i = W h_i (+ b)
-    dloss/dh_i = (softmax(z_i) - onehot(t_i)) W,   dloss/dW = sum_i (softmax(z_i) - onehot(t_i))^T h_i
-
-`chunked_loss_head(model)` says whether a model can take this path: a DeltaModel (or plain Transformers
-model, either one possibly inside DDP) ...ForCausalLM / ...LMHeadModel whose output head is a plain,
-unadapted nn.Linear, with no soft prompt taking over its forward and no logit scaling or soft-capping in
-its config. Anything else keeps the plain logits path, which gives the same numbers.
-
-`head_passed_over(model)` lets the model run its own forward (DeltaModel.forward: its lock, per-row
-routing and checkpoint replay; DDP's gradient hooks when wrapped) with the head passed over, so one and
-N processes compute the loss the same way and no (tokens x vocabulary) tensor is made.
+`chunked_loss_head(model)` takes a DeltaModel or a plain Transformers model, either one possibly inside
+DDP; a DeltaModel whose active adapter runs the model its own way (soft prompts, X-LoRA) keeps the plain
+logits path. `head_passed_over(model)` lets the model run its own forward (DeltaModel.forward: its lock,
+per-row routing and checkpoint replay; DDP's gradient hooks when wrapped) with the head passed over, so
+one and N processes compute the loss the same way.
 """
 
 from __future__ import annotations
@@ -27,111 +16,37 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..core import linear_loss
 from ..core.model import DeltaModel
-from .data.tokenize import IGNORE
 from .run.kernels import liger_linear_cross_entropy
 
-CHUNK_ELEMENTS = 2**23  # logits per chunk: 8M floats, 32 MB in float32
-CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")  # Transformers' names for decoder-only LMs
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping")
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return inner.model if isinstance(inner, DeltaModel) else inner
 
 
 def chunked_loss_head(model: nn.Module) -> nn.Linear | None:
     """The output head whose logits `linear_cross_entropy` computes in chunks, or None when the model
     keeps the plain logits path. `model` may be wrapped in DDP (`.module`)."""
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    if isinstance(inner, DeltaModel):
-        if inner.prompt_adapter() is not None:  # soft prompts / X-LoRA run the model their own way
-            return None
-        inner = inner.model
-    config = getattr(inner, "config", None)
-    if not type(inner).__name__.endswith(CAUSAL_LM_CLASSES) or getattr(config, "is_encoder_decoder", False):
-        return None
-    head = inner.get_output_embeddings()
-    if type(head) is not nn.Linear or not head.weight.is_floating_point():
-        return None
-    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
-        return None
-    return head
-
-
-class _PassHidden(nn.Module):
-    """Stands in for the output head for one forward: hands back the hidden states it is given."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
+    if isinstance(inner, DeltaModel) and inner.prompt_adapter() is not None:
+        return None  # soft prompts / X-LoRA run the model their own way
+    return linear_loss.causal_lm_head(_transformers_model(model))
 
 
 @contextmanager
 def head_passed_over(model: nn.Module) -> Iterator[None]:
     """Within the block, the model's `logits` are the last hidden states (B, T, d), the head's input."""
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    transformers_model = inner.model if isinstance(inner, DeltaModel) else inner
-    head = transformers_model.get_output_embeddings()
-    transformers_model.set_output_embeddings(_PassHidden())
-    try:
+    with linear_loss.head_passed_over(_transformers_model(model)):
         yield
-    finally:
-        transformers_model.set_output_embeddings(head)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, kernels: str = "none") -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T (+ bias)` (rows (N, d)) against `targets` (N,); rows
-    labelled IGNORE do not count. The same value as F.cross_entropy(..., reduction="sum") on float32
-    logits; differentiable with respect to hidden, weight and bias. `kernels="liger"` (training.kernels,
-    run/kernels.py): the same through Liger's fused kernel."""
+    """core/linear_loss.linear_cross_entropy: summed cross-entropy of `hidden` (N, d) through the head
+    against `targets` (N,); `kernels="liger"` (training.kernels, run/kernels.py): the same through
+    Liger's fused kernel."""
     if kernels == "liger":
         return liger_linear_cross_entropy(hidden, weight, bias, targets)
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not wants_grad:
-        return _chunks(hidden, weight, bias, targets, grads=False)[0]
-    return LinearCrossEntropy.apply(hidden, weight, bias, targets)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        loss, grad_hidden, grad_weight, grad_bias = _chunks(
-            hidden, weight, bias, targets, grads=True, head_grads=weight.requires_grad)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return (*scaled, None)
-
-
-def _chunks(hidden, weight, bias, targets, grads: bool, head_grads: bool = False):
-    """Loss (float32 scalar) and, with `grads`, its gradients, one chunk of rows at a time."""
-    rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    loss = hidden.new_zeros((), dtype=torch.float32)
-    grad_hidden = torch.empty_like(hidden) if grads else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if head_grads else None
-    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if head_grads and bias is not None else None
-    for start in range(0, hidden.shape[0], rows):
-        h, t = hidden[start:start + rows], targets[start:start + rows]
-        logits = (h @ weight.t()).float()
-        if bias is not None:
-            logits += bias.float()
-        valid = t != IGNORE
-        picked = t.clamp(min=0)
-        lse = torch.logsumexp(logits, dim=-1)
-        chosen = logits.gather(1, picked[:, None]).squeeze(1)
-        loss = loss + torch.where(valid, lse - chosen, 0).sum()
-        if not grads:
-            continue
-        probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-        probs[torch.arange(len(t), device=t.device), picked] -= 1
-        probs.mul_(valid[:, None])
-        grad_hidden[start:start + rows] = probs.to(h.dtype) @ weight.to(h.dtype)
-        if grad_weight is not None:
-            grad_weight += probs.t() @ h.float()
-        if grad_bias is not None:
-            grad_bias += probs.sum(0)
-    if grad_weight is not None:
-        grad_weight = grad_weight.to(weight.dtype)
-        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-    return loss, grad_hidden, grad_weight, grad_bias
+    return linear_loss.linear_cross_entropy(hidden, weight, bias, targets)

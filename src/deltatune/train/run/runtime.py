@@ -118,7 +118,7 @@ def compile_for_training(model) -> torch.nn.Module:
     """`training.compile`: torch.compile (Inductor: C++ on a CPU, Triton on CUDA) the Transformers model's
     decoder body in place, adapters included, and return the compiled module.
 
-    In place (nn.Module.compile), so the DeltaModel, its loss path (train/linear_loss.py passes the head over)
+    In place (nn.Module.compile), so the DeltaModel, its loss path (core/linear_loss.py passes the head over)
     and accelerate's wrapper keep their types; the body, not the whole model, so the output head swap does
     not recompile. The first steps pay the compilation (tens of seconds); evaluation and generation run the
     compiled body too (new shapes recompile, then run with dynamic shapes). `model`: a DeltaModel."""

@@ -22,7 +22,7 @@ import deltatune as dt
 from deltatune.core.base import BaseLayer
 from deltatune.core.call import CallContext
 from deltatune.methods import dora as dora_ops
-from deltatune.methods import dropout_masks, lora_ops, lora_triton
+from deltatune.methods import lora_ops, lora_triton
 from deltatune.methods import lora_reference as ref
 from deltatune.methods.lora import LoraAdapter
 from interpreted import assert_passed_in_child, interpreted_report, needs_child
@@ -279,8 +279,8 @@ def test_model_switch_reaches_every_layer(share, draws, monkeypatch):
     model.train()
     model.share_dropout_masks = share
     seeds = []
-    real = dropout_masks.new_mask_seed
-    monkeypatch.setattr(dropout_masks, "new_mask_seed", lambda: seeds.append(real()) or seeds[-1])
+    real = lora_ops.new_mask_seed
+    monkeypatch.setattr(lora_ops, "new_mask_seed", lambda: seeds.append(real()) or seeds[-1])
     ids = token_batch(2, 6)
     model(input_ids=ids, labels=ids).loss.backward()
     assert len(seeds) == draws * 2  # 2 blocks

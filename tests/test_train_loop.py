@@ -152,19 +152,14 @@ def test_schedules():
 
 
 def test_compiled_training_matches_eager(files):
-    """training.compile on a CPU: the dropout masking compiled by Inductor (methods/dropout_masks.py), the
-    decoder left eager (it measured slower compiled here); the same adapter after two steps as eager without
-    dropout, and a run with dropout trains with the fused masks."""
+    """training.compile: Inductor-compiled decoder body, same adapter after two steps as eager (dropout 0)."""
     settings = {"max_steps": 2, "lr": 1e-3}
     eager = train(config_for(files, "compile_off", ["method.lora_dropout=0"], **settings), **QUIET)
     compiled = train(config_for(files, "compile_on", ["method.lora_dropout=0"], compile=True, **settings), **QUIET)
-    assert compiled.model.fused_dropout_masks and not eager.model.fused_dropout_masks
-    assert compiled.model.get_base_model().base_model._compiled_call_impl is None
+    body = compiled.model.get_base_model().base_model
+    assert body._compiled_call_impl is not None  # the body really ran compiled
+    assert eager.model.get_base_model().base_model._compiled_call_impl is None
     a, b = adapter(files["root"] / "compile_off"), adapter(files["root"] / "compile_on")
     assert all(a[k].abs().sum() > 0 for k in a if "lora_B" in k)  # every adapter moved
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
-    dropped = train(config_for(files, "compile_dropout", ["method.lora_dropout=0.2"], compile=True, **settings),
-                    **QUIET)
-    assert dropped.model.fused_dropout_masks
-    assert all(v.abs().sum() > 0 for k, v in adapter(files["root"] / "compile_dropout").items() if "lora_B" in k)

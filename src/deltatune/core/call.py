@@ -32,9 +32,6 @@ class CallContext:
         share_dropout: sibling layers that read the same input tensor (q/k/v, gate/up) share one dropout
             mask, as one dropout before a fused projection would (faster on a CPU); False draws an
             independent mask per layer, as `peft` does.
-        fused_dropout: dropout masks come from a counter-based hash fused with the masking into one
-            Inductor-compiled pass (methods/dropout_masks.py; `training.compile` on a CPU) instead of
-            torch's generator.
         memo: kernels' work shared between the layers of this one call (the sibling dropout mask, stacked
             mixed-batch factors); it lives as long as the call and the autograd graph that saved it.
     """
@@ -46,7 +43,6 @@ class CallContext:
     disabled: bool = False
     repeated: bool = False
     share_dropout: bool = True
-    fused_dropout: bool = False
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -91,8 +87,7 @@ class CallSlot:
     def __init__(self) -> None:
         self._current: CallContext | None = None
         self.disabled = False
-        self.share_dropout = True  # the model's choices, copied into each call's context
-        self.fused_dropout = False
+        self.share_dropout = True  # the model's choice, copied into each call's context
 
     @property
     def current(self) -> CallContext:
@@ -100,8 +95,7 @@ class CallSlot:
 
     def new_call(self, **routing) -> CallContext:
         """A fresh context for one call, with this model's dropout choice and whether adapters are off."""
-        return CallContext(disabled=self.disabled, share_dropout=self.share_dropout,
-                           fused_dropout=self.fused_dropout, **routing)
+        return CallContext(disabled=self.disabled, share_dropout=self.share_dropout, **routing)
 
     @contextlib.contextmanager
     def entered(self, call: CallContext):

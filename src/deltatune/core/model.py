@@ -202,18 +202,6 @@ class DeltaModel(nn.Module):
     def share_dropout_masks(self, value: bool) -> None:
         self._calls.share_dropout = bool(value)
 
-    @property
-    def fused_dropout_masks(self) -> bool:
-        """Whether LoRA/DoRA dropout masks are drawn by a counter-based hash fused with the masking into one
-        Inductor-compiled pass (methods/dropout_masks.py): about 4x faster than drawing from torch's
-        generator and multiplying on a CPU, after a one-off compilation of 5-25 s. Default False; the run
-        option `training.compile: true` turns it on for CPU training. Same P(keep), different draws."""
-        return self._calls.fused_dropout
-
-    @fused_dropout_masks.setter
-    def fused_dropout_masks(self, value: bool) -> None:
-        self._calls.fused_dropout = bool(value)
-
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
         """Inject a new (inactive unless it is the first) adapter named `adapter_name`."""

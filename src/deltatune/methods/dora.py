@@ -187,7 +187,7 @@ class DoraLinearFunction(ReplaysAutocast):
         if ctx.needs_input_grad[0]:
             grad_x = grad_hidden @ lora_a
             if keep is not None:  # x~ also feeds W x~
-                grad_x = keep(grad_x + ((g * (scale - 1)) @ weight.to(g.dtype)).mul_(ctx.rescale))
+                grad_x = (grad_x + ((g * (scale - 1)) @ weight.to(g.dtype)).mul_(ctx.rescale)).mul_(keep)
             grad_x = grad_x.view(x.shape)
         grad_base = grad_out if keep is not None else g_lora.view(grad_out.shape)
         return grad_x, grad_base, None, None, grad_a, grad_b, grad_m, None, None, None

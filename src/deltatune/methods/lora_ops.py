@@ -6,16 +6,15 @@ that read it) plus the seed its dropout mask was drawn from (backward draws the 
 rank-sized intermediates; the scaled up-projection is folded into one addmm on the base output. The
 plain formulas are in lora_reference.py; tests/test_fast_paths.py holds every fast path here to them.
 
-Dropout masks (methods/dropout_masks.py): drawing them is most of dropout's cost on a CPU (a Bernoulli draw
-per input element costs about ten times the rank-16 matmul it feeds), so
+Dropout masks: drawing them is most of dropout's cost on a CPU (a Bernoulli draw per input element costs
+about ten times the rank-16 matmul it feeds), so
 - by default (`call.share_dropout`, DeltaModel.share_dropout_masks) layers that read the same input tensor
   in one call (q/k/v of one attention block, gate/up of one MLP) share one mask and one masked input, drawn
   for the first of them: each branch still sees dropout p, like one `nn.Dropout` placed before a fused
   down-projection of the siblings. share_dropout=False draws an independent mask per layer, as peft does;
 - a mask is 16-bit uniforms compared with round((1 - p) * 2^16), four per 64-bit draw, and the
   rescale is 2^16 / that threshold, so the kept inputs are scaled by exactly 1 / P(keep);
-- masks are uint8 0/1 and applied by multiplication (about five times faster than torch.where on a CPU), or
-  drawn by a hash inside the masking's own compiled loop (`DeltaModel.fused_dropout_masks`);
+- masks are uint8 0/1 and applied by multiplication (about five times faster than torch.where on a CPU);
 - a call's masks live in its memo (`DropoutMasks`), never in globals or tensor attributes.
 
 Shapes: x (..., in), base_out (..., out), A (r, in), B (out, r); N = prod(...) tokens.
@@ -24,13 +23,13 @@ Shapes: x (..., in), base_out (..., out), A (r, in), B (out, r); N = prod(...) t
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from ..core.call import CallContext
 from . import lora_triton
-from .dropout_masks import DropoutMasks, draw_keep_mask, dropout_masks  # noqa: F401  (draw_keep_mask: tests)
 from .lora_common import (  # noqa: F401  (also read from here by dora.py and the tests)
     KEEP_LEVELS,
     ReplaysAutocast,
@@ -41,6 +40,74 @@ from .lora_common import (  # noqa: F401  (also read from here by dora.py and th
     new_mask_seed,
     replay_autocast,
 )
+
+
+def draw_keep_mask(shape: torch.Size, dropout: float, device: torch.device, seed: int) -> torch.Tensor:
+    """Keep-mask of `shape` as uint8 0/1 (P(keep) = keep_probability(dropout) per entry, independent), a
+    function of `seed`: forward draws it, backward draws it again instead of storing it. A kernel's mask for
+    input x is draw_keep_mask((N, in), p, x.device, new_mask_seed()) drawn when it met x (tests rebuild it so).
+    uint8, not bool: a float tensor times a uint8 mask runs faster on a CPU than torch.where on a bool mask."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    count = math.prod(shape)
+    # random_ over the whole int64 range fills all 64 bits: four uniform (signed) 16-bit chunks per draw
+    draws = torch.empty(-(-count // 4), dtype=torch.int64, device=device)
+    draws.random_(-(2**63), None, generator=generator)
+    chunks = draws.view(torch.int16)[:count]  # uniform over [-2^15, 2^15)
+    return (chunks < keep_threshold(dropout) - KEEP_LEVELS // 2).view(torch.uint8).view(shape)
+
+
+class DropoutMasks:
+    """One call's dropout masks (in `call.memo`, see `dropout_masks`); at most one masked input alive per call
+    (a new draw, forward or backward, drops the previous one first). forward: (weakref to the input, key,
+    seed, masked flat input) of the last input met; backward: (key, keep-mask, masked flat input) of the last
+    mask drawn again. The autograd functions keep this object and the seed, so backward draws a mask once for
+    all the siblings that shared it (they run back to back). Nothing is kept when not shared."""
+
+    def __init__(self, share: bool) -> None:
+        self.share = share
+        self.forward: tuple | None = None
+        self.backward: tuple | None = None
+
+    def dropped(self, x: torch.Tensor, flat: torch.Tensor, dropout: float) -> tuple[int, torch.Tensor]:
+        """(mask seed, masked flat input) for `x`: when shared, drawn once per input tensor object (by identity,
+        no private version counter: an input changed in place between two readers would give the second the
+        first's masked input; under autograd, x is saved for backward, so autograd refuses that step). No-grad
+        forwards share too: a reentrant checkpoint's no-grad forward must draw what its recompute draws."""
+        key = (dropout, x.shape, x.dtype, x.device)
+        entry = self.forward
+        if entry is not None and entry[0]() is x and entry[1] == key:
+            return entry[2], entry[3]
+        seed = new_mask_seed()
+        self.forward = self.backward = None  # free the previous masked input before making this one
+        masked = flat * draw_keep_mask(flat.shape, dropout, flat.device, seed)
+        if self.share:
+            self.forward = (weakref.ref(x), key, seed, masked)
+        return seed, masked
+
+    def in_backward(self, x: torch.Tensor, seed: int | None, dropout: float) -> tuple:
+        """(keep-mask or None, masked flat input (N, in)) in backward: the forward's mask drawn again from its
+        seed, once for the sibling layers that shared it (a seed belongs to one input tensor)."""
+        flat = x.reshape(-1, x.shape[-1])
+        if seed is None:
+            return None, flat
+        key = (seed, dropout, flat.shape, flat.dtype, flat.device)
+        entry = self.backward
+        if entry is None or entry[0] != key:
+            self.forward = self.backward = None
+            keep = draw_keep_mask(flat.shape, dropout, flat.device, seed)
+            entry = (key, keep, flat * keep)
+            if self.share:
+                self.backward = entry
+        return entry[1], entry[2]
+
+
+def dropout_masks(call: CallContext) -> DropoutMasks:
+    """This call's DropoutMasks, made on first use (one dict lookup per adapted layer afterwards)."""
+    masks = call.memo.get("lora_dropout")
+    if masks is None:
+        masks = call.memo["lora_dropout"] = DropoutMasks(call.share_dropout)
+    return masks
 
 
 def dropped_projection(x: torch.Tensor, lora_a: torch.Tensor, dropout: float, masks: DropoutMasks) -> tuple:
@@ -85,7 +152,7 @@ class LoraLinearFunction(ReplaysAutocast):
         if ctx.needs_input_grad[1]:  # x
             grad_x = grad_hidden @ lora_a  # (N, in)
             if keep is not None:
-                grad_x = keep(grad_x)
+                grad_x.mul_(keep)
             grad_x = grad_x.view(x.shape)
         return grad_out, grad_x, grad_a, grad_b, None, None, None, None
 

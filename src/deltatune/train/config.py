@@ -227,7 +227,7 @@ class TrainingSection:
     gradient_checkpointing: bool = False
     offload_checkpoints: bool = False  # keep the checkpointed layers' saved inputs in host memory
     kernels: str = "auto"  # auto | liger | none: Liger Kernel on CUDA (run/kernels.py)
-    compile: bool = False  # Inductor: CPU the dropout masks, CUDA the decoder (run/runtime.compile_for_training)
+    compile: bool = False  # torch.compile the decoder body for training (run/runtime.py compile_for_training)
     share_dropout_masks: bool = True  # one LoRA dropout mask for layers reading one input; false: peft's
     precision: str = "fp32"
     eval_every: int = 0  # 0: evaluate once, at the end

@@ -9,7 +9,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ...core.config import DeltaConfigError
-from ...methods.dropout_masks import warm_up_fused_masks
 
 
 def native_bf16() -> bool:
@@ -116,26 +115,14 @@ def offloaded_checkpoint(function, *args, **kwargs):
 
 
 def compile_for_training(model) -> torch.nn.Module:
-    """`training.compile`: Inductor where it wins, measured by `benchmarks/lora_step.py --compile`.
+    """`training.compile`: torch.compile (Inductor: C++ on a CPU, Triton on CUDA) the Transformers model's
+    decoder body in place, adapters included, and return the compiled module.
 
-    On a CPU: only the adapter branch's dropout masking (methods/dropout_masks.py: the mask drawn by a hash
-    inside the masking's own compiled loop, one pass instead of three), compiled here before training
-    starts; compiling the whole decoder measured slower than eager on this 2-core CPU (step time / floor
-    1.42-1.46 against 1.02-1.20 eager, LoRA without dropout, and more memory). Elsewhere (CUDA):
-    torch.compile of the Transformers model's decoder body in place, adapters included; in place
-    (nn.Module.compile), so the DeltaModel, its loss path (core/linear_loss.py passes the head over) and
-    accelerate's wrapper keep their types; the body, not the whole model, so the output head swap does not
-    recompile. The first steps pay the compilation (tens of seconds). `model`: a DeltaModel. Returns the
-    module compiled (the DeltaModel itself on a CPU).
-
-    Raises:
-        RuntimeError: on a CPU, Inductor cannot compile (no C++ compiler), before the first step.
-    """
+    In place (nn.Module.compile), so the DeltaModel, its loss path (core/linear_loss.py passes the head over)
+    and accelerate's wrapper keep their types; the body, not the whole model, so the output head swap does
+    not recompile. The first steps pay the compilation (tens of seconds); evaluation and generation run the
+    compiled body too (new shapes recompile, then run with dynamic shapes). `model`: a DeltaModel."""
     base = model.get_base_model()
-    if next(base.parameters()).device.type == "cpu":
-        warm_up_fused_masks()
-        model.fused_dropout_masks = True
-        return model
     body = getattr(base, "base_model", base)  # LlamaForCausalLM.model: embeddings, decoder layers, final norm
     body.compile()
     return body

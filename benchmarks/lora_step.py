@@ -11,8 +11,9 @@ deltatune / peft, for LoRA and DoRA with dropout 0.05 and 0, then DoRA / LoRA st
 layer, as peft draws them, instead of one mask shared by the layers that read one input (q/k/v, gate/up);
 its peft row is the "lora p=0.05" peft run, and the shared/independent step-time ratio is printed last.
 Every set-up takes the loss the way Hugging Face users do (`model(..., labels=ids).loss`); the
-`deltatune+loss` rows take it the way `deltatune train` does (train/linear_loss.py: the loss straight
-from the hidden states, no full logits tensor). `--compile` compiles the deltatune set-ups' decoder body
+`deltatune+loss` rows take it the way `deltatune train` does (train/evaluate.token_loss_sum); both take
+the loss straight from the hidden states (core/linear_loss.py, no full logits tensor; the `deltatune` rows
+through core/labels_loss.py). `--compile` compiles the deltatune set-ups' decoder body
 with Inductor as `training.compile: true` does (train/run/runtime.py; the floor and peft stay eager), with
 two extra warm-up steps that absorb the compilation.
 """

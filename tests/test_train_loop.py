@@ -155,7 +155,10 @@ def test_compiled_training_matches_eager(files):
     """training.compile: Inductor-compiled decoder body, same adapter after two steps as eager (dropout 0)."""
     settings = {"max_steps": 2, "lr": 1e-3}
     eager = train(config_for(files, "compile_off", ["method.lora_dropout=0"], **settings), **QUIET)
-    compiled = train(config_for(files, "compile_on", ["method.lora_dropout=0"], compile=True, **settings), **QUIET)
+    said = []
+    compiled = train(config_for(files, "compile_on", ["method.lora_dropout=0"], compile=True, **settings),
+                     show_progress=False, log=said.append)
+    assert any("training.compile: on a CPU" in line for line in said)  # measured slower here: it says so
     body = compiled.model.get_base_model().base_model
     assert body._compiled_call_impl is not None  # the body really ran compiled
     assert eager.model.get_base_model().base_model._compiled_call_impl is None

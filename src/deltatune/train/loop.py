@@ -173,6 +173,9 @@ def _train(config: RunConfig, resume: bool, base, stop_after: int | None, show_p
         apply_liger(model.get_base_model())
     if tc.compile:
         compile_for_training(model)
+        if main and accelerator.device.type == "cpu":
+            log("training.compile: on a CPU the compiled decoder measured slower than eager "
+                "(benchmarks/lora_step.py --compile; README, Performance); it is meant for CUDA")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = model.get_nb_trainable_parameters()

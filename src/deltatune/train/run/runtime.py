@@ -121,7 +121,11 @@ def compile_for_training(model) -> torch.nn.Module:
     In place (nn.Module.compile), so the DeltaModel, its loss path (core/linear_loss.py passes the head over)
     and accelerate's wrapper keep their types; the body, not the whole model, so the output head swap does
     not recompile. The first steps pay the compilation (tens of seconds); evaluation and generation run the
-    compiled body too (new shapes recompile, then run with dynamic shapes). `model`: a DeltaModel."""
+    compiled body too (new shapes recompile, then run with dynamic shapes). `model`: a DeltaModel.
+
+    Measured on this project's 2-core CPU (`benchmarks/lora_step.py --compile`, 2026-12-01): slower than
+    eager (LoRA without dropout, step time / floor 1.42-1.46 against 1.02-1.20) and more memory, so the
+    training loop says so when it runs on a CPU; meant for CUDA (benchmarks/gpu.py measures it there)."""
     base = model.get_base_model()
     body = getattr(base, "base_model", base)  # LlamaForCausalLM.model: embeddings, decoder layers, final norm
     body.compile()

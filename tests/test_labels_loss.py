@@ -134,8 +134,8 @@ def test_reading_logits_after_the_head_changed_is_an_error():
         _ = out.logits
 
 
-@pytest.mark.parametrize("case", ["head_trains", "custom_loss", "logits_to_keep", "tuple", "switched_off",
-                                  "prompt"])
+@pytest.mark.parametrize("case", ["head_trains", "custom_loss", "logits_to_keep", "positions_to_keep", "tuple",
+                                  "switched_off", "prompt", "patched_forward"])
 def test_calls_whose_numbers_could_differ_run_the_models_own_loss(case):
     model, (ids, labels) = lora(), labelled()
     kwargs = {"input_ids": ids, "labels": labels}
@@ -145,6 +145,11 @@ def test_calls_whose_numbers_could_differ_run_the_models_own_loss(case):
         model.model.loss_function = lambda logits, labels, vocab_size, **kw: logits.float().mean()
     elif case == "logits_to_keep":
         kwargs.update(logits_to_keep=3, labels=labels[:, -3:])  # Transformers: the loss of the last 3
+    elif case == "positions_to_keep":  # a tensor of positions (Transformers takes those too)
+        kwargs.update(logits_to_keep=torch.tensor([5, 6]), labels=labels[:, -2:])
+    elif case == "patched_forward":  # an instance-level forward, as TRL's add_fused_lm_head installs
+        original = model.model.forward
+        model.model.forward = lambda *a, **kw: original(*a, **kw)
     elif case == "tuple":
         kwargs["return_dict"] = False
     elif case == "switched_off":

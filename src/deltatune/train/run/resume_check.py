@@ -36,7 +36,7 @@ SAFE_ON_RESUME = {
     "training.early_stopping_patience": "when to stop, from the resumed step on",
     "training.gradient_checkpointing": "memory only: the same gradients",
     "training.offload_checkpoints": "memory only: the same gradients",
-    "training.compile": "speed only: the same loss and gradients (to float rounding)",
+    "training.compile": "speed only: the same loss and gradients to float rounding (other dropout draws)",
     "training.kernels": "speed only: the same loss and gradients (to float rounding)",
     "data.eval": "evaluation only",
     "eval.*": "evaluation only",

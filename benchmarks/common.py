@@ -19,7 +19,7 @@ def shape_args(description: str, rounds: bool = False, extra=None) -> tuple[argp
     """The flags every benchmark takes (--worker, --steps, --batch, --seq; with `rounds` also --rounds and
     --only) and the shape flags to pass on to its workers; `extra(parser)` adds a script's own flags."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--worker", nargs="*")
+    parser.add_argument("--worker", nargs="*", help="internal: one set-up in this process (the script starts these)")
     if rounds:
         parser.add_argument("--rounds", type=int, default=1, help="run every set-up this many times")
         parser.add_argument("--only", nargs="*", help="variant prefixes to run (lora, dora, 'lora p=0', ...)")

@@ -173,7 +173,7 @@ def print_table(runs: list[dict], rows: list[dict]) -> None:
         shown = (f"{res['tokens_per_s']:>10.0f} tok/s {res['memory_gb']:>7.2f} GB" if "seconds" in res
                  else f"failed: {res['error'].splitlines()[-1][:80]}")
         print(f"{res['model']:<14}{res['setup']:<11}{res['variant'] or 'frozen':<14}{shown}")
-    columns = sorted({key for row in rows for key in row} - {"model", "variant"})
+    columns = list(dict.fromkeys(key for row in rows for key in row if key not in ("model", "variant")))
     print(f"{'model':<14}{'variant':<14}" + "".join(f"{c:>22}" for c in columns))
     for row in rows:
         cells = "".join(f"{row[c]:>22.2f}" if c in row else f"{'-':>22}" for c in columns)

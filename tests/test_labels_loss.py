@@ -9,11 +9,11 @@ import pickle
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune
 from deltatune.core import linear_loss
+from test_linear_loss import LargestNewTensor  # records the largest tensor any op makes
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama, token_batch
 
 
@@ -162,21 +162,6 @@ def test_calls_whose_numbers_could_differ_run_the_models_own_loss(case):
     assert loss.grad_fn.name() != "DivBackward0"  # not the chunked path
     if case == "custom_loss":
         torch.testing.assert_close(loss, model(input_ids=ids).logits.float().mean())
-
-
-class LargestNewTensor(TorchDispatchMode):
-    """Records the largest tensor any op makes (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
 
 
 def test_a_training_step_that_reads_only_the_loss_makes_no_logits_tensor(monkeypatch):

@@ -15,8 +15,8 @@ The formula is lora_reference.lora; `keep_mask` rebuilds a kernel's mask so test
 very mask (tests/test_fast_paths.py, on CPU through TRITON_INTERPRET=1).
 
 Used by lora_ops.lora_linear ("lora_triton") on CUDA, with dropout, under autograd, when triton imports;
-TRITON_INTERPRET=1 runs it on CPU tensors too (slow: for tests). Kernels are built on first use, so
-importing this file needs no triton. Shapes: x (N, in), A (r, in), grad_hidden (N, r).
+TRITON_INTERPRET=1 runs it on CPU tensors too (slow: for tests). The kernels live in lora_triton_kernels.py,
+imported on first use, so importing this file needs no triton. Shapes: x (N, in), A (r, in), grad_hidden (N, r).
 """
 
 from __future__ import annotations
@@ -44,76 +44,17 @@ def usable(x: torch.Tensor) -> bool:
 
 
 @functools.cache
-def kernels(interpret: bool) -> dict:
-    """The jitted kernels, built once per mode (`triton.jit` picks interpreter or compiler when it wraps)."""
-    import triton
-    import triton.language as tl
+def kernels() -> dict:
+    """The jitted kernels (methods/lora_triton_kernels.py), imported on first use: TRITON_INTERPRET is read when
+    triton is first imported, so the mode is fixed for the process (tests/interpreted.py)."""
+    from . import lora_triton_kernels
 
-    # every kernel draws keep[i, j] = tl.rand(seed, i * n_cols + j) < p_keep inline (a jitted helper defined
-    # here would be a closure, which Triton cannot resolve)
-    @triton.jit
-    def mask_kernel(out_ptr, n_rows, n_cols, seed, p_keep, BM: tl.constexpr, BK: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * BK + tl.arange(0, BK)
-        inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        keep = (tl.rand(seed, rows[:, None] * n_cols + cols[None, :]) < p_keep)
-        tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], keep.to(tl.uint8), mask=inside)
-
-    @triton.jit
-    def down_kernel(x_ptr, a_ptr, h_ptr, n_rows, n_cols, rank, seed, p_keep, rescale,
-                    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        ranks = tl.arange(0, BR)
-        acc = tl.zeros((BM, BR), dtype=tl.float32)
-        for start in range(0, n_cols, BK):
-            cols = start + tl.arange(0, BK)
-            x = tl.load(x_ptr + rows[:, None] * n_cols + cols[None, :],
-                        mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
-            x = x * (tl.rand(seed, rows[:, None] * n_cols + cols[None, :]) < p_keep).to(x.dtype)
-            a_t = tl.load(a_ptr + ranks[None, :] * n_cols + cols[:, None],  # A^T tile (BK, BR)
-                          mask=(ranks[None, :] < rank) & (cols[:, None] < n_cols), other=0.0)
-            acc += tl.dot(x, a_t)
-        tl.store(h_ptr + rows[:, None] * rank + ranks[None, :], (acc * rescale).to(h_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank))
-
-    @triton.jit
-    def grad_x_kernel(g_ptr, a_ptr, gx_ptr, n_rows, n_cols, rank, seed, p_keep, rescale,
-                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * BK + tl.arange(0, BK)
-        ranks = tl.arange(0, BR)
-        g = tl.load(g_ptr + rows[:, None] * rank + ranks[None, :],
-                    mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank), other=0.0)
-        a = tl.load(a_ptr + ranks[:, None] * n_cols + cols[None, :],
-                    mask=(ranks[:, None] < rank) & (cols[None, :] < n_cols), other=0.0)
-        keep = tl.rand(seed, rows[:, None] * n_cols + cols[None, :]) < p_keep
-        grad = tl.dot(g, a) * rescale * keep.to(tl.float32)
-        tl.store(gx_ptr + rows[:, None] * n_cols + cols[None, :], grad.to(gx_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
-
-    @triton.jit
-    def grad_a_kernel(g_ptr, x_ptr, ga_ptr, n_rows, n_cols, rank, seed, p_keep, rescale,
-                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        cols = tl.program_id(0) * BK + tl.arange(0, BK)
-        ranks = tl.arange(0, BR)
-        acc = tl.zeros((BR, BK), dtype=tl.float32)
-        for start in range(0, n_rows, BM):
-            rows = start + tl.arange(0, BM)
-            g_t = tl.load(g_ptr + rows[None, :] * rank + ranks[:, None],  # grad_hidden^T tile (BR, BM)
-                          mask=(rows[None, :] < n_rows) & (ranks[:, None] < rank), other=0.0)
-            x = tl.load(x_ptr + rows[:, None] * n_cols + cols[None, :],
-                        mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
-            x = x * (tl.rand(seed, rows[:, None] * n_cols + cols[None, :]) < p_keep).to(x.dtype)
-            acc += tl.dot(g_t, x)
-        tl.store(ga_ptr + ranks[:, None] * n_cols + cols[None, :], (acc * rescale).to(ga_ptr.dtype.element_ty),
-                 mask=(ranks[:, None] < rank) & (cols[None, :] < n_cols))
-
-    return {"mask": mask_kernel, "down": down_kernel, "grad_x": grad_x_kernel, "grad_a": grad_a_kernel}
+    return lora_triton_kernels.KERNELS
 
 
 def _launch(name: str, grid: tuple, *args, rank: int) -> None:
     block_rank = max(16, 1 << (rank - 1).bit_length())  # tl.dot wants every side >= 16, a power of two
-    kernels(interpreting())[name][grid](*args, BM=BLOCK_ROWS, BK=BLOCK_COLS, BR=block_rank)
+    kernels()[name][grid](*args, BM=BLOCK_ROWS, BK=BLOCK_COLS, BR=block_rank)
 
 
 def _blocks(size: int, block: int) -> int:
@@ -124,8 +65,7 @@ def keep_mask(shape: tuple[int, int], dropout: float, seed: int, device: torch.d
     """The uint8 0/1 keep-mask (N, in) the kernels draw from `seed` (tests hand it to the reference)."""
     out = torch.empty(shape, dtype=torch.uint8, device=device)
     grid = (_blocks(shape[0], BLOCK_ROWS), _blocks(shape[1], BLOCK_COLS))
-    kernels(interpreting())["mask"][grid](out, shape[0], shape[1], seed, keep_probability(dropout),
-                                          BM=BLOCK_ROWS, BK=BLOCK_COLS)
+    kernels()["mask"][grid](out, shape[0], shape[1], seed, keep_probability(dropout), BM=BLOCK_ROWS, BK=BLOCK_COLS)
     return out
 
 

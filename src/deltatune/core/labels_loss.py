@@ -19,7 +19,7 @@ mean over labelled tokens, or the sum over `num_items_in_batch` when the caller 
 Taken only where the numbers cannot differ: `labels` given, a model `causal_lm_head` accepts, a frozen
 head (a trained head's weights change at optimizer.step(), so its logits could not wait), Transformers'
 own ForCausalLMLoss (no custom `loss_function`), the class's own forward (not one patched onto the
-instance, as TRL's `add_fused_lm_head` does; nor its `fused_lm_head=True` call), `logits_to_keep` 0 or
+instance, as TRL's `add_fused_lm_head` does for its `fused_lm_head=True` calls), `logits_to_keep` 0 or
 absent, and no `return_dict=False`. Anything else runs the model's own forward unchanged.
 """
 
@@ -33,19 +33,17 @@ from torch import nn
 
 from .linear_loss import IGNORE_INDEX, causal_lm_head, head_passed_over, linear_cross_entropy
 
-FOREIGN_LOSS_KWARGS = ("fused_lm_head",)  # TRL's add_fused_lm_head: its own chunked head and output
-
 
 def chunked_labels_head(model: nn.Module, kwargs: dict) -> nn.Linear | None:
     """The frozen output head through which `model(**kwargs)` (a Transformers model) can take its loss in
     chunks, or None when the call must run the model's own loss."""
-    if kwargs.get("labels") is None or kwargs.get("return_dict") is False or any(
-            key in kwargs for key in FOREIGN_LOSS_KWARGS):
+    if kwargs.get("labels") is None or kwargs.get("return_dict") is False:
         return None
     keep = kwargs.get("logits_to_keep", 0)
     if not (isinstance(keep, int) and keep == 0):  # 0: every position (Transformers' default)
         return None
-    if "forward" in vars(model):  # an instance's own forward (TRL's fused head, a user's patch) decides
+    # an instance's own forward decides: TRL's add_fused_lm_head (its `fused_lm_head=True` calls), a user's patch
+    if "forward" in vars(model):
         return None
     head = causal_lm_head(model)
     if head is None or head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
